@@ -1,0 +1,130 @@
+"""Correctors that propose an update from the energy's gradient."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float
+
+from .._custom_types import Actions, IntScalar, Key
+from .._energy import BoundEnergy
+from .._misc import concrete, float_array
+from .base import AbstractCorrector
+
+
+def _check_nonneg(name: str, value: Array) -> None:
+    v = concrete(value)
+    if v is not None and not (v >= 0).all():
+        raise ValueError(f"`{name}` must be a finite number >= 0; got {v}.")
+
+
+def _grad(energy: BoundEnergy, actions: Actions) -> Actions:
+    return jax.grad(energy)(actions)
+
+
+class GradientStep(AbstractCorrector[None]):
+    """A plain gradient step on the energy: `a <- a - alpha * grad_a E(s, a)`.
+
+    **Arguments:**
+
+    - `alpha`: the step size, `>= 0`. Stored as an array: changing it does not
+        recompile [`flowcorrect.correct`][].
+    """
+
+    alpha: Float[Array, ""]
+
+    def __init__(self, alpha: Any = 0.1):
+        self.alpha = float_array(alpha)
+
+    def __check_init__(self):
+        _check_nonneg("alpha", self.alpha)
+
+    def init(self, energy: BoundEnergy, actions: Actions) -> None:
+        return None
+
+    def step(
+        self, energy: BoundEnergy, actions: Actions, state: None, key: Key
+    ) -> tuple[Actions, None, IntScalar]:
+        g = _grad(energy, actions)
+        new = actions - self.alpha.astype(actions.dtype) * g
+        return new.astype(actions.dtype), None, jnp.asarray(1, jnp.int32)
+
+
+class LangevinStep(AbstractCorrector[None]):
+    """An unadjusted Langevin step: `a <- a - alpha * grad E + sqrt(2 alpha T) * xi`.
+
+    With `xi ~ N(0, I)` drawn from the step's key (reproducible for a given key). At
+    `temperature = 0` this is [`flowcorrect.GradientStep`][]; for small `alpha` its
+    iterates sample from `exp(-E / T)` (Roberts and Tweedie, 1996).
+
+    **Arguments:**
+
+    - `alpha`: the step size, `>= 0`.
+    - `temperature`: the temperature `T`, `>= 0`.
+    """
+
+    alpha: Float[Array, ""]
+    temperature: Float[Array, ""]
+
+    def __init__(self, alpha: Any = 0.1, temperature: Any = 1e-3):
+        self.alpha = float_array(alpha)
+        self.temperature = float_array(temperature)
+
+    def __check_init__(self):
+        _check_nonneg("alpha", self.alpha)
+        _check_nonneg("temperature", self.temperature)
+
+    def init(self, energy: BoundEnergy, actions: Actions) -> None:
+        return None
+
+    def step(
+        self, energy: BoundEnergy, actions: Actions, state: None, key: Key
+    ) -> tuple[Actions, None, IntScalar]:
+        g = _grad(energy, actions)
+        alpha = self.alpha.astype(actions.dtype)
+        noise = jax.random.normal(key, actions.shape, actions.dtype)
+        scale = jnp.sqrt(2 * alpha * self.temperature.astype(actions.dtype))
+        new = actions - alpha * g + scale * noise
+        return new.astype(actions.dtype), None, jnp.asarray(1, jnp.int32)
+
+
+class OptaxStep(AbstractCorrector[optax.OptState]):
+    """An update rule taken from optax: any `optax.GradientTransformation`.
+
+    The gradient of the energy is fed to the optimiser and its update applied;
+    the optimiser state (Adam's moments, momentum, ...) is carried across steps.
+
+    **Arguments:**
+
+    - `optimizer`: e.g. `optax.sgd(0.1)` or `optax.adam(1e-2)`. Its hyperparameters
+        are baked into its functions, so a new optimiser recompiles; wrap it in
+        `optax.inject_hyperparams` to change them without recompiling.
+
+    !!! example
+
+        ```python
+        corrector = fc.Repeat(fc.OptaxStep(optax.adam(1e-2)), num_steps=10)
+        ```
+    """
+
+    optimizer: optax.GradientTransformation
+
+    def __check_init__(self):
+        if not (hasattr(self.optimizer, "init") and hasattr(self.optimizer, "update")):
+            raise ValueError(
+                "`optimizer` must be an optax.GradientTransformation (with init and "
+                f"update), e.g. optax.sgd(0.1); got {type(self.optimizer)}."
+            )
+
+    def init(self, energy: BoundEnergy, actions: Actions) -> optax.OptState:
+        return self.optimizer.init(actions)
+
+    def step(
+        self, energy: BoundEnergy, actions: Actions, state: optax.OptState, key: Key
+    ) -> tuple[Actions, optax.OptState, IntScalar]:
+        g = _grad(energy, actions)
+        updates, state = self.optimizer.update(g, state, actions)
+        new = optax.apply_updates(actions, updates)
+        return new.astype(actions.dtype), state, jnp.asarray(1, jnp.int32)
+

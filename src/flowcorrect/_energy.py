@@ -1,0 +1,258 @@
+"""Energies: the protocol a user's energy satisfies and a few hand-written ones.
+
+An energy scores one action chunk for one observation; low means plausible. Anything
+callable as `energy(context, actions) -> scalar` is an energy. An energy whose cost is
+dominated by work on the context alone (a learned model encoding hundreds of context
+tokens) should also split into `encode(context)` and `score(encoded, actions)`: then
+[`flowcorrect.prepare`][] encodes once per observation and every correction step only
+pays for `score`.
+"""
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._custom_types import Actions, Context, Encoded, Scalar
+from ._misc import concrete, float_array, shape_str
+
+
+@runtime_checkable
+class EnergyFn(Protocol):
+    """What an energy is: `energy(context, actions) -> scalar`.
+
+    `context` is any pytree describing one observation (for a learned energy, usually
+    the policy's context tokens and their padding mask); `actions` is one chunk of
+    shape `(horizon, action_dim)`. The result is a scalar array: low energy means the
+    chunk is plausible for the observation. Batching is done by `jax.vmap` outside.
+    """
+
+    def __call__(self, context: Context, actions: Actions, /) -> Scalar: ...
+
+
+@runtime_checkable
+class SplitEnergyFn(EnergyFn, Protocol):
+    """An energy whose context-only work can be done once per observation.
+
+    `energy(context, actions) == energy.score(energy.encode(context), actions)` must
+    hold. [`flowcorrect.prepare`][] uses the split so that a correction of K steps
+    encodes the context once, not K times.
+    """
+
+    def encode(self, context: Context, /) -> Encoded: ...
+
+    def score(self, encoded: Encoded, actions: Actions, /) -> Scalar: ...
+
+
+class AbstractEnergy(eqx.Module):
+    """Base class for energies that split into `encode` and `score`.
+
+    Subclasses implement both; calling the energy composes them. Energies without any
+    context-only work implement `encode` as the identity.
+    """
+
+    @abc.abstractmethod
+    def encode(self, context: Context) -> Encoded:
+        """Does the work that depends on the context alone, once per observation."""
+
+    @abc.abstractmethod
+    def score(self, encoded: Encoded, actions: Actions) -> Scalar:
+        """The energy of one action chunk given an encoded context."""
+
+    def __call__(self, context: Context, actions: Actions) -> Scalar:
+        return self.score(self.encode(context), actions)
+
+
+class BoundEnergy(eqx.Module):
+    """An energy with its context fixed: a function of the action chunk alone.
+
+    Built by [`flowcorrect.prepare`][]; this is what correctors receive. It is a pytree
+    (the encoded context is a leaf), so it can cross `jax.jit` and `jax.vmap`.
+    """
+
+    fn: Callable[[Encoded, Actions], Scalar]
+    encoded: Encoded
+
+    def __call__(self, actions: Actions) -> Scalar:
+        out = self.fn(self.encoded, actions)
+        if not (isinstance(out, jax.Array) and out.shape == ()):
+            raise ValueError(
+                "An energy must return a scalar array for one action chunk of shape "
+                f"{shape_str(actions)}; got {shape_str(out)}. Reduce over the horizon "
+                "inside the energy and call it on one sample (vmap for batches)."
+            )
+        return out
+
+
+def prepare(energy: EnergyFn, context: Context) -> BoundEnergy:
+    """Fixes the context of an energy, encoding it once when the energy can split.
+
+    **Arguments:**
+
+    - `energy`: any [`flowcorrect.EnergyFn`][]. When it also has `encode` and `score`
+        ([`flowcorrect.SplitEnergyFn`][]), the context is encoded here, once.
+    - `context`: the context of one observation.
+
+    **Returns:**
+
+    A [`flowcorrect.BoundEnergy`][]: call it on an action chunk to get its energy.
+    """
+    if isinstance(energy, SplitEnergyFn):
+        return BoundEnergy(energy.score, energy.encode(context))
+    if not callable(energy):
+        raise TypeError(
+            f"`energy` must be callable as energy(context, actions); got {type(energy)}."
+        )
+    return BoundEnergy(energy, context)
+
+
+def _check_same_shape(name: str, expected: Any, actions: Actions) -> None:
+    if expected.shape != actions.shape:
+        raise ValueError(
+            f"`{name}` has shape {shape_str(expected)} but the actions have shape "
+            f"{shape_str(actions)}; they must match."
+        )
+
+
+class SquaredDistance(AbstractEnergy):
+    """Weighted squared distance to a target chunk: `0.5 * sum(weight * (a - target)**2)`.
+
+    **Arguments:**
+
+    - `target`: the target chunk, shape `(horizon, action_dim)`. When `None` (the
+        default), the context is the target: `energy(target, actions)`.
+    - `weight`: a non-negative scalar or an array broadcastable to the chunk (per step
+        and per action dimension weights). Defaults to 1.
+
+    Its gradient is `weight * (a - target)` and its largest curvature is `max(weight)`,
+    so gradient steps with `alpha < 2 / max(weight)` converge to the target.
+    """
+
+    target: Float[Array, "horizon action_dim"] | None
+    weight: Float[Array, "*weight_shape"]
+
+    def __init__(self, target: Any = None, weight: Any = 1.0):
+        self.target = None if target is None else float_array(target)
+        self.weight = float_array(weight)
+
+    def __check_init__(self):
+        if self.target is not None and self.target.ndim != 2:
+            raise ValueError(
+                "`target` must have shape (horizon, action_dim); got "
+                f"{shape_str(self.target)}."
+            )
+        w = concrete(self.weight)
+        if w is not None and (w < 0).any():
+            raise ValueError(f"`weight` must be non-negative; got min {w.min()}.")
+
+    def encode(self, context: Context) -> Encoded:
+        return context
+
+    def score(self, encoded: Encoded, actions: Actions) -> Scalar:
+        target = encoded if self.target is None else self.target
+        _check_same_shape("target" if self.target is not None else "context", target, actions)
+        diff = actions - target.astype(actions.dtype)
+        weight = jnp.broadcast_to(self.weight, diff.shape).astype(actions.dtype)
+        return 0.5 * jnp.sum(weight * diff**2)
+
+
+class BoundsPenalty(AbstractEnergy):
+    """Squared penalty outside action bounds: zero inside `[low, high]`.
+
+    `0.5 * weight * sum(relu(a - high)**2 + relu(low - a)**2)`; the context is ignored.
+
+    **Arguments:**
+
+    - `low`, `high`: scalars or arrays broadcastable to the chunk, `low <= high`.
+    - `weight`: a non-negative scalar. Defaults to 1.
+    """
+
+    low: Float[Array, "*bound_shape"]
+    high: Float[Array, "*bound_shape"]
+    weight: Float[Array, ""]
+
+    def __init__(self, low: Any, high: Any, weight: Any = 1.0):
+        self.low = float_array(low)
+        self.high = float_array(high)
+        self.weight = float_array(weight)
+
+    def __check_init__(self):
+        _check_bounds(self.low, self.high)
+        w = concrete(self.weight)
+        if w is not None and w < 0:
+            raise ValueError(f"`weight` must be non-negative; got {w}.")
+
+    def encode(self, context: Context) -> Encoded:
+        return None
+
+    def score(self, encoded: Encoded, actions: Actions) -> Scalar:
+        low = self.low.astype(actions.dtype)
+        high = self.high.astype(actions.dtype)
+        over = jnp.maximum(actions - high, 0)
+        under = jnp.maximum(low - actions, 0)
+        return 0.5 * self.weight.astype(actions.dtype) * jnp.sum(over**2 + under**2)
+
+
+def _check_bounds(low: Array, high: Array) -> None:
+    try:
+        jnp.broadcast_shapes(low.shape, high.shape)
+    except ValueError:
+        raise ValueError(
+            f"`low` {shape_str(low)} and `high` {shape_str(high)} must broadcast together."
+        ) from None
+    lo, hi = concrete(low), concrete(high)
+    if lo is not None and hi is not None and (lo > hi).any():
+        raise ValueError(
+            "Action bounds need `low <= high` everywhere; got low > high at "
+            f"{int((lo > hi).sum())} entries. Swap or fix the bounds."
+        )
+
+
+class SumEnergy(AbstractEnergy):
+    """A weighted sum of energies, `sum_i weights[i] * energies[i](context, actions)`.
+
+    Every term sees the same context and is encoded once; a term that is not a
+    [`flowcorrect.SplitEnergyFn`][] is encoded as the identity.
+
+    **Arguments:**
+
+    - `energies`: a sequence of energies.
+    - `weights`: one non-negative weight per energy; defaults to all ones.
+    """
+
+    energies: tuple[EnergyFn, ...]
+    weights: Float[Array, " num_energies"]
+
+    def __init__(self, energies: Sequence[EnergyFn], weights: Any = None):
+        self.energies = tuple(energies)
+        n = len(self.energies)
+        self.weights = float_array(jnp.ones(n) if weights is None else weights)
+
+    def __check_init__(self):
+        if len(self.energies) == 0:
+            raise ValueError("`energies` is empty; give at least one energy.")
+        if self.weights.shape != (len(self.energies),):
+            raise ValueError(
+                f"`weights` has shape {shape_str(self.weights)} but there are "
+                f"{len(self.energies)} energies; give one weight per energy."
+            )
+        w = concrete(self.weights)
+        if w is not None and (w < 0).any():
+            raise ValueError(f"`weights` must be non-negative; got {w.tolist()}.")
+
+    def encode(self, context: Context) -> Encoded:
+        return tuple(
+            e.encode(context) if isinstance(e, SplitEnergyFn) else context
+            for e in self.energies
+        )
+
+    def score(self, encoded: Encoded, actions: Actions) -> Scalar:
+        total = jnp.zeros((), actions.dtype)
+        for i, (e, enc) in enumerate(zip(self.energies, encoded, strict=True)):
+            value = e.score(enc, actions) if isinstance(e, SplitEnergyFn) else e(enc, actions)
+            total = total + self.weights[i].astype(actions.dtype) * value
+        return total

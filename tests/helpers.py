@@ -1,0 +1,21 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+
+def tree_allclose(x, y, *, rtol=1e-5, atol=1e-6) -> bool:
+    return eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol) is True
+
+
+def tree_bitwise_equal(x, y) -> bool:
+    """Equal bit for bit: compares the raw bytes, so -0.0 != 0.0 and NaN == NaN."""
+    xs, ys = jax.tree.leaves(x), jax.tree.leaves(y)
+    if len(xs) != len(ys):
+        return False
+    for a, b in zip(xs, ys, strict=True):
+        a, b = jnp.asarray(a), jnp.asarray(b)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.tobytes() != b.tobytes():
+            return False
+    return True
