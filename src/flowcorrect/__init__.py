@@ -35,6 +35,30 @@ from ._energy import (
 )
 
 # -- flow sampler (issue 3) --
+from ._flow.conventions import (
+    AbstractConvention as AbstractConvention,
+    OpenPI as OpenPI,
+    Reverse as Reverse,
+)
+from ._flow.placements import (
+    AbstractInterleaved as AbstractInterleaved,
+    AbstractPlacement as AbstractPlacement,
+    BestOfN as BestOfN,
+    Denoised as Denoised,
+    Guided as Guided,
+    PostHoc as PostHoc,
+)
+from ._flow.sample import SampleInfo as SampleInfo, VelocityFn as VelocityFn, sample as sample
+from ._flow.schedules import (
+    AbstractSchedule as AbstractSchedule,
+    AbstractWeight as AbstractWeight,
+    ConstantWeight as ConstantWeight,
+    EveryNth as EveryNth,
+    EveryStep as EveryStep,
+    FnWeight as FnWeight,
+    LastSteps as LastSteps,
+    PowerWeight as PowerWeight,
+)
 
 # -- energy model and training (issue 4) --
 
