@@ -61,5 +61,17 @@ from ._flow.schedules import (
 )
 
 # -- energy model and training (issue 4) --
+from ._model.config import EnergyModelConfig as EnergyModelConfig
+from ._model.context import TokenContext as TokenContext
+from ._model.energy_model import (
+    EmbeddedActions as EmbeddedActions,
+    EncodedContext as EncodedContext,
+    EnergyModel as EnergyModel,
+)
+from ._model.serialise import (
+    ModelFileError as ModelFileError,
+    load_model as load_model,
+    save_model as save_model,
+)
 
 __version__ = importlib.metadata.version("flowcorrect")

@@ -1,0 +1,1 @@
+"""The learned energy model: context tokens, layers, the model and its files."""
