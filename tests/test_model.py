@@ -14,8 +14,6 @@ import flowcorrect as fc
 from flowcorrect._model.energy_model import _pool
 from flowcorrect._model.layers import Linear
 
-from .helpers import tree_bitwise_equal
-
 SEQ, DIM, HORIZON, ACT = 6, 8, 5, 3
 
 
@@ -36,6 +34,18 @@ def context(seed=0, num_real=4, seq=SEQ):
 
 def chunk(seed=1):
     return jax.random.normal(jax.random.key(seed), (HORIZON, ACT))
+
+
+def tree_bitwise_equal(xs, ys):
+    # Local rather than from tests/helpers.py, so this file imports the same way whether
+    # or not tests/ is a package.
+    xs, ys = jax.tree.leaves(xs), jax.tree.leaves(ys)
+    return len(xs) == len(ys) and all(
+        x.shape == y.shape
+        and x.dtype == y.dtype
+        and np.asarray(x).tobytes() == np.asarray(y).tobytes()
+        for x, y in zip(xs, ys)
+    )
 
 
 def leaves(model):
