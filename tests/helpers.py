@@ -4,7 +4,7 @@ import jax.numpy as jnp
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-6) -> bool:
-    return eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol) is True
+    return bool(eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol))
 
 
 def tree_bitwise_equal(x, y) -> bool:

@@ -6,7 +6,7 @@ from jaxtyping import Array, Bool, Float, Int
 from ._correctors.base import AbstractCorrector
 from ._correctors.recipes import reference_recipe
 from ._custom_types import Actions, Context, Key
-from ._energy import EnergyFn, prepare
+from ._energy import BoundEnergy, EnergyFn, prepare
 from ._misc import shape_str
 
 
@@ -48,7 +48,17 @@ def correct_one(
     energy: EnergyFn, context: Context, actions: Actions, corrector: AbstractCorrector, key: Key
 ) -> tuple[Actions, CorrectionInfo]:
     """[`flowcorrect.correct`][] on one sample, without `jit`: for use inside other code."""
-    bound = prepare(energy, context)
+    return correct_prepared(prepare(energy, context), actions, corrector, key)
+
+
+def correct_prepared(
+    bound: BoundEnergy, actions: Actions, corrector: AbstractCorrector, key: Key
+) -> tuple[Actions, CorrectionInfo]:
+    """Like [`flowcorrect.correct_one`][] for an energy whose context is already bound.
+
+    For code that corrects many chunks of one observation (a flow sampler correcting
+    at several steps, best-of-N): call [`flowcorrect.prepare`][] once and this per chunk.
+    """
     e0 = bound(actions)
     state = corrector.init(bound, actions)
     out, _, n = corrector.step(bound, actions, state, key)

@@ -190,8 +190,16 @@ class BoundsPenalty(AbstractEnergy):
         return None
 
     def score(self, encoded: Encoded, actions: Actions) -> Scalar:
-        low = self.low.astype(actions.dtype)
-        high = self.high.astype(actions.dtype)
+        for name, bound in (("low", self.low), ("high", self.high)):
+            try:
+                jnp.broadcast_shapes(bound.shape, actions.shape)
+            except ValueError:
+                raise ValueError(
+                    f"BoundsPenalty `{name}` has shape {shape_str(bound)}, which does not "
+                    f"broadcast to the actions' shape {shape_str(actions)}."
+                ) from None
+        low = jnp.broadcast_to(self.low, actions.shape).astype(actions.dtype)
+        high = jnp.broadcast_to(self.high, actions.shape).astype(actions.dtype)
         over = jnp.maximum(actions - high, 0)
         under = jnp.maximum(low - actions, 0)
         return 0.5 * self.weight.astype(actions.dtype) * jnp.sum(over**2 + under**2)

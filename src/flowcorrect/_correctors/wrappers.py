@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .._custom_types import Actions, IntScalar, Key
+from .._custom_types import Actions, Key
 from .._energy import BoundEnergy, _check_bounds
 from .._misc import concrete, float_array, shape_str
 from .base import AbstractCorrector, scale_step
@@ -290,8 +290,8 @@ class ProjectBounds(AbstractCorrector[None]):
 
     def step(self, energy: BoundEnergy, actions: Actions, state: None, key: Key):
         self._check(actions)
-        low = self.low.astype(actions.dtype)
-        high = self.high.astype(actions.dtype)
+        low = jnp.broadcast_to(self.low, actions.shape).astype(actions.dtype)
+        high = jnp.broadcast_to(self.high, actions.shape).astype(actions.dtype)
         return jnp.clip(actions, low, high), None, jnp.asarray(0, jnp.int32)
 
 
@@ -328,7 +328,8 @@ class Repeat(AbstractCorrector[Any]):
             return (a, s, count + n), None
 
         keys = jax.random.split(key, self.num_steps)
-        (actions, state, count), _ = jax.lax.scan(body, (actions, state, jnp.asarray(0, jnp.int32)), keys)
+        init = (actions, state, jnp.asarray(0, jnp.int32))
+        (actions, state, count), _ = jax.lax.scan(body, init, keys)
         return actions, state, count
 
 

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .._correct import CorrectionInfo, check_batched_context, correct_one
+from .._correct import CorrectionInfo, check_batched_context, correct_prepared
 from .._correctors.base import AbstractCorrector
 from .._correctors.recipes import reference_recipe
-from .._custom_types import Actions, Context, Encoded, Key, Scalar
-from .._energy import AbstractEnergy, BoundEnergy, EnergyFn, prepare
+from .._custom_types import Actions, Context, Key, Scalar
+from .._energy import BoundEnergy, EnergyFn, prepare
 from .._misc import shape_str
 from .conventions import AbstractConvention, OpenPI
 from .placements import AbstractInterleaved, AbstractPlacement, BestOfN, Denoised, Guided, PostHoc
@@ -57,18 +57,6 @@ class SampleInfo(eqx.Module):
     post: CorrectionInfo | None
     candidate_energy: Float[Array, "*batch n"] | None
     selected: Int[Array, "*batch"] | None
-
-
-class _Prepared(AbstractEnergy):
-    """An energy whose context is already encoded, so `correct_one` does not encode again."""
-
-    bound: BoundEnergy
-
-    def encode(self, context: Context) -> Encoded:
-        return self.bound.encoded
-
-    def score(self, encoded: Encoded, actions: Actions) -> Scalar:
-        return self.bound.fn(encoded, actions)
 
 
 def _all_finite(x: Array) -> Bool[Array, ""]:
@@ -158,7 +146,7 @@ class _Flow(eqx.Module):
         a_hat = self.convention.denoised(x, v, t)
 
         def correct(a_hat):
-            a_corr, info = correct_one(_Prepared(self.energy), None, a_hat, self.corrector, key)
+            a_corr, info = correct_prepared(self.energy, a_hat, self.corrector, key)
             delta = w * (a_corr - a_hat)
             ok = jnp.logical_not(info.fell_back) & _all_finite(delta)
             return info.energy_before, jnp.where(ok, delta, 0), ok
@@ -293,9 +281,9 @@ def _sample_single(
 
 
 def _post_hoc(flow: _Flow, actions: Actions, info: SampleInfo, key: Key):
-    """Runs the corrector on a finished chunk; `correct_one` keeps it finite."""
+    """Runs the corrector on a finished chunk; `correct_prepared` keeps it finite."""
     assert flow.energy is not None
-    out, post = correct_one(_Prepared(flow.energy), None, actions, flow.corrector, key)
+    out, post = correct_prepared(flow.energy, actions, flow.corrector, key)
     reference = actions if info.uncorrected is None else info.uncorrected
     delta_norm = jnp.linalg.norm(out - reference)
     info = eqx.tree_at(

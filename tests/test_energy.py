@@ -1,0 +1,172 @@
+"""Hand-written energies, `prepare`, and the users' energy checker."""
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import flowcorrect as fc
+from flowcorrect.testing import action_chunks, check_energy, chunk_pairs
+
+
+@settings(max_examples=200)
+@given(pair=chunk_pairs(), weight=st.floats(0.0, 5.0))
+def test_squared_distance_value_and_gradient(pair, weight):
+    target, actions = pair
+    energy = fc.SquaredDistance(weight=weight)
+    expected = 0.5 * weight * np.sum((np.asarray(actions) - np.asarray(target)) ** 2)
+    assert float(energy(target, actions)) == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    grad = jax.grad(lambda a: energy(target, a))(actions)
+    np.testing.assert_allclose(grad, weight * (actions - target), rtol=1e-5, atol=1e-4)
+
+
+def test_squared_distance_fixed_target_and_per_entry_weights():
+    target = jnp.arange(6.0).reshape(3, 2)
+    weight = jnp.array([[1.0, 0.0], [2.0, 0.5], [0.0, 1.0]])
+    energy = fc.SquaredDistance(target, weight)
+    actions = jnp.ones((3, 2))
+    expected = 0.5 * jnp.sum(weight * (actions - target) ** 2)
+    assert float(energy(None, actions)) == pytest.approx(float(expected))
+    with pytest.raises(ValueError, match=r"target.*\(3, 2\).*\(4, 2\)"):
+        energy(None, jnp.ones((4, 2)))
+
+
+@settings(max_examples=200)
+@given(actions=action_chunks(), low=st.floats(-3, 0), width=st.floats(0, 4))
+def test_bounds_penalty_is_zero_inside_and_positive_outside(actions, low, width):
+    high = low + width
+    energy = fc.BoundsPenalty(low, high, weight=2.0)
+    value = float(energy(None, actions))
+    a = np.asarray(actions)
+    outside = (a < np.float32(low)) | (a > np.float32(high))
+    over = np.maximum(a - np.float32(high), 0)
+    under = np.maximum(np.float32(low) - a, 0)
+    expected = float(np.sum(over.astype(np.float64) ** 2 + under.astype(np.float64) ** 2))
+    if not outside.any():
+        assert value == 0.0
+    else:
+        assert value == pytest.approx(expected, rel=1e-4, abs=1e-30)
+        if expected > 1e-30:  # below that, float32 squares underflow to zero
+            assert value > 0.0
+    grad = jax.grad(lambda x: energy(None, x))(actions)
+    assert bool(jnp.all(grad[~outside] == 0))
+
+
+def test_sum_energy_is_the_weighted_sum_and_encodes_each_term_once():
+    calls = []
+
+    class Doubling(fc.AbstractEnergy):
+        def encode(self, context):
+            calls.append(None)
+            return 2 * context
+
+        def score(self, encoded, actions):
+            return jnp.sum(actions * encoded)
+
+    def plain(context, actions):
+        return jnp.sum(actions**2) + jnp.sum(context)
+
+    context = jnp.full((3, 2), 0.5)
+    actions = jnp.arange(6.0).reshape(3, 2)
+    energy = fc.SumEnergy([Doubling(), plain, fc.SquaredDistance()], weights=[1.0, 0.5, 2.0])
+    expected = (
+        float(jnp.sum(actions * 2 * context))
+        + 0.5 * float(plain(context, actions))
+        + 2.0 * float(fc.SquaredDistance()(context, actions))
+    )
+    assert float(energy(context, actions)) == pytest.approx(expected, rel=1e-6)
+    calls.clear()
+    out, _ = fc.correct(energy, context, actions, corrector=fc.Repeat(fc.GradientStep(0.01), 5))
+    assert len(calls) == 1
+
+
+def test_prepare_encodes_split_energies_and_binds_plain_ones():
+    target = jnp.ones((2, 2))
+    bound = fc.prepare(fc.SquaredDistance(), target)
+    assert isinstance(bound, fc.BoundEnergy)
+    assert float(bound(jnp.zeros((2, 2)))) == pytest.approx(2.0)
+
+    def plain(context, actions):
+        return jnp.sum((actions - context) ** 2)
+
+    assert float(fc.prepare(plain, target)(jnp.zeros((2, 2)))) == pytest.approx(4.0)
+    with pytest.raises(TypeError, match="energy"):
+        fc.prepare(3.0, target)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "energy",
+    [
+        fc.SquaredDistance(weight=2.0),
+        fc.SumEnergy([fc.SquaredDistance(), fc.BoundsPenalty(-1.0, 1.0)], [1.0, 3.0]),
+        fc.BoundsPenalty(-0.5, 0.5),
+    ],
+)
+def test_check_energy_passes_on_builtin_energies(energy):
+    target = jax.random.normal(jax.random.key(0), (5, 3))
+    actions = 2 * jax.random.normal(jax.random.key(1), (5, 3))
+    other = jax.tree.map(lambda x: x * 1.5 if eqx_is_float(x) else x, energy)
+    check_energy(energy, target, actions, other_energy=other)
+
+
+def eqx_is_float(x):
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def test_check_energy_catches_broken_energies():
+    target = jax.random.normal(jax.random.key(0), (5, 3))
+    actions = jax.random.normal(jax.random.key(1), (5, 3))
+
+    def per_step(context, a):
+        return jnp.sum((a - context) ** 2, axis=-1)
+
+    with pytest.raises(AssertionError, match="scalar"):
+        check_energy(per_step, target, actions)
+
+    def nan_energy(context, a):
+        return jnp.sum(a) * jnp.nan
+
+    with pytest.raises(AssertionError, match="not finite"):
+        check_energy(nan_energy, target, actions)
+
+    def kinked(context, a):
+        return jnp.sum(jnp.sqrt(jnp.abs(a - context)))
+
+    with pytest.raises(AssertionError, match="gradient"):
+        check_energy(kinked, target, target)
+
+    class Inconsistent(fc.AbstractEnergy):
+        def encode(self, context):
+            return context + 1.0
+
+        def score(self, encoded, a):
+            return jnp.sum((a - encoded) ** 2)
+
+    # Consistent by construction through AbstractEnergy; a hand-made split that is not:
+    class BadSplit:
+        def __call__(self, context, a):
+            return jnp.sum((a - context) ** 2)
+
+        def encode(self, context):
+            return context + 1.0
+
+        def score(self, encoded, a):
+            return jnp.sum((a - encoded) ** 2)
+
+    check_energy(Inconsistent(), target, actions)
+    with pytest.raises(AssertionError, match="encode/score"):
+        check_energy(BadSplit(), target, actions)
+
+    class FloatScaled(fc.AbstractEnergy):
+        scale: float  # a Python float is static under jit: each new value recompiles
+
+        def encode(self, context):
+            return context
+
+        def score(self, encoded, a):
+            return self.scale * jnp.sum((a - encoded) ** 2)
+
+    with pytest.raises(AssertionError, match="recompile"):
+        check_energy(FloatScaled(1.0), target, actions, other_energy=FloatScaled(2.0))
