@@ -171,8 +171,8 @@ class BoundsPenalty(AbstractEnergy):
     - `weight`: a non-negative scalar. Defaults to 1.
     """
 
-    low: Float[Array, "*bound_shape"]
-    high: Float[Array, "*bound_shape"]
+    low: Float[Array, "*low_shape"]
+    high: Float[Array, "*high_shape"]
     weight: Float[Array, ""]
 
     def __init__(self, low: Any, high: Any, weight: Any = 1.0):

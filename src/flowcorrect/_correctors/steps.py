@@ -5,7 +5,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PyTree
 
 from .._custom_types import Actions, IntScalar, Key
 from .._energy import BoundEnergy
@@ -89,7 +89,7 @@ class LangevinStep(AbstractCorrector[None]):
         return new.astype(actions.dtype), None, jnp.asarray(1, jnp.int32)
 
 
-class OptaxStep(AbstractCorrector[optax.OptState]):
+class OptaxStep(AbstractCorrector[PyTree]):
     """An update rule taken from optax: any `optax.GradientTransformation`.
 
     The gradient of the energy is fed to the optimiser and its update applied;
@@ -117,12 +117,12 @@ class OptaxStep(AbstractCorrector[optax.OptState]):
                 f"update), e.g. optax.sgd(0.1); got {type(self.optimizer)}."
             )
 
-    def init(self, energy: BoundEnergy, actions: Actions) -> optax.OptState:
+    def init(self, energy: BoundEnergy, actions: Actions) -> PyTree:
         return self.optimizer.init(actions)
 
     def step(
-        self, energy: BoundEnergy, actions: Actions, state: optax.OptState, key: Key
-    ) -> tuple[Actions, optax.OptState, IntScalar]:
+        self, energy: BoundEnergy, actions: Actions, state: PyTree, key: Key
+    ) -> tuple[Actions, PyTree, IntScalar]:
         g = _grad(energy, actions)
         updates, state = self.optimizer.update(g, state, actions)
         new = optax.apply_updates(actions, updates)

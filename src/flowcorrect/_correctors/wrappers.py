@@ -264,8 +264,8 @@ class ProjectBounds(AbstractCorrector[None]):
         `low <= high`.
     """
 
-    low: Float[Array, "*bound_shape"]
-    high: Float[Array, "*bound_shape"]
+    low: Float[Array, "*low_shape"]
+    high: Float[Array, "*high_shape"]
 
     def __init__(self, low: Any, high: Any):
         self.low = float_array(low)
