@@ -181,7 +181,7 @@ class BoundsPenalty(AbstractEnergy):
         self.weight = float_array(weight)
 
     def __check_init__(self):
-        _check_bounds(self.low, self.high)
+        check_bounds(self.low, self.high)
         w = concrete(self.weight)
         if w is not None and w < 0:
             raise ValueError(f"`weight` must be non-negative; got {w}.")
@@ -190,22 +190,28 @@ class BoundsPenalty(AbstractEnergy):
         return None
 
     def score(self, encoded: Encoded, actions: Actions) -> Scalar:
-        for name, bound in (("low", self.low), ("high", self.high)):
-            try:
-                jnp.broadcast_shapes(bound.shape, actions.shape)
-            except ValueError:
-                raise ValueError(
-                    f"BoundsPenalty `{name}` has shape {shape_str(bound)}, which does not "
-                    f"broadcast to the actions' shape {shape_str(actions)}."
-                ) from None
-        low = jnp.broadcast_to(self.low, actions.shape).astype(actions.dtype)
-        high = jnp.broadcast_to(self.high, actions.shape).astype(actions.dtype)
+        low, high = broadcast_bounds("BoundsPenalty", self.low, self.high, actions)
         over = jnp.maximum(actions - high, 0)
         under = jnp.maximum(low - actions, 0)
         return 0.5 * self.weight.astype(actions.dtype) * jnp.sum(over**2 + under**2)
 
 
-def _check_bounds(low: Array, high: Array) -> None:
+def broadcast_bounds(owner: str, low: Array, high: Array, actions: Actions) -> tuple[Array, Array]:
+    """`low` and `high` broadcast to the chunk in its dtype; a clear error if they can't."""
+    out = []
+    for name, bound in (("low", low), ("high", high)):
+        try:
+            jnp.broadcast_shapes(bound.shape, actions.shape)
+        except ValueError:
+            raise ValueError(
+                f"{owner} `{name}` has shape {shape_str(bound)}, which does not "
+                f"broadcast to the actions' shape {shape_str(actions)}."
+            ) from None
+        out.append(jnp.broadcast_to(bound, actions.shape).astype(actions.dtype))
+    return out[0], out[1]
+
+
+def check_bounds(low: Array, high: Array) -> None:
     try:
         jnp.broadcast_shapes(low.shape, high.shape)
     except ValueError:

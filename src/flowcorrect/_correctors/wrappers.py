@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from .._custom_types import Actions, Key
-from .._energy import BoundEnergy, _check_bounds
+from .._energy import BoundEnergy, broadcast_bounds, check_bounds
 from .._misc import concrete, float_array, shape_str
 from .base import AbstractCorrector, scale_step
 
@@ -75,9 +75,43 @@ class ClipStep(AbstractCorrector[Any]):
         return scale_step(actions, proposal, scale), (inner_state, state[1]), n
 
 
-def _mask_step(
-    inner: AbstractCorrector, mask: Array, energy: BoundEnergy, actions: Actions, state, key
-):
+def _check_first_or_mask(owner: str, first: Array | None, mask: Array | None, hint: str):
+    if (first is None) == (mask is None):
+        raise ValueError(f"Give exactly one of `first` (an int >= 1) or `mask` to {owner}.")
+    if first is not None:
+        f = concrete(first)
+        if first.shape != () or (f is not None and f < 1):
+            shown = f if f is not None else shape_str(first)
+            raise ValueError(f"`first` must be an integer >= 1 ({hint}); got {shown}.")
+    if mask is not None:
+        if mask.ndim != 1:
+            raise ValueError(f"`mask` must be a 1-d boolean array; got shape {shape_str(mask)}.")
+        m = concrete(mask)
+        if m is not None and not m.any():
+            raise ValueError(
+                "`mask` is all False, so nothing would ever be corrected; set at least one "
+                "entry True, or use Repeat(..., num_steps=0) to switch correction off."
+            )
+
+
+def _axis_mask(
+    owner: str, first: Array | None, mask: Array | None, actions: Actions, axis: int
+) -> Array:
+    """The boolean mask over one axis of the chunk, shaped to broadcast against it."""
+    size = actions.shape[axis]
+    if mask is None:
+        out = jnp.arange(size) < first
+    elif mask.shape != (size,):
+        raise ValueError(
+            f"{owner} `mask` has shape {shape_str(mask)} but the actions have shape "
+            f"{shape_str(actions)}; the mask needs shape ({size},)."
+        )
+    else:
+        out = mask
+    return out[:, None] if axis == 0 else out[None, :]
+
+
+def _masked_step(inner: AbstractCorrector, mask: Array, energy, actions: Actions, state, key):
     proposal, state, n = inner.step(energy, actions, state, key)
     return jnp.where(mask, proposal, actions), state, n
 
@@ -106,36 +140,16 @@ class HorizonMask(AbstractCorrector[Any]):
         self.mask = None if mask is None else jnp.asarray(mask, dtype=bool)
 
     def __check_init__(self):
-        if (self.first is None) == (self.mask is None):
-            raise ValueError("Give exactly one of `first` (an int >= 1) or `mask` to HorizonMask.")
-        if self.first is not None:
-            f = concrete(self.first)
-            if self.first.shape != () or (f is not None and f < 1):
-                raise ValueError(
-                    f"`first` must be an integer >= 1 (1 corrects the next action only); "
-                    f"got {f if f is not None else shape_str(self.first)}."
-                )
-        if self.mask is not None:
-            _check_mask("mask", self.mask)
-
-    def _horizon_mask(self, actions: Actions) -> Array:
-        horizon = actions.shape[0]
-        if self.mask is None:
-            return jnp.arange(horizon) < self.first
-        if self.mask.shape != (horizon,):
-            raise ValueError(
-                f"HorizonMask `mask` has shape {shape_str(self.mask)} but the actions have "
-                f"shape {shape_str(actions)}; the mask needs shape ({horizon},)."
-            )
-        return self.mask
+        hint = "1 corrects the next action only"
+        _check_first_or_mask("HorizonMask", self.first, self.mask, hint)
 
     def init(self, energy: BoundEnergy, actions: Actions):
-        self._horizon_mask(actions)
+        _axis_mask("HorizonMask", self.first, self.mask, actions, axis=0)
         return self.inner.init(energy, actions)
 
     def step(self, energy: BoundEnergy, actions: Actions, state, key: Key):
-        mask = self._horizon_mask(actions)[:, None]
-        return _mask_step(self.inner, mask, energy, actions, state, key)
+        mask = _axis_mask("HorizonMask", self.first, self.mask, actions, axis=0)
+        return _masked_step(self.inner, mask, energy, actions, state, key)
 
 
 class ActionDimMask(AbstractCorrector[Any]):
@@ -161,49 +175,16 @@ class ActionDimMask(AbstractCorrector[Any]):
         self.mask = None if mask is None else jnp.asarray(mask, dtype=bool)
 
     def __check_init__(self):
-        if (self.first is None) == (self.mask is None):
-            raise ValueError(
-                "Give exactly one of `first` (an int >= 1) or `mask` to ActionDimMask."
-            )
-        if self.first is not None:
-            f = concrete(self.first)
-            if self.first.shape != () or (f is not None and f < 1):
-                raise ValueError(
-                    f"`first` must be an integer >= 1 (7 for LIBERO's arm in openpi's 32 "
-                    f"padded dims); got {f if f is not None else shape_str(self.first)}."
-                )
-        if self.mask is not None:
-            _check_mask("mask", self.mask)
-
-    def _dim_mask(self, actions: Actions) -> Array:
-        action_dim = actions.shape[1]
-        if self.mask is None:
-            return jnp.arange(action_dim) < self.first
-        if self.mask.shape != (action_dim,):
-            raise ValueError(
-                f"ActionDimMask `mask` has shape {shape_str(self.mask)} but the actions have "
-                f"shape {shape_str(actions)}; the mask needs shape ({action_dim},)."
-            )
-        return self.mask
+        hint = "7 for LIBERO's arm in openpi's 32 padded dims"
+        _check_first_or_mask("ActionDimMask", self.first, self.mask, hint)
 
     def init(self, energy: BoundEnergy, actions: Actions):
-        self._dim_mask(actions)
+        _axis_mask("ActionDimMask", self.first, self.mask, actions, axis=1)
         return self.inner.init(energy, actions)
 
     def step(self, energy: BoundEnergy, actions: Actions, state, key: Key):
-        mask = self._dim_mask(actions)[None, :]
-        return _mask_step(self.inner, mask, energy, actions, state, key)
-
-
-def _check_mask(name: str, mask: Array) -> None:
-    if mask.ndim != 1:
-        raise ValueError(f"`{name}` must be a 1-d boolean array; got shape {shape_str(mask)}.")
-    m = concrete(mask)
-    if m is not None and not m.any():
-        raise ValueError(
-            f"`{name}` is all False, so nothing would ever be corrected; set at least one "
-            "entry True, or use Repeat(..., num_steps=0) to switch correction off."
-        )
+        mask = _axis_mask("ActionDimMask", self.first, self.mask, actions, axis=1)
+        return _masked_step(self.inner, mask, energy, actions, state, key)
 
 
 class Backtrack(AbstractCorrector[Any]):
@@ -272,26 +253,14 @@ class ProjectBounds(AbstractCorrector[None]):
         self.high = float_array(high)
 
     def __check_init__(self):
-        _check_bounds(self.low, self.high)
+        check_bounds(self.low, self.high)
 
     def init(self, energy: BoundEnergy, actions: Actions) -> None:
-        self._check(actions)
+        broadcast_bounds("ProjectBounds", self.low, self.high, actions)
         return None
 
-    def _check(self, actions: Actions) -> None:
-        for name, b in (("low", self.low), ("high", self.high)):
-            try:
-                jnp.broadcast_shapes(b.shape, actions.shape)
-            except ValueError:
-                raise ValueError(
-                    f"ProjectBounds `{name}` has shape {shape_str(b)}, which does not "
-                    f"broadcast to the actions' shape {shape_str(actions)}."
-                ) from None
-
     def step(self, energy: BoundEnergy, actions: Actions, state: None, key: Key):
-        self._check(actions)
-        low = jnp.broadcast_to(self.low, actions.shape).astype(actions.dtype)
-        high = jnp.broadcast_to(self.high, actions.shape).astype(actions.dtype)
+        low, high = broadcast_bounds("ProjectBounds", self.low, self.high, actions)
         return jnp.clip(actions, low, high), None, jnp.asarray(0, jnp.int32)
 
 
