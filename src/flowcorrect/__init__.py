@@ -73,5 +73,23 @@ from ._model.serialise import (
     load_model as load_model,
     save_model as save_model,
 )
+from ._train.batch import Batch as Batch
+from ._train.data import ShuffledBatches as ShuffledBatches
+from ._train.fit import (
+    FitResult as FitResult,
+    TrainConfig as TrainConfig,
+    data_parallel_mesh as data_parallel_mesh,
+    fit as fit,
+    make_optimizer as make_optimizer,
+)
+from ._train.infonce import info_nce as info_nce, pair_energies as pair_energies
+from ._train.negatives import (
+    AbstractNegatives as AbstractNegatives,
+    NoiseNegatives as NoiseNegatives,
+    PolicyNegatives as PolicyNegatives,
+    SwapDimNegatives as SwapDimNegatives,
+    TimeShiftNegatives as TimeShiftNegatives,
+)
+from ._train.report import EvalReport as EvalReport, evaluate as evaluate
 
 __version__ = importlib.metadata.version("flowcorrect")

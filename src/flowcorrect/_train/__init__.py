@@ -1,0 +1,1 @@
+"""Training the energy model: InfoNCE, negatives, the fit loop, checkpoints, reports."""
