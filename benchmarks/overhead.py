@@ -217,6 +217,16 @@ def _correct(energy, tokens, mask, actions, corrector):
     return fc.correct(energy, fc.TokenContext(tokens, mask), actions, corrector=corrector)
 
 
+class Unsplit(eqx.Module):
+    """The same energy without its encode/score split: every call re-encodes the context,
+    as an energy that is a plain function of `(context, actions)` does."""
+
+    model: fc.EnergyModel
+
+    def __call__(self, context, actions):
+        return self.model(context, actions)
+
+
 def _correct_encoded(energy, encoded, actions, corrector):
     def one(enc, a, k):
         return fc.correct_prepared(fc.BoundEnergy(energy.score, enc), a, corrector, k)
@@ -319,6 +329,15 @@ def build_cases(policy, energy, tokens, mask, noise, noise_n, actions, encoded, 
         )
     cases.append(
         Case(
+            f"correct_k{k_mid}_reencode",
+            "alone",
+            f"fc.correct K={k_mid}, energy without encode/score split",
+            _correct,
+            lambda: (Unsplit(energy), tokens, mask, actions(), fc.reference_recipe(k_mid)),
+        )
+    )
+    cases.append(
+        Case(
             f"correct_k{k_mid}_pre_encoded",
             "alone",
             f"fc.correct_prepared K={k_mid}, context already encoded",
@@ -360,6 +379,7 @@ def case_names(ks: list[int], n_best: int, quick: bool) -> list[str]:
         f"best_of_{n_best}",
         "encode_alone",
         *(f"correct_k{j}_alone" for j in ks),
+        f"correct_k{k}_reencode",
         f"correct_k{k}_pre_encoded",
     ]
 

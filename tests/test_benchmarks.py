@@ -88,6 +88,7 @@ def test_every_row_present(tmp_path):
         "encode_alone",
         "correct_k1_alone",
         "correct_k2_alone",
+        "correct_k1_reencode",
         "correct_k1_pre_encoded",
     ]
     _check_result(result, [2], names)
