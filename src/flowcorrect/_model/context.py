@@ -40,8 +40,11 @@ class TokenContext(eqx.Module):
         if mask is None:
             mask = jnp.ones(self.tokens.shape[:-1], dtype=bool)
         self.mask = jnp.asarray(mask)
+        # Checked here rather than in __check_init__, so that this message, not a
+        # runtime type checker's, is what a wrong mask produces.
+        self._check()
 
-    def __check_init__(self):
+    def _check(self) -> None:
         if self.tokens.ndim < 2:
             raise ValueError(
                 "`tokens` must have shape (seq, context_dim) or (batch, seq, context_dim); "

@@ -34,8 +34,11 @@ class Batch(eqx.Module):
         self.context = context
         self.actions = jnp.asarray(actions)
         self.negatives = None if negatives is None else jnp.asarray(negatives)
+        # Checked here rather than in __check_init__, so that this message, not a
+        # runtime type checker's, is what a shape mistake produces.
+        self._check()
 
-    def __check_init__(self):
+    def _check(self) -> None:
         batch = self.actions.shape[0]
         for path, leaf in jax.tree_util.tree_leaves_with_path(self.context):
             if hasattr(leaf, "shape") and (leaf.ndim == 0 or leaf.shape[0] != batch):
