@@ -1,6 +1,7 @@
-"""Measures where the bounded energy's gradient vanishes, against the unbounded one.
+"""Measurements quoted in the docs: the bounded energy's flat tails, InfoNCE's memory.
 
-Run: `python -m flowcorrect._train.measure [--steps 600] [--batch 64]` (CPU, ~2 min).
+Run: `python -m flowcorrect._train.measure [--steps 600] [--batch 64]` (CPU, ~6 min), and
+`python -m flowcorrect._train.measure --memory` (compiles only, ~1 min).
 
 The bounded energy of the reference is `E = mean_t (2 sigmoid(h_t / 2) + 0.1)`, so
 `dE/dh_t = sigmoid(h_t / 2) (1 - sigmoid(h_t / 2)) / horizon`: a quarter at `h = 0`, and
@@ -16,15 +17,17 @@ import argparse
 import math
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .._model.config import EnergyModelConfig
+from .._model.context import TokenContext
 from .._model.energy_model import EnergyModel
 from .data import ShuffledBatches
 from .fit import TrainConfig, fit
-from .infonce import embed_batch, encode_batch
+from .infonce import embed_batch, encode_batch, info_nce
 from .negatives import NoiseNegatives
 from .synthetic import matching_task, noisy_policy
 
@@ -48,12 +51,54 @@ def _saturation(h: np.ndarray, ratio: float) -> float:
     return float(np.mean(np.abs(h) > slope_threshold(ratio)))
 
 
+def memory(batch: int = 64, seq: int = 816, horizon: int = 50) -> None:
+    """Peak temporary memory that XLA plans for one InfoNCE value-and-gradient.
+
+    The default model at openpi's sizes (context width 2048, 32 action dims), compiled
+    for the current backend but not run. The reference's replicated inputs alone would
+    take `batch^2 * seq * 2048 * 4` bytes.
+    """
+    print(
+        f"InfoNCE value_and_grad, B={batch}, S={seq}, D=2048, H={horizon}, A=32, "
+        f"gradient penalty on; backend {jax.default_backend()}"
+    )
+    naive = batch * batch * seq * 2048 * 4
+    print(f"  reference's replicated context input alone: {naive / 1e9:.1f} GB")
+    tokens = jax.ShapeDtypeStruct((batch, seq, 2048), jnp.float32)
+    mask = jax.ShapeDtypeStruct((batch, seq), jnp.bool_)
+    actions = jax.ShapeDtypeStruct((batch, horizon, 32), jnp.float32)
+    for pool in (1, 8):
+        config = EnergyModelConfig(context_dim=2048, action_dim=32, context_pool=pool)
+        model = EnergyModel(config, key=jax.random.key(0))
+        params, static = eqx.partition(model, eqx.is_array)
+        for chunk in (None, 8):
+
+            def loss(p, t, m, a, chunk=chunk):
+                def f(p):
+                    model = eqx.combine(p, static)
+                    context = TokenContext(t, m)
+                    return info_nce(model, context, a, pair_chunk=chunk, grad_penalty=0.1,
+                                    key=jax.random.key(0))[0]  # fmt: skip
+
+                return jax.value_and_grad(f)(p)
+
+            compiled = jax.jit(loss).lower(params, tokens, mask, actions).compile()
+            stats = compiled.memory_analysis()
+            print(f"  context_pool={pool} pair_chunk={chunk}: temporaries "
+                  f"{stats.temp_size_in_bytes / 1e9:.2f} GB, inputs "
+                  f"{stats.argument_size_in_bytes / 1e9:.2f} GB")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory", action="store_true", help="only the memory table")
     args = parser.parse_args(argv)
+    if args.memory:
+        memory(batch=args.batch)
+        return
 
     print("Slope of the bounded energy, sigmoid'(h/2), relative to its peak at h = 0:")
     for r in (0.1, 0.01, 0.001):
