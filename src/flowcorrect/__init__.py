@@ -6,6 +6,7 @@ from ._correct import (
     CorrectionInfo as CorrectionInfo,
     correct as correct,
     correct_one as correct_one,
+    correct_prepared as correct_prepared,
 )
 from ._correctors.base import AbstractCorrector as AbstractCorrector
 from ._correctors.recipes import reference_recipe as reference_recipe
