@@ -474,7 +474,7 @@ def test_fit_from_raw_observations_and_from_an_iterable(short_data, single_devic
     np.testing.assert_allclose([h["loss"] for h in raw.history], ref, rtol=1e-4)
 
     batches = [short_data(s) for s in range(SHORT.num_steps)]
-    listed = short_fit(batches)
+    listed = short_fit(batches, progress=True)  # the tqdm bar must not disturb anything
     assert bitwise_equal(listed.model, single_device_run.model)
     with pytest.raises(ValueError, match="ran out after 7 batches"):
         short_fit(batches[:7])

@@ -15,6 +15,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .config import EnergyModelConfig
@@ -187,7 +188,7 @@ def load_model(path: str | pathlib.Path, **expected: Any) -> EnergyModel:
                 f"{array.dtype}, but the config in {CONFIG_FILE} needs {like.shape} and "
                 f"{like.dtype}: the config and the weights come from different models."
             )
-        leaves.append(jax.numpy.asarray(array))
+        leaves.append(jnp.asarray(array))
     arrays = jax.tree_util.tree_unflatten(treedef, leaves)
     _, static = eqx.partition(template, _is_array)
     model = eqx.combine(arrays, static)

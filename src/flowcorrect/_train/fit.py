@@ -26,22 +26,6 @@ from .report import EvalReport, evaluate
 
 BATCH_AXIS = "batch"
 
-# Fields of TrainConfig that change the training trajectory: a resumed run must agree
-# with its checkpoint on these. The others only change logging and saving.
-_TRAJECTORY_FIELDS = (
-    "num_steps",
-    "learning_rate",
-    "warmup_steps",
-    "final_learning_rate",
-    "weight_decay",
-    "clip_norm",
-    "ema_decay",
-    "tau",
-    "grad_penalty",
-    "grad_margin",
-    "pair_chunk",
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -150,15 +134,15 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )
 
 
+# Fields of TrainConfig that the optimiser and the compiled step read; together they
+# fix the training trajectory, so a resumed run must agree with its checkpoint on them.
+# The other fields only change logging and saving.
 _OPTIMIZER_FIELDS = (
-    "num_steps",
-    "learning_rate",
-    "warmup_steps",
-    "final_learning_rate",
-    "weight_decay",
+    "num_steps", "learning_rate", "warmup_steps", "final_learning_rate", "weight_decay",
     "clip_norm",
-)
+)  # fmt: skip
 _LOSS_FIELDS = ("tau", "grad_penalty", "grad_margin", "pair_chunk", "ema_decay")
+_TRAJECTORY_FIELDS = _OPTIMIZER_FIELDS + _LOSS_FIELDS
 
 
 @functools.cache

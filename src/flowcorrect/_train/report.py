@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._correct import correct_one
+from .._correct import correct_prepared
 from .._correctors.base import AbstractCorrector
 from .._correctors.recipes import reference_recipe
 from .._energy import prepare
@@ -106,10 +106,10 @@ def _measure(
     keys = jax.random.split(key, policy_samples.shape[:2])
 
     def per_context(context: Any, samples: Array, ks: Array) -> Any:
-        bound = prepare(model, context)
+        bound = prepare(model, context)  # encoded once for all N samples
 
         def one(a: Array, k: Array) -> Any:
-            corrected, info = correct_one(model, context, a, corrector, k)
+            corrected, info = correct_prepared(bound, a, corrector, k)
             return corrected, info, jax.grad(bound)(a)
 
         return jax.vmap(one)(samples, ks)
