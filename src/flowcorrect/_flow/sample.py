@@ -59,6 +59,13 @@ class SampleInfo(eqx.Module):
     selected: Int[Array, "*batch"] | None
 
 
+def _sample_info(**fields) -> SampleInfo:
+    """A `SampleInfo` whose optional fields default to `None`."""
+    optional = ("step_energy", "final_energy", "uncorrected", "uncorrected_energy")
+    optional += ("delta_norm", "post", "candidate_energy", "selected")
+    return SampleInfo(**{**dict.fromkeys(optional), **fields})
+
+
 def _all_finite(x: Array) -> Bool[Array, ""]:
     return jnp.all(jnp.isfinite(x))
 
@@ -218,23 +225,10 @@ def _sample_single(
     step_energy = energies if flow.step_energies else None
     if energy is None:
         zero = jnp.asarray(0, jnp.int32)
-        info = SampleInfo(
-            step_energy=None,
-            final_energy=None,
-            uncorrected=None,
-            uncorrected_energy=None,
-            delta_norm=None,
-            num_applied=zero,
-            num_skipped=zero,
-            fell_back=jnp.array(False),
-            post=None,
-            candidate_energy=None,
-            selected=None,
-        )
-        return x, info
+        return x, _sample_info(num_applied=zero, num_skipped=zero, fell_back=jnp.array(False))
     if interleaved is None:
         e = energy(x)
-        info = SampleInfo(
+        info = _sample_info(
             step_energy=step_energy,
             final_energy=e,
             uncorrected=x,
@@ -243,9 +237,6 @@ def _sample_single(
             num_applied=applied,
             num_skipped=skipped,
             fell_back=jnp.array(False),
-            post=None,
-            candidate_energy=None,
-            selected=None,
         )
         if isinstance(placement, PostHoc):
             return _post_hoc(flow, x, info, post_key)
@@ -264,7 +255,7 @@ def _sample_single(
         e = jnp.where(ok, e, uncorrected_energy)
         delta_norm = jnp.linalg.norm(x - x_plain)
         fell_back = jnp.logical_not(ok)
-    info = SampleInfo(
+    info = _sample_info(
         step_energy=step_energy,
         final_energy=e,
         uncorrected=uncorrected,
@@ -273,9 +264,6 @@ def _sample_single(
         num_applied=applied,
         num_skipped=skipped,
         fell_back=fell_back,
-        post=None,
-        candidate_energy=None,
-        selected=None,
     )
     return x, info
 
