@@ -52,7 +52,7 @@ def main(argv=None):
     goals = jax.random.uniform(key_goal, (args.batch, ACTION_DIM), minval=-0.8, maxval=0.8)
     experts = jax.vmap(expert_chunk)(goals)
     bias = jnp.linspace(0.0, 0.25, HORIZON)[:, None]  # the policy drifts off the goal
-    policy_means = experts + bias
+    policy_means = experts + bias[None]
     policy = GaussianPolicy(std=jnp.array(0.05))
 
     # Energy: squared distance of the last four actions to the goal's chunk, plus a
