@@ -35,6 +35,12 @@ from ._energy import (
     prepare as prepare,
 )
 
+from ._policy import (
+    AbstractBatchedPolicy as AbstractBatchedPolicy,
+    AbstractPolicy as AbstractPolicy,
+    VelocityPolicy as VelocityPolicy,
+)
+
 # -- flow sampler (issue 3) --
 from ._flow.conventions import (
     AbstractConvention as AbstractConvention,

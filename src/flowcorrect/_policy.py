@@ -1,0 +1,239 @@
+"""Policies: the seam between a flow-matching model and the sampler.
+
+A flow-matching policy does two kinds of work for one observation: some once (openpi's
+Pi0 runs SigLIP and the VLM over images and text into a KV cache), and some at every
+flow step (the action expert over that cache). [`flowcorrect.sample`][] calls the first
+once, inside its compiled function, and the second at every Euler step; best-of-N
+candidates share the first. The energy reads its context from the same once-per-
+observation pass, so nothing is computed twice.
+
+Two base classes, by who does the batching:
+
+- [`flowcorrect.AbstractPolicy`][]: written for one observation and one chunk;
+  `fc.sample` batches it with `jax.vmap` (the usual case for a policy of your own).
+- [`flowcorrect.AbstractBatchedPolicy`][]: the model runs on a batch itself (openpi's
+  `Pi0` takes `(batch, ...)` observations and keeps its KV cache as
+  `(layers, batch, ...)`); `fc.sample` calls it on the whole batch.
+
+The weights of a policy are Module leaves: `fc.sample` traces them, so a
+3B-parameter model is an argument of the compiled function, never a constant baked
+into it, and new weights do not recompile.
+"""
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+from jaxtyping import Array, Float
+
+from ._custom_types import Actions, Context, Scalar
+from ._flow.conventions import AbstractConvention, OpenPI
+from ._misc import shape_str
+
+Prefix = Any
+Observation = Any
+
+
+class AbstractPolicy(eqx.Module):
+    """A flow policy written for one observation and one action chunk.
+
+    Subclasses implement three methods and set two fields:
+
+    - `chunk_shape`: `(horizon, action_dim)` of the chunks it produces (a tuple of
+        ints; mark the field `eqx.field(static=True)`).
+    - `convention`: its flow-time convention, [`flowcorrect.OpenPI`][] (`t = 1` is
+        noise, as in openpi) or [`flowcorrect.Reverse`][].
+
+    [`flowcorrect.sample`][] vmaps the methods over a batch: write them for one sample.
+
+    !!! example
+
+        ```python
+        class MyPolicy(fc.AbstractPolicy):
+            encoder: eqx.nn.MLP
+            head: eqx.nn.MLP
+            chunk_shape: tuple[int, int] = eqx.field(static=True, default=(16, 4))
+            convention: fc.AbstractConvention = fc.OpenPI()
+
+            def prefix(self, observation):
+                return self.encoder(observation)        # once per observation
+
+            def velocity(self, prefix, x_t, t):
+                inp = jnp.concatenate([prefix, x_t.ravel(), t[None]])
+                return self.head(inp).reshape(x_t.shape)
+
+            def energy_context(self, prefix):
+                return prefix                           # what the energy reads
+        ```
+    """
+
+    chunk_shape: eqx.AbstractVar[tuple[int, int]]
+    convention: eqx.AbstractVar[AbstractConvention]
+
+    @abc.abstractmethod
+    def prefix(self, observation: Observation) -> Prefix:
+        """The work done once per observation (the expensive part of the policy).
+
+        **Arguments:**
+
+        - `observation`: one observation, any pytree.
+
+        **Returns:**
+
+        Whatever `velocity` and `energy_context` need, any pytree.
+        """
+
+    @abc.abstractmethod
+    def velocity(self, prefix: Prefix, x_t: Actions, t: Scalar) -> Actions:
+        """The flow's velocity at a noisy chunk.
+
+        **Arguments:**
+
+        - `prefix`: what `prefix` returned for this observation.
+        - `x_t`: the noisy chunk, `(horizon, action_dim)`.
+        - `t`: the flow time, a scalar array in `x_t`'s dtype.
+
+        **Returns:**
+
+        The velocity, an array of the shape of `x_t`.
+        """
+
+    @abc.abstractmethod
+    def energy_context(self, prefix: Prefix) -> Context:
+        """The context an energy reads for this observation (for a learned energy over
+        a VLM, its hidden states and mask), taken from the same prefix pass."""
+
+
+class AbstractBatchedPolicy(eqx.Module):
+    """A flow policy whose model runs on a batch itself (openpi's Pi0 and Pi0.5).
+
+    Like [`flowcorrect.AbstractPolicy`][], with batched methods and two more: the batch
+    size of a prefix, and how to repeat a prefix for best-of-N candidates (where the
+    batch axis of each array is, which only the policy knows: openpi's KV cache has it
+    second).
+    """
+
+    chunk_shape: eqx.AbstractVar[tuple[int, int]]
+    convention: eqx.AbstractVar[AbstractConvention]
+
+    @abc.abstractmethod
+    def prefix(self, observations: Observation) -> Prefix:
+        """The once-per-observation work on a batch of observations."""
+
+    @abc.abstractmethod
+    def batch_size(self, prefix: Prefix) -> int:
+        """How many observations `prefix` holds (a Python int, read from shapes)."""
+
+    @abc.abstractmethod
+    def velocity(
+        self, prefix: Prefix, x_t: Float[Array, "batch horizon action_dim"], t: Scalar
+    ) -> Float[Array, "batch horizon action_dim"]:
+        """The velocity of every chunk of the batch at flow time `t` (one scalar for the
+        whole batch). Samples must not interact: the velocity of one chunk may depend
+        on its own observation and chunk only (the guided placements rely on it)."""
+
+    @abc.abstractmethod
+    def energy_context(self, prefix: Prefix) -> Context:
+        """The energy's context for every observation: a pytree whose every array has
+        a leading batch axis."""
+
+    @abc.abstractmethod
+    def repeat(self, prefix: Prefix, n: int) -> Prefix:
+        """The prefix of a batch of `batch * n` in which each observation appears `n`
+        times in a row (observation-major: rows `b * n ... b * n + n - 1` are
+        observation `b`), for best-of-N candidates sharing one prefix pass."""
+
+
+class VelocityPolicy(AbstractPolicy):
+    """Makes a policy of a bare velocity function `velocity(observation, x_t, t)`.
+
+    The observation is passed to the velocity unchanged, and it is also the energy's
+    context.
+
+    **Arguments:**
+
+    - `velocity`: a callable `velocity(observation, x_t, t) -> array of x_t's shape`,
+        for one sample. An `eqx.Module` (its arrays are traced) or a function (static:
+        pass the same object on every call, or each call compiles anew).
+    - `chunk_shape`: `(horizon, action_dim)`.
+    - `convention`: defaults to [`flowcorrect.OpenPI`][] (`t = 1` is noise).
+    """
+
+    fn: Callable[[Context, Actions, Scalar], Actions]
+    chunk_shape: tuple[int, int] = eqx.field(static=True)
+    convention: AbstractConvention
+
+    def __init__(
+        self,
+        velocity: Callable[[Context, Actions, Scalar], Actions],
+        chunk_shape: tuple[int, int],
+        convention: AbstractConvention = OpenPI(),
+    ):
+        self.fn = velocity
+        self.chunk_shape = check_chunk_shape(chunk_shape)
+        self.convention = convention
+
+    def __check_init__(self):
+        if not callable(self.fn):
+            raise TypeError(
+                "`velocity` must be callable as velocity(observation, x_t, t); got "
+                f"{type(self.fn).__name__}."
+            )
+        check_convention(self.convention)
+
+    def prefix(self, observation: Observation) -> Prefix:
+        return observation
+
+    def velocity(self, prefix: Prefix, x_t: Actions, t: Scalar) -> Actions:
+        return self.fn(prefix, x_t, t)
+
+    def energy_context(self, prefix: Prefix) -> Context:
+        return prefix
+
+
+def check_chunk_shape(chunk_shape: Any) -> tuple[int, int]:
+    try:
+        out = tuple(chunk_shape)
+    except TypeError:
+        out = ()
+    if len(out) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                for n in out):
+        raise ValueError(
+            f"`chunk_shape` must be (horizon, action_dim), two ints >= 1; got {chunk_shape!r}."
+        )
+    return out  # type: ignore[return-value]
+
+
+def check_convention(convention: Any) -> None:
+    if not isinstance(convention, AbstractConvention):
+        raise TypeError(
+            "`convention` must be fc.OpenPI() (t = 1 is noise) or fc.Reverse() (t = 0 is "
+            f"noise); got {type(convention).__name__}."
+        )
+
+
+def check_velocity_output(out: Any, x: Array) -> Array:
+    if getattr(out, "shape", None) != x.shape:
+        raise ValueError(
+            f"The policy's velocity must return an array of the sample's shape "
+            f"{shape_str(x)}; got {shape_str(out)}."
+        )
+    return out.astype(x.dtype)
+
+
+def batch_axis_size(tree: Any, name: str) -> int:
+    """The common leading axis of every array in `tree`; a clear error if there is none."""
+    sizes = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if hasattr(leaf, "shape"):
+            sizes[jax.tree_util.keystr(path)] = leaf.shape[0] if leaf.ndim else None
+    distinct = set(sizes.values())
+    if len(distinct) != 1 or None in distinct:
+        shown = ", ".join(f"{name}{k}: {v}" for k, v in list(sizes.items())[:6])
+        raise ValueError(
+            f"Every array in `{name}` needs the same leading batch axis; leading sizes seen: "
+            f"{shown or 'no arrays'}."
+        )
+    return distinct.pop()
