@@ -135,7 +135,7 @@ def test_langevin_is_reproducible_and_key_driven():
     cold = fc.Repeat(fc.LangevinStep(0.05, temperature=0.0), num_steps=3)
     grad = fc.Repeat(fc.GradientStep(0.05), num_steps=3)
     np.testing.assert_allclose(
-        fc.correct(energy, target, actions, corrector=cold)[0],
+        fc.correct(energy, target, actions, corrector=cold, key=KEY)[0],
         fc.correct(energy, target, actions, corrector=grad)[0],
         rtol=1e-6,
     )
