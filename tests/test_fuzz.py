@@ -42,7 +42,7 @@ from flowcorrect._correctors.base import nested_correctors
 
 # --- shared machinery -----------------------------------------------------------------
 
-EXAMPLES = int(os.environ.get("FLOWCORRECT_FUZZ_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("FLOWCORRECT_FUZZ_EXAMPLES", "15"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None)
 
 SHAPE = (4, 3)  # (horizon, action_dim): one shape, so compiled functions are reused

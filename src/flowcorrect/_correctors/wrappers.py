@@ -156,8 +156,9 @@ def _axis_mask(name: str, spec: Array | None, actions: Actions, axis: int) -> Ar
         out = jnp.arange(size) < spec
     elif spec.shape != (size,):
         raise ValueError(
-            f"Mask `{name}` has shape {shape_str(spec)} but the actions have shape "
-            f"{shape_str(actions)}; the mask needs shape ({size},)."
+            f"Mask `{name}` is a boolean mask of shape {shape_str(spec)} but the actions "
+            f"have shape {shape_str(actions)}; the mask needs shape ({size},), or give an "
+            f"int k to correct the first k."
         )
     else:
         out = spec
