@@ -405,3 +405,98 @@ def test_fuzz_correctors(max_depth, data):
         actions = draw_chunks(data.draw, dtype_name)
         context = draw_contexts(data.draw, actions, dtype_name)
         _run_corrector_case(corrector, dtype_name, actions, context, seed)
+
+
+# --- sampler and placements ---------------------------------------------------------------
+
+
+class FragilePolicy(fc.AbstractPolicy):
+    """A nonlinear per-sample policy that returns NaN once a sample leaves a box whose
+    size the observation sets (a policy off its data), and reads an adversarial energy
+    context from the same observation."""
+
+    w: jax.Array
+    chunk_shape: tuple[int, int] = eqx.field(static=True, default=SHAPE)
+    convention: fc.AbstractConvention = fc.OpenPI()
+
+    def prefix(self, observation):
+        return observation
+
+    def velocity(self, prefix, x_t, t):
+        acc = _acc(x_t.dtype)
+        x = x_t.astype(acc)
+        v = jnp.tanh(x @ self.w.astype(acc) + prefix["bias"].astype(acc)[None, :]) * 3.0 + x
+        v = jnp.where(jnp.max(jnp.abs(x)) > prefix["limit"].astype(acc), jnp.nan, v)
+        return v.astype(x_t.dtype)
+
+    def energy_context(self, prefix):
+        return prefix["energy"]
+
+
+weights = st.sampled_from([0.0, 0.5, 5.0, 1e3])
+schedules = st.sampled_from([fc.EveryStep(), fc.LastSteps(2), fc.EveryNth(2)])
+interleaved = st.one_of(
+    st.just(fc.Plain()),
+    st.builds(fc.Denoised, compositions(1), schedules, weights),
+    st.builds(fc.Guided, schedules, weights, st.sampled_from([None, 0.5, 1.0])),
+)
+whole = st.one_of(
+    st.builds(fc.PostHoc, compositions(1), interleaved),
+    st.builds(fc.BestOfN, st.sampled_from([2, 3]), interleaved),
+)
+placements = st.one_of(
+    interleaved, whole, st.builds(fc.PostHoc, compositions(1), whole)
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("convention", [fc.OpenPI(), fc.Reverse()], ids=["openpi", "reverse"])
+@FUZZ
+@given(data=st.data())
+def test_fuzz_placements(convention, data):
+    placement = data.draw(placements, label="placement")
+    dtype_name = data.draw(st.sampled_from(DTYPES[:3]), label="dtype")
+    dtype = _dtype(dtype_name)
+    noise_shape = placement.noise_shape(SHAPE)
+    scale = data.draw(st.sampled_from([1e-3, 1.0, 30.0]), label="noise scale")
+    noise = jnp.asarray(
+        data.draw(hnp.arrays(np.float32, (BATCH, *noise_shape), elements=st.floats(-3, 3)))
+        * scale
+    ).astype(dtype)
+    actions = draw_chunks(data.draw, "float16")  # targets at moderate magnitudes
+    limits = 10.0 ** data.draw(hnp.arrays(np.float64, (BATCH,), elements=st.floats(0, 3)))
+    observation = {
+        "bias": jnp.asarray(data.draw(hnp.arrays(np.float32, (BATCH, SHAPE[1]),
+                                                 elements=st.floats(-2, 2)))),
+        "limit": jnp.asarray(limits, jnp.float32),
+        "energy": draw_contexts(data.draw, actions.astype(np.float32), "float32"),
+    }
+    w = jax.random.normal(jax.random.key(data.draw(st.integers(0, 99))), (SHAPE[1], SHAPE[1]))
+    policy = eqx.tree_at(lambda p: p.convention, FragilePolicy(w), convention)
+
+    plain, _ = fc.sample(policy, observation, noise=noise.reshape(BATCH, -1, *SHAPE)[:, 0])
+    out, info = fc.sample(
+        policy, observation, noise=noise, energy=adversarial_energy, placement=placement
+    )
+    COUNTS["placement examples"] += 1
+    COUNTS[f"placement {type(placement).__name__}"] += 1
+    COMPOSITIONS.add(str(jax.tree.structure(placement)))
+    assert out.shape == (BATCH, *SHAPE) and out.dtype == dtype
+    out, plain, fell_back = np.asarray(out), np.asarray(plain), np.asarray(info.fell_back)
+    plain_ok = np.all(np.isfinite(plain.astype(np.float64)), axis=(1, 2))
+    out_ok = np.all(np.isfinite(out.astype(np.float64)), axis=(1, 2))
+    # Wherever the policy's own chunk is finite, what reaches the robot is finite.
+    assert np.all(out_ok[plain_ok]), "a placement turned a finite plain chunk into NaN/inf"
+    # A sample that fell back is the plain chunk from the same noise, bit for bit.
+    for i in np.flatnonzero(fell_back):
+        assert np.array_equal(_bits(out[i]), _bits(plain[i])), f"fallback sample {i}"
+    COUNTS["placement fell back (samples)"] += int(fell_back.sum())
+    # Where the policy itself gives NaN, the flag says so.
+    assert np.all(fell_back[~out_ok])
+    if isinstance(placement, fc.BestOfN):
+        energies = np.asarray(info.placement.candidate_energy, np.float64)
+        chosen = np.asarray(info.placement.selected)
+        for i in np.flatnonzero(~fell_back):
+            if np.isfinite(energies[i]).any():
+                assert np.isfinite(energies[i, chosen[i]])
+                assert energies[i, chosen[i]] == np.min(energies[i])
