@@ -432,7 +432,7 @@ def _resume(
             state, key = _restore(checkpointer, step, state, key)
         except CheckpointError as e:
             if on_corrupt == "raise":
-                older = [s for s in steps if s < step]
+                older = sorted(s for s in steps if s < step)
                 raise CheckpointError(
                     f"{e} To go on from the newest intact older checkpoint "
                     f"(steps {older} remain), call fit(..., on_corrupt='fallback'); or "

@@ -17,7 +17,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, Key, PRNGKeyArray
 
 from .._custom_types import Actions, Context
 from .._misc import float_array, shape_str
@@ -211,7 +211,7 @@ class PolicyNegatives(AbstractNegatives):
 def _policy_negatives(
     sample: Callable[[PRNGKeyArray, Any], Actions],
     observations: Any,
-    keys: PRNGKeyArray,
+    keys: Key[Array, " batch"],
     num: int,
     batch_size: int | None,
 ) -> Array:
