@@ -278,17 +278,20 @@ def info_nce(
         metrics["e_neg_extra"] = jnp.mean(e_extra)
     infonce = jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits))
 
-    pos_norms = _grad_norms(model, encoded, actions, k_pos)
     if isinstance(grad_penalty, int | float) and grad_penalty == 0:
         # Off: the norms are a metric only, so skip differentiating through them twice.
-        pos_norms = jax.lax.stop_gradient(pos_norms)
+        pos_norms = jax.lax.stop_gradient(_grad_norms(model, encoded, actions, k_pos))
         penalty = jnp.zeros((), jnp.float32)
         loss = infonce
     else:
-        norms = pos_norms.reshape(batch, 1)
+        # Positives and extra negatives in one call: one second-order graph to compile
+        # and run, not two.
+        chunks, keys = actions[:, None], None if k_pos is None else k_pos[:, None]
         if extra_negatives is not None:
-            neg_norms = _grad_norms(model, encoded, extra_negatives, k_neg)
-            norms = jnp.concatenate([norms, neg_norms], axis=1)
+            chunks = jnp.concatenate([chunks, extra_negatives.astype(actions.dtype)], axis=1)
+            keys = None if keys is None else jnp.concatenate([keys, k_neg], axis=1)
+        norms = _grad_norms(model, encoded, chunks, keys)
+        pos_norms = norms[:, 0]
         penalty = jnp.mean(jnp.square(jnp.maximum(norms - grad_margin, 0)))
         loss = infonce + jnp.asarray(grad_penalty, jnp.float32) * penalty
     off = jnp.logical_not(jnp.eye(batch, dtype=bool))
