@@ -23,7 +23,7 @@ It printed (after the progress bar):
     held-out report (one reference step from each policy sample):
     EvalReport(
       top1_accuracy            0.9844
-      pairwise_accuracy        (not yet rerun)
+      pairwise_accuracy        0.9998
       loss                     0.129
       e_pos                    -3.983
       e_neg                    1.57
