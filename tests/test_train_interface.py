@@ -262,6 +262,14 @@ def _garble_meta(step_dir):
     meta.write_text(meta.read_text()[:-9] + '"}{')
 
 
+# After a failed tensorstore read, orbax's background event loop is sometimes collected
+# with a callback pending and Python prints "Event loop is closed" as an unraisable
+# exception: it never reaches the caller (fit raises or falls back as tested below), so
+# it is let through here and only here.
+ORBAX_LOOP = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@ORBAX_LOOP
 @pytest.mark.parametrize("corrupt", [_truncate_data, _delete_data, _garble_meta])
 def test_broken_latest_checkpoint_is_named_and_fallback_resumes_exactly(
     tmp_path, caplog, resume_data, reference_run, corrupt
@@ -287,6 +295,7 @@ def test_broken_latest_checkpoint_is_named_and_fallback_resumes_exactly(
     assert bitwise_equal(resume_fit(resume_data, checkpoint_dir=ckpt).model, resumed.model)
 
 
+@ORBAX_LOOP
 def test_every_checkpoint_broken_or_deleted(tmp_path, caplog, resume_data, reference_run):
     ckpt = tmp_path / "ckpt"
     resume_fit(resume_data, checkpoint_dir=ckpt)

@@ -87,9 +87,12 @@ class Checkpointer:
         self.manager.reload()
 
     def _broken(self, step: int, error: BaseException) -> CheckpointError:
+        # tensorstore's messages carry kilobytes of spec: the first part says what failed.
+        detail = str(error)
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
         err = CheckpointError(
             f"The checkpoint at step {step} ({self.step_path(step)}) cannot be read: it is "
-            f"truncated, partly deleted or edited ({type(error).__name__}: {error})."
+            f"truncated, partly deleted or edited ({type(error).__name__}: {detail})."
         )
         err.__cause__ = error
         return err
