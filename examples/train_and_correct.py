@@ -22,7 +22,8 @@ It printed (after the progress bar):
 
     held-out report (one reference step from each policy sample):
     EvalReport(
-      pair_accuracy            0.9844
+      top1_accuracy            0.9844
+      pairwise_accuracy        0.9998
       loss                     0.129
       e_pos                    -3.983
       e_neg                    1.57
@@ -143,9 +144,9 @@ def main(argv=None):
     print(f"trained {steps} steps in {time.perf_counter() - start:.1f} s")
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = result.model.save(pathlib.Path(tmp) / "energy")
+        path = fc.save_model(result.model, pathlib.Path(tmp) / "energy")
         # `action_dim=` makes loading fail loudly if the file is for another robot.
-        model = fc.EnergyModel.load(path, action_dim=ACTION_DIM)
+        model = fc.load_model(path, action_dim=ACTION_DIM)
     e_trained = energies(result.model, held_ctx, held_expert)
     e_loaded = energies(model, held_ctx, held_expert)
     np.testing.assert_allclose(e_loaded, e_trained, rtol=1e-5, atol=1e-5)

@@ -40,4 +40,4 @@ def test_train_and_correct_prints_table_and_report(capsys):
     line = next(line for line in out.splitlines() if line.startswith("monotone"))
     energy_before, energy_after = line.split("->")[0].split()[-1], line.split("->")[1].split()[0]
     assert float(energy_after) <= float(energy_before)
-    assert "EvalReport(" in out and "pair_accuracy" in out
+    assert "EvalReport(" in out and "top1_accuracy" in out

@@ -255,12 +255,12 @@ def test_spectral_norm_bounds_the_layers():
 
 def test_save_and_load_round_trip(tmp_path):
     model = fc.EnergyModel(small_config(dropout=0.3, context_pool=2), key=jax.random.key(4))
-    path = model.save(tmp_path / "energy")
+    path = fc.save_model(model, tmp_path / "energy")
     assert path.is_absolute() and sorted(p.name for p in path.iterdir()) == [
         "config.json",
         "weights.npz",
     ]
-    loaded = fc.EnergyModel.load(tmp_path / "energy", action_dim=ACT)
+    loaded = fc.load_model(tmp_path / "energy", action_dim=ACT)
     assert loaded.config == model.config
     assert tree_bitwise_equal(leaves(loaded), leaves(model))
     assert loaded.dropout.inference  # loaded for inference: no key needed
@@ -271,7 +271,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path):
-    return small_model().save(tmp_path / "m")
+    return fc.save_model(small_model(), tmp_path / "m")
 
 
 def test_load_missing_files(tmp_path, saved):
@@ -295,27 +295,35 @@ def test_load_truncated_files(saved):
         fc.load_model(saved)
 
 
-def _edit_config(path: pathlib.Path, **changes):
+def _edit_config(path: pathlib.Path, *, drop=(), reseal=False, **changes):
     meta = json.loads((path / "config.json").read_text())
     meta["config"].update(changes)
+    for name in drop:
+        del meta["config"][name]
+    if reseal:
+        # A consistent checksum, as a forger (or a buggy tool) would write: only the
+        # content checks then stand between this file and a load.
+        from flowcorrect._model.serialise import _config_digest
+
+        meta["checksum"] = _config_digest(meta)
     (path / "config.json").write_text(json.dumps(meta))
 
 
 def test_load_other_width_is_an_error_not_a_partial_load(saved):
-    _edit_config(saved, hidden=32)
+    _edit_config(saved, hidden=32, reseal=True)
     with pytest.raises(fc.ModelFileError, match="different models"):
         fc.load_model(saved)
 
 
 def test_load_checks_expected_fields(saved):
     with pytest.raises(fc.ModelFileError, match="action_dim=3, but action_dim=7"):
-        fc.EnergyModel.load(saved, action_dim=7)
+        fc.load_model(saved, action_dim=7)
     with pytest.raises(fc.ModelFileError, match="hidden=16"):
         fc.load_model(saved, hidden=512)
     with pytest.raises(TypeError, match="unknown expected field"):
         fc.load_model(saved, widht=16)
-    _edit_config(saved, colour="red")
-    with pytest.raises(fc.ModelFileError, match="Unknown EnergyModelConfig fields"):
+    _edit_config(saved, colour="red", reseal=True)
+    with pytest.raises(fc.ModelFileError, match=r"unknown fields \['colour'\]"):
         fc.load_model(saved)
 
 
@@ -323,10 +331,11 @@ def _rewrite_weights(path: pathlib.Path, arrays: dict):
     with open(path / "weights.npz", "wb") as f:
         np.savez(f, **arrays)
     # A consistent checksum, so only the content checks stand between this file and a load.
-    from flowcorrect._model.serialise import _sha256
+    from flowcorrect._model.serialise import _config_digest, _sha256
 
     meta = json.loads((path / "config.json").read_text())
     meta["weights"]["sha256"] = _sha256(path / "weights.npz")
+    meta["checksum"] = _config_digest(meta)
     (path / "config.json").write_text(json.dumps(meta))
 
 
@@ -352,3 +361,43 @@ def test_load_rejects_missing_and_extra_leaves(saved):
     with pytest.raises(fc.ModelFileError, match="missing"):
         fc.load_model(saved)
     assert zipfile.is_zipfile(saved / "weights.npz")
+
+
+@pytest.mark.parametrize(
+    "changes", [dict(num_heads=4), dict(context_pool=2), dict(spectral_norm=True)]
+)
+def test_load_refuses_an_edited_config(saved, changes):
+    # Each edit keeps every weight shape, so only the checksum can catch it: before the
+    # checksum covered the config, these loaded and computed different energies.
+    _edit_config(saved, **changes)
+    with pytest.raises(fc.ModelFileError, match="checksum"):
+        fc.load_model(saved)
+
+
+def test_load_names_missing_config_keys(saved):
+    _edit_config(saved, drop=("num_heads",))
+    with pytest.raises(fc.ModelFileError, match="checksum"):
+        fc.load_model(saved)
+    # Even with a consistent checksum, a missing key is never filled by a default.
+    _edit_config(saved, drop=("context_pool",), reseal=True)
+    with pytest.raises(fc.ModelFileError, match=r"missing fields \['context_pool', 'num_heads'\]"):
+        fc.load_model(saved)
+
+
+def test_power_iterations_takes_effect_in_every_layer():
+    # A matrix whose top two singular values are close makes power iteration converge
+    # slowly, so 1 and 50 iterations give visibly different estimates.
+    few = small_model(spectral_norm=True, power_iterations=1)
+    many = small_model(spectral_norm=True, power_iterations=50)
+    linears = [
+        x
+        for x in jax.tree.leaves(few, is_leaf=lambda x: isinstance(x, Linear))
+        if isinstance(x, Linear) and x.spectral_norm
+    ]
+    assert linears and all(x.power_iterations == 1 for x in linears)
+    sigma = lambda w: np.linalg.svd(np.asarray(w), compute_uv=False)[0]  # noqa: E731
+    # The converged estimate normalises the largest singular value to 1; one iteration
+    # from a fixed start vector underestimates sigma, so leaves it above 1.
+    assert abs(sigma(many.action_net.proj.effective_weight()) - 1) < 1e-3
+    assert sigma(few.action_net.proj.effective_weight()) > 1 + 1e-3
+    assert not jnp.allclose(few(context(), chunk()), many(context(), chunk()), rtol=1e-4)

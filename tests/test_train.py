@@ -93,13 +93,15 @@ def naive_info_nce(model, batch, extra, tau, grad_penalty=0.0):
     )
     norms = np.concatenate([pos[:, None], neg], axis=1)
     others = np.concatenate([energies + np.where(np.eye(b), np.inf, 0), e_extra], axis=1)
+    negs = np.concatenate([energies[~np.eye(b, dtype=bool)].reshape(b, b - 1), e_extra], axis=1)
     return {
         "loss": infonce + grad_penalty * np.mean(norms**2),
         "infonce": infonce,
         "e_pos": np.mean(np.diagonal(energies)),
         "e_neg": energies[~np.eye(b, dtype=bool)].mean(),
         "e_neg_extra": e_extra.mean(),
-        "accuracy": np.mean(np.diagonal(energies) < others.min(1)),
+        "top1_accuracy": np.mean(np.diagonal(energies) < others.min(1)),
+        "pairwise_accuracy": np.mean(np.diagonal(energies)[:, None] < negs),
         "grad_norm": pos.mean(),
     }
 
@@ -154,7 +156,8 @@ def test_constant_energy_gives_log_batch_size(small_batch):
     flat = eqx.tree_at(lambda m: m.head_out.weight, model, jnp.zeros_like(model.head_out.weight))
     loss, metrics = info_nce_jit(flat, small_batch.context, small_batch.actions)
     assert abs(float(loss) - np.log(5)) < 1e-6
-    assert float(metrics["accuracy"]) == 0.0  # ties never count as correct
+    assert float(metrics["top1_accuracy"]) == 0.0  # ties never count as correct
+    assert float(metrics["pairwise_accuracy"]) == 0.0
     extra = noisy_policy(jax.random.key(0), small_batch.actions, 3)
     loss, _ = info_nce_jit(flat, small_batch.context, small_batch.actions, extra_negatives=extra)
     assert abs(float(loss) - np.log(5 + 3)) < 1e-6
@@ -218,25 +221,30 @@ def test_noise_and_shift_and_swap_negatives():
 
 
 def test_policy_negatives_and_stacking(small_batch):
-    def sample(key, context):
-        # A "policy" that reads its context: the mean real token's first 4 entries.
-        mean = jnp.sum(jnp.where(context.mask[:, None], context.tokens, 0), 0)[:4]
-        return jnp.broadcast_to(mean, (4, 4)) + jax.random.normal(key, (4, 4))
+    def sample(key, observation):
+        # A "policy" that reads its own input (here a plain vector, not the energy's
+        # TokenContext): a constant chunk at the observation, plus noise.
+        return jnp.broadcast_to(observation, (4, 4)) + jax.random.normal(key, (4, 4))
 
+    observations = jax.random.normal(jax.random.key(9), (5, 4))
     gens = (fc.PolicyNegatives(sample, num=3), fc.NoiseNegatives(num=2, scale=0.1))
     key = jax.random.key(0)
-    out = make_negatives(gens, key, small_batch.context, small_batch.actions)
+    out = make_negatives(gens, key, small_batch.context, small_batch.actions, observations)
     assert out.shape == (5, 5, 4, 4)
-    # Row 1's policy negatives are the sampler run on context 1, with that row's keys.
-    ctx1 = jax.tree.map(lambda x: x[1], small_batch.context)
+    # Row 1's policy negatives are the sampler run on observation 1, with that row's keys.
     row_key = jax.random.split(key, (2, 5))[0, 1]
-    expected = jax.vmap(lambda k: sample(k, ctx1))(jax.random.split(row_key, 3))
+    expected = jax.vmap(lambda k: sample(k, observations[1]))(jax.random.split(row_key, 3))
     assert jnp.allclose(out[1, :3], expected, rtol=1e-6, atol=1e-6)
     noise = out[:, 3:] - small_batch.actions[:, None]
     assert 0.05 < float(jnp.std(noise)) < 0.2
     bad = fc.PolicyNegatives(lambda k, c: jnp.zeros((4, 3)), num=1)
     with pytest.raises(ValueError, match="policy sampler"):
-        make_negatives((bad,), jax.random.key(0), small_batch.context, small_batch.actions)
+        make_negatives(
+            (bad,), jax.random.key(0), small_batch.context, small_batch.actions, observations
+        )
+    # Without the policy's input the error says where to put it.
+    with pytest.raises(ValueError, match="Batch.observation"):
+        make_negatives(gens, key, small_batch.context, small_batch.actions)
 
 
 def test_shuffled_batches_are_a_function_of_the_step():
@@ -257,6 +265,11 @@ def test_batch_checks_its_shapes():
         fc.Batch(data.context, data.actions[:3])
     with pytest.raises(ValueError, match="negatives"):
         fc.Batch(data.context, data.actions, jnp.zeros((4, 2, 4, 3)))
+    # A batch of single actions is refused with the shape it needed, not read as a chunk.
+    with pytest.raises(ValueError, match=r"\(batch, horizon, action_dim\).*actions\[:, None, :\]"):
+        fc.Batch(data.context, data.actions[:, 0])
+    with pytest.raises(ValueError, match="observation"):
+        fc.Batch(data.context, data.actions, observation=jnp.zeros((3, 2)))
 
 
 # --------------------------------------------------------------------------------------
@@ -280,6 +293,17 @@ def test_weight_decay_touches_matrices_only():
     [
         (dict(num_steps=0), "num_steps"),
         (dict(tau=0.0), "tau"),
+        (dict(tau=float("inf")), "`tau` must be a finite number"),
+        (dict(tau=float("nan")), "`tau` must be a finite number"),
+        (dict(tau=-0.5), "tau"),
+        (dict(learning_rate=float("inf")), "`learning_rate` must be a finite"),
+        (dict(clip_norm=float("nan")), "`clip_norm` must be a finite"),
+        (dict(grad_penalty=float("inf")), "`grad_penalty` must be a finite"),
+        (dict(grad_margin=float("nan")), "`grad_margin` must be a finite"),
+        (dict(weight_decay=float("inf")), "`weight_decay` must be a finite"),
+        (dict(final_learning_rate=float("inf")), "`final_learning_rate` must be a finite"),
+        (dict(ema_decay=float("nan")), "ema_decay"),
+        (dict(warmup_steps=True), "warmup_steps"),
         (dict(ema_decay=1.0), "ema_decay"),
         (dict(grad_penalty=-1.0), "grad_penalty"),
         (dict(pair_chunk=0), "pair_chunk"),
@@ -317,7 +341,7 @@ def trained():
 def test_training_reaches_high_held_out_pair_accuracy(trained):
     result, _, _ = trained
     report = result.report
-    assert report.pair_accuracy > 0.9
+    assert report.top1_accuracy > 0.9 and report.pairwise_accuracy > 0.95
     assert report.e_pos < report.e_neg
     assert [h["step"] for h in result.history] == [100, 200, 300]
     assert result.history[-1]["infonce"] < result.history[0]["infonce"]
@@ -348,10 +372,12 @@ def test_held_out_report_measures_what_it_says(trained):
     # The same model with its energy negated ranks and points the wrong way.
     flipped = eqx.tree_at(lambda m: m.head_out.weight, result.model, -result.model.head_out.weight)
     bad = fc.evaluate(flipped, held, policy_samples=policy)
-    assert bad.pair_accuracy < 0.1
+    assert bad.top1_accuracy < 0.1 and bad.pairwise_accuracy < 0.1
     assert bad.gradient_cosine < 0
     assert bad.best_of_n_distance > good.mean_sample_distance
-    assert set(good.to_dict()) >= {"pair_accuracy", "gradient_cosine", "best_of_n_distance"}
+    assert set(good.to_dict()) >= {
+        "top1_accuracy", "pairwise_accuracy", "gradient_cosine", "best_of_n_distance"
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -507,8 +533,8 @@ SCRIPT = textwrap.dedent(
         config=train, checkpoint_dir=ckpt, negatives=[fc.NoiseNegatives(2, 0.3)],
         callback=lambda step, m: time.sleep(delay), progress=False,
     )
-    result.model.save(out + "/model")
-    result.ema_model.save(out + "/ema")
+    fc.save_model(result.model, out + "/model")
+    fc.save_model(result.ema_model, out + "/ema")
     with open(out + "/history.json", "w") as f:
         json.dump(result.history, f)
     """

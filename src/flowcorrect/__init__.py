@@ -64,6 +64,10 @@ from ._flow.schedules import (
 )
 
 # -- energy model and training (issue 4) --
+from ._model.base import (
+    AbstractLearnedEnergy as AbstractLearnedEnergy,
+    LearnedEnergyConfig as LearnedEnergyConfig,
+)
 from ._model.config import EnergyModelConfig as EnergyModelConfig
 from ._model.context import TokenContext as TokenContext
 from ._model.energy_model import (
@@ -71,6 +75,7 @@ from ._model.energy_model import (
     EncodedContext as EncodedContext,
     EnergyModel as EnergyModel,
 )
+from ._model.mlp_energy import MLPEnergy as MLPEnergy, MLPEnergyConfig as MLPEnergyConfig
 from ._model.serialise import (
     ModelFileError as ModelFileError,
     load_model as load_model,
@@ -82,6 +87,7 @@ from ._policy import (
     VelocityPolicy as VelocityPolicy,
 )
 from ._train.batch import Batch as Batch
+from ._train.checkpoint import CheckpointError as CheckpointError
 from ._train.data import ShuffledBatches as ShuffledBatches
 from ._train.fit import (
     FitResult as FitResult,
@@ -90,13 +96,18 @@ from ._train.fit import (
     fit as fit,
     make_optimizer as make_optimizer,
 )
-from ._train.infonce import info_nce as info_nce, pair_energies as pair_energies
+from ._train.infonce import (
+    energy_matrix as energy_matrix,
+    info_nce as info_nce,
+    pair_energies as pair_energies,
+)
 from ._train.negatives import (
     AbstractNegatives as AbstractNegatives,
     NoiseNegatives as NoiseNegatives,
     PolicyNegatives as PolicyNegatives,
     SwapDimNegatives as SwapDimNegatives,
     TimeShiftNegatives as TimeShiftNegatives,
+    policy_negatives as policy_negatives,
 )
 from ._train.report import EvalReport as EvalReport, evaluate as evaluate
 

@@ -1,11 +1,13 @@
 """The configuration of an energy model: everything needed to rebuild its shapes."""
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
+
+from .base import LearnedEnergyConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class EnergyModelConfig:
+class EnergyModelConfig(LearnedEnergyConfig):
     """The architecture of an [`flowcorrect.EnergyModel`][], serialisable to JSON.
 
     **Arguments:**
@@ -31,7 +33,8 @@ class EnergyModelConfig:
         openpi's prefix has ~800 tokens: a window of 8 makes attention ~8x cheaper.
     - `spectral_norm`: spectrally normalise the linear layers between the actions and
         the energy (action MLP, attention queries and output, head). Default off.
-    - `power_iterations`: power-iteration steps used to estimate each spectral norm.
+    - `power_iterations`: power-iteration steps (>= 1) used to estimate each spectral
+        norm, in every spectrally normalised layer. Default 5.
     """
 
     context_dim: int
@@ -49,12 +52,14 @@ class EnergyModelConfig:
     power_iterations: int = 5
 
     def __post_init__(self):
-        positive = ("context_dim", "action_dim", "hidden", "num_heads", "context_pool")
+        positive = (
+            "context_dim", "action_dim", "hidden", "num_heads", "context_pool", "power_iterations"
+        )  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"`{name}` must be an int >= 1; got {value!r}.")
-        for name in ("context_blocks", "action_blocks", "head_blocks", "power_iterations"):
+        for name in ("context_blocks", "action_blocks", "head_blocks"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
                 raise ValueError(f"`{name}` must be an int >= 0; got {value!r}.")
@@ -80,23 +85,3 @@ class EnergyModelConfig:
     def width(self) -> int:
         """The inner width of the residual blocks."""
         return self.block_width if self.block_width is not None else max(1, self.hidden // 4)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EnergyModelConfig":
-        """Rebuilds a config from `to_dict`'s output; unknown or missing keys are errors."""
-        if not isinstance(data, dict):
-            raise ValueError(f"An EnergyModelConfig is a JSON object; got {type(data).__name__}.")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(
-                f"Unknown EnergyModelConfig fields {unknown}: the file was written by another "
-                "version of flowcorrect, or edited by hand."
-            )
-        required = {"context_dim", "action_dim"} - set(data)
-        if required:
-            raise ValueError(f"EnergyModelConfig is missing {sorted(required)}.")
-        return cls(**data)

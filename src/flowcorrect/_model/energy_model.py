@@ -1,7 +1,6 @@
 """The learned energy model of the reference method, split into encode and score."""
 
-import pathlib
-from typing import Any
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -9,8 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from .._custom_types import Actions, Context, Scalar
-from .._energy import AbstractEnergy
-from .._misc import shape_str
+from .base import AbstractLearnedEnergy, check_chunk
 from .config import EnergyModelConfig
 from .context import check_context
 from .layers import CrossAttention, KeysValues, Linear, MLPResNet, sinusoidal_positions
@@ -51,7 +49,7 @@ def _pool(
     return pooled, count > 0
 
 
-class EnergyModel(AbstractEnergy):
+class EnergyModel(AbstractLearnedEnergy):
     """The learned energy `E(s, a)` of the reference method, as an Equinox module.
 
     Context tokens go through an MLP-ResNet to the hidden width (optionally pooled) and
@@ -62,9 +60,11 @@ class EnergyModel(AbstractEnergy):
     energy and the energy is its mean over the horizon: that is
     [`flowcorrect.EnergyModel.score`][], done for every chunk and correction step.
 
-    It is a [`flowcorrect.SplitEnergyFn`][]: `model(context, actions)`,
-    [`flowcorrect.correct`][] and [`flowcorrect.bind`][] all work, on one sample
-    (vmap for batches). The context is a [`flowcorrect.TokenContext`][]; its mask is
+    It is an [`flowcorrect.AbstractLearnedEnergy`][] (so [`flowcorrect.fit`][],
+    [`flowcorrect.evaluate`][] and [`flowcorrect.save_model`][] take it) and an
+    ordinary energy: `model(context, actions)`, [`flowcorrect.correct`][] and
+    [`flowcorrect.bind`][] work, on
+    one sample (vmap for batches). The context is a [`flowcorrect.TokenContext`][]; its mask is
     True for real tokens.
 
     **Arguments:**
@@ -74,7 +74,7 @@ class EnergyModel(AbstractEnergy):
 
     Like every Equinox model with dropout, a new model is in training mode: scoring
     then needs a `key`. Use `eqx.nn.inference_mode(model)` for inference;
-    [`flowcorrect.fit`][] and [`flowcorrect.EnergyModel.load`][] return models in
+    [`flowcorrect.fit`][] and [`flowcorrect.load_model`][] return models in
     inference mode already.
 
     !!! example
@@ -88,6 +88,7 @@ class EnergyModel(AbstractEnergy):
         ```
     """
 
+    config_class: ClassVar[type[EnergyModelConfig]] = EnergyModelConfig
     config: EnergyModelConfig = eqx.field(static=True)
     context_net: MLPResNet
     action_net: MLPResNet
@@ -104,14 +105,13 @@ class EnergyModel(AbstractEnergy):
                 f"got {type(config).__name__}."
             )
         kc, ka, kt, kh, ko = jax.random.split(key, 5)
-        c, sn = config, config.spectral_norm
+        c = config
+        sn = dict(spectral_norm=c.spectral_norm, power_iterations=c.power_iterations)
         self.config = config
         self.context_net = MLPResNet(c.context_dim, c.hidden, c.context_blocks, c.width, key=kc)
-        self.action_net = MLPResNet(
-            c.action_dim, c.hidden, c.action_blocks, c.width, spectral_norm=sn, key=ka
-        )
+        self.action_net = MLPResNet(c.action_dim, c.hidden, c.action_blocks, c.width, **sn, key=ka)
         self.dropout = eqx.nn.Dropout(c.dropout)
-        self.attention = CrossAttention(c.hidden, c.num_heads, spectral_norm=sn, key=kt)
+        self.attention = CrossAttention(c.hidden, c.num_heads, **sn, key=kt)
         # InfoNCE cannot see a constant added to every energy, so an unbounded energy
         # gets no offset parameter (it would receive exactly zero gradient and drift
         # under Adam's normalisation); the bounded one needs it to place the sigmoid.
@@ -123,10 +123,10 @@ class EnergyModel(AbstractEnergy):
             c.width,
             project=False,
             norm_bias=False,
-            spectral_norm=sn,
+            **sn,
             key=kh,
         )
-        self.head_out = Linear(c.hidden, 1, use_bias=bounded, spectral_norm=sn, key=ko)
+        self.head_out = Linear(c.hidden, 1, use_bias=bounded, **sn, key=ko)
 
     def encode(self, context: Context) -> EncodedContext:
         """Encodes the context of one observation: done once, reused by every score.
@@ -167,18 +167,12 @@ class EnergyModel(AbstractEnergy):
 
         An [`flowcorrect.EmbeddedActions`][].
         """
-        if actions.ndim != 2 or actions.shape[-1] != self.config.action_dim:
-            raise ValueError(
-                "EnergyModel scores one action chunk of shape (horizon, "
-                f"{self.config.action_dim}); got {shape_str(actions)}. This model was built "
-                f"for action_dim={self.config.action_dim}: slice the actions (openpi pads "
-                "to 32) or use a model built for this action dimension."
-            )
+        check_chunk("EnergyModel", actions, None, self.config.action_dim)
         if key is None and not self.dropout.inference and self.dropout.p > 0:
             raise RuntimeError(
                 "This EnergyModel is in training mode (dropout on) and was called without "
                 "a `key`. For inference use `model = eqx.nn.inference_mode(model)` "
-                "(fc.fit and EnergyModel.load return inference-mode models); to train, "
+                "(fc.fit and fc.load_model return inference-mode models); to train, "
                 "pass `key=`."
             )
         x = self.action_net(actions.astype(jnp.float32))
@@ -207,38 +201,3 @@ class EnergyModel(AbstractEnergy):
     def score_embedded(self, encoded: EncodedContext, embedded: EmbeddedActions) -> Scalar:
         """The energy of an embedded chunk given an encoded context."""
         return jnp.mean(self.step_energies(encoded, embedded))
-
-    def score(
-        self, encoded: EncodedContext, actions: Actions, *, key: PRNGKeyArray | None = None
-    ) -> Scalar:
-        """The energy of one action chunk given an encoded context.
-
-        **Arguments:**
-
-        - `encoded`: the output of [`flowcorrect.EnergyModel.encode`][].
-        - `actions`: one chunk, `(horizon, action_dim)`.
-        - `key`: a PRNG key for dropout; needed only in training mode.
-
-        **Returns:**
-
-        A scalar: low means the chunk is plausible for the observation.
-        """
-        out = self.score_embedded(encoded, self.embed_actions(actions, key=key))
-        return out.astype(actions.dtype)
-
-    def num_parameters(self) -> int:
-        """The number of trainable parameters."""
-        return sum(x.size for x in jax.tree.leaves(eqx.filter(self, eqx.is_array)))
-
-    def save(self, path: str | pathlib.Path) -> pathlib.Path:
-        """Saves the weights and the config for inference; see [`flowcorrect.save_model`][]."""
-        from .serialise import save_model
-
-        return save_model(self, path)
-
-    @classmethod
-    def load(cls, path: str | pathlib.Path, **expected: Any) -> "EnergyModel":
-        """Loads a model saved by `save`, in inference mode; see [`flowcorrect.load_model`][]."""
-        from .serialise import load_model
-
-        return load_model(path, **expected)

@@ -1,6 +1,7 @@
 """Layers of the energy model. They act on the last axis, so any leading axes broadcast."""
 
 import math
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -61,11 +62,15 @@ class Linear(eqx.Module):
         u = jnp.asarray(_power_start(w.shape[0]), w.dtype)
         v = jnp.zeros(w.shape[1], w.dtype)
         eps = jnp.asarray(1e-12, w.dtype)
-        for _ in range(self.power_iterations):
+
+        def iterate(_: Any, uv: tuple[Array, Array]) -> tuple[Array, Array]:
+            u, _ = uv
             v = w.T @ u
             v = v / (jnp.linalg.norm(v) + eps)
             u = w @ v
-            u = u / (jnp.linalg.norm(u) + eps)
+            return u / (jnp.linalg.norm(u) + eps), v
+
+        u, v = jax.lax.fori_loop(0, self.power_iterations, iterate, (u, v))
         sigma = u @ self.weight @ v
         return self.weight / jnp.maximum(sigma, eps)
 
@@ -100,11 +105,20 @@ class ResBlock(eqx.Module):
     fc1: Linear
     fc2: Linear
 
-    def __init__(self, size: int, width: int, *, spectral_norm: bool, key: PRNGKeyArray):
+    def __init__(
+        self,
+        size: int,
+        width: int,
+        *,
+        spectral_norm: bool,
+        power_iterations: int = 5,
+        key: PRNGKeyArray,
+    ):
         k1, k2 = jax.random.split(key)
+        sn = dict(spectral_norm=spectral_norm, power_iterations=power_iterations)
         self.norm = LayerNorm(size)
-        self.fc1 = Linear(size, width, spectral_norm=spectral_norm, key=k1)
-        self.fc2 = Linear(width, size, spectral_norm=spectral_norm, key=k2)
+        self.fc1 = Linear(size, width, **sn, key=k1)
+        self.fc2 = Linear(width, size, **sn, key=k2)
 
     def __call__(self, x: Float[Array, "*batch size"]) -> Float[Array, "*batch size"]:
         return x + self.fc2(jax.nn.gelu(self.fc1(self.norm(x))))
@@ -131,15 +145,13 @@ class MLPResNet(eqx.Module):
         project: bool = True,
         norm_bias: bool = True,
         spectral_norm: bool = False,
+        power_iterations: int = 5,
         key: PRNGKeyArray,
     ):
         pkey, *bkeys = jax.random.split(key, num_blocks + 1)
-        self.proj = (
-            Linear(in_size, size, spectral_norm=spectral_norm, key=pkey) if project else None
-        )
-        self.blocks = tuple(
-            ResBlock(size, width, spectral_norm=spectral_norm, key=k) for k in bkeys
-        )
+        sn = dict(spectral_norm=spectral_norm, power_iterations=power_iterations)
+        self.proj = Linear(in_size, size, **sn, key=pkey) if project else None
+        self.blocks = tuple(ResBlock(size, width, **sn, key=k) for k in bkeys)
         self.norm = LayerNorm(size, use_bias=norm_bias)
 
     def __call__(self, x: Float[Array, "*batch in_size"]) -> Float[Array, "*batch size"]:
@@ -188,17 +200,26 @@ class CrossAttention(eqx.Module):
     null_key: Float[Array, " size"]
     null_value: Float[Array, " size"]
 
-    def __init__(self, size: int, num_heads: int, *, spectral_norm: bool, key: PRNGKeyArray):
+    def __init__(
+        self,
+        size: int,
+        num_heads: int,
+        *,
+        spectral_norm: bool,
+        power_iterations: int = 5,
+        key: PRNGKeyArray,
+    ):
         kq, kk, kv, ko = jax.random.split(key, 4)
+        sn = dict(spectral_norm=spectral_norm, power_iterations=power_iterations)
         self.num_heads = num_heads
         self.query_norm = LayerNorm(size)
         self.context_norm = LayerNorm(size)
         # Queries and the output lie on the path from the actions to the energy, so they
         # are the ones that spectral normalisation has to constrain.
-        self.query = Linear(size, size, spectral_norm=spectral_norm, key=kq)
+        self.query = Linear(size, size, **sn, key=kq)
         self.key = Linear(size, size, key=kk)
         self.value = Linear(size, size, key=kv)
-        self.output = Linear(size, size, spectral_norm=spectral_norm, key=ko)
+        self.output = Linear(size, size, **sn, key=ko)
         self.null_key = jnp.zeros(size)
         self.null_value = jnp.zeros(size)
 

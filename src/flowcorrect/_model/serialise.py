@@ -1,9 +1,12 @@
-"""Saving and loading an energy model for inference: JSON config plus `.npz` weights.
+"""Saving and loading a learned energy for inference: JSON config plus `.npz` weights.
 
 No pickle anywhere: the config is JSON, the weights are a NumPy `.npz` read with
 `allow_pickle=False` into a template rebuilt from the config, leaf by leaf, with
-every name, shape and dtype checked and a SHA-256 of the weights file compared, so a
-mismatched, truncated or edited file is an error, never a silent partial load.
+every name, shape and dtype checked. A SHA-256 of the weights file and a SHA-256 of
+the model's class, configuration and weight list are compared, so a mismatched,
+truncated or edited file (weights or config) is an error, never a silent partial load.
+
+This module depends on the models, never the other way round.
 """
 
 import hashlib
@@ -18,11 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import EnergyModelConfig
+from .base import AbstractLearnedEnergy, LearnedEnergyConfig
 from .energy_model import EnergyModel
+from .mlp_energy import MLPEnergy
 
-FORMAT = "flowcorrect.EnergyModel"
-VERSION = 1
+FORMAT = "flowcorrect.LearnedEnergy"
+VERSION = 2
+# The learned energies that load_model rebuilds by the name in the file; nothing else
+# is ever constructed from a file. A user's own class is passed to load_model as `cls`.
+BUILT_IN: dict[str, type[AbstractLearnedEnergy]] = {
+    "EnergyModel": EnergyModel,
+    "MLPEnergy": MLPEnergy,
+}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.npz"
 
@@ -50,20 +60,38 @@ def _sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def save_model(model: EnergyModel, path: str | pathlib.Path) -> pathlib.Path:
-    """Saves an energy model for inference: `config.json` and `weights.npz` in a folder.
+def _config_digest(meta: dict[str, Any]) -> str:
+    # Everything that decides what the loaded model computes, in a canonical form.
+    covered = {k: meta.get(k) for k in ("format", "version", "class", "config")}
+    covered["weights"] = {k: meta.get("weights", {}).get(k) for k in ("file", "sha256", "leaves")}
+    text = json.dumps(covered, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def save_model(model: AbstractLearnedEnergy, path: str | pathlib.Path) -> pathlib.Path:
+    """Saves a learned energy for inference: `config.json` and `weights.npz` in a folder.
 
     **Arguments:**
 
-    - `model`: an [`flowcorrect.EnergyModel`][].
+    - `model`: any [`flowcorrect.AbstractLearnedEnergy`][], e.g. an
+        [`flowcorrect.EnergyModel`][] or an [`flowcorrect.MLPEnergy`][]. The file
+        records its class name and its config.
     - `path`: a folder; created if missing, its two files replaced if present.
 
     **Returns:**
 
     The absolute path of the folder.
     """
-    if not isinstance(model, EnergyModel):
-        raise TypeError(f"save_model saves an EnergyModel; got {type(model).__name__}.")
+    if not isinstance(model, AbstractLearnedEnergy):
+        raise TypeError(
+            "save_model saves a learned energy (a subclass of fc.AbstractLearnedEnergy, "
+            f"e.g. fc.EnergyModel or fc.MLPEnergy); got {type(model).__name__}."
+        )
+    if not isinstance(model.config, LearnedEnergyConfig):
+        raise TypeError(
+            f"{type(model).__name__}.config must be a fc.LearnedEnergyConfig (a frozen "
+            f"dataclass of JSON values); got {type(model.config).__name__}."
+        )
     path = pathlib.Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     names, leaves, _ = _named_leaves(model)
@@ -73,9 +101,10 @@ def save_model(model: EnergyModel, path: str | pathlib.Path) -> pathlib.Path:
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, weights)
-    meta = {
+    meta: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
+        "class": type(model).__name__,
         "config": model.config.to_dict(),
         "weights": {
             "file": WEIGHTS_FILE,
@@ -83,6 +112,9 @@ def save_model(model: EnergyModel, path: str | pathlib.Path) -> pathlib.Path:
             "leaves": {n: [list(a.shape), str(a.dtype)] for n, a in arrays.items()},
         },
     }
+    # A round trip through JSON first, so the digest is of what load_model will read.
+    meta = json.loads(json.dumps(meta))
+    meta["checksum"] = _config_digest(meta)
     # The config is written last, so an interrupted save leaves no loadable model.
     tmp = path / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
@@ -90,58 +122,90 @@ def save_model(model: EnergyModel, path: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
-def read_config(path: str | pathlib.Path) -> tuple[EnergyModelConfig, dict[str, Any]]:
-    """Reads and checks `config.json` of a saved model; returns the config and metadata."""
+def read_config(
+    path: str | pathlib.Path, cls: type[AbstractLearnedEnergy] | None = None
+) -> tuple[type[AbstractLearnedEnergy], LearnedEnergyConfig, dict[str, Any]]:
+    """Reads and checks `config.json` of a saved model: its class, config and metadata."""
     path = pathlib.Path(path).absolute()
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise ModelFileError(
             f"No saved energy model at {path}: {CONFIG_FILE} is missing. Save one with "
-            "EnergyModel.save(path), which writes config.json and weights.npz."
+            "fc.save_model(model, path), which writes config.json and weights.npz."
         )
     try:
         meta = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{config_file} is not valid JSON (truncated?): {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ModelFileError(f"{config_file} does not describe a flowcorrect EnergyModel.")
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, "flowcorrect.EnergyModel"):
+        raise ModelFileError(f"{config_file} does not describe a flowcorrect learned energy.")
     if meta.get("version") != VERSION:
         raise ModelFileError(
             f"{config_file} has format version {meta.get('version')!r}; this flowcorrect "
-            f"reads version {VERSION}."
+            f"reads version {VERSION}. Load it with the flowcorrect that saved it and save "
+            "it again with this one."
         )
+    if meta.get("checksum") != _config_digest(meta):
+        raise ModelFileError(
+            f"{config_file} does not match its checksum: its class, config or weight list "
+            "was edited after saving (a changed setting such as num_heads keeps the weight "
+            "shapes but computes different energies). Save the model again instead of "
+            "editing the file."
+        )
+    name = meta.get("class")
+    if cls is None:
+        if name not in BUILT_IN:
+            raise ModelFileError(
+                f"{config_file} holds a {name!r}, which is not one of flowcorrect's learned "
+                f"energies {sorted(BUILT_IN)}; pass your class: load_model(path, cls=...)."
+            )
+        cls = BUILT_IN[name]
+    elif not (isinstance(cls, type) and issubclass(cls, AbstractLearnedEnergy)):
+        raise TypeError(f"`cls` must be a subclass of fc.AbstractLearnedEnergy; got {cls!r}.")
+    elif cls.__name__ != name:
+        raise ModelFileError(f"{config_file} holds a {name!r}, not a {cls.__name__!r}.")
     try:
-        config = EnergyModelConfig.from_dict(meta["config"])
+        config = cls.config_class.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"{config_file} holds an invalid config: {e}") from None
-    return config, meta
+    return cls, config, meta
 
 
-def load_model(path: str | pathlib.Path, **expected: Any) -> EnergyModel:
-    """Loads an energy model saved by [`flowcorrect.save_model`][], in inference mode.
+def load_model(
+    path: str | pathlib.Path,
+    *,
+    cls: type[AbstractLearnedEnergy] | None = None,
+    **expected: Any,
+) -> Any:
+    """Loads a learned energy saved by [`flowcorrect.save_model`][], in inference mode.
 
-    Nothing in the files is executed: the architecture is rebuilt from the JSON config
-    and the weights are read from `.npz` without pickle, each checked by name, shape and
-    dtype against that architecture, and the whole file against its SHA-256.
+    Nothing in the files is executed: the class is looked up by name among
+    flowcorrect's own ([`flowcorrect.EnergyModel`][], [`flowcorrect.MLPEnergy`][]) or
+    must be `cls`, the architecture is rebuilt from the JSON config, and the weights
+    are read from `.npz` without pickle, each checked by name, shape and dtype against
+    that architecture. A SHA-256 covers the weights file and another the class, config
+    and weight list, so an edited `config.json` is refused too.
 
     **Arguments:**
 
-    - `path`: the folder given to `save`.
+    - `path`: the folder given to `save_model`.
+    - `cls`: your own [`flowcorrect.AbstractLearnedEnergy`][] subclass, when the file
+        holds one; `None` (default) for flowcorrect's.
     - `**expected`: config fields the model must have, e.g. `action_dim=7` or
         `context_dim=2048`; a different saved value is an error.
 
     **Returns:**
 
-    The [`flowcorrect.EnergyModel`][], in inference mode (dropout off).
+    The model, of the class it was saved as, in inference mode (dropout off).
 
     **Raises:**
 
     `ModelFileError` (a `ValueError`) naming what is wrong when a file is missing,
-    truncated or edited, when the weights do not fit the config, or when the config
-    differs from `expected`.
+    truncated or edited, when the config has unknown or missing fields, when the
+    weights do not fit the config, or when the config differs from `expected`.
     """
     path = pathlib.Path(path).absolute()
-    config, meta = read_config(path)
+    cls, config, meta = read_config(path, cls)
     known = set(config.to_dict())
     for name, want in expected.items():
         if name not in known:
@@ -164,7 +228,7 @@ def load_model(path: str | pathlib.Path, **expected: Any) -> EnergyModel:
             "corrupted, or from another save. Save the model again."
         )
 
-    template = eqx.filter_eval_shape(EnergyModel, config, key=jax.random.key(0))
+    template = eqx.filter_eval_shape(cls, config, key=jax.random.key(0))
     names, shapes, treedef = _named_leaves(template)
     try:
         with np.load(weights, allow_pickle=False) as data:

@@ -1,9 +1,15 @@
 """Training checkpoints with orbax: save every N steps, keep the last k, resume exactly."""
 
 import pathlib
+import shutil
 from typing import Any
 
 import jax
+
+
+class CheckpointError(RuntimeError):
+    """A training checkpoint cannot be read: truncated, partly deleted, or edited."""
+
 
 STATE = "state"
 META = "meta"
@@ -58,10 +64,52 @@ class Checkpointer:
         )
         self.manager.save(step, args=args, force=True)
 
+    def step_path(self, step: int) -> pathlib.Path:
+        """The folder of checkpoint `step`."""
+        return self.directory / str(step)
+
+    @property
+    def aside_dir(self) -> pathlib.Path:
+        """Where broken checkpoints are moved by `set_aside`."""
+        return self.directory / "corrupt"
+
+    def set_aside(self, steps: list[int]) -> None:
+        """Moves broken checkpoints out of the manager's way (never deletes them), so
+        that the resumed run can write those steps again."""
+        self.aside_dir.mkdir(exist_ok=True)
+        for step in steps:
+            target = self.aside_dir / str(step)
+            suffix = 0
+            while target.exists():
+                suffix += 1
+                target = self.aside_dir / f"{step}.{suffix}"
+            shutil.move(str(self.step_path(step)), str(target))
+        self.manager.reload()
+
+    def _broken(self, step: int, error: BaseException) -> CheckpointError:
+        # tensorstore's messages carry kilobytes of spec: the first part says what failed.
+        detail = str(error)
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        err = CheckpointError(
+            f"The checkpoint at step {step} ({self.step_path(step)}) cannot be read: it is "
+            f"truncated, partly deleted or edited ({type(error).__name__}: {detail})."
+        )
+        err.__cause__ = error
+        return err
+
     def read_meta(self, step: int) -> dict[str, Any]:
+        """The metadata of checkpoint `step`; a `CheckpointError` if it cannot be read."""
         ocp = self._ocp
-        out = self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-        return out[META]
+        try:
+            out = self.manager.restore(
+                step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+            )
+            meta = out[META]
+        except Exception as e:  # orbax and tensorstore raise many kinds: all mean "broken"
+            raise self._broken(step, e) from e
+        if not isinstance(meta, dict):
+            raise self._broken(step, ValueError(f"its metadata is a {type(meta).__name__}"))
+        return meta
 
     def restore(self, step: int, like: Any) -> Any:
         """Restores checkpoint `step` into the structure, shapes and shardings of `like`."""
@@ -73,10 +121,15 @@ class Checkpointer:
             ]
         )
         ocp = self._ocp
-        out = self.manager.restore(
-            step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(template)})
-        )
-        stored = out[STATE]
+        try:
+            out = self.manager.restore(
+                step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(template)})
+            )
+            stored = out[STATE]
+        except Exception as e:  # orbax and tensorstore raise many kinds: all mean "broken"
+            raise self._broken(step, e) from e
+        if not isinstance(stored, dict):
+            raise self._broken(step, ValueError(f"its state is a {type(stored).__name__}"))
         if set(stored) != set(template):
             raise ValueError(
                 f"The checkpoint at step {step} in {self.directory} holds {len(stored)} arrays "

@@ -3,6 +3,8 @@
 import dataclasses
 import functools
 import itertools
+import logging
+import math
 import pathlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -17,14 +19,15 @@ from jaxtyping import Array, Int, PRNGKeyArray
 from tqdm.auto import tqdm
 
 from .._correctors.base import AbstractCorrector
-from .._model.energy_model import EnergyModel
-from .batch import Batch, check_token_context
-from .checkpoint import Checkpointer
-from .infonce import info_nce, typed_key
+from .._model.base import AbstractLearnedEnergy
+from .batch import Batch
+from .checkpoint import Checkpointer, CheckpointError
+from .infonce import check_learned, info_nce, typed_key
 from .negatives import AbstractNegatives, make_negatives
 from .report import EvalReport, evaluate
 
 BATCH_AXIS = "batch"
+logger = logging.getLogger("flowcorrect")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,19 +82,39 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise ValueError(f"`{name}` must be an int >= 1; got {v!r}.")
-        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+        if not (
+            isinstance(self.warmup_steps, int)
+            and not isinstance(self.warmup_steps, bool)
+            and self.warmup_steps >= 0
+        ):
             raise ValueError(f"`warmup_steps` must be an int >= 0; got {self.warmup_steps!r}.")
         for name in ("pair_chunk", "eval_every"):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, int) and v >= 1):
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise ValueError(f"`{name}` must be None or an int >= 1; got {v!r}.")
+
+        def real(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ValueError(f"`{name}` must be a number; got {v!r}.")
+            if not math.isfinite(v):
+                raise ValueError(
+                    f"`{name}` must be a finite number; got {v!r}. (A non-finite setting "
+                    "would turn every loss or update into inf or NaN.)"
+                )
+            return v
+
         for name in ("learning_rate", "tau", "clip_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"`{name}` must be > 0; got {getattr(self, name)!r}.")
+            if not real(name) > 0:
+                raise ValueError(
+                    f"`{name}` must be a finite number > 0; got {getattr(self, name)!r}."
+                )
         for name in ("weight_decay", "grad_penalty", "grad_margin", "final_learning_rate"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)!r}.")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            if not real(name) >= 0:
+                raise ValueError(
+                    f"`{name}` must be a finite number >= 0; got {getattr(self, name)!r}."
+                )
+        if self.ema_decay is not None and not 0 < real("ema_decay") < 1:
             raise ValueError(
                 f"`ema_decay` must be None or in (0, 1), e.g. 0.999; got {self.ema_decay!r}."
             )
@@ -118,6 +141,11 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     **Arguments:**
 
     - `config`: a [`flowcorrect.TrainConfig`][].
+    - `optimizer`: any `optax.GradientTransformation`, applied to the model's float
+        arrays; `None` (default) is `make_optimizer(config)`. With your own, the
+        schedule fields of `config` (`learning_rate`, `warmup_steps`,
+        `final_learning_rate`, `weight_decay`, `clip_norm`) are unused and the history
+        has no `lr`. Pass the same object to a resumed run.
 
     **Returns:**
 
@@ -166,9 +194,9 @@ class _StepConfig:
 class TrainState(eqx.Module):
     """Everything a training run carries from step to step (and checkpoints)."""
 
-    model: EnergyModel
+    model: AbstractLearnedEnergy
     opt_state: Any
-    ema: EnergyModel | None
+    ema: AbstractLearnedEnergy | None
     step: Int[Array, ""]
 
 
@@ -177,7 +205,7 @@ class FitResult(NamedTuple):
 
     **Attributes:**
 
-    - `model`: the trained [`flowcorrect.EnergyModel`][], in inference mode.
+    - `model`: the trained model (same class as given to `fit`), in inference mode.
     - `ema_model`: the moving average of its weights (inference mode), or `None`.
     - `history`: one dict per logging interval: `step` and the mean of each metric of
         [`flowcorrect.info_nce`][] over the interval (plus `lr`, and `held_out/...`
@@ -185,8 +213,8 @@ class FitResult(NamedTuple):
     - `report`: the [`flowcorrect.EvalReport`][] on the held-out data, or `None`.
     """
 
-    model: EnergyModel
-    ema_model: EnergyModel | None
+    model: Any
+    ema_model: Any
     history: list[dict[str, float]]
     report: EvalReport | None
 
@@ -262,13 +290,12 @@ def _train_step(
     context = batch.context
     if to_context is not None:
         context = jax.lax.stop_gradient(to_context(context))
-    context = check_token_context(context)
-    extra = make_negatives(negatives, k_neg, context, batch.actions)
+    extra = make_negatives(negatives, k_neg, context, batch.actions, batch.observation)
     if batch.negatives is not None:
         given = batch.negatives.astype(batch.actions.dtype)
         extra = given if extra is None else jnp.concatenate([given, extra], axis=1)
 
-    def loss_fn(model: EnergyModel) -> Any:
+    def loss_fn(model: AbstractLearnedEnergy) -> Any:
         return info_nce(
             model,
             context,
@@ -298,7 +325,7 @@ def _train_step(
 
 
 def _initial_state(
-    model: EnergyModel, config: TrainConfig, optimizer: optax.GradientTransformation
+    model: AbstractLearnedEnergy, config: TrainConfig, optimizer: optax.GradientTransformation
 ) -> TrainState:
     return TrainState(
         model=model,
@@ -341,33 +368,114 @@ def _mean(window: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([w[k] for w in window])) for k in window[0]}
 
 
-def _check_resume(meta: dict[str, Any], model: EnergyModel, config: TrainConfig, path: Any):
-    if meta.get("model_config") != model.config.to_dict():
+def _check_resume(
+    meta: dict[str, Any], model: AbstractLearnedEnergy, config: TrainConfig, path: Any, custom: bool
+) -> None:
+    saved_class = meta.get("model_class", type(model).__name__)
+    if saved_class != type(model).__name__ or meta.get("model_config") != model.config.to_dict():
         raise ValueError(
-            f"The checkpoint in {path} was written for a model with config "
-            f"{meta.get('model_config')}, not {model.config.to_dict()}. Resume with the same "
-            "EnergyModelConfig or use a fresh checkpoint_dir."
+            f"The checkpoint in {path} was written for a {saved_class} with config "
+            f"{meta.get('model_config')}, not a {type(model).__name__} with "
+            f"{model.config.to_dict()}. Resume with the same model class and config (the "
+            "same EnergyModelConfig, say) or use a fresh checkpoint_dir."
         )
     saved = meta.get("train_config", {})
     current = config.to_dict()
-    diff = [f for f in _TRAJECTORY_FIELDS if saved.get(f) != current[f]]
+    # With a user's optimiser the schedule fields of TrainConfig are not used.
+    fields = _LOSS_FIELDS if custom else _TRAJECTORY_FIELDS
+    diff = [
+        f"{f}={saved.get(f)!r} (now {current[f]!r})" for f in fields if saved.get(f) != current[f]
+    ]
+    was = meta.get("custom_optimizer", False)
+    if was != custom:
+        names = {True: "your optimizer", False: "the default optimizer"}
+        diff.append(f"{names[was]} (now {names[custom]})")
     if diff:
         raise ValueError(
-            f"The checkpoint in {path} was written with different training settings "
-            + ", ".join(f"{f}={saved.get(f)!r} (now {current[f]!r})" for f in diff)
+            f"The checkpoint in {path} was written with different training settings: "
+            + ", ".join(diff)
             + "; an exact resume needs the same. Use a fresh checkpoint_dir to start over."
         )
 
 
+def _resume(
+    checkpointer: Checkpointer,
+    state: TrainState,
+    key: Any,
+    model: AbstractLearnedEnergy,
+    config: TrainConfig,
+    custom: bool,
+    on_corrupt: str,
+    existed: bool,
+) -> tuple[int, TrainState, Any, dict[str, Any] | None]:
+    """Restores the newest checkpoint (or, with `on_corrupt="fallback"`, the newest
+    intact one). Returns `(start, state, key, meta)`; `meta` is None when starting anew."""
+    steps = sorted(checkpointer.all_steps(), reverse=True)
+    where = checkpointer.directory
+    if not steps:
+        if existed:
+            logger.warning(
+                "fit: checkpoint_dir %s exists but holds no checkpoint: training starts from "
+                "step 0. (If checkpoints were there before, they were deleted.)",
+                where,
+            )
+        else:
+            logger.info("fit: no checkpoint in %s; training starts from step 0.", where)
+        return 0, state, key, None
+    broken: list[tuple[int, CheckpointError]] = []
+    for step in steps:
+        try:
+            meta = checkpointer.read_meta(step)
+            # Settings that differ are the caller's mistake, not a corruption: raised
+            # as they are, never skipped over.
+            _check_resume(meta, model, config, where, custom)
+            state, key = _restore(checkpointer, step, state, key)
+        except CheckpointError as e:
+            if on_corrupt == "raise":
+                older = sorted(s for s in steps if s < step)
+                raise CheckpointError(
+                    f"{e} To go on from the newest intact older checkpoint "
+                    f"(steps {older} remain), call fit(..., on_corrupt='fallback'); or "
+                    f"delete {checkpointer.step_path(step)}; or use a fresh checkpoint_dir "
+                    "to start over."
+                    if older
+                    else f"{e} No older checkpoint is left: delete "
+                    f"{checkpointer.step_path(step)} (or use a fresh checkpoint_dir) to "
+                    "start over from step 0."
+                ) from e.__cause__
+            broken.append((step, e))
+            logger.warning("fit: %s Falling back to an older checkpoint.", e)
+            continue
+        if broken:
+            checkpointer.set_aside([s for s, _ in broken])
+            logger.warning(
+                "fit: resuming from step %d, the newest intact checkpoint in %s; the broken "
+                "checkpoint(s) at step(s) %s were moved aside to %s.",
+                step,
+                where,
+                [s for s, _ in broken],
+                checkpointer.aside_dir,
+            )
+        else:
+            logger.info("fit: resuming from the checkpoint at step %d in %s.", step, where)
+        return step, state, key, meta
+    raise CheckpointError(
+        f"Every checkpoint in {where} (steps {steps}) is broken; the newest: {broken[0][1]} "
+        "Delete them or use a fresh checkpoint_dir to start over from step 0."
+    )
+
+
 def fit(
-    model: EnergyModel,
+    model: AbstractLearnedEnergy,
     data: Callable[[int], Batch] | Iterable[Batch],
     *,
     key: PRNGKeyArray,
     config: TrainConfig = TrainConfig(),
+    optimizer: optax.GradientTransformation | None = None,
     negatives: Sequence[AbstractNegatives] = (),
     to_context: Callable[[Any], Any] | None = None,
     checkpoint_dir: str | pathlib.Path | None = None,
+    on_corrupt: str = "raise",
     mesh: Mesh | None = None,
     held_out: Batch | None = None,
     held_out_policy_samples: Array | None = None,
@@ -375,11 +483,12 @@ def fit(
     callback: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
 ) -> FitResult:
-    """Trains an energy model with InfoNCE: checkpointed, resumable, data-parallel.
+    """Trains a learned energy with InfoNCE: checkpointed, resumable, data-parallel.
 
     Each step scores all pairs of the batch ([`flowcorrect.info_nce`][]) plus any extra
-    negatives, clips the gradient's global norm and applies AdamW on a warm-up + cosine
-    schedule (optax). Only the energy model trains; `to_context` (e.g. the frozen
+    negatives and applies an optax optimiser: by default global-norm clipping and AdamW
+    on a warm-up + cosine schedule ([`flowcorrect.make_optimizer`][]). Only the energy
+    model trains; `to_context` (e.g. the frozen
     policy's prefix pass) is run inside the compiled step under `stop_gradient`.
 
     **Data and exact resume.** `data` is either a function `step -> Batch` (e.g.
@@ -399,30 +508,53 @@ def fit(
 
     **Arguments:**
 
-    - `model`: the [`flowcorrect.EnergyModel`][] to train (a fresh one, in training mode).
+    - `model`: the learned energy to train: any [`flowcorrect.AbstractLearnedEnergy`][]
+        ([`flowcorrect.EnergyModel`][], a fresh one in training mode;
+        [`flowcorrect.MLPEnergy`][]; your own subclass).
     - `data`: batches, as above. A [`flowcorrect.Batch`][] has contexts, expert chunks,
         and optionally precomputed negatives (e.g. policy samples).
     - `key`: a PRNG key for dropout and negatives.
     - `config`: a [`flowcorrect.TrainConfig`][].
+    - `optimizer`: any `optax.GradientTransformation`, applied to the model's float
+        arrays; `None` (default) is `make_optimizer(config)`. With your own, the
+        schedule fields of `config` (`learning_rate`, `warmup_steps`,
+        `final_learning_rate`, `weight_decay`, `clip_norm`) are unused and the history
+        has no `lr`. Pass the same object to a resumed run.
     - `negatives`: generators of extra negatives ([`flowcorrect.NoiseNegatives`][],
         [`flowcorrect.PolicyNegatives`][], ...), appended to `Batch.negatives`.
-    - `to_context`: turns `Batch.context` (raw observations) into a batched
-        [`flowcorrect.TokenContext`][]; `None` if batches hold contexts already.
+    - `to_context`: turns `Batch.context` (raw observations) into what the model's
+        `encode` reads, batched (a [`flowcorrect.TokenContext`][] for an
+        `EnergyModel`); `None` if batches hold contexts already.
     - `checkpoint_dir`: where to save checkpoints and resume from; `None` = no checkpoints.
+    - `on_corrupt`: what a resumed run does when the newest checkpoint cannot be read
+        (truncated, partly deleted, edited): `"raise"` (default) raises a
+        `CheckpointError` naming the step, the folder and the ways on; `"fallback"`
+        resumes from the newest intact older checkpoint, logs a warning naming what it
+        skipped, and moves the broken ones into `<checkpoint_dir>/corrupt/`. Starting
+        from step 0 is logged too (a warning if `checkpoint_dir` existed but was empty).
+        Messages go to the `"flowcorrect"` logger.
     - `mesh`: a device mesh for data parallelism; `None` = the default device.
     - `held_out`, `held_out_policy_samples`, `eval_corrector`: data for
         [`flowcorrect.evaluate`][], run at the end (and every `config.eval_every` steps).
     - `callback`: called as `callback(step, metrics)` at every logging step.
-    - `progress`: show a tqdm progress bar with loss, accuracy, E_pos and E_neg.
+    - `progress`: show a tqdm progress bar with the loss, the top-1 and pairwise
+        accuracies, E_pos and E_neg.
 
     **Returns:**
 
     A [`flowcorrect.FitResult`][]: `(model, ema_model, history, report)`.
     """
-    if not isinstance(model, EnergyModel):
-        raise TypeError(f"fit trains an EnergyModel; got {type(model).__name__}.")
+    check_learned(model, "fit")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig; got {type(config).__name__}.")
+    if on_corrupt not in ("raise", "fallback"):
+        raise ValueError(f"`on_corrupt` must be 'raise' or 'fallback'; got {on_corrupt!r}.")
+    custom = optimizer is not None
+    if custom and not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            "`optimizer` must be an optax.GradientTransformation, e.g. "
+            f"optax.adam(1e-3); got {type(optimizer).__name__}."
+        )
     negatives = tuple(negatives)
     for n in negatives:
         if not isinstance(n, AbstractNegatives):
@@ -431,8 +563,9 @@ def fit(
         _check_mesh(mesh)
     key = typed_key(jnp.asarray(key) if not isinstance(key, jax.Array) else key)
 
-    optimizer = _optimizer(**{f: getattr(config, f) for f in _OPTIMIZER_FIELDS})
-    schedule_lr = make_schedule(config)
+    if optimizer is None:
+        optimizer = _optimizer(**{f: getattr(config, f) for f in _OPTIMIZER_FIELDS})
+    schedule_lr = None if custom else make_schedule(config)
     step_config = _StepConfig(**{f: getattr(config, f) for f in _LOSS_FIELDS})
     state = _replicate(_initial_state(model, config, optimizer), mesh)
     key = _replicate(key, mesh)
@@ -442,15 +575,16 @@ def fit(
 
     checkpointer = None
     if checkpoint_dir is not None:
+        existed = pathlib.Path(checkpoint_dir).exists()
         checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
     try:
-        if checkpointer is not None and checkpointer.latest_step() is not None:
-            start = checkpointer.latest_step()
-            meta = checkpointer.read_meta(start)
-            _check_resume(meta, model, config, checkpointer.directory)
-            state, key = _restore(checkpointer, start, state, key)
-            history = list(meta.get("history", []))
-            window = list(meta.get("window", []))
+        if checkpointer is not None:
+            start, state, key, meta = _resume(
+                checkpointer, state, key, model, config, custom, on_corrupt, existed
+            )
+            if meta is not None:
+                history = list(meta.get("history", []))
+                window = list(meta.get("window", []))
 
         bar = tqdm(
             total=config.num_steps, initial=start, disable=not progress, desc="fit", leave=False
@@ -487,7 +621,10 @@ def fit(
                     window += [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
                     pending = []
                 if log_now:
-                    entry = {"step": done, "lr": float(schedule_lr(step)), **_mean(window)}
+                    entry: dict[str, float] = {"step": done}
+                    if schedule_lr is not None:
+                        entry["lr"] = float(schedule_lr(step))
+                    entry.update(_mean(window))
                     window = []
                     eval_every = config.eval_every
                     if held_out is not None and eval_every and done % eval_every == 0:
@@ -504,7 +641,8 @@ def fit(
                     history.append(entry)
                     bar.set_postfix(
                         loss=f"{entry['loss']:.3f}",
-                        acc=f"{entry['accuracy']:.2f}",
+                        top1=f"{entry['top1_accuracy']:.2f}",
+                        pairwise=f"{entry['pairwise_accuracy']:.2f}",
                         E_pos=f"{entry['e_pos']:.3f}",
                         E_neg=f"{entry['e_neg']:.3f}",
                     )
@@ -513,7 +651,9 @@ def fit(
                 if save_now:
                     meta = {
                         "step": done,
+                        "model_class": type(model).__name__,
                         "model_config": model.config.to_dict(),
+                        "custom_optimizer": custom,
                         "train_config": config.to_dict(),
                         "history": history,
                         "window": window,

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"slope <10%: {_saturation(h, 0.1):5.1%}, <1%: {_saturation(h, 0.01):5.1%}"
             )
         for field in (
-            "pair_accuracy",
+            "top1_accuracy",
+            "pairwise_accuracy",
             "e_pos",
             "e_neg",
             "e_policy",

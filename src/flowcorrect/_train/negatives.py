@@ -4,8 +4,10 @@ In-batch negatives teach an energy to tell one demonstration from another; they 
 nothing about the chunks near the expert's that a policy actually produces. A pilot
 here found that with in-batch and noise negatives only, the energy's low regions were
 no closer to the expert's actions. The policy's own samples on the demonstration
-states are the mistakes a correction must undo: give them with
-[`flowcorrect.PolicyNegatives`][] or precomputed in `Batch.negatives`.
+states are the mistakes a correction must undo: draw them beforehand with
+[`flowcorrect.policy_negatives`][] into `Batch.negatives`, or in the training step with
+[`flowcorrect.PolicyNegatives`][], which reads the policy's input from
+`Batch.observation`.
 """
 
 import abc
@@ -15,7 +17,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, Key, PRNGKeyArray
 
 from .._custom_types import Actions, Context
 from .._misc import float_array, shape_str
@@ -24,19 +26,21 @@ from .._misc import float_array, shape_str
 class AbstractNegatives(eqx.Module):
     """Makes extra negatives for one demonstration; batched by `jax.vmap` in training.
 
-    Subclasses implement `__call__(key, context, actions)` returning a stack of
-    `num_negatives` chunks shaped like `actions`.
+    Subclasses implement `__call__(key, context, actions, observation)` returning a
+    stack of `num_negatives` chunks shaped like `actions`.
     """
 
     @abc.abstractmethod
     def __call__(
-        self, key: PRNGKeyArray, context: Context, actions: Actions
+        self, key: PRNGKeyArray, context: Context, actions: Actions, observation: Any = None
     ) -> Float[Array, "num_negatives horizon action_dim"]:
         """**Arguments:**
 
         - `key`: a PRNG key.
-        - `context`: the demonstration's context (one observation).
+        - `context`: the demonstration's context for the energy (one observation).
         - `actions`: the expert chunk, `(horizon, action_dim)`.
+        - `observation`: the policy's input for the same state, from
+            `Batch.observation` (`None` when the batch has none).
 
         **Returns:**
 
@@ -70,7 +74,7 @@ class NoiseNegatives(AbstractNegatives):
         _check_count("num", self.num)
 
     def __call__(
-        self, key: PRNGKeyArray, context: Context, actions: Actions
+        self, key: PRNGKeyArray, context: Context, actions: Actions, observation: Any = None
     ) -> Float[Array, "num_negatives horizon action_dim"]:
         noise = jax.random.normal(key, (self.num, *actions.shape), actions.dtype)
         return actions[None] + self.scale.astype(actions.dtype) * noise
@@ -97,7 +101,7 @@ class TimeShiftNegatives(AbstractNegatives):
             )
 
     def __call__(
-        self, key: PRNGKeyArray, context: Context, actions: Actions
+        self, key: PRNGKeyArray, context: Context, actions: Actions, observation: Any = None
     ) -> Float[Array, "num_negatives horizon action_dim"]:
         horizon = actions.shape[0]
         t = jnp.arange(horizon)
@@ -119,7 +123,7 @@ class SwapDimNegatives(AbstractNegatives):
         _check_count("num", self.num)
 
     def __call__(
-        self, key: PRNGKeyArray, context: Context, actions: Actions
+        self, key: PRNGKeyArray, context: Context, actions: Actions, observation: Any = None
     ) -> Float[Array, "num_negatives horizon action_dim"]:
         dim = actions.shape[-1]
         if dim < 2:
@@ -139,35 +143,62 @@ class SwapDimNegatives(AbstractNegatives):
         return jax.vmap(one)(jax.random.split(key, self.num))
 
 
+def _sample_stack(
+    sample: Callable[[PRNGKeyArray, Any], Actions], key: PRNGKeyArray, observation: Any, num: int
+) -> Float[Array, "num horizon action_dim"]:
+    out = jax.vmap(lambda k: sample(k, observation))(jax.random.split(key, num))
+    if not (hasattr(out, "ndim") and out.ndim == 3):
+        raise ValueError(
+            "The policy sampler must return ONE chunk (horizon, action_dim) for one "
+            f"observation; vmapped over {num} keys it gave {shape_str(out)}."
+        )
+    return out
+
+
 class PolicyNegatives(AbstractNegatives):
-    """Chunks sampled from the policy itself on the demonstration's state.
+    """Chunks sampled from the policy itself on the demonstration's state, in each step.
+
+    The policy reads its own input, not the energy's context: give it in
+    `Batch(context, actions, observation=...)` (for openpi: images and text in
+    `observation`, prefix tokens in `context`). A batch without `observation` is an
+    error, unless the policy and the energy read the same thing: then pass
+    `observation=context`.
 
     **Arguments:**
 
-    - `sample`: a function `sample(key, context) -> chunk` drawing one chunk
-        `(horizon, action_dim)` from the (frozen) policy for one observation; e.g. a
-        flow sampler on the policy's velocity field. Gradients do not flow into it.
+    - `sample`: a function `sample(key, observation) -> chunk` drawing one chunk
+        `(horizon, action_dim)` from the (frozen) policy for one observation. With
+        [`flowcorrect.sample`][]: `lambda k, o: fc.sample(policy, o, k)[0]`.
+        Gradients do not flow into it.
     - `num`: how many samples per demonstration.
 
-    When sampling the policy in the training step is too slow, sample offline and put
-    the chunks in `Batch.negatives` instead.
+    Sampling the policy in every training step costs a full flow integration per
+    negative; [`flowcorrect.policy_negatives`][] draws them once, beforehand, into
+    `Batch.negatives` instead.
     """
 
-    sample: Callable[[PRNGKeyArray, Context], Actions]
+    sample: Callable[[PRNGKeyArray, Any], Actions]
     num: int = eqx.field(static=True, default=4)
 
     def __check_init__(self):
         _check_count("num", self.num)
         if not callable(self.sample):
             raise ValueError(
-                f"`sample` must be callable as sample(key, context); got {self.sample!r}."
+                f"`sample` must be callable as sample(key, observation); got {self.sample!r}."
             )
 
     def __call__(
-        self, key: PRNGKeyArray, context: Context, actions: Actions
+        self, key: PRNGKeyArray, context: Context, actions: Actions, observation: Any = None
     ) -> Float[Array, "num_negatives horizon action_dim"]:
-        keys = jax.random.split(key, self.num)
-        out = jax.vmap(lambda k: self.sample(k, context))(keys)
+        if observation is None:
+            raise ValueError(
+                "PolicyNegatives samples the policy on `Batch.observation`, the policy's own "
+                "input, and this batch has none. Build the batches with "
+                "fc.Batch(context, actions, observation=policy_inputs) (or "
+                "observation=context if the policy reads the energy's context), or draw "
+                "the negatives beforehand with fc.policy_negatives into Batch.negatives."
+            )
+        out = _sample_stack(self.sample, key, observation, self.num)
         if out.shape[1:] != actions.shape:
             raise ValueError(
                 f"The policy sampler returned chunks of shape {shape_str(out[0])}; the "
@@ -176,16 +207,92 @@ class PolicyNegatives(AbstractNegatives):
         return jax.lax.stop_gradient(out.astype(actions.dtype))
 
 
+@eqx.filter_jit
+def _policy_negatives(
+    sample: Callable[[PRNGKeyArray, Any], Actions],
+    observations: Any,
+    keys: Key[Array, " batch"],
+    num: int,
+    batch_size: int | None,
+) -> Array:
+    def one(args: tuple[Any, PRNGKeyArray]) -> Array:
+        observation, k = args
+        return _sample_stack(sample, k, observation, num)
+
+    return jax.lax.map(one, (observations, keys), batch_size=batch_size)
+
+
+def policy_negatives(
+    sample: Callable[[PRNGKeyArray, Any], Actions],
+    observations: Any,
+    num: int,
+    key: PRNGKeyArray,
+    *,
+    batch_size: int | None = None,
+) -> Float[Array, "batch num horizon action_dim"]:
+    """Draws `num` chunks from the policy for every observation, beforehand.
+
+    The result goes into `Batch.negatives` (or `evaluate`'s `policy_samples`): the
+    policy's own mistakes are the negatives a correction has to learn to undo, and
+    drawing them once keeps the flow integration out of every training step.
+
+    **Arguments:**
+
+    - `sample`: a function `sample(key, observation) -> chunk`, one chunk
+        `(horizon, action_dim)` for ONE observation (it is vmapped over `num` keys and
+        mapped over the observations). With [`flowcorrect.sample`][]:
+        `lambda k, o: fc.sample(policy, o, k)[0]`.
+    - `observations`: the policy's inputs, a pytree with a leading batch axis `B`.
+    - `num`: samples per observation, an int >= 1.
+    - `key`: a PRNG key; observation `i` uses `jax.random.split(key, B)[i]`.
+    - `batch_size`: observations sampled together (memory); `None` = all at once.
+
+    **Returns:**
+
+    The chunks, `(B, num, horizon, action_dim)`.
+
+    !!! example
+
+        ```python
+        negatives = fc.policy_negatives(lambda k, o: fc.sample(policy, o, k)[0],
+                                        observations, 8, jax.random.key(0))
+        data = fc.ShuffledBatches(fc.Batch(contexts, actions, negatives), 64)
+        ```
+    """
+    _check_count("num", num)
+    if not callable(sample):
+        raise TypeError(f"`sample` must be callable as sample(key, observation); got {sample!r}.")
+    if batch_size is not None:
+        _check_count("batch_size", batch_size)
+    sizes = {getattr(x, "shape", (None,))[:1] for x in jax.tree.leaves(observations)}
+    if len(sizes) != 1 or (None,) in sizes or () in sizes:
+        raise ValueError(
+            "`observations` must be a pytree of arrays with one common leading batch axis; "
+            f"got leading shapes {sorted(map(str, sizes))}."
+        )
+    (batch,) = sizes.pop()
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    observations = jax.tree.map(jnp.asarray, observations)
+    return _policy_negatives(sample, observations, jax.random.split(key, batch), num, batch_size)
+
+
 def make_negatives(
     generators: tuple[AbstractNegatives, ...],
     key: PRNGKeyArray,
     contexts: Context,
     actions: Float[Array, "batch horizon action_dim"],
+    observations: Any = None,
 ) -> Float[Array, "batch num_negatives horizon action_dim"] | None:
     """All generators on every demonstration of a batch, stacked along the negatives axis."""
     if not generators:
         return None
     batch = actions.shape[0]
     keys = jax.random.split(key, (len(generators), batch))
-    parts = [jax.vmap(gen)(k, contexts, actions) for gen, k in zip(generators, keys, strict=True)]
+    parts = [
+        jax.vmap(gen, in_axes=(0, 0, 0, None if observations is None else 0))(
+            k, contexts, actions, observations
+        )
+        for gen, k in zip(generators, keys, strict=True)
+    ]
     return jnp.concatenate(parts, axis=1)

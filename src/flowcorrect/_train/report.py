@@ -13,9 +13,9 @@ from .._correctors.base import AbstractCorrector
 from .._correctors.recipes import reference_recipe
 from .._energy import ChunkFn
 from .._misc import shape_str
-from .._model.energy_model import EnergyModel
+from .._model.base import AbstractLearnedEnergy
 from .batch import Batch
-from .infonce import info_nce, typed_key
+from .infonce import check_learned, info_nce, typed_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +25,12 @@ class EvalReport:
 
     **Attributes:**
 
-    - `pair_accuracy`: fraction of held-out contexts whose expert chunk has strictly the
-        lowest energy among the batch's chunks.
+    - `top1_accuracy`: fraction of held-out contexts whose expert chunk has strictly the
+        lowest energy among all the batch's chunks. It falls as the batch grows (one
+        wrong chunk out of `B - 1` is enough to miss), so compare it at one batch size.
+    - `pairwise_accuracy`: fraction of (expert chunk, other chunk) pairs of a context in
+        which the expert's has strictly the lower energy; independent of the batch
+        size in expectation (0.5 is chance).
     - `loss`: the InfoNCE loss on the held-out batch.
     - `e_pos`, `e_neg`: mean energy of matched and of mismatched (in-batch) pairs.
     - `grad_norm_expert`: median `||grad_a E||` at the expert chunks.
@@ -44,7 +48,8 @@ class EvalReport:
     - `num_contexts`, `num_policy_samples`: the sizes measured on.
     """
 
-    pair_accuracy: float
+    top1_accuracy: float
+    pairwise_accuracy: float
     loss: float
     e_pos: float
     e_neg: float
@@ -78,7 +83,7 @@ def _norm(x: Array) -> Array:
 
 @eqx.filter_jit
 def _measure(
-    model: EnergyModel,
+    model: AbstractLearnedEnergy,
     batch: Batch,
     policy_samples: Float[Array, "batch num horizon action_dim"] | None,
     corrector: AbstractCorrector,
@@ -94,7 +99,8 @@ def _measure(
 
     g_expert = jax.vmap(grad_at)(batch.context, expert)
     out = {
-        "pair_accuracy": metrics["accuracy"],
+        "top1_accuracy": metrics["top1_accuracy"],
+        "pairwise_accuracy": metrics["pairwise_accuracy"],
         "loss": metrics["loss"],
         "e_pos": metrics["e_pos"],
         "e_neg": metrics["e_neg"],
@@ -137,7 +143,7 @@ def _measure(
 
 
 def evaluate(
-    model: EnergyModel,
+    model: AbstractLearnedEnergy,
     batch: Batch,
     *,
     policy_samples: Float[Array, "batch num_samples horizon action_dim"] | None = None,
@@ -149,7 +155,7 @@ def evaluate(
 ) -> EvalReport:
     """Measures, on held-out data, whether an energy is fit for correction.
 
-    Pair accuracy alone can mislead: a pilot energy with 94% accuracy had gradients so
+    Accuracy alone can mislead: a pilot energy with 94% accuracy had gradients so
     sharp that reference-sized steps raised the energy in 85% of states. So besides
     accuracy and `E_pos` vs `E_neg`, this reports, for chunks sampled from the policy on
     the held-out states: how often one correction step lowers the energy and moves the
@@ -160,7 +166,7 @@ def evaluate(
 
     **Arguments:**
 
-    - `model`: the [`flowcorrect.EnergyModel`][]; evaluated in inference mode.
+    - `model`: any [`flowcorrect.AbstractLearnedEnergy`][]; evaluated in inference mode.
     - `batch`: held-out demonstrations, a [`flowcorrect.Batch`][] (at least 2).
     - `policy_samples`: optional `(batch, N, horizon, action_dim)` chunks sampled from
         the policy on the same states.
@@ -175,8 +181,7 @@ def evaluate(
 
     An [`flowcorrect.EvalReport`][].
     """
-    if not isinstance(model, EnergyModel):
-        raise TypeError(f"evaluate takes an EnergyModel; got {type(model).__name__}.")
+    check_learned(model, "evaluate")
     if not isinstance(batch, Batch):
         raise TypeError(f"`batch` must be a flowcorrect.Batch; got {type(batch).__name__}.")
     if policy_samples is not None:
@@ -191,7 +196,7 @@ def evaluate(
                 f"of shape {shape_str(batch.actions)} it needs (batch, N, horizon, action_dim)."
             )
     if to_context is not None:
-        batch = Batch(to_context(batch.context), batch.actions, batch.negatives)
+        batch = Batch(to_context(batch.context), batch.actions, batch.negatives, batch.observation)
     corrector = reference_recipe(num_steps=1) if corrector is None else corrector
     key = jax.random.key(0) if key is None else typed_key(key)
     model = eqx.nn.inference_mode(model)
