@@ -99,4 +99,13 @@ from ._train.negatives import (
 )
 from ._train.report import EvalReport as EvalReport, evaluate as evaluate
 
+# -- a Pi0-shaped reference policy (issue 9) --
+from ._policies.pi0_shaped import (
+    Pi0ShapedConfig as Pi0ShapedConfig,
+    Pi0ShapedObservation as Pi0ShapedObservation,
+    Pi0ShapedPolicy as Pi0ShapedPolicy,
+    Pi0ShapedPrefix as Pi0ShapedPrefix,
+)
+
 __version__ = importlib.metadata.version("flowcorrect")
+
