@@ -57,6 +57,7 @@ def test_harness_and_reference_rows(tmp_path, capsys):
     assert "| row |" in printed and all(f"| {n} |" in printed for n in names)
 
 
+@pytest.mark.slow  # ten rows, each compiled once: ~30 s on 2 idle cores
 @needs_new_api
 def test_every_row(tmp_path):
     out = tmp_path / "r.json"
