@@ -24,6 +24,7 @@ class Compiled:
     memory: dict[str, int] | None  # XLA's compiled memory analysis, bytes
     xla_flops: float | None  # XLA's cost analysis (counts a loop body ONCE: see below)
     matmul_flops: float | None  # matrix-multiply FLOPs with loop trip counts (jaxpr)
+    matmul_flops_min: float | None = None  # the same, cheapest branch of every cond
     run: Callable[..., Any] | None = None  # on new arguments of the same structure
 
 
@@ -51,6 +52,7 @@ def compile_fn(fn: Callable[..., Any], *args: Any) -> Compiled:
         memory=memory_analysis(compiled),
         xla_flops=xla_flops(compiled),
         matmul_flops=matmul_flops(f, dynamic),
+        matmul_flops_min=matmul_flops(f, dynamic, branch=min),
     )
 
 
@@ -80,9 +82,13 @@ def xla_flops(compiled: Any) -> float | None:
     return float(cost["flops"])
 
 
-def matmul_flops(fn: Callable[..., Any], *args: Any) -> float | None:
+def matmul_flops(fn: Callable[..., Any], *args: Any, branch: Callable = max) -> float | None:
     """Matrix-multiply FLOPs of `fn(*args)`, counted on its jaxpr: `2 * m * n * k` per
-    `dot_general`, a `scan` body times its length, the costlier branch of a `cond`.
+    `dot_general`, a `scan` body times its length, and of a `cond`'s branches the
+    costlier (`branch=max`, an upper bound) or the cheaper (`branch=min`). The sampler's
+    fallback (re-running the plain flow when a corrected chunk is not finite) is a
+    `cond` that normally takes its cheap branch, so `min` is the usual cost of a
+    post-hoc row; a schedule of interleaved steps lies between the two.
 
     XLA's `cost_analysis()` counts the body of a loop once whatever its trip count (10
     flow steps and 18 scanned layers count as one), so it cannot compare a sampler with
@@ -92,10 +98,10 @@ def matmul_flops(fn: Callable[..., Any], *args: Any) -> float | None:
         jaxpr = jax.make_jaxpr(fn)(*args)
     except Exception:
         return None
-    return float(_jaxpr_flops(jaxpr.jaxpr))
+    return float(_jaxpr_flops(jaxpr.jaxpr, branch))
 
 
-def _jaxpr_flops(jaxpr: Any) -> int:
+def _jaxpr_flops(jaxpr: Any, branch: Callable = max) -> int:
     total = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -105,12 +111,12 @@ def _jaxpr_flops(jaxpr: Any) -> int:
             rhs_free = [d for i, d in enumerate(rhs) if i not in (*rhs_contract, *rhs_batch)]
             total += 2 * math.prod(lhs) * math.prod(rhs_free)
         elif name == "scan":
-            total += eqn.params["length"] * _jaxpr_flops(eqn.params["jaxpr"].jaxpr)
+            total += eqn.params["length"] * _jaxpr_flops(eqn.params["jaxpr"].jaxpr, branch)
         elif name == "cond":
-            total += max(_jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
+            total += branch(_jaxpr_flops(b.jaxpr, branch) for b in eqn.params["branches"])
         else:
             for sub in _sub_jaxprs(eqn.params):
-                total += _jaxpr_flops(sub)
+                total += _jaxpr_flops(sub, branch)
     return total
 
 

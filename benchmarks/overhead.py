@@ -223,6 +223,7 @@ def compile_reference(pieces, energy, k: int) -> harness.Compiled:
 
     memories = [c.memory for c in (sample, prefix_out, step) if c.memory is not None]
     flops = [sample.matmul_flops, prefix_out.matmul_flops, step.matmul_flops]
+    low = [sample.matmul_flops_min, prefix_out.matmul_flops_min, step.matmul_flops_min]
     return harness.Compiled(
         call=call,
         compile_s=sample.compile_s + prefix_out.compile_s + step.compile_s,
@@ -230,6 +231,7 @@ def compile_reference(pieces, energy, k: int) -> harness.Compiled:
         memory=max(memories, key=lambda m: sum(m.values())) if memories else None,
         xla_flops=None,
         matmul_flops=None if None in flops else flops[0] + flops[1] + k * flops[2],
+        matmul_flops_min=None if None in low else low[0] + low[1] + k * low[2],
     )
 
 
@@ -266,6 +268,7 @@ def run_batch(args, batch: int, policy, energy, key) -> dict[str, Any]:
                 "temp_bytes": None if c.memory is None else c.memory["temp_bytes"],
                 "total_bytes": None if c.memory is None else sum(c.memory.values()),
                 "matmul_flops": c.matmul_flops,
+                "matmul_flops_min": c.matmul_flops_min,
                 "xla_flops": c.xla_flops,
                 "times_ms": [t * 1e3 for t in times[row.name]],
             }
@@ -277,6 +280,10 @@ def run_batch(args, batch: int, policy, energy, key) -> dict[str, Any]:
         flops, base = r["matmul_flops"], plain["matmul_flops"]
         r["added_flops_ratio"] = (
             None if r is plain or flops is None or not base else (flops - base) / base
+        )
+        low, base_low = r["matmul_flops_min"], plain["matmul_flops_min"]
+        r["added_flops_ratio_min"] = (
+            None if r is plain or low is None or not base_low else (low - base_low) / base_low
         )
     by_name = {r["row"]: r for r in out}
     for r in out:

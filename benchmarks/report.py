@@ -19,13 +19,22 @@ def _ratio(x: float | None, digits: int = 3) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
+def _flops(r: dict[str, Any]) -> str:
+    """The added-FLOPs ratio; `low-high` where a cond's branches differ (see
+    `harness.matmul_flops`)."""
+    high, low = r["added_flops_ratio"], r.get("added_flops_ratio_min")
+    if low is None or high is None or abs(high - low) < 5e-5:
+        return _ratio(high, 4)
+    return f"{low:.4f}-{high:.4f}"
+
+
 COLUMNS = [
     ("row", lambda r: r["row"]),
     ("median ms", lambda r: _ms(r["median_ms"])),
     ("min ms", lambda r: _ms(r["min_ms"])),
     ("added ms", lambda r: _ms(r["added_ms"])),
     ("x plain", lambda r: _ratio(r["ratio"])),
-    ("added FLOPs / plain", lambda r: _ratio(r["added_flops_ratio"], 4)),
+    ("added FLOPs / plain", lambda r: _flops(r)),
     ("vs reference", lambda r: _ratio(r.get("vs_reference"))),
     ("compile s", lambda r: f"{r['compile_s']:.1f}"),
     ("temp MiB", lambda r: _mib(r["temp_bytes"])),
