@@ -1,33 +1,38 @@
-"""Overhead of flowcorrect's corrections against the plain flow sampler.
+"""What each correction placement adds to a Pi0-shaped policy's sampler, and what the
+reference's way of correcting adds.
 
-Every case is one compiled function of the same inputs (context tokens, padding mask,
-noise), timed in this one process after warm-up: compile time is excluded, every call
-ends with `jax.block_until_ready`, and the cases are timed round-robin (one call of
-each case per round) so that load from other processes spreads evenly over them. The
-table reports the median and the fastest call of each case and their ratios against
-the plain sampler.
+Every row is one compiled function of the same inputs (the policy's weights, a batch of
+observations with padding, the energy's weights, a PRNG key), timed in this one process
+after warm-up, round-robin, each call synchronised with `block_until_ready`; compile
+time is measured separately. The policy is [`flowcorrect.Pi0ShapedPolicy`][] (random
+weights): its prefix pass runs once per call inside every row, as in openpi.
 
-The policy is a stand-in, not Pi0: a small transformer "action expert" whose cost is
-set by `--policy-size`, attending to a projection of the same context tokens the
-energy reads (a stand-in for openpi's prefix KV cache). A real Pi0 runs a 2B-parameter
-VLM over the prefix and a 300M-parameter action expert for every flow step, so it
-costs far more than any size here and the ratio with a real policy is lower than the
-ratio printed. The `added ms` column is the correction's own cost: divide it by your
-policy's latency to get your overhead.
+Rows:
 
-Run: python benchmarks/overhead.py                 (a few minutes on a CPU)
-     python benchmarks/overhead.py --quick         (under a minute)
-     python benchmarks/overhead.py --batch-size 1 8 --policy-size medium --out results.json
+- `plain`: `fc.sample` without an energy (10 Euler steps);
+- `handwritten`: the same Euler loop written by hand (one prefix pass, a `lax.scan`):
+  what `fc.sample` itself costs over the minimum;
+- `posthoc_kK`: `PostHoc(reference_recipe(K))`, K clipped gradient steps after the flow;
+- `denoised_last3` / `denoised_all`: `Denoised(reference_recipe(1))` on the last 3 / all
+  10 flow steps; `guided_last3` / `guided_all`: `Guided` on the same steps;
+- `best_of_N`: `BestOfN(N)`, N chains sharing one prefix pass, lowest energy kept;
+- `reference_kK`: the reference's "method B" on the same model: openpi's sampler, then
+  a second prefix pass for `prefix_out`, then K clipped steps in a Python loop, each a
+  separate compiled call whose energy re-encodes the context.
+
+Columns: `added ms` over `plain`; `added FLOPs / plain`, the physical floor (matrix
+multiplies counted on the jaxpr with loop trip counts); `vs reference`, our added time
+over `reference_kK`'s added time at the same K.
+
+Run from the repository root:
+
+    python -m benchmarks                           # CPU set, a few minutes
+    python -m benchmarks --preset pi0 --out pi0.json --plot pi0.png   # on a GPU
 """
 
 import argparse
 import dataclasses
 import functools
-import json
-import math
-import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -36,719 +41,368 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import flowcorrect as fc
 
-HORIZON, ACTION_DIM = 50, 32  # openpi's chunk: 50 steps of 32 padded action dims.
-NUM_FLOW_STEPS = 10  # openpi's default number of Euler steps.
+from . import harness, report
 
-# (width, layers) of the stand-in action expert. For scale: Pi0's action expert has
-# width 1024 and 18 layers, and its prefix pass runs a 2B-parameter VLM that no size
-# here models at all.
-POLICY_SIZES: dict[str, tuple[int, int]] = {
-    "tiny": (32, 1),
-    "small": (256, 2),
-    "medium": (512, 4),
-    "large": (1024, 8),
+NUM_FLOW_STEPS = 10  # openpi's default
+
+# Policy sizes and the energy model's (hidden, heads) for each preset.
+PRESETS: dict[str, tuple[fc.Pi0ShapedConfig, tuple[int, int]]] = {
+    # For the smoke test: seconds to compile, milliseconds to run.
+    "tiny": (fc.Pi0ShapedConfig.cpu(depth=1, prefix_len=16), (32, 2)),
+    # The CPU set: a few minutes for every row at batch 1 and 8 on 2 cores.
+    "cpu": (
+        fc.Pi0ShapedConfig.cpu(
+            token_dim=256,
+            width=256,
+            depth=4,
+            mlp_width=1024,
+            head_dim=64,
+            expert_width=128,
+            expert_mlp_width=512,
+            prefix_len=128,
+        ),
+        (128, 4),
+    ),  # fmt: skip
+    # Pi0's sizes, bfloat16 (about 4.6 GB of weights), and the reference's energy model.
+    "pi0": (fc.Pi0ShapedConfig.pi0(), (512, 8)),
 }
 
 
 # ---------------------------------------------------------------------------------
-# The policy stand-in.
+# The timed functions. Each takes only pytrees whose arrays are traced: placements and
+# correctors keep alpha, clip fractions and weights as arrays, so new values reuse the
+# compiled function.
 
 
-def _dense(layer: eqx.nn.Linear, x: jax.Array) -> jax.Array:
-    return jax.vmap(layer)(x)
+def sample_plain(policy, obs, key):
+    return fc.sample(policy, obs, key, num_steps=NUM_FLOW_STEPS)[0]
 
 
-def _norm(layer: eqx.nn.LayerNorm, x: jax.Array) -> jax.Array:
-    return jax.vmap(layer)(x)
+def sample_placed(policy, obs, key, energy, placement):
+    return fc.sample(
+        policy, obs, key, num_steps=NUM_FLOW_STEPS, placement=placement, energy=energy
+    )[0]
 
 
-class PolicyKV(eqx.Module):
-    """The stand-in's per-observation cache: keys and values of the prefix per layer."""
+def sample_handwritten(policy, obs, key):
+    """openpi's `sample_actions` loop, by hand: one prefix pass, Euler from t = 1."""
+    prefix = policy.prefix(obs)
+    batch = policy.batch_size(prefix)
+    x = jax.random.normal(key, (batch, *policy.chunk_shape))
+    dt = -1.0 / NUM_FLOW_STEPS
 
-    keys: jax.Array  # (layers, seq, heads, head_dim)
-    values: jax.Array  # (layers, seq, heads, head_dim)
-    mask: jax.Array  # (seq,), True for real tokens
+    def step(x, i):
+        t = jnp.asarray(1.0 + i * dt, x.dtype)
+        return x + dt * policy.velocity(prefix, x, t), None
 
-
-class _Block(eqx.Module):
-    """A pre-norm transformer block whose queries attend to [prefix; actions] (as Pi0's
-    action expert does), then an MLP."""
-
-    norm1: eqx.nn.LayerNorm
-    qkv: eqx.nn.Linear
-    out: eqx.nn.Linear
-    norm2: eqx.nn.LayerNorm
-    up: eqx.nn.Linear
-    down: eqx.nn.Linear
-    num_heads: int = eqx.field(static=True)
-
-    def __init__(self, width: int, num_heads: int, *, key: jax.Array):
-        k1, k2, k3, k4 = jax.random.split(key, 4)
-        self.norm1 = eqx.nn.LayerNorm(width)
-        self.qkv = eqx.nn.Linear(width, 3 * width, key=k1)
-        self.out = eqx.nn.Linear(width, width, key=k2)
-        self.norm2 = eqx.nn.LayerNorm(width)
-        self.up = eqx.nn.Linear(width, 4 * width, key=k3)
-        self.down = eqx.nn.Linear(4 * width, width, key=k4)
-        self.num_heads = num_heads
-
-    def __call__(self, x, prefix_keys, prefix_values, prefix_mask):
-        n, width = x.shape
-        head_dim = width // self.num_heads
-        q, k, v = jnp.split(_dense(self.qkv, _norm(self.norm1, x)), 3, axis=-1)
-        q, k, v = (y.reshape(n, self.num_heads, head_dim) for y in (q, k, v))
-        keys = jnp.concatenate([prefix_keys, k], axis=0)
-        values = jnp.concatenate([prefix_values, v], axis=0)
-        mask = jnp.concatenate([prefix_mask, jnp.ones(n, bool)])
-        scores = jnp.einsum("qhd,khd->hqk", q, keys) / math.sqrt(head_dim)
-        scores = jnp.where(mask[None, None, :], scores, jnp.finfo(scores.dtype).min)
-        attended = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(scores, axis=-1), values)
-        x = x + _dense(self.out, attended.reshape(n, width))
-        return x + _dense(self.down, jax.nn.gelu(_dense(self.up, _norm(self.norm2, x))))
+    return jax.lax.scan(step, x, jnp.arange(NUM_FLOW_STEPS))[0]
 
 
-class StandInPolicy(eqx.Module):
-    """A flow policy's velocity field `v(kv, x_t, t)` with a per-observation prefix pass.
-
-    `prefix` projects the context tokens once per observation into per-layer keys and
-    values (the stand-in for openpi's prefix KV cache); the velocity embeds the noisy
-    chunk and the flow time and runs `layers` transformer blocks over it.
-    """
-
-    prefix_proj: eqx.nn.Linear
-    prefix_kv: tuple[eqx.nn.Linear, ...]
-    action_in: eqx.nn.Linear
-    time_mlp: eqx.nn.Linear
-    blocks: tuple[_Block, ...]
-    final_norm: eqx.nn.LayerNorm
-    action_out: eqx.nn.Linear
-    width: int = eqx.field(static=True)
-    num_heads: int = eqx.field(static=True)
-
-    def __init__(self, context_dim: int, width: int, layers: int, *, key: jax.Array):
-        keys = jax.random.split(key, 5 + 2 * layers)
-        self.width = width
-        self.num_heads = max(1, width // 64)
-        self.prefix_proj = eqx.nn.Linear(context_dim, width, key=keys[0])
-        self.prefix_kv = tuple(eqx.nn.Linear(width, 2 * width, key=k) for k in keys[5 : 5 + layers])
-        self.action_in = eqx.nn.Linear(ACTION_DIM, width, key=keys[1])
-        self.time_mlp = eqx.nn.Linear(width, width, key=keys[2])
-        self.blocks = tuple(
-            _Block(width, self.num_heads, key=k) for k in keys[5 + layers : 5 + 2 * layers]
-        )
-        self.final_norm = eqx.nn.LayerNorm(width)
-        self.action_out = eqx.nn.Linear(width, ACTION_DIM, key=keys[3])
-
-    def prefix(self, tokens: jax.Array, mask: jax.Array) -> PolicyKV:
-        """Once per observation: tokens `(seq, context_dim)`, mask True for real tokens."""
-        seq = tokens.shape[0]
-        head_dim = self.width // self.num_heads
-        h = _dense(self.prefix_proj, jnp.where(mask[:, None], tokens, 0))
-        kv = [
-            _dense(layer, h).reshape(seq, 2, self.num_heads, head_dim) for layer in self.prefix_kv
-        ]
-        kv = jnp.stack(kv)
-        return PolicyKV(kv[:, :, 0], kv[:, :, 1], mask)
-
-    def __call__(self, kv: PolicyKV, x: jax.Array, t: jax.Array) -> jax.Array:
-        half = self.width // 2
-        freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half) / half)
-        t_emb = jnp.concatenate([jnp.sin(t * 1000 * freqs), jnp.cos(t * 1000 * freqs)])
-        t_emb = jax.nn.swish(self.time_mlp(jnp.pad(t_emb, (0, self.width - 2 * half))))
-        h = _dense(self.action_in, x) + t_emb[None, :]
-        for i, block in enumerate(self.blocks):
-            h = block(h, kv.keys[i], kv.values[i], kv.mask)
-        return _dense(self.action_out, _norm(self.final_norm, h))
+def reference_prefix_out(policy, obs):
+    """Method B's step 2: a second prefix pass, for the energy's context."""
+    return policy.energy_context(policy.prefix(obs))
 
 
-def num_parameters(module: eqx.Module) -> int:
-    return sum(x.size for x in jax.tree.leaves(eqx.filter(module, eqx.is_array)))
+def reference_step(energy, context, actions, alpha, clip_frac):
+    """One step of the reference's `multi_step_energy_correction`: the energy is
+    called on (context, actions), so it encodes the context again at every step."""
+    grad = jax.vmap(jax.grad(lambda c, a: energy(c, a), argnums=1))(context, actions)
+    step = alpha * grad
+    norm = jnp.sqrt(jnp.sum(step**2, axis=(1, 2), keepdims=True))
+    limit = clip_frac * jnp.sqrt(jnp.sum(actions**2, axis=(1, 2), keepdims=True))
+    return actions - step * jnp.minimum(1.0, limit / (norm + 1e-12))
 
 
 # ---------------------------------------------------------------------------------
-# The cases.
+# Rows.
 
 
 @dataclasses.dataclass
-class Case:
-    """One timed function. `group` says what its ratio means."""
-
+class Row:
     name: str
-    group: str  # "sampler" (policy + correction) or "alone" (correction without policy)
     description: str
-    fn: Callable[..., Any]
-    args: Callable[[], tuple]  # built only for the cases that run
+    compile: Callable[[], harness.Compiled]
+    k: int | None = None  # post-hoc and reference rows: their K
 
 
-def _sample(policy, energy, tokens, mask, noise, **kwargs):
-    # The policy's prefix pass runs once per observation, inside the timed function, as
-    # it does in openpi's `sample_actions`.
-    kv = jax.vmap(policy.prefix)(tokens, mask)
-    if energy is None:
-        return fc.sample(policy, kv, noise=noise, num_steps=NUM_FLOW_STEPS)
-    return fc.sample(
-        policy,
-        kv,
-        noise=noise,
-        num_steps=NUM_FLOW_STEPS,
-        energy=energy,
-        energy_context=fc.TokenContext(tokens, mask),
-        **kwargs,
-    )
-
-
-def _plain(policy, tokens, mask, noise):
-    return _sample(policy, None, tokens, mask, noise)
-
-
-def _corrected(policy, energy, tokens, mask, noise, options):
-    return _sample(policy, energy, tokens, mask, noise, **options)
-
-
-def _encode(energy, tokens, mask):
-    return jax.vmap(energy.encode)(fc.TokenContext(tokens, mask))
-
-
-def _correct(energy, tokens, mask, actions, corrector):
-    return fc.correct(energy, fc.TokenContext(tokens, mask), actions, corrector=corrector)
-
-
-class Unsplit(eqx.Module):
-    """The same energy without its encode/score split: every call re-encodes the context,
-    as an energy that is a plain function of `(context, actions)` does."""
-
-    model: fc.EnergyModel
-
-    def __call__(self, context, actions):
-        return self.model(context, actions)
-
-
-def _correct_encoded(energy, encoded, actions, corrector):
-    def one(enc, a, k):
-        return fc.correct_prepared(fc.BoundEnergy(energy.score, enc), a, corrector, k)
-
-    keys = jax.random.split(jax.random.key(0), actions.shape[0])
-    return jax.vmap(one)(encoded, actions, keys)
-
-
-def build_cases(policy, energy, tokens, mask, noise, noise_n, actions, encoded, ks, n_best):
-    """Every case, in table order; all share the same arrays.
-
-    `actions` (the chunks the correction-alone rows correct) and `encoded` (the encoded
-    context) are functions, called only when a case that needs them is compiled.
-    """
-    lean = dict(step_energies=False, track_uncorrected=False)
-    last3 = fc.LastSteps(3)
-    k_mid = mid_steps(ks)
-
-    def sampler(name, description, options, noise=noise):
-        return Case(
-            name,
-            "sampler",
-            description,
-            _corrected,
-            lambda: (policy, energy, tokens, mask, noise, options),
+def placements(args) -> dict[str, tuple[str, Callable[[], Any]]]:
+    """name -> (description, placement factory) of every row of ours with an energy."""
+    out: dict[str, tuple[str, Callable[[], Any]]] = {}
+    for k in args.steps:
+        out[f"posthoc_k{k}"] = (
+            f"PostHoc(reference_recipe({k}))",
+            lambda k=k: fc.PostHoc(corrector=fc.reference_recipe(k)),
         )
-
-    cases = [
-        Case(
-            "plain",
-            "sampler",
-            f"fc.sample, no energy ({NUM_FLOW_STEPS} Euler steps)",
-            _plain,
-            lambda: (policy, tokens, mask, noise),
-        ),
-    ]
-    for k in ks:
-        cases.append(
-            sampler(
-                f"posthoc_k{k}",
-                f"+ PostHoc, reference_recipe(K={k})",
-                dict(placement=fc.PostHoc(), corrector=fc.reference_recipe(k), **lean),
-            )
+    for label, schedule in (("last3", lambda: fc.LastSteps(3)), ("all", fc.EveryStep)):
+        steps = "last 3" if label == "last3" else f"all {NUM_FLOW_STEPS}"
+        out[f"denoised_{label}"] = (
+            f"Denoised(reference_recipe(1)), {steps} flow steps",
+            lambda s=schedule: fc.Denoised(fc.reference_recipe(1), schedule=s()),
         )
-    backtrack = fc.Repeat(fc.Backtrack(fc.ClipStep(fc.GradientStep(0.1), 0.2)), num_steps=k_mid)
-    cases += [
-        sampler(
-            f"posthoc_k{k_mid}_backtrack",
-            f"+ PostHoc, Repeat(Backtrack(ClipStep(GradientStep)), K={k_mid})",
-            dict(placement=fc.PostHoc(), corrector=backtrack, **lean),
-        ),
-        sampler(
-            f"posthoc_k{k_mid}_diagnostics",
-            f"+ PostHoc K={k_mid}, step_energies=True (the default)",
-            dict(placement=fc.PostHoc(), corrector=fc.reference_recipe(k_mid), step_energies=True),
-        ),
-        sampler(
-            "denoised_last3",
-            "+ Denoised(LastSteps(3)), reference_recipe(K=1) per step",
-            dict(placement=fc.Denoised(last3), corrector=fc.reference_recipe(1), **lean),
-        ),
-        sampler(
-            "denoised_last3_tracked",
-            "same, track_uncorrected=True, step_energies=True (defaults)",
-            dict(placement=fc.Denoised(last3), corrector=fc.reference_recipe(1)),
-        ),
-        sampler(
-            "guided_last3",
-            "+ Guided(LastSteps(3)), VJP through the policy",
-            dict(placement=fc.Guided(last3), **lean),
-        ),
-        sampler(
-            "guided_last3_tracked",
-            "same, track_uncorrected=True, step_energies=True (defaults)",
-            dict(placement=fc.Guided(last3)),
-        ),
-        sampler(
-            f"best_of_{n_best}",
-            f"BestOfN({n_best}): {n_best} plain samples, lowest energy kept",
-            dict(placement=fc.BestOfN(n_best), **lean),
-            noise=noise_n,
-        ),
-        Case(
-            "encode_alone",
-            "alone",
-            "EnergyModel.encode of the context only",
-            _encode,
-            lambda: (energy, tokens, mask),
-        ),
-    ]
-    for k in ks:
-        cases.append(
-            Case(
-                f"correct_k{k}_alone",
-                "alone",
-                f"fc.correct K={k}, encode included",
-                _correct,
-                lambda k=k: (energy, tokens, mask, actions(), fc.reference_recipe(k)),
-            )
+        out[f"guided_{label}"] = (
+            f"Guided, {steps} flow steps (one VJP each)",
+            lambda s=schedule: fc.Guided(schedule=s()),
         )
-    cases.append(
-        Case(
-            f"correct_k{k_mid}_reencode",
-            "alone",
-            f"fc.correct K={k_mid}, energy without encode/score split",
-            _correct,
-            lambda: (Unsplit(energy), tokens, mask, actions(), fc.reference_recipe(k_mid)),
-        )
-    )
-    cases.append(
-        Case(
-            f"correct_k{k_mid}_pre_encoded",
-            "alone",
-            f"fc.correct_prepared K={k_mid}, context already encoded",
-            _correct_encoded,
-            lambda: (energy, encoded(), actions(), fc.reference_recipe(k_mid)),
-        )
-    )
-    return cases
+    for n in args.best_of:
+        out[f"best_of_{n}"] = (f"BestOfN({n}), one prefix pass", lambda n=n: fc.BestOfN(n))
+    return out
 
 
-def mid_steps(ks: list[int]) -> int:
-    """The K of the single-K rows: 3 (the reference's default) when measured."""
-    return 3 if 3 in ks else ks[0]
-
-
-def case_names(ks: list[int], n_best: int, quick: bool) -> list[str]:
-    """The default selection: every case, or for `--quick` the essential ones."""
-    k = mid_steps(ks)
-    core = [
-        "plain",
-        *(f"posthoc_k{j}" for j in ks),
-        "denoised_last3",
-        "guided_last3",
-        f"best_of_{n_best}",
-        "encode_alone",
-        f"correct_k{k}_alone",
-    ]
-    if quick:
-        return core
+def row_names(args) -> list[str]:
+    k_ref = [k for k in args.steps if k >= 1]
     return [
         "plain",
-        *(f"posthoc_k{j}" for j in ks),
-        f"posthoc_k{k}_backtrack",
-        f"posthoc_k{k}_diagnostics",
-        "denoised_last3",
-        "denoised_last3_tracked",
-        "guided_last3",
-        "guided_last3_tracked",
-        f"best_of_{n_best}",
-        "encode_alone",
-        *(f"correct_k{j}_alone" for j in ks),
-        f"correct_k{k}_reencode",
-        f"correct_k{k}_pre_encoded",
+        "handwritten",
+        *placements(args),
+        *(f"reference_k{k}" for k in k_ref),
     ]
 
 
-# ---------------------------------------------------------------------------------
-# Timing.
-
-
-def compile_case(case: Case):
-    """Compiles once, ahead of time; returns a zero-argument call and compile facts."""
-    dynamic, static = eqx.partition(case.args(), eqx.is_array)
-
-    def f(dynamic):
-        return case.fn(*eqx.combine(dynamic, static))
-
-    start = time.perf_counter()
-    compiled = jax.jit(f).lower(dynamic).compile()
-    compile_s = time.perf_counter() - start
-    memory = None
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # Not every backend reports it.
-        stats = None
-    if stats is not None:
-        memory = {
-            "argument_bytes": int(stats.argument_size_in_bytes),
-            "output_bytes": int(stats.output_size_in_bytes),
-            "temp_bytes": int(stats.temp_size_in_bytes),
-        }
-    return (lambda: compiled(dynamic)), compile_s, memory
-
-
-def time_cases(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int):
-    """Round-robin timing: each round calls every case once."""
-    for call in calls.values():
-        for _ in range(warmup):
-            jax.block_until_ready(call())
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(call())
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def device_peak_bytes() -> int | None:
-    try:
-        stats = jax.devices()[0].memory_stats()
-    except Exception:
-        return None
-    if not stats or "peak_bytes_in_use" not in stats:
-        return None
-    return int(stats["peak_bytes_in_use"])
-
-
-# ---------------------------------------------------------------------------------
-# Reporting.
-
-
-def environment() -> dict[str, Any]:
-    dev = jax.devices()[0]
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "device": f"{dev.platform}: {dev.device_kind}",
-        "platform": dev.platform,
-        "num_devices": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1m": None if load is None else round(load[0], 2),
-        "jax": jax.__version__,
-        "jaxlib": _version("jaxlib"),
-        "equinox": eqx.__version__,
-        "flowcorrect": fc.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
+def build_rows(args, policy, energy, obs, key) -> list[Row]:
+    every = {
+        "plain": Row(
+            "plain",
+            f"fc.sample, no energy ({NUM_FLOW_STEPS} Euler steps)",
+            lambda: harness.compile_fn(sample_plain, policy, obs, key),
+        ),
+        "handwritten": Row(
+            "handwritten",
+            "hand-written Euler loop, no fc.sample",
+            lambda: harness.compile_fn(sample_handwritten, policy, obs, key),
+        ),
     }
-
-
-def _version(name: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _ms(x: float) -> str:
-    return f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
-
-
-def _mib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:.1f}"
-
-
-def markdown_table(result: dict[str, Any]) -> str:
-    """One table per batch size: ms, ratio to the plain sampler, XLA working memory."""
-    lines = []
-    for run in result["runs"]:
-        lines.append(f"**batch size {run['batch_size']}**")
-        lines.append("")
-        lines.append(
-            "| case | what | median ms | min ms | added ms | ratio (median) | ratio (min) "
-            "| XLA temp MiB | total MiB |"
+    for name, (description, placement) in placements(args).items():
+        k = int(name.removeprefix("posthoc_k")) if name.startswith("posthoc_k") else None
+        every[name] = Row(
+            name,
+            description,
+            lambda p=placement: harness.compile_fn(sample_placed, policy, obs, key, energy, p()),
+            k,
         )
-        lines.append("|---|---|--:|--:|--:|--:|--:|--:|--:|")
-        for row in run["rows"]:
-            added = row["added_ms"]
-            lines.append(
-                f"| {row['case']} | {row['description']} | {_ms(row['median_ms'])} "
-                f"| {_ms(row['min_ms'])} | {'' if added is None else _ms(added)} "
-                f"| {row['ratio_median']:.3f} | {row['ratio_min']:.3f} "
-                f"| {_mib(row['temp_bytes'])} | {_mib(row['total_bytes'])} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
+    pieces = functools.cache(lambda: reference_pieces(policy, energy, obs, key))
+    for k in (k for k in args.steps if k >= 1):
+        every[f"reference_k{k}"] = Row(
+            f"reference_k{k}",
+            f"method B: sample, 2nd prefix pass, {k} re-encoding steps (Python loop)",
+            lambda k=k: compile_reference(pieces(), energy, k),
+            k,
+        )
+    return [every[name] for name in args.rows]
 
 
-def header(result: dict[str, Any]) -> str:
-    env, setup = result["environment"], result["setup"]
-    peak = result["device_peak_bytes"]
-    return "\n".join(
-        [
-            f"device: {env['device']} ({env['cpu_count']} CPUs visible, 1-min load average "
-            f"{env['load_average_1m']} at start, {env['load_average_1m_end']} at end); "
-            f"jax {env['jax']}, equinox {env['equinox']}, flowcorrect {env['flowcorrect']}",
-            f"policy stand-in: {setup['policy_size']} (width {setup['policy_width']}, "
-            f"{setup['policy_layers']} layers, {setup['policy_parameters']:,} parameters); "
-            f"{setup['flow_steps']} Euler steps; chunk {setup['chunk']}",
-            f"energy: EnergyModel hidden {setup['energy_hidden']}, {setup['energy_heads']} heads, "
-            f"{setup['energy_parameters']:,} parameters; context {setup['context_tokens']} tokens "
-            f"x {setup['context_dim']} ({setup['padding_tokens']} of them padding)",
-            f"timing: median / min of {setup['repeats']} round-robin calls after "
-            f"{setup['warmup']} warm-up calls; compile excluded",
-            "device peak memory: "
-            + (
-                "not available on this backend"
-                if peak is None
-                else f"{_mib(peak)} MiB (process-wide peak over all cases)"
-            ),
-        ]
+# The reference's defaults: alpha 0.1, clip_frac 0.2.
+REFERENCE_HYPERPARAMETERS = (jnp.asarray(0.1), jnp.asarray(0.2))
+
+
+def reference_pieces(policy, energy, obs, key) -> tuple[harness.Compiled, ...]:
+    """Method B's three compiled functions (shared by its rows of every K). Its sampler
+    is openpi's `sample_actions` loop (the hand-written row)."""
+    sample = harness.compile_fn(sample_handwritten, policy, obs, key)
+    prefix_out = harness.compile_fn(reference_prefix_out, policy, obs)
+    context = jax.eval_shape(reference_prefix_out, policy, obs)
+    actions = jax.eval_shape(sample_handwritten, policy, obs, key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (context, actions))
+    step = harness.compile_fn(reference_step, energy, *zeros, *REFERENCE_HYPERPARAMETERS)
+    return sample, prefix_out, step
+
+
+def compile_reference(pieces, energy, k: int) -> harness.Compiled:
+    """Method B with K steps: its three compiled functions, called one after the other."""
+    sample, prefix_out, step = pieces
+    alpha, clip = REFERENCE_HYPERPARAMETERS
+
+    def call():
+        actions = sample.call()
+        context = prefix_out.call()
+        for _ in range(k):
+            actions = step.run(energy, context, actions, alpha, clip)
+        return actions
+
+    memories = [c.memory for c in (sample, prefix_out, step) if c.memory is not None]
+    flops = [sample.matmul_flops, prefix_out.matmul_flops, step.matmul_flops]
+    low = [sample.matmul_flops_min, prefix_out.matmul_flops_min, step.matmul_flops_min]
+    return harness.Compiled(
+        call=call,
+        compile_s=sample.compile_s + prefix_out.compile_s + step.compile_s,
+        # The largest of the three programs (they run one after the other).
+        memory=max(memories, key=lambda m: sum(m.values())) if memories else None,
+        xla_flops=None,
+        matmul_flops=None if None in flops else flops[0] + flops[1] + k * flops[2],
+        matmul_flops_min=None if None in low else low[0] + low[1] + k * low[2],
     )
 
 
 # ---------------------------------------------------------------------------------
-# Main.
+# Running.
 
 
-def parse_args(argv):
+def run_batch(args, batch: int, policy, energy, key) -> dict[str, Any]:
+    config = policy.config
+    k_obs, k_sample = jax.random.split(key)
+    # openpi pads its prompt to a fixed length: pad the last 1/16 of the tokens.
+    obs = fc.Pi0ShapedObservation.random(config, k_obs, batch, num_padding=config.prefix_len // 16)
+    rows = build_rows(args, policy, energy, obs, k_sample)
+    compiled = {}
+    for row in rows:
+        compiled[row.name] = row.compile()
+        if args.verbose:
+            print(f"  compiled {row.name} (batch {batch}) in "
+                  f"{compiled[row.name].compile_s:.1f} s", file=sys.stderr)  # fmt: skip
+    times = harness.time_round_robin(
+        {name: c.call for name, c in compiled.items()}, args.repeats, args.warmup
+    )
+    out = []
+    for row in rows:
+        c = compiled[row.name]
+        stats = harness.summarise(times[row.name])
+        out.append(
+            {
+                "row": row.name,
+                "description": row.description,
+                "k": row.k,
+                **stats,
+                "compile_s": c.compile_s,
+                "temp_bytes": None if c.memory is None else c.memory["temp_bytes"],
+                "total_bytes": None if c.memory is None else sum(c.memory.values()),
+                "matmul_flops": c.matmul_flops,
+                "matmul_flops_min": c.matmul_flops_min,
+                "xla_flops": c.xla_flops,
+                "times_ms": [t * 1e3 for t in times[row.name]],
+            }
+        )
+    plain = next(r for r in out if r["row"] == args.baseline)
+    for r in out:
+        r["added_ms"] = None if r is plain else r["median_ms"] - plain["median_ms"]
+        r["ratio"] = r["median_ms"] / plain["median_ms"]
+        flops, base = r["matmul_flops"], plain["matmul_flops"]
+        r["added_flops_ratio"] = (
+            None if r is plain or flops is None or not base else (flops - base) / base
+        )
+        low, base_low = r["matmul_flops_min"], plain["matmul_flops_min"]
+        r["added_flops_ratio_min"] = (
+            None if r is plain or low is None or not base_low else (low - base_low) / base_low
+        )
+    by_name = {r["row"]: r for r in out}
+    for r in out:
+        ref = by_name.get(f"reference_k{r['k']}")
+        if r["row"].startswith("posthoc_k") and ref is not None and ref["added_ms"]:
+            r["vs_reference"] = r["added_ms"] / ref["added_ms"]
+        else:
+            r["vs_reference"] = None
+    return {"batch_size": batch, "rows": out}
+
+
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smaller context and policy, fewer repeats (< 1 min on a CPU)",
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="policy and energy sizes (default cpu; pi0 for a GPU)",
     )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        nargs="+",
-        default=None,
-        help="one or more batch sizes (default 1; --quick: 1)",
-    )
-    parser.add_argument(
-        "--policy-size",
-        choices=sorted(POLICY_SIZES),
-        default=None,
-        help="cost of the stand-in policy (default small)",
-    )
-    parser.add_argument(
-        "--context-tokens",
-        type=int,
-        default=None,
-        help="context tokens per observation (default 816, openpi's prefix; --quick: 256)",
-    )
-    parser.add_argument(
-        "--context-dim",
-        type=int,
-        default=None,
-        help="context token width (default 2048, PaliGemma's; --quick: 512)",
-    )
-    parser.add_argument(
-        "--energy-hidden", type=int, default=512, help="EnergyModel hidden width (reference: 512)"
-    )
-    parser.add_argument(
-        "--energy-heads", type=int, default=8, help="EnergyModel attention heads (reference: 8)"
-    )
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 8])
     parser.add_argument(
         "--steps",
         type=int,
         nargs="+",
-        default=[1, 3, 5],
-        help="correction steps K of the post-hoc rows (default 1 3 5)",
+        default=[0, 1, 3, 5, 10],
+        help="K of the post-hoc and reference rows",
     )
-    parser.add_argument("--best-of", type=int, default=8, help="N of the BestOfN row")
+    parser.add_argument("--best-of", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument(
-        "--repeats", type=int, default=None, help="timed calls per case (default 15; --quick: 5)"
-    )
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per case")
-    parser.add_argument(
-        "--cases",
+        "--rows",
         nargs="+",
         default=None,
-        help="which rows to run (default: all; --quick: the essential ones); "
-        "'plain' is always run, first",
+        help="which rows (default all); 'plain' is always run, first",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=str, default=None, help="write the results as JSON here")
     parser.add_argument(
-        "--markdown", type=str, default=None, help="write the markdown table here too"
+        "--baseline", default="plain", help="the row every ratio is taken against (default plain)"
     )
-    args = parser.parse_args(argv)
-    quick = args.quick
-    if args.batch_size is None:
-        args.batch_size = [1]
-    if args.policy_size is None:
-        args.policy_size = "small"
-    if args.context_tokens is None:
-        args.context_tokens = 256 if quick else 816
-    if args.context_dim is None:
-        args.context_dim = 512 if quick else 2048
-    if args.repeats is None:
-        args.repeats = 5 if quick else 15
-    for name in (
-        "context_tokens",
-        "context_dim",
-        "energy_hidden",
-        "energy_heads",
-        "repeats",
-        "best_of",
-    ):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if any(b < 1 for b in args.batch_size) or any(k < 1 for k in args.steps):
-        parser.error("--batch-size and --steps must be >= 1")
-    known = case_names(args.steps, args.best_of, quick=False)
-    if args.cases is None:
-        args.cases = case_names(args.steps, args.best_of, quick=quick)
-    unknown = [name for name in args.cases if name not in known]
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per row")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per row")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the JSON record here")
+    parser.add_argument("--markdown", help="write the table here")
+    parser.add_argument("--plot", help="write a bar chart here (needs matplotlib)")
+    parser.add_argument("--verbose", action="store_true", help="report each compile")
+    args = parser.parse_args(argv)  # fmt: skip
+    if min(args.batch_size) < 1 or min(args.best_of) < 1 or min(args.steps) < 0:
+        parser.error("--batch-size and --best-of must be >= 1, --steps >= 0")
+    if args.repeats < 1 or args.warmup < 1:
+        parser.error("--repeats and --warmup must be >= 1 (the first call is slower)")
+    known = row_names(args)
+    rows = known if args.rows is None else args.rows
+    unknown = [r for r in rows if r not in known]
     if unknown:
-        parser.error(f"unknown --cases {unknown}; choose from {known}")
-    args.cases = ["plain", *(name for name in dict.fromkeys(args.cases) if name != "plain")]
-    if args.warmup < 1:
-        parser.error("--warmup must be >= 1 (the first call of a compiled function is slower)")
+        parser.error(f"unknown --rows {unknown}; choose from {known}")
+    if args.baseline not in known:
+        parser.error(f"unknown --baseline {args.baseline!r}; choose from {known}")
+    args.rows = [args.baseline, *(r for r in dict.fromkeys(rows) if r != args.baseline)]
     return args
 
 
-def run_batch(args, batch: int, policy, energy, key) -> dict[str, Any]:
-    s, d = args.context_tokens, args.context_dim
-    k_tokens, k_noise = jax.random.split(key)
-    tokens = jax.random.normal(k_tokens, (batch, s, d))
-    # openpi pads the prompt to a fixed length; pad the last 1/16 of the tokens.
-    padding = s // 16
-    mask = jnp.broadcast_to(jnp.arange(s) < s - padding, (batch, s))
-    noise_n = jax.random.normal(k_noise, (batch, args.best_of, HORIZON, ACTION_DIM))
-    noise = noise_n[:, 0]
-    calls, compile_s, memory = {}, {}, {}
-
-    # The chunks the correction-alone rows correct: the plain sampler's own output.
-    @functools.cache
-    def actions():
-        return calls["plain"]()[0]
-
-    @functools.cache
-    def encoded():
-        return eqx.filter_jit(_encode)(energy, tokens, mask)
-
-    every = build_cases(
-        policy, energy, tokens, mask, noise, noise_n, actions, encoded, args.steps, args.best_of
-    )
-    by_name = {case.name: case for case in every}
-    cases = [by_name[name] for name in args.cases]  # "plain" first: checked in parse_args
-    for case in cases:
-        calls[case.name], compile_s[case.name], memory[case.name] = compile_case(case)
-    times = time_cases(calls, args.repeats, args.warmup)
-
-    plain_median = statistics.median(times["plain"]) * 1e3
-    plain_min = min(times["plain"]) * 1e3
-    rows = []
-    for case in cases:
-        t = np.asarray(times[case.name]) * 1e3
-        median, fastest = float(np.median(t)), float(np.min(t))
-        mem = memory[case.name]
-        rows.append(
-            {
-                "case": case.name,
-                "group": case.group,
-                "description": case.description,
-                "median_ms": median,
-                "min_ms": fastest,
-                "iqr_ms": float(np.percentile(t, 75) - np.percentile(t, 25)),
-                "added_ms": None
-                if case.group == "alone" or case.name == "plain"
-                else median - plain_median,
-                "ratio_median": median / plain_median,
-                "ratio_min": fastest / plain_min,
-                "compile_s": compile_s[case.name],
-                "temp_bytes": None if mem is None else mem["temp_bytes"],
-                "total_bytes": None if mem is None else sum(mem.values()),
-                "times_ms": [float(x) for x in t],
-            }
-        )
-    return {"batch_size": batch, "rows": rows}
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Runs the benchmark; prints the table and returns the results as a dict."""
+    """Runs the benchmark, prints the table, returns (and optionally writes) the record."""
     args = parse_args(argv)
-    key = jax.random.key(args.seed)
-    k_policy, k_energy, k_data = jax.random.split(key, 3)
-    width, layers = POLICY_SIZES[args.policy_size]
-    policy = StandInPolicy(args.context_dim, width, layers, key=k_policy)
-    config = fc.EnergyModelConfig(
-        context_dim=args.context_dim,
-        action_dim=ACTION_DIM,
-        hidden=args.energy_hidden,
-        num_heads=args.energy_heads,
+    config, (hidden, heads) = PRESETS[args.preset]
+    k_policy, k_energy, k_data = jax.random.split(jax.random.key(args.seed), 3)
+    policy = fc.Pi0ShapedPolicy(config, key=k_policy)
+    energy_config = fc.EnergyModelConfig(
+        context_dim=config.width, action_dim=config.action_dim, hidden=hidden, num_heads=heads
     )
-    energy = eqx.nn.inference_mode(fc.EnergyModel(config, key=k_energy))
-    env = environment()
-    setup = {
-        "quick": args.quick,
-        "policy_size": args.policy_size,
-        "policy_width": width,
-        "policy_layers": layers,
-        "policy_parameters": num_parameters(policy),
-        "flow_steps": NUM_FLOW_STEPS,
-        "chunk": [HORIZON, ACTION_DIM],
-        "context_tokens": args.context_tokens,
-        "context_dim": args.context_dim,
-        "padding_tokens": args.context_tokens // 16,
-        "energy_hidden": args.energy_hidden,
-        "energy_heads": args.energy_heads,
+    energy = eqx.nn.inference_mode(fc.EnergyModel(energy_config, key=k_energy))
+    env = harness.environment()
+    settings = {
+        "preset": args.preset,
+        "policy": (
+            f"Pi0ShapedPolicy {config.dtype}, prefix {config.prefix_len} tokens "
+            f"({config.prefix_len // 16} padding) x width {config.width}, depth {config.depth}, "
+            f"action expert width {config.expert_width}, {policy.num_parameters():,} "
+            f"parameters; chunk {policy.chunk_shape}; {NUM_FLOW_STEPS} Euler steps"
+        ),
+        "policy_config": dataclasses.asdict(config),
+        "policy_parameters": policy.num_parameters(),
+        "energy": f"EnergyModel hidden {hidden}, {heads} heads, "
+        f"{energy.num_parameters():,} parameters",
+        "energy_config": energy_config.to_dict(),
         "energy_parameters": energy.num_parameters(),
+        "flow_steps": NUM_FLOW_STEPS,
         "steps": args.steps,
         "best_of": args.best_of,
+        "batch_sizes": args.batch_size,
+        "rows": args.rows,
+        "baseline": args.baseline,
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "command": " ".join(
-            ["python benchmarks/overhead.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     start = time.perf_counter()
-    runs = []
-    for i, batch in enumerate(args.batch_size):
-        runs.append(run_batch(args, batch, policy, energy, jax.random.fold_in(k_data, i)))
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    env["load_average_1m_end"] = None if load is None else round(load[0], 2)
+    runs = [
+        run_batch(args, batch, policy, energy, jax.random.fold_in(k_data, i))
+        for i, batch in enumerate(args.batch_size)
+    ]
     result = {
         "environment": env,
-        "setup": setup,
-        "device_peak_bytes": device_peak_bytes(),
-        "wall_s": time.perf_counter() - start,
+        "settings": settings,
         "runs": runs,
+        "device_peak_bytes": harness.device_peak_bytes(),
+        "load_average_1m_end": harness.load_average(),
+        "wall_s": time.perf_counter() - start,
     }
-    table = markdown_table(result)
-    print(header(result))
-    print()
-    print(table)
-    print(f"(benchmark wall time {result['wall_s']:.0f} s)")
+    table = report.markdown_table(result)
+    print(report.header(result), "", table, f"(wall time {result['wall_s']:.0f} s)", sep="\n")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        report.write_json(result, args.out)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(header(result) + "\n\n" + table)
+            f.write(report.header(result) + "\n\n" + table)
+    if args.plot and not report.plot(result, args.plot):
+        print("(no plot: matplotlib is not installed)", file=sys.stderr)
     return result
-
-
-if __name__ == "__main__":
-    main()

@@ -1,124 +1,165 @@
-"""Smoke tests of benchmarks/overhead.py: it runs and reports every row.
+"""Smoke tests of `benchmarks/` (python -m benchmarks): it runs, reports every row, and
+its compiled functions take weights and hyperparameters as arguments.
 
 Timings are never asserted on here; they belong to the benchmark's own output.
 """
 
-import importlib.util
 import json
 import math
-import pathlib
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import pytest
+from benchmarks import harness, overhead
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
-_spec = importlib.util.spec_from_file_location("flowcorrect_benchmark_overhead", _PATH)
-assert _spec is not None and _spec.loader is not None
-overhead = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(overhead)
+import flowcorrect as fc
 
-# Tiny sizes: the run is dominated by compiling each case once.
-TINY = [
-    "--quick",
-    "--policy-size", "tiny",
-    "--context-tokens", "16",
-    "--context-dim", "32",
-    "--energy-hidden", "32",
-    "--energy-heads", "2",
-    "--repeats", "2",
-    "--warmup", "1",
-    "--best-of", "2",
-]  # fmt: skip
+# The placements' keyword API (fc.sample(policy, observation, key, placement=...)).
+NEW_API = hasattr(fc, "bind")
+needs_new_api = pytest.mark.skipif(not NEW_API, reason="fc.sample's policy API not merged yet")
+
+TINY = ["--preset", "tiny", "--repeats", "2", "--warmup", "1"]
 
 
-def _check_result(result, batch_sizes, names):
+def _check(result, names, batch_sizes):
     assert [run["batch_size"] for run in result["runs"]] == batch_sizes
     for run in result["runs"]:
         rows = run["rows"]
-        assert [row["case"] for row in rows] == names
-        for row in rows:
-            for field in ("median_ms", "min_ms", "ratio_median", "ratio_min"):
-                value = row[field]
-                assert math.isfinite(value) and value > 0, (row["case"], field, value)
-            assert len(row["times_ms"]) == 2
-            assert row["group"] in ("sampler", "alone")
-            if row["group"] == "sampler" and row["case"] != "plain":
-                assert math.isfinite(row["added_ms"])
-            else:
-                assert row["added_ms"] is None
-        plain = rows[0]
-        assert plain["ratio_median"] == pytest.approx(1.0)
-        assert plain["ratio_min"] == pytest.approx(1.0)
-    env, setup = result["environment"], result["setup"]
-    for key in ("device", "jax", "equinox", "flowcorrect"):
+        assert [r["row"] for r in rows] == names
+        for r in rows:
+            assert len(r["times_ms"]) == 2
+            for field in ("median_ms", "min_ms", "ratio", "compile_s", "matmul_flops"):
+                assert math.isfinite(r[field]) and r[field] > 0, (r["row"], field, r[field])
+        base = rows[0]
+        assert base["ratio"] == pytest.approx(1.0) and base["added_ms"] is None
+        for r in rows[1:]:
+            assert math.isfinite(r["added_ms"]) and math.isfinite(r["added_flops_ratio"])
+    env, settings = result["environment"], result["settings"]
+    for key in ("device", "platform", "jax", "equinox", "machine"):
         assert env[key]
-    assert setup["chunk"] == [50, 32]
-    assert setup["energy_parameters"] > 0 and setup["policy_parameters"] > 0
+    assert settings["policy_parameters"] > 0 and settings["energy_parameters"] > 0
+    assert settings["policy_config"]["horizon"] == 50
 
 
-def test_quick_subset_writes_json_and_markdown(tmp_path, capsys):
-    out, md = tmp_path / "results.json", tmp_path / "results.md"
-    names = ["plain", "posthoc_k1", "correct_k1_alone"]
-    argv = [*TINY, "--steps", "1", "--cases", *names[1:], "--out", str(out), "--markdown", str(md)]
-    result = overhead.main(argv)
-    _check_result(result, [1], names)
-    # The JSON file is the returned result.
+def test_harness_and_reference_rows(tmp_path, capsys):
+    """Runs without the placements API: the hand-written sampler and method B."""
+    out = tmp_path / "r.json"
+    names = ["handwritten", "reference_k1", "reference_k2"]
+    argv = ["--steps", "1", "2", "--baseline", "handwritten", "--batch-size", "1"]
+    result = overhead.main([*TINY, *argv, "--rows", *names, "--out", str(out)])
+    _check(result, names, [1])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = {r["row"]: r for r in result["runs"][0]["rows"]}
+    # Method B adds a prefix pass plus K energy gradients: more FLOPs at larger K.
+    assert 0 < rows["reference_k1"]["added_flops_ratio"] < rows["reference_k2"]["added_flops_ratio"]
     printed = capsys.readouterr().out
-    for text in (printed, md.read_text()):
-        assert "| case |" in text
-        for name in names:
-            assert f"| {name} |" in text
+    assert "| row |" in printed and all(f"| {n} |" in printed for n in names)
 
 
-@pytest.mark.slow
-def test_every_row_present(tmp_path):
-    result = overhead.main([*TINY, "--steps", "1", "2", "--batch-size", "2", "--cases",
-                            *overhead.case_names([1, 2], 2, quick=False)])  # fmt: skip
-    names = [
-        "plain",
-        "posthoc_k1",
-        "posthoc_k2",
-        "posthoc_k1_backtrack",
-        "posthoc_k1_diagnostics",
-        "denoised_last3",
-        "denoised_last3_tracked",
-        "guided_last3",
-        "guided_last3_tracked",
-        "best_of_2",
-        "encode_alone",
-        "correct_k1_alone",
-        "correct_k2_alone",
-        "correct_k1_reencode",
-        "correct_k1_pre_encoded",
-    ]
-    _check_result(result, [2], names)
+@pytest.mark.slow  # ten rows, each compiled once: ~30 s on 2 idle cores
+@needs_new_api
+def test_every_row(tmp_path):
+    out = tmp_path / "r.json"
+    result = overhead.main([*TINY, "--steps", "0", "1", "--best-of", "2",
+                            "--batch-size", "1", "--out", str(out)])  # fmt: skip
+    names = ["plain", "handwritten", "posthoc_k0", "posthoc_k1", "denoised_last3",
+             "guided_last3", "denoised_all", "guided_all", "best_of_2", "reference_k1"]  # fmt: skip
+    assert sorted(json.loads(out.read_text())["settings"]["rows"]) == sorted(names)
+    _check(result, result["settings"]["rows"], [1])
+    rows = {r["row"]: r for r in result["runs"][0]["rows"]}
+    assert rows["posthoc_k1"]["vs_reference"] is not None
+    assert rows["posthoc_k0"]["added_flops_ratio"] < rows["posthoc_k1"]["added_flops_ratio"]
 
 
-def test_default_selection():
-    quick = overhead.parse_args(["--quick"])
-    assert quick.cases == [
-        "plain",
-        "posthoc_k1",
-        "posthoc_k3",
-        "posthoc_k5",
-        "denoised_last3",
-        "guided_last3",
-        "best_of_8",
-        "encode_alone",
-        "correct_k3_alone",
-    ]
-    assert (quick.context_tokens, quick.context_dim) == (256, 512)
-    full = overhead.parse_args([])
-    assert (full.context_tokens, full.context_dim, full.batch_size) == (816, 2048, [1])
-    assert set(quick.cases) < set(full.cases) and full.cases[0] == "plain"
-    # "plain" is the baseline of every ratio, so it is always run, first.
-    assert overhead.parse_args(["--cases", "encode_alone"]).cases == ["plain", "encode_alone"]
+def _tiny_setup():
+    config, (hidden, heads) = overhead.PRESETS["tiny"]
+    policy = fc.Pi0ShapedPolicy(config, key=jax.random.key(0))
+    energy = eqx.nn.inference_mode(
+        fc.EnergyModel(
+            fc.EnergyModelConfig(config.width, config.action_dim, hidden=hidden, num_heads=heads),
+            key=jax.random.key(1),
+        )
+    )
+    obs = fc.Pi0ShapedObservation.random(config, jax.random.key(2), 2, num_padding=3)
+    return policy, energy, obs, jax.random.key(3)
+
+
+def _heavier(policy):
+    return eqx.tree_at(lambda p: p.expert_layers.down, policy, policy.expert_layers.down * 2)
+
+
+@needs_new_api
+def test_new_alpha_or_weights_do_not_recompile():
+    policy, energy, obs, key = _tiny_setup()
+    placed = eqx.filter_jit(eqx.debug.assert_max_traces(overhead.sample_placed, max_traces=1))
+    for alpha, p in ((0.1, policy), (0.3, policy), (0.3, _heavier(policy))):
+        placement = fc.PostHoc(corrector=fc.reference_recipe(3, alpha=alpha))
+        assert jnp.isfinite(placed(p, obs, key, energy, placement)).all()
+
+
+def test_reference_and_handwritten_do_not_recompile():
+    policy, energy, obs, key = _tiny_setup()
+    sample = eqx.filter_jit(eqx.debug.assert_max_traces(overhead.sample_handwritten, max_traces=1))
+    step = eqx.filter_jit(eqx.debug.assert_max_traces(overhead.reference_step, max_traces=1))
+    context = overhead.reference_prefix_out(policy, obs)
+    first = sample(policy, obs, key)
+    second = sample(_heavier(policy), obs, key)
+    assert float(jnp.abs(first - second).max()) > 1e-4
+    a = step(energy, context, first, jnp.asarray(0.1), jnp.asarray(0.2))
+    b = step(energy, context, first, jnp.asarray(0.3), jnp.asarray(0.2))
+    assert float(jnp.abs(a - b).max()) > 0
+
+
+def test_matmul_flops_count_loop_trips():
+    x, w = jnp.ones((8, 16)), jnp.ones((16, 16))
+
+    def f(x, w, n):
+        return jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=n)[0]
+
+    one = harness.matmul_flops(lambda x, w: f(x, w, 1), x, w)
+    ten = harness.matmul_flops(lambda x, w: f(x, w, 10), x, w)
+    assert one == 2 * 8 * 16 * 16 and ten == 10 * one
+
+
+def test_round_robin_times_every_call():
+    calls = {"a": lambda: jnp.ones(3) * 2, "b": lambda: jnp.zeros(2)}
+    times = harness.time_round_robin(calls, repeats=3, warmup=1)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert harness.summarise(times["a"])["median_ms"] > 0
+
+
+def test_row_names_and_defaults():
+    args = overhead.parse_args([])
+    assert args.preset == "cpu" and args.batch_size == [1, 8] and args.repeats >= 20
+    assert args.steps == [0, 1, 3, 5, 10] and args.best_of == [4, 8, 16]
+    assert args.rows[0] == "plain"
+    for name in ["posthoc_k10", "denoised_last3", "denoised_all", "guided_last3",
+                 "guided_all", "best_of_16", "reference_k10", "handwritten"]:  # fmt: skip
+        assert name in args.rows
+    assert "reference_k0" not in args.rows
+    # The baseline is always run, first.
+    assert overhead.parse_args(["--rows", "best_of_4"]).rows == ["plain", "best_of_4"]
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["--cases", "nonsense"], ["--batch-size", "0"], ["--steps", "0"], ["--warmup", "0"]],
-)
+    [["--rows", "nonsense"], ["--batch-size", "0"], ["--steps", "-1"], ["--warmup", "0"],
+     ["--preset", "huge"], ["--baseline", "nope"]],
+)  # fmt: skip
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit):
         overhead.parse_args(argv)
+
+
+def test_plot_is_optional(tmp_path):
+    result = {
+        "environment": {"device": "cpu"},
+        "runs": [{"batch_size": 1, "rows": [{"row": "plain", "ratio": 1.0},
+                                            {"row": "x", "ratio": 1.5}]}],
+    }  # fmt: skip
+    pytest.importorskip("matplotlib")
+    from benchmarks import report
+
+    assert report.plot(result, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0

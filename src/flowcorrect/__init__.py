@@ -81,6 +81,14 @@ from ._model.serialise import (
     load_model as load_model,
     save_model as save_model,
 )
+
+# -- a Pi0-shaped reference policy (issue 9) --
+from ._policies.pi0_shaped import (
+    Pi0ShapedConfig as Pi0ShapedConfig,
+    Pi0ShapedObservation as Pi0ShapedObservation,
+    Pi0ShapedPolicy as Pi0ShapedPolicy,
+    Pi0ShapedPrefix as Pi0ShapedPrefix,
+)
 from ._policy import (
     AbstractBatchedPolicy as AbstractBatchedPolicy,
     AbstractPolicy as AbstractPolicy,
@@ -112,3 +120,4 @@ from ._train.negatives import (
 from ._train.report import EvalReport as EvalReport, evaluate as evaluate
 
 __version__ = importlib.metadata.version("flowcorrect")
+

@@ -1,0 +1,1 @@
+"""Concrete policies shipped with flowcorrect (reference models for tests and benchmarks)."""
