@@ -134,32 +134,13 @@ def setup(request, _openpi_rank_promotion):
     return config, model, Pi0Policy(model), observation, noise
 
 
-def _euler_impl(policy, observation, noise):
-    """No correction: Euler over fc.OpenPI().times with one prefix pass."""
-    prefix = policy.prefix(observation)
-    times = policy.convention.times(NUM_STEPS, noise.dtype)
-    dt = jnp.asarray(-1.0 / NUM_STEPS, noise.dtype)
-
-    def step(x, t):
-        return x + dt * policy.velocity(prefix, x, t), None
-
-    return jax.lax.scan(step, noise, times[:-1])[0]
+def _plain(policy, observation, noise):
+    return fc.sample(policy, observation, None, noise=noise, num_steps=NUM_STEPS)[0]
 
 
-_euler = eqx.filter_jit(_euler_impl)
-
-
-@eqx.filter_jit
-def _best_of_n(policy, observation, noise, n):
-    """N candidates per observation over one prefix pass (observation-major)."""
-    prefix = policy.repeat(policy.prefix(observation), n)
-    times = policy.convention.times(NUM_STEPS, noise.dtype)
-    dt = jnp.asarray(-1.0 / NUM_STEPS, noise.dtype)
-
-    def step(x, t):
-        return x + dt * policy.velocity(prefix, x, t), None
-
-    return jax.lax.scan(step, noise, times[:-1])[0]
+def _energy():
+    config = fc.EnergyModelConfig(context_dim=64, action_dim=32, hidden=32, num_heads=2)
+    return eqx.nn.inference_mode(fc.EnergyModel(config, key=jax.random.key(5)))
 
 
 @needs_openpi
@@ -170,8 +151,9 @@ def test_no_correction_equals_sample_actions_bitwise(setup):
     # openpi's Policy jits sample_actions exactly like this.
     sample_actions = nnx_utils.module_jit(model.sample_actions)
     expected = sample_actions(jax.random.key(3), observation, num_steps=NUM_STEPS, noise=noise)
-    euler = eqx.filter_jit(eqx.debug.assert_max_traces(_euler_impl, max_traces=1))
-    actions = euler(policy, observation, noise)
+    # Through a plain jax.jit, as in openpi's own code, with the policy as an argument.
+    plain = jax.jit(eqx.debug.assert_max_traces(_plain, max_traces=1))
+    actions = plain(policy, observation, noise)
     assert actions.dtype == expected.dtype == jnp.float32
     assert actions.shape == (BATCH, *policy.chunk_shape) == expected.shape
     assert bool(jnp.all(jnp.isfinite(actions)))
@@ -182,13 +164,15 @@ def test_no_correction_equals_sample_actions_bitwise(setup):
     # New weights are traced leaves: same structure, no recompile, different actions.
     scaled = eqx.tree_at(lambda p: p.weights, policy,
                          jax.tree.map(lambda w: w * 1.5, policy.weights))
-    other = euler(scaled, observation, noise)
+    other = plain(scaled, observation, noise)
     assert float(jnp.max(jnp.abs(other - actions))) > 1e-3
 
 
 @needs_openpi
-def test_prefix_once_and_energy_context(setup, monkeypatch):
-    from openpi.models import model as _model, pi0 as _pi0
+def test_every_placement_runs_the_prefix_once(setup, monkeypatch):
+    from openpi.models import pi0 as _pi0
+
+    from flowcorrect.openpi import sample_actions_with_energy_correction
 
     config, model, policy, observation, noise = setup
     calls = []
@@ -199,22 +183,55 @@ def test_prefix_once_and_energy_context(setup, monkeypatch):
         return original(self, obs)
 
     monkeypatch.setattr(_pi0.Pi0, "embed_prefix", counted)
-    policy = type(policy)(model)  # re-split so the graph sees the patched method
+    energy = _energy()
     n = 3
-    many_noise = jax.random.normal(jax.random.key(4), (BATCH * n, *policy.chunk_shape))
-    best = _best_of_n(policy, observation, many_noise, n)
-    jax.block_until_ready(best)
-    assert len(calls) == 1
+    many_noise = jax.random.normal(jax.random.key(4), (BATCH, n, *policy.chunk_shape))
+    placements = {
+        "post-hoc": (None, noise),  # through the reference's user API
+        "denoised": (fc.Denoised(fc.reference_recipe(action_dims=7),
+                                 schedule=fc.LastSteps(3)), noise),
+        "guided": (fc.Guided(schedule=fc.LastSteps(3), weight=1.0), noise),
+        "best-of-3": (fc.BestOfN(n), many_noise),
+    }
+    # K = 0: no correction, the plain sampler.
+    plain = sample_actions_with_energy_correction(
+        model, energy, jax.random.key(3), observation, energy_correction_steps=0, noise=noise
+    )
+    for name, (placement, start) in placements.items():
+        calls.clear()
+        if placement is None:
+            actions, info = sample_actions_with_energy_correction(
+                policy, energy, jax.random.key(3), observation, NUM_STEPS,
+                energy_correction_steps=3, energy_alpha=0.1, energy_clip_frac=0.2,
+                action_dims=7, noise=start, return_info=True,
+            )
+        else:
+            actions, info = fc.sample(policy, observation, None, noise=start,
+                                      num_steps=NUM_STEPS, placement=placement, energy=energy)
+        jax.block_until_ready(actions)
+        assert len(calls) == 1, name
+        assert actions.shape == (BATCH, *policy.chunk_shape), name
+        assert not bool(jnp.any(info.fell_back)), name
+        assert info.final_energy.shape == (BATCH,), name
+        if name == "post-hoc":
+            # Only the first 7 of the 32 dims move (LIBERO's), and they do move.
+            np.testing.assert_array_equal(actions[..., 7:], plain[..., 7:])
+            assert float(jnp.max(jnp.abs(actions[..., :7] - plain[..., :7]))) > 0
+            assert bool(jnp.all(jnp.isfinite(info.placement.correction.energy_after)))
+        if name == "best-of-3":
+            # Candidates share one prefix, observation-major: the chosen chunk of
+            # sample b is the plain flow of observation b from its chosen noise.
+            chosen = many_noise[jnp.arange(BATCH), info.placement.selected]
+            again = fc.sample(policy, observation, None, noise=chosen, num_steps=NUM_STEPS)[0]
+            np.testing.assert_allclose(actions, again, rtol=2e-2, atol=2e-2)
 
-    # Candidates share one prefix: row b * n + j is observation b with noise j.
-    for b in range(BATCH):
-        single = jax.tree.map(lambda x, b=b: x[b : b + 1], observation)
-        rows = many_noise[b * n : (b + 1) * n]
-        one = _euler(policy, jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), single), rows)
-        np.testing.assert_allclose(best[b * n : (b + 1) * n], one, rtol=2e-2, atol=2e-2)
 
-    # The energy's context: prefix_out with openpi's mask, True = real token.
-    prefix = eqx.filter_jit(policy.prefix)(observation)
+@needs_openpi
+def test_energy_context_is_prefix_out_with_openpis_mask(setup):
+    from openpi.models import model as _model
+
+    config, model, policy, observation, noise = setup
+    prefix = eqx.filter_jit(type(policy).prefix)(policy, observation)
     context = policy.energy_context(prefix)
     assert isinstance(context, fc.TokenContext)
     processed = _model.preprocess_observation(None, observation, train=False)
@@ -225,10 +242,16 @@ def test_prefix_once_and_energy_context(setup, monkeypatch):
     assert not bool(jnp.any(context.mask[1, 2 * num_image // 3 : num_image]))
     assert bool(jnp.all(context.mask[0, :num_image]))
     assert int(jnp.sum(context.mask[0, num_image:])) == 7
+    assert int(jnp.sum(context.mask[1, num_image:])) == config.max_token_len // 2
     assert context.tokens.shape == (BATCH, context.mask.shape[1], 64)
     assert bool(jnp.all(jnp.isfinite(context.tokens.astype(jnp.float32))))
+    assert float(jnp.std(context.tokens.astype(jnp.float32))) > 1e-3
     assert policy.batch_size(prefix) == BATCH
-    assert jax.tree.map(jnp.shape, policy.repeat(prefix, n).kv_cache)[0][1] == BATCH * n
+    repeated = policy.repeat(prefix, 3)
+    assert repeated.kv_cache[0].shape[1] == BATCH * 3
+    np.testing.assert_array_equal(repeated.kv_cache[0][:, 3:6],
+                                  jnp.repeat(prefix.kv_cache[0][:, 1:2], 3, axis=1))
+    np.testing.assert_array_equal(repeated.prefix_out[3], prefix.prefix_out[1])
 
 
 @needs_openpi
@@ -243,8 +266,15 @@ def test_bad_inputs(setup):
     unbatched = jax.tree.map(lambda x: x[0], observation)
     with pytest.raises(ValueError, match=r"\(batch, state_dim\).*got \(32,\)"):
         policy.prefix(unbatched)
-    prefix = eqx.filter_jit(policy.prefix)(observation)
+    prefix = eqx.filter_jit(type(policy).prefix)(policy, observation)
     with pytest.raises(ValueError, match=r"`x_t` must be \(batch, horizon, action_dim\)"):
         policy.velocity(prefix, noise[:, :, :7], jnp.asarray(1.0))
     with pytest.raises(ValueError, match="`n` must be an int >= 1"):
         policy.repeat(prefix, 0)
+    from flowcorrect.openpi import sample_actions_with_energy_correction
+
+    with pytest.raises(TypeError, match="openpi's JAX Pi0 or a flowcorrect.openpi.Pi0Policy"):
+        sample_actions_with_energy_correction(object(), None, None, observation)
+    with pytest.raises(ValueError, match="`energy_correction_steps` must be an int >= 0"):
+        sample_actions_with_energy_correction(policy, None, None, observation,
+                                              energy_correction_steps=-1)

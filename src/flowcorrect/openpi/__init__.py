@@ -17,9 +17,13 @@ with a clear error if openpi is missing.
 import importlib
 from typing import Any
 
-__all__ = ["Pi0Policy", "Pi0Prefix"]
+__all__ = ["Pi0Policy", "Pi0Prefix", "sample_actions_with_energy_correction"]
 
-_LAZY = {"Pi0Policy": "._pi0", "Pi0Prefix": "._pi0"}
+_LAZY = {
+    "Pi0Policy": "._pi0",
+    "Pi0Prefix": "._pi0",
+    "sample_actions_with_energy_correction": "._reference_api",
+}
 
 
 def __getattr__(name: str) -> Any:
