@@ -14,6 +14,7 @@ INSTALL_HINT = (
 def import_openpi():
     """Returns openpi's `model` and `pi0` modules, or raises ImportError with the fix."""
     try:
+        import flax.nnx  # noqa: F401
         from openpi.models import model, pi0
     except ImportError as e:
         raise ImportError(f"{INSTALL_HINT} (The import failed with: {e})") from e

@@ -4,7 +4,6 @@ from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
-from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from .._custom_types import Scalar
@@ -15,6 +14,7 @@ from .._policy import AbstractBatchedPolicy
 from ._import import import_openpi
 
 _model, _pi0 = import_openpi()
+from flax import nnx  # noqa: E402  (openpi's dependency; after the check above)
 
 
 class Pi0Prefix(eqx.Module):
