@@ -135,7 +135,7 @@ def test_langevin_is_reproducible_and_key_driven():
     cold = fc.Repeat(fc.LangevinStep(0.05, temperature=0.0), num_steps=3)
     grad = fc.Repeat(fc.GradientStep(0.05), num_steps=3)
     np.testing.assert_allclose(
-        fc.correct(energy, target, actions, corrector=cold)[0],
+        fc.correct(energy, target, actions, corrector=cold, key=KEY)[0],
         fc.correct(energy, target, actions, corrector=grad)[0],
         rtol=1e-6,
     )
@@ -232,8 +232,8 @@ def test_no_recompile_when_values_change():
     energy = fc.SquaredDistance(weight=1.0)
 
     def corrector(alpha, clip, mask, first):
-        step = fc.HorizonMask(fc.GradientStep(alpha), mask=mask)
-        return fc.Repeat(fc.ClipStep(fc.ActionDimMask(step, first=first), clip), num_steps=3)
+        step = fc.Mask(fc.GradientStep(alpha), horizon=mask)
+        return fc.Repeat(fc.ClipStep(fc.Mask(step, action_dims=first), clip), num_steps=3)
 
     m1 = jnp.array([True, False, True, True, False, True])
     m2 = ~m1
@@ -297,12 +297,11 @@ def test_non_finite_gradient_falls_back():
         (lambda: fc.ClipStep(fc.GradientStep(), 0.0), "clip_frac"),
         (lambda: fc.ClipStep(fc.GradientStep(), -0.5), "clip_frac"),
         (lambda: fc.Repeat(fc.GradientStep(), num_steps=-1), "num_steps"),
-        (lambda: fc.HorizonMask(fc.GradientStep(), mask=jnp.zeros(5, bool)), "all False"),
-        (lambda: fc.ActionDimMask(fc.GradientStep(), mask=[False, False]), "all False"),
-        (lambda: fc.HorizonMask(fc.GradientStep(), first=0), "first"),
-        (lambda: fc.ActionDimMask(fc.GradientStep(), first=0), "first"),
-        (lambda: fc.HorizonMask(fc.GradientStep()), "exactly one"),
-        (lambda: fc.HorizonMask(fc.GradientStep(), first=1, mask=[True]), "exactly one"),
+        (lambda: fc.Mask(fc.GradientStep(), horizon=jnp.zeros(5, bool)), "all False"),
+        (lambda: fc.Mask(fc.GradientStep(), action_dims=[False, False]), "all False"),
+        (lambda: fc.Mask(fc.GradientStep(), horizon=0), "horizon"),
+        (lambda: fc.Mask(fc.GradientStep(), action_dims=0), "action_dims"),
+        (lambda: fc.Mask(fc.GradientStep()), "horizon.*action_dims"),
         (lambda: fc.ProjectBounds(1.0, -1.0), "low <= high"),
         (lambda: fc.ProjectBounds(jnp.zeros(3), jnp.ones(4)), "broadcast"),
         (lambda: fc.BoundsPenalty(jnp.ones(2), jnp.zeros(2)), "low <= high"),
@@ -340,12 +339,12 @@ def test_shape_mismatches_raise_at_trace_time_naming_the_argument():
     with pytest.raises(ValueError, match=r"mask.*\(5,\).*\(6, 4\)"):
         fc.correct(
             energy, target, actions,
-            corrector=fc.HorizonMask(fc.GradientStep(), mask=jnp.ones(5, bool)),
+            corrector=fc.Mask(fc.GradientStep(), horizon=jnp.ones(5, bool)),
         )
     with pytest.raises(ValueError, match=r"mask.*\(3,\).*\(6, 4\)"):
         fc.correct(
             energy, target, actions,
-            corrector=fc.ActionDimMask(fc.GradientStep(), mask=jnp.ones(3, bool)),
+            corrector=fc.Mask(fc.GradientStep(), action_dims=jnp.ones(3, bool)),
         )
     with pytest.raises(ValueError, match=r"context.*\(6, 3\).*\(6, 4\)"):
         fc.correct(energy, target[:, :3], actions)

@@ -75,14 +75,20 @@ CORRECTORS: dict[str, tuple[Callable[[float, tuple[int, int]], fc.AbstractCorrec
         lambda a, s: fc.ClipStep(fc.GradientStep(a), 0.3, relative_to="initial"),
         True,
     ),
-    "HorizonMask-first": (lambda a, s: fc.HorizonMask(fc.GradientStep(a), first=2), True),
-    "HorizonMask-mask": (
-        lambda a, s: fc.HorizonMask(fc.GradientStep(a), mask=_alternating(s[0])),
+    "Mask-horizon-first": (lambda a, s: fc.Mask(fc.GradientStep(a), horizon=2), True),
+    "Mask-horizon-mask": (
+        lambda a, s: fc.Mask(fc.GradientStep(a), horizon=_alternating(s[0])),
         True,
     ),
-    "ActionDimMask-first": (lambda a, s: fc.ActionDimMask(fc.GradientStep(a), first=1), True),
-    "ActionDimMask-mask": (
-        lambda a, s: fc.ActionDimMask(fc.LangevinStep(a, 0.05), mask=_alternating(s[1])),
+    "Mask-dims-first": (lambda a, s: fc.Mask(fc.GradientStep(a), action_dims=1), True),
+    "Mask-dims-mask": (
+        lambda a, s: fc.Mask(fc.LangevinStep(a, 0.05), action_dims=_alternating(s[1])),
+        True,
+    ),
+    "Mask-both": (
+        lambda a, s: fc.Mask(
+            fc.OptaxStep(_optimizer("sgd", a)), horizon=_alternating(s[0]), action_dims=1
+        ),
         True,
     ),
     "Backtrack": (lambda a, s: fc.Backtrack(fc.GradientStep(a), max_halvings=3), True),
@@ -180,7 +186,7 @@ def test_masked_entries_stay_bit_identical(name, data, alpha):
     shape, target, actions = data.draw(cases)
     hmask, dmask = data.draw(_masks(shape))
     make, _ = CORRECTORS[name]
-    inner = fc.ActionDimMask(fc.HorizonMask(make(alpha, shape), mask=hmask), mask=dmask)
+    inner = fc.Mask(make(alpha, shape), horizon=hmask, action_dims=dmask)
     out, _ = fc.correct(ENERGY, target, actions, corrector=fc.Repeat(inner, num_steps=3))
     frozen = ~(hmask[:, None] & dmask[None, :])
     assert tree_bitwise_equal(out[frozen], actions[frozen])
@@ -226,10 +232,8 @@ def test_backtracking_never_raises_the_energy(name, case, alpha, seed):
 
 @jax.jit
 def _descend(alpha, weight, target, actions):
-    bound = fc.bind(fc.SquaredDistance(weight=weight), target)
-
     def energy(a):
-        return bound(None, a)
+        return fc.SquaredDistance(weight=weight)(target, a)
 
     step = fc.GradientStep(alpha)
 
@@ -347,3 +351,325 @@ def test_check_corrector_catches_trace_time_state():
     actions = jax.random.normal(jax.random.key(2), (5, 3))
     with pytest.raises(AssertionError, match="jit|batch"):
         check_corrector(TraceCountingStep(), ENERGY, target, actions)
+
+
+# --- norms that cannot overflow (issue 14, item 1) -------------------------------------
+
+DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
+# log10 of the largest magnitude drawn per dtype: up to about 1/100 of the dtype's max,
+# so a chunk's norm overflows a naive sum of squares but not the chunk itself.
+MAX_EXP = {"float16": 2.5, "bfloat16": 35.0, "float32": 35.0}
+
+
+def _extreme_chunk(draw, dtype_name, shape):
+    base = draw(hnp.arrays(np.float32, shape, elements=st.floats(-1, 1, width=32)))
+    exponent = draw(st.floats(-3, MAX_EXP[dtype_name]))
+    return jnp.asarray(base * np.float32(10.0**exponent)).astype(DTYPES[dtype_name])
+
+
+@LAW
+@given(data=st.data(), dtype_name=st.sampled_from(sorted(DTYPES)))
+def test_safe_norm_matches_float64_at_extreme_magnitudes(data, dtype_name):
+    from flowcorrect._misc import safe_norm
+
+    shape = data.draw(st.sampled_from([(50, 32), (4, 3)]))
+    x = _extreme_chunk(data.draw, dtype_name, shape)
+    got = safe_norm(x)
+    assert got.dtype == jnp.float32
+    want = np.linalg.norm(np.asarray(x.astype(jnp.float32), np.float64))
+    assert bool(jnp.isfinite(got))
+    np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=0)
+
+
+def test_safe_norm_non_finite_and_float64():
+    from flowcorrect._misc import safe_norm
+
+    x = jnp.ones((3, 2), jnp.float16)
+    assert float(safe_norm(x.at[1, 1].set(jnp.inf))) == np.inf
+    assert np.isnan(float(safe_norm(x.at[1, 1].set(jnp.nan).at[0, 0].set(jnp.inf))))
+    assert float(safe_norm(jnp.zeros((3, 2), jnp.bfloat16))) == 0.0
+    with jax.enable_x64(True):
+        big = jnp.full((4, 4), 1e200, jnp.float64)
+        assert safe_norm(big).dtype == jnp.float64
+        np.testing.assert_allclose(float(safe_norm(big)), 4e200, rtol=1e-12)
+
+
+def _f32_square(context, actions):
+    """Sums in float32 whatever the actions' dtype, so the energy itself stays finite."""
+    return 0.5 * jnp.sum(jnp.square(actions.astype(jnp.float32) - context))
+
+
+def test_clip_holds_in_float16_where_the_norm_squared_overflows():
+    # Regression (issue 14): ||a||^2 > 65504 made the bound inf and the step passed
+    # unclipped (3.0 ||a|| here, 2.5 ||a|| for the reference recipe in the report).
+    a = 6.5 + 0.3 * jax.random.normal(jax.random.key(0), (50, 32))
+    a = a.astype(jnp.float16)
+    target = jnp.zeros((50, 32))
+    corrector = fc.ClipStep(fc.GradientStep(3.0), 0.2)
+    out, info = fc.correct(_f32_square, target, a, corrector=corrector)
+    moved = np.linalg.norm(np.asarray(out, np.float64) - np.asarray(a, np.float64))
+    norm = np.linalg.norm(np.asarray(a, np.float64))
+    assert not bool(info.fell_back) and int(info.num_accepted) == 1
+    assert 0.19 * norm <= moved <= 0.2 * norm * (1 + 1e-3)
+    out, info = fc.correct(_f32_square, target, a, corrector=fc.reference_recipe(alpha=3.0))
+    moved = np.linalg.norm(np.asarray(out, np.float64) - np.asarray(a, np.float64))
+    assert moved <= (1.2**3 - 1) * norm * (1 + 1e-3)
+
+
+@LAW
+@given(
+    data=st.data(),
+    dtype_name=st.sampled_from(sorted(DTYPES)),
+    clip_frac=st.sampled_from([0.01, 0.2, 0.9]),
+    relative_to=st.sampled_from(["current", "initial"]),
+)
+def test_clip_bound_at_extreme_magnitudes_in_every_dtype(data, dtype_name, clip_frac,
+                                                         relative_to):
+    shape = (6, 4)
+    a = _extreme_chunk(data.draw, dtype_name, shape)
+    target = jnp.asarray(data.draw(hnp.arrays(np.float32, shape, elements=st.floats(-1, 1))))
+    corrector = fc.ClipStep(fc.GradientStep(3.0), clip_frac, relative_to=relative_to)
+    out, info = fc.correct(_f32_square, target, a, corrector=corrector)
+    assert out.dtype == a.dtype
+    a64, out64 = np.asarray(a.astype(jnp.float32), np.float64), np.asarray(
+        out.astype(jnp.float32), np.float64
+    )
+    assert np.all(np.isfinite(out64))
+    norm = np.linalg.norm(a64)
+    eps = float(jnp.finfo(DTYPES[dtype_name]).eps)
+    # Up to the rounding of a + step to the dtype, entry by entry.
+    bound = clip_frac * norm * (1 + 1e-5) + eps * (1 + clip_frac) * norm
+    assert np.linalg.norm(out64 - a64) <= bound
+
+
+class _Proposes(fc.AbstractCorrector):
+    """Proposes a fixed chunk, whatever the energy says."""
+
+    proposal: jax.Array
+
+    def init(self, energy, actions):
+        return None
+
+    def step(self, energy, actions, state, key):
+        return self.proposal.astype(actions.dtype), None, jnp.asarray(1, jnp.int32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("relative_to", ["current", "initial"])
+def test_clip_drops_a_step_whose_norm_or_bound_cannot_be_computed(dtype, relative_to):
+    actions = jnp.arange(12.0).reshape(4, 3).astype(dtype) - 5
+    key = jax.random.key(0)
+    for bad in (jnp.inf, -jnp.inf, jnp.nan):
+        clip = fc.ClipStep(_Proposes(actions.at[2, 1].set(bad) + 1), 0.3, relative_to)
+        state = clip.init(lambda a: jnp.sum(a), actions)
+        out, _, n = clip.step(lambda a: jnp.sum(a), actions, state, key)
+        assert tree_bitwise_equal(out, actions) and int(n) == 0
+    # A non-finite chunk has no computable bound: nothing moves, nothing is accepted.
+    broken = actions.at[0, 0].set(jnp.inf)
+    clip = fc.ClipStep(_Proposes(jnp.zeros_like(actions)), 0.3, relative_to)
+    state = clip.init(lambda a: jnp.sum(a), broken)
+    out, _, n = clip.step(lambda a: jnp.sum(a), broken, state, key)
+    assert tree_bitwise_equal(out, broken) and int(n) == 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_scale_step_keeps_untouched_entries_bit_identical(dtype):
+    from flowcorrect._correctors.base import scale_step
+
+    actions = jnp.array([[-0.0, 1.5, -3.0], [60000.0, -60000.0, 2.0]]).astype(dtype)
+    proposal = actions.at[0, 1].set(2.5).at[1, 0].set(-60000.0).at[1, 1].set(60000.0)
+    for scale in (0.0, 1e-3, 0.5, 1.0):
+        out = scale_step(actions, proposal, jnp.float32(scale))
+        assert tree_bitwise_equal(out[0, ::2], actions[0, ::2])
+        assert tree_bitwise_equal(out[1, 2], actions[1, 2])
+        assert bool(jnp.all(jnp.isfinite(out)))  # the difference is taken in float32
+    assert tree_bitwise_equal(scale_step(actions, proposal, 1.0), proposal)
+    assert tree_bitwise_equal(scale_step(actions, proposal.at[0, 0].set(jnp.nan), 0.0), actions)
+
+
+# --- settings refused when built (issue 14, items 6 and 7) ----------------------------
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: fc.GradientStep(float("inf")), r"alpha.*finite.*inf"),
+        (lambda: fc.GradientStep(float("nan")), r"alpha.*finite.*nan"),
+        (lambda: fc.GradientStep([0.1, 0.2]), r"alpha.*scalar.*\(2,\)"),
+        (lambda: fc.GradientStep(True), r"alpha.*boolean"),
+        (lambda: fc.GradientStep("0.1"), r"alpha.*number"),
+        (lambda: fc.GradientStep(1j), r"alpha.*real"),
+        (lambda: fc.LangevinStep(0.1, temperature=float("inf")), r"temperature.*finite"),
+        (lambda: fc.LangevinStep(float("nan")), r"alpha.*finite"),
+        (lambda: fc.LangevinStep(0.1, temperature=jnp.ones((2, 2))), r"temperature.*\(2, 2\)"),
+        (lambda: fc.ClipStep(fc.GradientStep(), [0.1, 0.2]), r"clip_frac.*scalar.*\(2,\).*0\.2"),
+        (lambda: fc.ClipStep(fc.GradientStep(), float("inf")), r"clip_frac.*finite"),
+        (lambda: fc.ClipStep(fc.GradientStep(), float("nan")), r"clip_frac.*finite"),
+        (lambda: fc.ClipStep(fc.GradientStep(), None), r"clip_frac.*number"),
+        (lambda: fc.ProjectBounds(jnp.nan, 1.0), r"low.*NaN"),
+        (lambda: fc.ProjectBounds(-1.0, jnp.array([1.0, jnp.nan])), r"high.*NaN"),
+        (lambda: fc.ProjectBounds(jnp.inf, jnp.inf), r"low.*inf"),
+        (lambda: fc.ProjectBounds(-1.0, "1"), r"high"),
+        (lambda: fc.ProjectBounds(False, True), r"low"),
+        (lambda: fc.Mask(fc.GradientStep(), horizon=2.7), r"horizon.*float 2\.7.*int"),
+        (lambda: fc.Mask(fc.GradientStep(), horizon=2.0), r"horizon.*int"),
+        (lambda: fc.Mask(fc.GradientStep(), horizon=True), r"horizon.*boolean"),
+        (lambda: fc.Mask(fc.GradientStep(), action_dims=np.array([1, 0, 1])), r"action_dims.*bool"),
+        (lambda: fc.Mask(fc.GradientStep(), horizon=jnp.ones((2, 3), bool)), r"horizon.*1-d"),
+        (lambda: fc.Mask(fc.GradientStep(), action_dims="7"), r"action_dims"),
+        (lambda: fc.Repeat(fc.GradientStep(), True), r"num_steps.*boolean"),
+        (lambda: fc.Repeat(fc.GradientStep(), 3.0), r"num_steps.*int"),
+        (lambda: fc.Backtrack(fc.GradientStep(), max_halvings=False), r"max_halvings.*boolean"),
+        (lambda: fc.Backtrack(fc.GradientStep(), max_halvings=2.5), r"max_halvings.*int"),
+        (lambda: fc.reference_recipe(num_steps=True), r"num_steps.*boolean"),
+        (lambda: fc.reference_recipe(first_only=1), r"first_only"),
+        (lambda: fc.reference_recipe(action_dims=7.5), r"action_dims"),
+    ],
+)
+def test_bad_hyperparameters_are_refused_naming_the_argument(build, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        build()
+
+
+def test_counts_accept_numpy_integers():
+    assert fc.Repeat(fc.GradientStep(), np.int64(2)).num_steps == 2
+    assert type(fc.Backtrack(fc.GradientStep(), np.int32(3)).max_halvings) is int
+    assert int(fc.Mask(fc.GradientStep(), horizon=np.int16(2)).horizon) == 2
+
+
+_NOT_CORRECTORS = [
+    (optax.adam(1e-2), r"OptaxStep"),
+    (lambda e, a, s, k: a, r"function is not a corrector"),
+    (fc.GradientStep, r"instantiate it: GradientStep\(...\)"),
+    (0.1, r"AbstractCorrector"),
+]
+_WRAPPERS = {
+    "ClipStep": lambda x: fc.ClipStep(x, 0.2),
+    "Mask": lambda x: fc.Mask(x, horizon=1),
+    "Backtrack": lambda x: fc.Backtrack(x),
+    "Repeat": lambda x: fc.Repeat(x, 3),
+    "Chain": lambda x: fc.Chain(fc.GradientStep(), x),
+}
+
+
+@pytest.mark.parametrize("wrapper", sorted(_WRAPPERS))
+@pytest.mark.parametrize("thing, match", _NOT_CORRECTORS)
+def test_wrappers_refuse_what_is_not_a_corrector(wrapper, thing, match):
+    with pytest.raises(TypeError, match=f"{wrapper}.*{match}"):
+        _WRAPPERS[wrapper](thing)
+
+
+def test_optax_step_refuses_a_corrector_or_an_uncalled_factory():
+    with pytest.raises((ValueError, TypeError), match="not a corrector"):
+        fc.OptaxStep(fc.GradientStep())
+    with pytest.raises((ValueError, TypeError), match=r"optax\.adam\(1e-2\)"):
+        fc.OptaxStep(optax.adam)
+
+
+# --- Mask (one wrapper for both axes) ---------------------------------------------------
+
+
+def test_mask_int_and_boolean_forms_agree_and_combine_both_axes():
+    shape = (6, 4)
+    target = jax.random.normal(jax.random.key(1), shape)
+    actions = jax.random.normal(jax.random.key(2), shape)
+    by_count = fc.Mask(fc.GradientStep(0.3), horizon=2, action_dims=3)
+    by_mask = fc.Mask(
+        fc.GradientStep(0.3),
+        horizon=jnp.arange(6) < 2,
+        action_dims=jnp.array([True, True, True, False]),
+    )
+    out_count, _ = fc.correct(ENERGY, target, actions, corrector=by_count)
+    out_mask, _ = fc.correct(ENERGY, target, actions, corrector=by_mask)
+    assert tree_bitwise_equal(out_count, out_mask)
+    changed = np.asarray(out_count != actions)
+    assert changed[:2, :3].all() and not changed[2:].any() and not changed[:, 3].any()
+    # reference_recipe's keywords build the same Mask.
+    recipe = fc.reference_recipe(2, 0.1, 0.2, first_only=True, action_dims=3)
+    explicit = fc.Repeat(
+        fc.ClipStep(fc.Mask(fc.GradientStep(0.1), horizon=1, action_dims=3), 0.2), 2
+    )
+    out_r, _ = fc.correct(ENERGY, target, actions, corrector=recipe)
+    out_e, _ = fc.correct(ENERGY, target, actions, corrector=explicit)
+    assert tree_bitwise_equal(out_r, out_e)
+    assert np.asarray(out_r != actions)[1:].sum() == 0 and np.asarray(out_r != actions)[0, :3].all()
+
+
+def test_mask_count_changes_do_not_recompile():
+    run = jax.jit(lambda c, t, a: fc.correct(ENERGY, t, a, corrector=c)[0])
+    run = eqx_assert_max_traces(run)
+    target = jax.random.normal(jax.random.key(1), (6, 4))
+    actions = jax.random.normal(jax.random.key(2), (6, 4))
+    for k in (1, 2, 5):
+        run(fc.Mask(fc.GradientStep(0.1), horizon=k, action_dims=k), target, actions)
+
+
+def eqx_assert_max_traces(fn):
+    import equinox as eqx
+
+    return eqx.filter_jit(eqx.debug.assert_max_traces(fn, max_traces=1))
+
+
+# --- stochastic correctors and uses_key -------------------------------------------------
+
+
+def test_uses_key_walks_nested_correctors():
+    from flowcorrect._correctors.base import uses_key
+
+    assert not uses_key(fc.reference_recipe(first_only=True, action_dims=2))
+    assert not uses_key(fc.Chain(fc.OptaxStep(optax.adam(0.1)), fc.ProjectBounds(-1, 1)))
+    assert uses_key(fc.LangevinStep())
+    assert uses_key(fc.Repeat(fc.Chain(fc.GradientStep(), fc.Mask(fc.LangevinStep(),
+                                                                    horizon=1)), 2))
+    assert fc.LangevinStep.stochastic and not fc.GradientStep.stochastic
+    assert not fc.AbstractCorrector.stochastic
+    for name in NAMES:
+        c = CORRECTORS[name][0](0.1, (4, 3))
+        assert uses_key(c) == any(cls is fc.LangevinStep for cls in _classes(c)), name
+
+
+def test_uses_key_finds_a_user_defined_stochastic_corrector_at_depth_three():
+    from typing import ClassVar
+
+    from flowcorrect._correctors.base import uses_key
+
+    class Jitter(fc.AbstractCorrector):
+        stochastic: ClassVar[bool] = True
+        scale: jax.Array
+
+        def init(self, energy, actions):
+            return None
+
+        def step(self, energy, actions, state, key):
+            noise = jax.random.normal(key, actions.shape, actions.dtype)
+            return actions + self.scale * noise, None, jnp.asarray(1, jnp.int32)
+
+    class MyWrapper(fc.AbstractCorrector):
+        """A user's wrapper that holds its children in a list-valued field."""
+
+        children: list
+
+        def init(self, energy, actions):
+            return [c.init(energy, actions) for c in self.children]
+
+        def step(self, energy, actions, state, key):
+            n = jnp.asarray(0, jnp.int32)
+            new = []
+            for c, s in zip(self.children, state, strict=True):
+                actions, s, k = c.step(energy, actions, s, key)
+                new.append(s)
+                n = n + k
+            return actions, new, n
+
+    deep = fc.Repeat(
+        fc.Chain(fc.GradientStep(0.1), fc.Mask(Jitter(jnp.array(0.1)), horizon=1)), 2
+    )
+    assert uses_key(deep)
+    assert uses_key(MyWrapper([fc.GradientStep(), fc.Backtrack(fc.ClipStep(
+        Jitter(jnp.array(0.1)), 0.2))]))
+    assert not uses_key(MyWrapper([fc.GradientStep(), fc.Backtrack(fc.GradientStep())]))
+    target = jnp.zeros((4, 3))
+    actions = jnp.ones((4, 3))
+    out1, _ = fc.correct(ENERGY, target, actions, corrector=deep, key=jax.random.key(1))
+    out2, _ = fc.correct(ENERGY, target, actions, corrector=deep, key=jax.random.key(2))
+    assert not tree_bitwise_equal(out1, out2)

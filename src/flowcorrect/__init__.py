@@ -11,11 +11,10 @@ from ._correctors.steps import (
     OptaxStep as OptaxStep,
 )
 from ._correctors.wrappers import (
-    ActionDimMask as ActionDimMask,
     Backtrack as Backtrack,
     Chain as Chain,
     ClipStep as ClipStep,
-    HorizonMask as HorizonMask,
+    Mask as Mask,
     ProjectBounds as ProjectBounds,
     Repeat as Repeat,
 )

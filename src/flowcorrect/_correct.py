@@ -13,7 +13,7 @@ from ._correctors.base import AbstractCorrector, uses_key
 from ._correctors.recipes import reference_recipe
 from ._custom_types import Actions, Context, Key
 from ._energy import AbstractEnergy, ChunkFn, as_energy
-from ._misc import shape_str
+from ._misc import safe_norm, shape_str
 
 
 class CorrectionInfo(eqx.Module):
@@ -26,8 +26,9 @@ class CorrectionInfo(eqx.Module):
     - `delta_norm`: `||a_out - a_in||`, Frobenius norm over the chunk.
     - `num_accepted`: how many elementary update steps were kept (a step whose clip
         bound could not be computed, or that a monotone wrapper rejected, counts zero).
-    - `fell_back`: `True` where the energy, its gradient or the corrected chunk was
-        not finite, so the incoming chunk was returned unchanged.
+    - `fell_back`: `True` where the energy or its gradient at the incoming chunk, or
+        the corrected chunk or its energy, was not finite, so the incoming chunk was
+        returned unchanged.
     """
 
     energy_before: Float[Array, "*batch"]
@@ -73,7 +74,9 @@ def correct_single(
     the placements of [`flowcorrect.sample`][].
     """
     fn = ChunkFn(energy, encoded)
-    e0 = fn(actions)
+    # The gradient at the incoming chunk is what the first step of a gradient corrector
+    # computes too (XLA shares the two); a non-finite one means no step can be trusted.
+    e0, g0 = jax.value_and_grad(fn)(actions)
     state = corrector.init(fn, actions)
     out, _, n = corrector.step(fn, actions, state, key)
     if getattr(out, "shape", None) != actions.shape:
@@ -83,13 +86,14 @@ def correct_single(
         )
     out = out.astype(actions.dtype)
     e1 = fn(out)
-    ok = jnp.isfinite(e0) & jnp.isfinite(e1) & jnp.all(jnp.isfinite(out))
+    ok = jnp.isfinite(e0) & jnp.all(jnp.isfinite(g0))
+    ok = ok & jnp.isfinite(e1) & jnp.all(jnp.isfinite(out))
     out = jnp.where(ok, out, actions)
     e1 = jnp.where(ok, e1, e0)
     info = CorrectionInfo(
         energy_before=e0,
         energy_after=e1,
-        delta_norm=jnp.linalg.norm(out - actions),
+        delta_norm=safe_norm(out - actions),
         num_accepted=jnp.where(ok, n, 0),
         fell_back=jnp.logical_not(ok),
     )

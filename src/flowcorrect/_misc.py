@@ -30,3 +30,91 @@ def concrete(x: Any) -> np.ndarray | None:
 def shape_str(x: Any) -> str:
     shape = getattr(x, "shape", None)
     return str(tuple(shape)) if shape is not None else type(x).__name__
+
+
+def accumulation_dtype(dtype: Any) -> Any:
+    """The dtype to accumulate sums of `dtype` in: float64 for float64, else float32.
+
+    float16 overflows at 65504 and bfloat16 keeps 8 bits of mantissa, so sums over a
+    chunk (norms, energies) in those dtypes overflow or lose the small terms.
+    """
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def safe_norm(x: jax.Array) -> jax.Array:
+    """The Euclidean (Frobenius) norm of all of `x`, computed so that it cannot overflow.
+
+    `sqrt(sum(x**2))` overflows once `sum(x**2)` does: in float16 already for a 50 x 32
+    chunk with entries around 6.5 (norm 260). Here `x` is divided by `max|x|` first
+    and the squares are summed in at least float32, so the result is finite whenever
+    every entry is finite and the norm itself fits in the result's dtype.
+
+    **Arguments:**
+
+    - `x`: a floating array of any shape.
+
+    **Returns:**
+
+    A scalar: float64 for float64 input, float32 otherwise. NaN if `x` has a NaN,
+    inf if it has an inf (and no NaN).
+    """
+    acc = accumulation_dtype(x.dtype)
+    x = x.astype(acc)
+    if x.size == 0:
+        return jnp.zeros((), acc)
+    biggest = jnp.max(jnp.abs(x))
+    # A zero or non-finite maximum is left unscaled: 0 gives 0, inf gives inf, NaN NaN.
+    divisor = jnp.where((biggest > 0) & jnp.isfinite(biggest), biggest, 1).astype(acc)
+    return divisor * jnp.sqrt(jnp.sum(jnp.square(x / divisor)))
+
+
+def _describe(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is not None:
+        return f"an array of shape {tuple(shape)} and dtype {dtype}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def scalar_float(owner: str, name: str, value: Any, example: str) -> jax.Array:
+    """A scalar floating hyperparameter as a float array, or a clear error.
+
+    Refuses arrays that are not scalars (`clip_frac=[.1, .2]`), booleans, strings and
+    complex numbers, naming the argument, what was seen and what to pass instead. The
+    value itself (finite, positive, ...) is checked by the caller's `__check_init__`.
+    """
+    fix = f"pass one real number, e.g. {owner}(..., {name}={example})"
+    if isinstance(value, bool | np.bool_) or np.dtype(getattr(value, "dtype", object)) == np.bool_:
+        raise TypeError(f"{owner} `{name}` must be a number, not a boolean; {fix}.")
+    if isinstance(value, str | bytes) or value is None:
+        raise TypeError(f"{owner} `{name}` must be a number; got {_describe(value)}; {fix}.")
+    try:
+        array = jnp.asarray(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{owner} `{name}` must be a number; got {_describe(value)}; {fix}."
+        ) from None
+    if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
+        raise TypeError(f"{owner} `{name}` must be a real number; got {_describe(value)}; {fix}.")
+    if array.shape != ():
+        raise ValueError(
+            f"{owner} `{name}` must be a scalar; got {_describe(array)}. One corrector "
+            f"holds one value: {fix} (for several values, build several correctors)."
+        )
+    return float_array(array)
+
+
+def count(owner: str, name: str, value: Any, minimum: int, example: str) -> int:
+    """A count given as a Python int (or NumPy integer), or a clear error.
+
+    Refuses booleans (`Repeat(True)` is a mistake, not one step), floats (`2.7` would
+    silently become 2) and anything below `minimum`.
+    """
+    fix = f"pass an int >= {minimum}, e.g. {owner}(..., {name}={example})"
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"{owner} `{name}` must be an int, not a boolean; {fix}.")
+    if not isinstance(value, int | np.integer):
+        raise TypeError(f"{owner} `{name}` must be an int; got {_describe(value)}; {fix}.")
+    if value < minimum:
+        raise ValueError(f"{owner} `{name}` must be >= {minimum}; got {value}; {fix}.")
+    return int(value)

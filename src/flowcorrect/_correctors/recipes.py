@@ -1,8 +1,10 @@
 from typing import Any
 
+import numpy as np
+
 from .base import AbstractCorrector
 from .steps import GradientStep
-from .wrappers import ActionDimMask, ClipStep, HorizonMask, Repeat
+from .wrappers import ClipStep, Mask, Repeat
 
 
 def reference_recipe(
@@ -11,13 +13,15 @@ def reference_recipe(
     clip_frac: Any = 0.2,
     *,
     first_only: bool = False,
-    action_dims: int | None = None,
+    action_dims: Any = None,
 ) -> AbstractCorrector:
     """The reference method's corrector: K clipped gradient steps.
 
-    `Repeat(ClipStep(GradientStep(alpha), clip_frac), num_steps)`: each step is
-    `a <- a - alpha * grad_a E`, scaled down so that `||step|| <= clip_frac * ||a||`
-    for the chunk entering the step. Defaults K = 3, alpha = 0.1, clip_frac = 0.2.
+    `Repeat(ClipStep(GradientStep(alpha), clip_frac), num_steps)`, with a
+    [`flowcorrect.Mask`][] around the gradient step when `first_only` or `action_dims`
+    is given. Each step is `a <- a - alpha * grad_a E`, scaled down so that
+    `||step|| <= clip_frac * ||a||` for the chunk entering the step. Defaults K = 3,
+    alpha = 0.1, clip_frac = 0.2.
 
     **Arguments:**
 
@@ -26,15 +30,19 @@ def reference_recipe(
     - `clip_frac`: the largest step as a fraction of the chunk's norm.
     - `first_only`: correct only the first action of the chunk.
     - `action_dims`: correct only the first `action_dims` action dimensions (7 for
-        LIBERO inside openpi's 32 padded dimensions); `None` corrects all.
+        LIBERO inside openpi's 32 padded dimensions), or a boolean array of shape
+        `(action_dim,)`; `None` corrects all.
 
     **Returns:**
 
     An [`flowcorrect.AbstractCorrector`][] for [`flowcorrect.correct`][].
     """
     step: AbstractCorrector = GradientStep(alpha)
-    if first_only:
-        step = HorizonMask(step, first=1)
-    if action_dims is not None:
-        step = ActionDimMask(step, first=action_dims)
+    if not isinstance(first_only, bool | np.bool_):
+        raise TypeError(
+            f"reference_recipe `first_only` must be True or False; got {first_only!r}. "
+            "For the first k actions use fc.Mask(..., horizon=k)."
+        )
+    if first_only or action_dims is not None:
+        step = Mask(step, horizon=1 if first_only else None, action_dims=action_dims)
     return Repeat(ClipStep(step, clip_frac), num_steps=num_steps)

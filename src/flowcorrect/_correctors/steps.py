@@ -4,18 +4,22 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Float, PyTree
 
 from .._custom_types import Actions, ChunkEnergy, IntScalar, Key
-from .._misc import concrete, float_array
+from .._misc import concrete, scalar_float
 from .base import AbstractCorrector
 
 
-def _check_nonneg(name: str, value: Array) -> None:
+def _check_nonneg(owner: str, name: str, value: Array, example: str) -> None:
     v = concrete(value)
-    if v is not None and not (v >= 0).all():
-        raise ValueError(f"`{name}` must be a finite number >= 0; got {v}.")
+    if v is not None and not (np.isfinite(v) and v >= 0):
+        raise ValueError(
+            f"{owner} `{name}` must be a finite number >= 0; got {v}. "
+            f"Pass e.g. {owner}({name}={example})."
+        )
 
 
 def _grad(energy: ChunkEnergy, actions: Actions) -> Actions:
@@ -34,10 +38,10 @@ class GradientStep(AbstractCorrector[None]):
     alpha: Float[Array, ""]
 
     def __init__(self, alpha: Any = 0.1):
-        self.alpha = float_array(alpha)
+        self.alpha = scalar_float("GradientStep", "alpha", alpha, "0.1")
 
     def __check_init__(self):
-        _check_nonneg("alpha", self.alpha)
+        _check_nonneg("GradientStep", "alpha", self.alpha, "0.1")
 
     def init(self, energy: ChunkEnergy, actions: Actions) -> None:
         return None
@@ -63,17 +67,18 @@ class LangevinStep(AbstractCorrector[None]):
     - `temperature`: the temperature `T`, `>= 0`.
     """
 
-    alpha: Float[Array, ""]
-    temperature: Float[Array, ""]
     stochastic: ClassVar[bool] = True
 
+    alpha: Float[Array, ""]
+    temperature: Float[Array, ""]
+
     def __init__(self, alpha: Any = 0.1, temperature: Any = 1e-3):
-        self.alpha = float_array(alpha)
-        self.temperature = float_array(temperature)
+        self.alpha = scalar_float("LangevinStep", "alpha", alpha, "0.1")
+        self.temperature = scalar_float("LangevinStep", "temperature", temperature, "1e-3")
 
     def __check_init__(self):
-        _check_nonneg("alpha", self.alpha)
-        _check_nonneg("temperature", self.temperature)
+        _check_nonneg("LangevinStep", "alpha", self.alpha, "0.1")
+        _check_nonneg("LangevinStep", "temperature", self.temperature, "1e-3")
 
     def init(self, energy: ChunkEnergy, actions: Actions) -> None:
         return None
@@ -110,11 +115,24 @@ class OptaxStep(AbstractCorrector[PyTree]):
 
     optimizer: optax.GradientTransformation
 
+    def __init__(self, optimizer: Any):
+        # `Any`: __check_init__'s message names the fix, a type checker's would not.
+        self.optimizer = optimizer
+
     def __check_init__(self):
-        if not (hasattr(self.optimizer, "init") and hasattr(self.optimizer, "update")):
+        if isinstance(self.optimizer, AbstractCorrector):
             raise ValueError(
-                "`optimizer` must be an optax.GradientTransformation (with init and "
-                f"update), e.g. optax.sgd(0.1); got {type(self.optimizer)}."
+                "OptaxStep `optimizer` must be an optax optimiser, not a corrector; use "
+                f"the {type(self.optimizer).__name__} directly, without OptaxStep."
+            )
+        if not (hasattr(self.optimizer, "init") and hasattr(self.optimizer, "update")):
+            called = " (call the factory: optax.adam(1e-2), not optax.adam)" if callable(
+                self.optimizer
+            ) else ""
+            raise ValueError(
+                "OptaxStep `optimizer` must be an optax.GradientTransformation (with init "
+                f"and update), e.g. optax.sgd(0.1); got {type(self.optimizer).__name__}"
+                f"{called}."
             )
 
     def init(self, energy: ChunkEnergy, actions: Actions) -> PyTree:

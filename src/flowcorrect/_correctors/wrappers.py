@@ -1,17 +1,20 @@
 """Correctors that wrap other correctors: clipping, masks, acceptance, repetition."""
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from .._custom_types import Actions, ChunkEnergy, Key
 from .._energy import broadcast_bounds, check_bounds
-from .._misc import concrete, float_array, shape_str
-from .base import AbstractCorrector, scale_step
+from .._misc import accumulation_dtype, concrete, count, safe_norm, scalar_float, shape_str
+from .base import AbstractCorrector, check_is_corrector, scale_step
+
+# Constructor arguments that are validated by hand are annotated `Any`: the checks below
+# give messages that name the fix, which a runtime type checker would pre-empt.
 
 
 class ClipStep(AbstractCorrector[Any]):
@@ -23,14 +26,19 @@ class ClipStep(AbstractCorrector[Any]):
     **Arguments:**
 
     - `inner`: the corrector whose step is clipped.
-    - `clip_frac`: the largest step as a fraction of the chunk's norm, `> 0`.
+    - `clip_frac`: the largest step as a fraction of the chunk's norm, a finite
+        number `> 0`.
     - `relative_to`: which chunk `a_ref` is. `"current"` (default, as in the
         reference implementation): the chunk entering this step, so K steps can move
         the chunk by up to about `K * clip_frac` of its size. `"initial"`: the chunk
         entering the whole correction, a fixed budget per step.
 
-    The bound holds up to the rounding of `a + step` in the actions' dtype. A chunk of
-    norm zero cannot move under this clip.
+    Norms are computed with [`flowcorrect._misc.safe_norm`] (scaled, summed in at
+    least float32), so they do not overflow in float16 or bfloat16. When the bound or
+    the step's norm still cannot be computed (a non-finite entry), the step is
+    dropped: the chunk is returned unchanged and the step counts as not accepted
+    (`num_accepted` 0). The bound holds up to the rounding of `a + step` in the
+    actions' dtype. A chunk of norm zero cannot move under this clip.
     """
 
     inner: AbstractCorrector
@@ -39,152 +47,181 @@ class ClipStep(AbstractCorrector[Any]):
 
     def __init__(
         self,
-        inner: AbstractCorrector,
+        inner: Any,
         clip_frac: Any = 0.2,
         relative_to: Literal["current", "initial"] = "current",
     ):
+        check_is_corrector("ClipStep", "inner", inner)
         self.inner = inner
-        self.clip_frac = float_array(clip_frac)
+        self.clip_frac = scalar_float("ClipStep", "clip_frac", clip_frac, "0.2")
         self.relative_to = relative_to
 
     def __check_init__(self):
         c = concrete(self.clip_frac)
-        if c is not None and not c > 0:
+        if c is not None and not (np.isfinite(c) and c > 0):
             raise ValueError(
-                f"`clip_frac` must be > 0 (0.2 allows steps of 20% of the chunk's norm); "
-                f"got {c}. To switch correction off use Repeat(..., num_steps=0)."
+                f"ClipStep `clip_frac` must be a finite number > 0 (0.2 allows steps of "
+                f"20% of the chunk's norm); got {c}. To switch correction off use "
+                "Repeat(..., num_steps=0); to not clip, leave out the ClipStep."
             )
         if self.relative_to not in ("current", "initial"):
             raise ValueError(
-                f"`relative_to` must be 'current' or 'initial'; got {self.relative_to!r}."
+                f"ClipStep `relative_to` must be 'current' or 'initial'; got "
+                f"{self.relative_to!r}."
             )
 
     def init(self, energy: ChunkEnergy, actions: Actions):
-        ref = jnp.linalg.norm(actions) if self.relative_to == "initial" else None
+        ref = safe_norm(actions) if self.relative_to == "initial" else None
         return self.inner.init(energy, actions), ref
 
     def step(self, energy: ChunkEnergy, actions: Actions, state, key: Key):
         inner_state, ref = state
         proposal, inner_state, n = self.inner.step(energy, actions, inner_state, key)
         if ref is None:
-            ref = jnp.linalg.norm(actions)
-        max_norm = self.clip_frac.astype(actions.dtype) * ref.astype(actions.dtype)
-        step_norm = jnp.linalg.norm(proposal - actions)
+            ref = safe_norm(actions)
+        acc = accumulation_dtype(actions.dtype)
+        max_norm = self.clip_frac.astype(acc) * ref.astype(acc)
+        # The difference in the accumulation dtype: in float16 `proposal - actions` can
+        # overflow although both are finite.
+        step_norm = safe_norm(proposal.astype(acc) - actions.astype(acc))
+        computable = jnp.isfinite(max_norm) & jnp.isfinite(step_norm)
         safe = jnp.where(step_norm > 0, step_norm, 1)
         scale = jnp.where(step_norm > max_norm, max_norm / safe, 1)
-        return scale_step(actions, proposal, scale), (inner_state, state[1]), n
+        scale = jnp.where(computable, scale, 0)
+        out = scale_step(actions, proposal, scale)
+        return out, (inner_state, state[1]), jnp.where(computable, n, 0)
 
 
-def _check_first_or_mask(owner: str, first: Array | None, mask: Array | None, hint: str):
-    if (first is None) == (mask is None):
-        raise ValueError(f"Give exactly one of `first` (an int >= 1) or `mask` to {owner}.")
-    if first is not None:
-        f = concrete(first)
-        if first.shape != () or (f is not None and f < 1):
-            shown = f if f is not None else shape_str(first)
-            raise ValueError(f"`first` must be an integer >= 1 ({hint}); got {shown}.")
-    if mask is not None:
-        if mask.ndim != 1:
-            raise ValueError(f"`mask` must be a 1-d boolean array; got shape {shape_str(mask)}.")
-        m = concrete(mask)
-        if m is not None and not m.any():
+def _axis_spec(name: str, value: Any, example: str) -> Array | None:
+    """`horizon` / `action_dims` of Mask as an int32 scalar or a boolean vector."""
+    if value is None:
+        return None
+    fix = (
+        f"give an int k >= 1 (the first k, e.g. {name}={example}) or a boolean array, "
+        f"True where actions may change"
+    )
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"Mask `{name}` got the boolean {value}, not a count: {fix}.")
+    if isinstance(value, int | np.integer):
+        return jnp.asarray(value, dtype=jnp.int32)
+    try:
+        array = jnp.asarray(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"Mask `{name}` got {type(value).__name__}: {fix}.") from None
+    if array.dtype == bool:
+        if array.ndim != 1:
             raise ValueError(
-                "`mask` is all False, so nothing would ever be corrected; set at least one "
-                "entry True, or use Repeat(..., num_steps=0) to switch correction off."
+                f"Mask `{name}` as a boolean mask must be 1-d; got shape {shape_str(array)}: "
+                f"{fix}."
             )
+        return array
+    if jnp.issubdtype(array.dtype, jnp.integer) and array.ndim == 0:
+        return array.astype(jnp.int32)
+    if isinstance(value, float | np.floating):
+        shown = f"{type(value).__name__} {value!r}"
+    else:
+        shown = f"{array.dtype} array of shape {shape_str(array)}"
+    raise TypeError(
+        f"Mask `{name}` must be an int or a boolean array; got {shown} "
+        f"(a non-integer count is not rounded, and a 0/1 array is not read as a mask; "
+        f"use .astype(bool)): {fix}."
+    )
 
 
-def _axis_mask(
-    owner: str, first: Array | None, mask: Array | None, actions: Actions, axis: int
-) -> Array:
+def _check_axis_spec(name: str, spec: Array | None, example: str) -> None:
+    if spec is None:
+        return
+    value = concrete(spec)
+    if spec.dtype == bool:
+        if value is not None and not value.any():
+            raise ValueError(
+                f"Mask `{name}` is all False, so nothing would ever be corrected; set at "
+                "least one entry True, or use Repeat(..., num_steps=0) to switch "
+                "correction off."
+            )
+    elif value is not None and value < 1:
+        raise ValueError(
+            f"Mask `{name}` must be >= 1 (the first k entries may change, e.g. "
+            f"{name}={example}); got {int(value)}. To switch correction off use "
+            "Repeat(..., num_steps=0)."
+        )
+
+
+def _axis_mask(name: str, spec: Array | None, actions: Actions, axis: int) -> Array:
     """The boolean mask over one axis of the chunk, shaped to broadcast against it."""
     size = actions.shape[axis]
-    if mask is None:
-        out = jnp.arange(size) < first
-    elif mask.shape != (size,):
+    if spec is None:
+        out = jnp.ones(size, bool)
+    elif spec.dtype != bool:
+        out = jnp.arange(size) < spec
+    elif spec.shape != (size,):
         raise ValueError(
-            f"{owner} `mask` has shape {shape_str(mask)} but the actions have shape "
-            f"{shape_str(actions)}; the mask needs shape ({size},)."
+            f"Mask `{name}` is a boolean mask of shape {shape_str(spec)} but the actions "
+            f"have shape {shape_str(actions)}; the mask needs shape ({size},), or give an "
+            f"int k to correct the first k."
         )
     else:
-        out = mask
+        out = spec
     return out[:, None] if axis == 0 else out[None, :]
 
 
-def _masked_step(inner: AbstractCorrector, mask: Array, energy, actions: Actions, state, key):
-    proposal, state, n = inner.step(energy, actions, state, key)
-    return jnp.where(mask, proposal, actions), state, n
+class Mask(AbstractCorrector[Any]):
+    """Lets `inner` change only some entries of the chunk; the rest stay bit-identical.
 
-
-class HorizonMask(AbstractCorrector[Any]):
-    """Lets `inner` change only some steps of the horizon; the rest stay bit-identical.
-
-    Give exactly one of `first` or `mask`.
+    The entries that may change are those whose horizon step is selected by
+    `horizon` and whose action dimension is selected by `action_dims`; give one or
+    both. Each is either an int `k` (the first `k`, stored as an array so changing it
+    does not recompile) or a boolean array, `True` where actions may change.
 
     **Arguments:**
 
     - `inner`: the corrector to restrict.
-    - `first`: correct only the first `first` actions of the chunk (`first=1`: only
-        the action executed next). An integer `>= 1`; stored as an array, so changing
-        it does not recompile.
-    - `mask`: a boolean array of shape `(horizon,)`, `True` where actions may change.
+    - `horizon`: `1` corrects only the action executed next; or a boolean array of
+        shape `(horizon,)`. `None` (default): every step of the horizon.
+    - `action_dims`: openpi pads actions to 32 dimensions while a LIBERO arm uses the
+        first 7: `action_dims=7`; or a boolean array of shape `(action_dim,)`. `None`
+        (default): every dimension.
+
+    !!! example
+
+        ```python
+        # Only the next action, only the 7 arm dimensions of openpi's 32:
+        fc.Mask(fc.GradientStep(0.1), horizon=1, action_dims=7)
+        ```
     """
 
     inner: AbstractCorrector
-    first: Int[Array, ""] | None
-    mask: Bool[Array, " horizon"] | None
+    horizon: Int[Array, ""] | Bool[Array, " horizon"] | None
+    action_dims: Int[Array, ""] | Bool[Array, " action_dim"] | None
 
-    def __init__(self, inner: AbstractCorrector, *, first: Any = None, mask: Any = None):
+    def __init__(self, inner: Any, *, horizon: Any = None, action_dims: Any = None):
+        check_is_corrector("Mask", "inner", inner)
         self.inner = inner
-        self.first = None if first is None else jnp.asarray(first, dtype=jnp.int32)
-        self.mask = None if mask is None else jnp.asarray(mask, dtype=bool)
+        self.horizon = _axis_spec("horizon", horizon, "1")
+        self.action_dims = _axis_spec("action_dims", action_dims, "7")
 
     def __check_init__(self):
-        hint = "1 corrects the next action only"
-        _check_first_or_mask("HorizonMask", self.first, self.mask, hint)
+        if self.horizon is None and self.action_dims is None:
+            raise ValueError(
+                "Mask needs `horizon`, `action_dims` or both (e.g. Mask(inner, horizon=1) "
+                "corrects only the next action); without either, use `inner` directly."
+            )
+        _check_axis_spec("horizon", self.horizon, "1")
+        _check_axis_spec("action_dims", self.action_dims, "7")
+
+    def _mask(self, actions: Actions) -> Array:
+        return _axis_mask("horizon", self.horizon, actions, 0) & _axis_mask(
+            "action_dims", self.action_dims, actions, 1
+        )
 
     def init(self, energy: ChunkEnergy, actions: Actions):
-        _axis_mask("HorizonMask", self.first, self.mask, actions, axis=0)
+        self._mask(actions)
         return self.inner.init(energy, actions)
 
     def step(self, energy: ChunkEnergy, actions: Actions, state, key: Key):
-        mask = _axis_mask("HorizonMask", self.first, self.mask, actions, axis=0)
-        return _masked_step(self.inner, mask, energy, actions, state, key)
-
-
-class ActionDimMask(AbstractCorrector[Any]):
-    """Lets `inner` change only some action dimensions; the rest stay bit-identical.
-
-    openpi pads actions to 32 dimensions while a LIBERO arm uses the first 7: use
-    `ActionDimMask(inner, first=7)`. Give exactly one of `first` or `mask`.
-
-    **Arguments:**
-
-    - `inner`: the corrector to restrict.
-    - `first`: correct only the first `first` action dimensions, an integer `>= 1`.
-    - `mask`: a boolean array of shape `(action_dim,)`, `True` where actions may change.
-    """
-
-    inner: AbstractCorrector
-    first: Int[Array, ""] | None
-    mask: Bool[Array, " action_dim"] | None
-
-    def __init__(self, inner: AbstractCorrector, *, first: Any = None, mask: Any = None):
-        self.inner = inner
-        self.first = None if first is None else jnp.asarray(first, dtype=jnp.int32)
-        self.mask = None if mask is None else jnp.asarray(mask, dtype=bool)
-
-    def __check_init__(self):
-        hint = "7 for LIBERO's arm in openpi's 32 padded dims"
-        _check_first_or_mask("ActionDimMask", self.first, self.mask, hint)
-
-    def init(self, energy: ChunkEnergy, actions: Actions):
-        _axis_mask("ActionDimMask", self.first, self.mask, actions, axis=1)
-        return self.inner.init(energy, actions)
-
-    def step(self, energy: ChunkEnergy, actions: Actions, state, key: Key):
-        mask = _axis_mask("ActionDimMask", self.first, self.mask, actions, axis=1)
-        return _masked_step(self.inner, mask, energy, actions, state, key)
+        mask = self._mask(actions)
+        proposal, state, n = self.inner.step(energy, actions, state, key)
+        return jnp.where(mask, proposal, actions), state, n
 
 
 class Backtrack(AbstractCorrector[Any]):
@@ -204,11 +241,12 @@ class Backtrack(AbstractCorrector[Any]):
     """
 
     inner: AbstractCorrector
-    max_halvings: int = eqx.field(static=True, default=4)
+    max_halvings: int = eqx.field(static=True)
 
-    def __check_init__(self):
-        if not (isinstance(self.max_halvings, int) and self.max_halvings >= 0):
-            raise ValueError(f"`max_halvings` must be an int >= 0; got {self.max_halvings!r}.")
+    def __init__(self, inner: Any, max_halvings: Any = 4):
+        check_is_corrector("Backtrack", "inner", inner)
+        self.inner = inner
+        self.max_halvings = count("Backtrack", "max_halvings", max_halvings, 0, "4")
 
     def init(self, energy: ChunkEnergy, actions: Actions):
         return self.inner.init(energy, actions)
@@ -223,7 +261,8 @@ class Backtrack(AbstractCorrector[Any]):
 
         def body(carry):
             j, _, _ = carry
-            candidate = scale_step(actions, proposal, jnp.exp2(-j.astype(actions.dtype)))
+            scale = jnp.exp2(-j.astype(accumulation_dtype(actions.dtype)))
+            candidate = scale_step(actions, proposal, scale)
             return j + 1, energy(candidate) <= e0, candidate
 
         init = (jnp.asarray(0, jnp.int32), jnp.array(False), actions)
@@ -231,6 +270,19 @@ class Backtrack(AbstractCorrector[Any]):
         out = jnp.where(accepted, candidate, actions)
         state = jax.tree.map(lambda new, old: jnp.where(accepted, new, old), new_state, state)
         return out, state, jnp.where(accepted, n, 0)
+
+
+def _bound(name: str, value: Any) -> Array:
+    fix = "give a number or an array broadcastable to (horizon, action_dim)"
+    if isinstance(value, bool | np.bool_ | str | bytes) or value is None:
+        raise TypeError(f"ProjectBounds `{name}` got {type(value).__name__}: {fix}.")
+    try:
+        array = jnp.asarray(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"ProjectBounds `{name}` got {type(value).__name__}: {fix}.") from None
+    if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
+        raise TypeError(f"ProjectBounds `{name}` has dtype {array.dtype}: {fix}.")
+    return array.astype(jnp.result_type(float))
 
 
 class ProjectBounds(AbstractCorrector[None]):
@@ -249,11 +301,26 @@ class ProjectBounds(AbstractCorrector[None]):
     high: Float[Array, "*high_shape"]
 
     def __init__(self, low: Any, high: Any):
-        self.low = float_array(low)
-        self.high = float_array(high)
+        self.low = _bound("low", low)
+        self.high = _bound("high", high)
 
     def __check_init__(self):
         check_bounds(self.low, self.high)
+        for name, bound, bad in (("low", self.low, np.inf), ("high", self.high, -np.inf)):
+            value = concrete(bound)
+            if value is None:
+                continue
+            if np.isnan(value).any():
+                raise ValueError(
+                    f"ProjectBounds `{name}` has NaN at {int(np.isnan(value).sum())} "
+                    "entries; give a number per entry (-inf / inf for an unbounded side)."
+                )
+            if (value == bad).any():
+                raise ValueError(
+                    f"ProjectBounds `{name}` is {bad} at {int((value == bad).sum())} "
+                    f"entries, which would move every action to {bad}; use "
+                    f"{-bad} for an unbounded side."
+                )
 
     def init(self, energy: ChunkEnergy, actions: Actions) -> None:
         broadcast_bounds("ProjectBounds", self.low, self.high, actions)
@@ -277,12 +344,11 @@ class Repeat(AbstractCorrector[Any]):
     inner: AbstractCorrector
     num_steps: int = eqx.field(static=True)
 
-    def __check_init__(self):
-        if not (isinstance(self.num_steps, int) and self.num_steps >= 0):
-            raise ValueError(
-                f"`num_steps` must be an int >= 0 (0 = off, 1-3 real-time, 5-10 stronger); "
-                f"got {self.num_steps!r}."
-            )
+    def __init__(self, inner: Any, num_steps: Any):
+        check_is_corrector("Repeat", "inner", inner)
+        self.inner = inner
+        # 0 = off, 1-3 real-time, 5-10 stronger.
+        self.num_steps = count("Repeat", "num_steps", num_steps, 0, "3")
 
     def init(self, energy: ChunkEnergy, actions: Actions):
         return self.inner.init(energy, actions)
@@ -314,20 +380,16 @@ class Chain(AbstractCorrector[tuple]):
 
     correctors: tuple[AbstractCorrector, ...]
 
-    def __init__(self, *correctors: AbstractCorrector | Sequence[AbstractCorrector]):
+    def __init__(self, *correctors: Any):
         if len(correctors) == 1 and isinstance(correctors[0], list | tuple):
             correctors = tuple(correctors[0])
+        for i, c in enumerate(correctors):
+            check_is_corrector("Chain", f"correctors[{i}]", c)
         self.correctors = tuple(correctors)  # type: ignore[arg-type]
 
     def __check_init__(self):
         if not self.correctors:
-            raise ValueError("Chain needs at least one corrector.")
-        for i, c in enumerate(self.correctors):
-            if not isinstance(c, AbstractCorrector):
-                raise ValueError(
-                    f"Chain element {i} is a {type(c).__name__}, not a corrector "
-                    "(an AbstractCorrector such as GradientStep)."
-                )
+            raise ValueError("Chain needs at least one corrector, e.g. Chain(GradientStep(0.1)).")
 
     def init(self, energy: ChunkEnergy, actions: Actions) -> tuple:
         return tuple(c.init(energy, actions) for c in self.correctors)

@@ -11,6 +11,7 @@ from .._correct import CorrectionInfo, correct_single
 from .._correctors.base import AbstractCorrector
 from .._custom_types import Encoded, Key, Scalar
 from .._energy import AbstractEnergy, ChunkFn
+from .._misc import safe_norm
 from .._policy import AbstractBatchedPolicy, AbstractPolicy, Prefix, check_velocity_output
 from .conventions import AbstractConvention
 
@@ -67,14 +68,8 @@ def all_finite(x: Array) -> Bool[Array, " batch"]:
 
 
 def sample_norms(x: Array) -> Float[Array, " batch"]:
-    """Per-sample Frobenius norms that cannot overflow: scaled by the largest entry and
-    accumulated in at least float32. `inf` or `NaN` only for non-finite input."""
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    flat = x.reshape(x.shape[0], -1).astype(acc)
-    scale = jnp.max(jnp.abs(flat), axis=1)
-    safe = jnp.where(scale > 0, scale, 1)
-    norm = scale * jnp.sqrt(jnp.sum((flat / safe[:, None]) ** 2, axis=1))
-    return jnp.where(jnp.isfinite(scale), norm, jnp.inf)
+    """Per-sample Frobenius norms that cannot overflow (see `safe_norm`)."""
+    return jax.vmap(safe_norm)(x)
 
 
 def per_sample(mask: Array, x: Array) -> Array:

@@ -323,7 +323,7 @@ def _sample(
                 uncorrected_energy = plain_energy
         if track_uncorrected:
             uncorrected = plain
-            delta_norm = sample_norms(actions - plain).astype(dtype)
+            delta_norm = sample_norms(actions - plain)
     info = SampleInfo(final_energy, fell_back, uncorrected, uncorrected_energy, delta_norm,
                       placement_info)
     if not batched:
