@@ -1,0 +1,37 @@
+"""flowcorrect for openpi's Pi0 and Pi0.5 (JAX).
+
+openpi is not on PyPI (the name there is a placeholder); install it from its
+repository into the same environment as flowcorrect, with flowcorrect's constraints
+so that none of openpi's pins change:
+
+```bash
+git clone https://github.com/Physical-Intelligence/openpi
+pip install -e openpi -e openpi/packages/openpi-client   # or `uv sync` in openpi/
+pip install -c constraints/openpi.txt flowcorrect
+```
+
+Importing this module does not import openpi; the first use of a name below does,
+with a clear error if openpi is missing.
+"""
+
+import importlib
+from typing import Any
+
+__all__ = ["Pi0Policy", "Pi0Prefix", "sample_actions_with_energy_correction"]
+
+_LAZY = {
+    "Pi0Policy": "._pi0",
+    "Pi0Prefix": "._pi0",
+    "sample_actions_with_energy_correction": "._reference_api",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name], __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
