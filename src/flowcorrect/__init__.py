@@ -119,5 +119,8 @@ from ._train.negatives import (
 )
 from ._train.report import EvalReport as EvalReport, evaluate as evaluate
 
-__version__ = importlib.metadata.version("flowcorrect")
+try:
+    __version__ = importlib.metadata.version("flowcorrect")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+    __version__ = "0+unknown"
 
