@@ -108,7 +108,7 @@ def flow_matching_loss(policy: FlowMLPPolicy, obs, chunks, key) -> Array:
     t = jax.random.uniform(k_t, (chunks.shape[0],), chunks.dtype)
     conv = policy.convention
     x_t = jax.vmap(conv.interpolate)(noise, chunks, t)
-    target = conv.velocity_target(noise, chunks)
+    target = jax.vmap(conv.velocity_target)(noise, chunks)
 
     def one(o, x, s):
         return policy.velocity(policy.prefix(o), x, s)
