@@ -19,21 +19,33 @@ import flowcorrect as fc
 HORIZON, ACTION_DIM = 16, 4
 
 
-class GaussianPolicy(eqx.Module):
+class GaussianPolicy(fc.AbstractPolicy):
     """The exact velocity of openpi's flow from N(0, I) to N(mean, std^2 I).
 
     With x_t = t * eps + (1 - t) * a, the velocity is E[eps - a | x_t], which for
-    Gaussians is linear in x_t. `context` is the chunk the policy centres on.
+    Gaussians is linear in x_t. An observation is a pair: the chunk the policy centres
+    on, and the goal's chunk, which is what the energy reads (in a real policy, the
+    once-per-observation pass over images and text would produce both).
     """
 
     std: jax.Array
+    chunk_shape: tuple[int, int] = eqx.field(static=True, default=(HORIZON, ACTION_DIM))
+    convention: fc.AbstractConvention = fc.OpenPI()
 
-    def __call__(self, context, x, t):
+    def prefix(self, observation):
+        return observation  # nothing expensive to do once per observation here
+
+    def velocity(self, prefix, x, t):
+        mean, _ = prefix
         var = t**2 + (1 - t) ** 2 * self.std**2
-        centred = x - (1 - t) * context
+        centred = x - (1 - t) * mean
         eps_hat = t / var * centred
-        a_hat = context + (1 - t) * self.std**2 / var * centred
+        a_hat = mean + (1 - t) * self.std**2 / var * centred
         return eps_hat - a_hat
+
+    def energy_context(self, prefix):
+        _, goal_chunk = prefix
+        return goal_chunk
 
 
 def expert_chunk(goal):
@@ -64,25 +76,22 @@ def main(argv=None):
 
     placements = {
         "none": None,
-        "post-hoc (reference recipe)": fc.PostHoc(),
-        "denoised, last 3 steps": fc.Denoised(schedule=fc.LastSteps(3), weight=1.0),
+        "post-hoc (reference recipe)": fc.PostHoc(corrector),
+        "denoised, last 3 steps": fc.Denoised(corrector, schedule=fc.LastSteps(3)),
         "guided, last 3 steps": fc.Guided(schedule=fc.LastSteps(3), weight=0.5),
         "best of 8": fc.BestOfN(8),
-        "best of 8, then post-hoc": fc.BestOfN(8, then=fc.PostHoc()),
+        "best of 8, then post-hoc": fc.PostHoc(corrector, after=fc.BestOfN(8)),
     }
     print(f"{args.batch} observations, chunk {HORIZON}x{ACTION_DIM}, 10 Euler steps\n")
     print(f"{'placement':30s} {'energy':>8s} {'dist. to expert':>16s} {'fallbacks':>9s}")
     for name, placement in placements.items():
         actions, info = fc.sample(
             policy,
-            policy_means,
+            (policy_means, experts),
             key_sample,
-            chunk_shape=(HORIZON, ACTION_DIM),
             batch_size=args.batch,
             placement=placement,
             energy=energy if placement is not None else None,
-            energy_context=experts,
-            corrector=corrector,
         )
         e = jax.vmap(energy)(experts, actions)
         dist = jnp.linalg.norm(actions - experts, axis=(1, 2))

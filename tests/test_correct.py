@@ -112,7 +112,11 @@ def test_backtracking_rolls_back_inner_state_on_rejection():
     target = jnp.zeros((2, 2))
     actions = jnp.ones((2, 2))
     bt = fc.Backtrack(fc.OptaxStep(optax.sgd(3.0, momentum=0.9)), max_halvings=0)
-    energy = fc.prepare(fc.SquaredDistance(), target)
+    bound = fc.bind(fc.SquaredDistance(), target)
+
+    def energy(a):
+        return bound(None, a)
+
     state = bt.init(energy, actions)
     out, new_state, n = bt.step(energy, actions, state, KEY)
     assert int(n) == 0
@@ -182,8 +186,7 @@ def test_split_energy_encodes_context_once_per_observation():
 
     target, actions = _chunks()
     corrector = fc.Repeat(fc.Backtrack(fc.GradientStep(0.1)), num_steps=7)
-    counted = eqx.filter_jit(fc.correct_one)
-    counted(CountingEnergy(), target, actions, corrector, KEY)
+    fc.correct(CountingEnergy(), target, actions, corrector=corrector, key=KEY)
     assert len(encodes) == 1  # traced once, outside the loop over steps
     assert len(scores) >= 1
 
@@ -217,7 +220,10 @@ def test_padding_mask_in_context_compiles_and_is_respected():
 
 
 def _traced_correct():
-    return eqx.filter_jit(eqx.debug.assert_max_traces(fc.correct_one, max_traces=1))
+    def correct(energy, context, actions, corrector, key):
+        return fc.correct(energy, context, actions, corrector=corrector, key=key)
+
+    return eqx.filter_jit(eqx.debug.assert_max_traces(correct, max_traces=1))
 
 
 def test_no_recompile_when_values_change():

@@ -226,7 +226,11 @@ def test_backtracking_never_raises_the_energy(name, case, alpha, seed):
 
 @jax.jit
 def _descend(alpha, weight, target, actions):
-    energy = fc.prepare(fc.SquaredDistance(weight=weight), target)
+    bound = fc.bind(fc.SquaredDistance(weight=weight), target)
+
+    def energy(a):
+        return bound(None, a)
+
     step = fc.GradientStep(alpha)
 
     def body(a, key):

@@ -1,4 +1,4 @@
-"""Hand-written energies, `prepare`, and the users' energy checker."""
+"""Hand-written energies, `bind`, and the users' energy checker."""
 
 import hypothesis.strategies as st
 import jax
@@ -82,18 +82,21 @@ def test_sum_energy_is_the_weighted_sum_and_encodes_each_term_once():
     assert len(calls) == 1
 
 
-def test_prepare_encodes_split_energies_and_binds_plain_ones():
+def test_bind_encodes_split_energies_and_binds_plain_ones():
     target = jnp.ones((2, 2))
-    bound = fc.prepare(fc.SquaredDistance(), target)
-    assert isinstance(bound, fc.BoundEnergy)
-    assert float(bound(jnp.zeros((2, 2)))) == pytest.approx(2.0)
+    bound = fc.bind(fc.SquaredDistance(), target)
+    assert isinstance(bound, fc.BoundEnergy) and isinstance(bound, fc.AbstractEnergy)
+    # A bound energy ignores the context it is called with.
+    assert float(bound(None, jnp.zeros((2, 2)))) == pytest.approx(2.0)
+    assert float(bound(jnp.full((2, 2), 9.0), jnp.zeros((2, 2)))) == pytest.approx(2.0)
 
     def plain(context, actions):
         return jnp.sum((actions - context) ** 2)
 
-    assert float(fc.prepare(plain, target)(jnp.zeros((2, 2)))) == pytest.approx(4.0)
+    assert isinstance(fc.as_energy(plain), fc.FnEnergy)
+    assert float(fc.bind(plain, target)(None, jnp.zeros((2, 2)))) == pytest.approx(4.0)
     with pytest.raises(TypeError, match="energy"):
-        fc.prepare(3.0, target)  # type: ignore[arg-type]
+        fc.bind(3.0, target)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,7 @@ def test_split_energy_composes_and_works_with_the_core():
     direct = model(ctx, a)
     split = model.score(model.encode(ctx), a)
     assert jnp.array_equal(direct, split)
-    assert jnp.array_equal(fc.prepare(model, ctx)(a), direct)
+    assert jnp.array_equal(fc.bind(model, ctx)(None, a), direct)
     # Batched correction vmaps over contexts and chunks.
     batch = jax.tree.map(lambda x: jnp.stack([x, x]), ctx)
     out, info = fc.correct(model, batch, jnp.stack([a, a + 1]), corrector=fc.reference_recipe(1))
@@ -91,7 +91,8 @@ MODELS = {pool: small_model(context_pool=pool) for pool in (1, 4)}
 
 @eqx.filter_jit
 def _energy_and_grad(model, tokens, mask, actions):
-    return jax.value_and_grad(fc.prepare(model, fc.TokenContext(tokens, mask)))(actions)
+    bound = fc.bind(model, fc.TokenContext(tokens, mask))
+    return jax.value_and_grad(lambda a: bound(None, a))(actions)
 
 
 @given(
@@ -221,7 +222,7 @@ def test_bounded_energy_is_the_reference_squashing():
     # Saturating the head pins the energy to the ends of [0.1, 2.1] and kills the slope.
     big = eqx.tree_at(lambda m: m.head_out.bias, bounded, jnp.array([40.0]))
     assert jnp.allclose(big(ctx, a), 2.1, atol=1e-6)
-    assert float(jnp.abs(jax.grad(fc.prepare(big, ctx))(a)).max()) < 1e-6
+    assert float(jnp.abs(jax.grad(lambda x: fc.bind(big, ctx)(None, x))(a)).max()) < 1e-6
     unbounded = small_model()
     assert unbounded.head_out.bias is None  # InfoNCE cannot train a constant offset
 

@@ -2,12 +2,7 @@
 
 import importlib.metadata
 
-from ._correct import (
-    CorrectionInfo as CorrectionInfo,
-    correct as correct,
-    correct_one as correct_one,
-    correct_prepared as correct_prepared,
-)
+from ._correct import CorrectionInfo as CorrectionInfo, correct as correct
 from ._correctors.base import AbstractCorrector as AbstractCorrector
 from ._correctors.recipes import reference_recipe as reference_recipe
 from ._correctors.steps import (
@@ -29,16 +24,12 @@ from ._energy import (
     BoundEnergy as BoundEnergy,
     BoundsPenalty as BoundsPenalty,
     EnergyFn as EnergyFn,
+    FnEnergy as FnEnergy,
     SplitEnergyFn as SplitEnergyFn,
     SquaredDistance as SquaredDistance,
     SumEnergy as SumEnergy,
-    prepare as prepare,
-)
-
-from ._policy import (
-    AbstractBatchedPolicy as AbstractBatchedPolicy,
-    AbstractPolicy as AbstractPolicy,
-    VelocityPolicy as VelocityPolicy,
+    as_energy as as_energy,
+    bind as bind,
 )
 
 # -- flow sampler (issue 3) --
@@ -47,15 +38,21 @@ from ._flow.conventions import (
     OpenPI as OpenPI,
     Reverse as Reverse,
 )
+from ._flow.flow import Flow as Flow
 from ._flow.placements import (
     AbstractInterleaved as AbstractInterleaved,
     AbstractPlacement as AbstractPlacement,
     BestOfN as BestOfN,
+    BestOfNInfo as BestOfNInfo,
     Denoised as Denoised,
     Guided as Guided,
+    InterleavedInfo as InterleavedInfo,
+    Plain as Plain,
     PostHoc as PostHoc,
+    PostHocInfo as PostHocInfo,
+    StepCounts as StepCounts,
 )
-from ._flow.sample import SampleInfo as SampleInfo, VelocityFn as VelocityFn, sample as sample
+from ._flow.sample import SampleInfo as SampleInfo, sample as sample
 from ._flow.schedules import (
     AbstractSchedule as AbstractSchedule,
     AbstractWeight as AbstractWeight,
@@ -79,6 +76,11 @@ from ._model.serialise import (
     ModelFileError as ModelFileError,
     load_model as load_model,
     save_model as save_model,
+)
+from ._policy import (
+    AbstractBatchedPolicy as AbstractBatchedPolicy,
+    AbstractPolicy as AbstractPolicy,
+    VelocityPolicy as VelocityPolicy,
 )
 from ._train.batch import Batch as Batch
 from ._train.data import ShuffledBatches as ShuffledBatches

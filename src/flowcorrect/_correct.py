@@ -1,12 +1,18 @@
+"""`correct`: post-hoc correction of action chunks, and the per-sample step the
+placements of the flow sampler share."""
+
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from ._correctors.base import AbstractCorrector
+from ._correctors.base import AbstractCorrector, uses_key
 from ._correctors.recipes import reference_recipe
 from ._custom_types import Actions, Context, Key
-from ._energy import BoundEnergy, EnergyFn, prepare
+from ._energy import AbstractEnergy, ChunkFn, as_energy
 from ._misc import shape_str
 
 
@@ -18,7 +24,8 @@ class CorrectionInfo(eqx.Module):
     - `energy_before`: the energy of the incoming chunk.
     - `energy_after`: the energy of the returned chunk.
     - `delta_norm`: `||a_out - a_in||`, Frobenius norm over the chunk.
-    - `num_accepted`: how many elementary update steps were kept.
+    - `num_accepted`: how many elementary update steps were kept (a step whose clip
+        bound could not be computed, or that a monotone wrapper rejected, counts zero).
     - `fell_back`: `True` where the energy, its gradient or the corrected chunk was
         not finite, so the incoming chunk was returned unchanged.
     """
@@ -30,45 +37,52 @@ class CorrectionInfo(eqx.Module):
     fell_back: Bool[Array, "*batch"]
 
 
-def _check_actions(actions) -> None:
-    if not isinstance(actions, jax.Array | jax.ShapeDtypeStruct) and not hasattr(
-        actions, "__array__"
-    ):
-        raise TypeError(f"`actions` must be an array; got {type(actions).__name__}.")
+def check_actions(actions: Any, name: str = "actions") -> None:
+    if not isinstance(actions, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
+        raise TypeError(
+            f"`{name}` must be a JAX or NumPy array of shape (horizon, action_dim) or "
+            f"(batch, horizon, action_dim); got {type(actions).__name__}. Convert it with "
+            "jnp.asarray."
+        )
     if actions.ndim not in (2, 3):
         raise ValueError(
-            "`actions` must have shape (horizon, action_dim) for one sample or "
+            f"`{name}` must have shape (horizon, action_dim) for one sample or "
             f"(batch, horizon, action_dim) for a batch; got {shape_str(actions)}."
         )
     if not jnp.issubdtype(actions.dtype, jnp.floating):
-        raise ValueError(f"`actions` must be floating point; got dtype {actions.dtype}.")
+        raise ValueError(f"`{name}` must be floating point; got dtype {actions.dtype}.")
 
 
-def correct_one(
-    energy: EnergyFn, context: Context, actions: Actions, corrector: AbstractCorrector, key: Key
+def check_corrector(corrector: Any, name: str = "corrector") -> None:
+    if not isinstance(corrector, AbstractCorrector):
+        hint = ""
+        if hasattr(corrector, "init") and hasattr(corrector, "update"):
+            hint = " Wrap an optax optimiser in fc.OptaxStep(optimizer)."
+        raise TypeError(
+            f"`{name}` must be an fc.AbstractCorrector (e.g. fc.reference_recipe()); got "
+            f"{type(corrector).__name__}.{hint}"
+        )
+
+
+def correct_single(
+    energy: AbstractEnergy, encoded: Any, actions: Actions, corrector: AbstractCorrector, key: Key
 ) -> tuple[Actions, CorrectionInfo]:
-    """[`flowcorrect.correct`][] on one sample, without `jit`: for use inside other code."""
-    return correct_prepared(prepare(energy, context), actions, corrector, key)
+    """Corrects one chunk at one encoded context, with the non-finite fallback.
 
-
-def correct_prepared(
-    bound: BoundEnergy, actions: Actions, corrector: AbstractCorrector, key: Key
-) -> tuple[Actions, CorrectionInfo]:
-    """Like [`flowcorrect.correct_one`][] for an energy whose context is already bound.
-
-    For code that corrects many chunks of one observation (a flow sampler correcting
-    at several steps, best-of-N): call [`flowcorrect.prepare`][] once and this per chunk.
+    Not jitted and not batched: the building block of [`flowcorrect.correct`][] and of
+    the placements of [`flowcorrect.sample`][].
     """
-    e0 = bound(actions)
-    state = corrector.init(bound, actions)
-    out, _, n = corrector.step(bound, actions, state, key)
-    if out.shape != actions.shape:
+    fn = ChunkFn(energy, encoded)
+    e0 = fn(actions)
+    state = corrector.init(fn, actions)
+    out, _, n = corrector.step(fn, actions, state, key)
+    if getattr(out, "shape", None) != actions.shape:
         raise ValueError(
             f"{type(corrector).__name__} returned actions of shape {shape_str(out)} for "
             f"input of shape {shape_str(actions)}; a corrector must keep the shape."
         )
     out = out.astype(actions.dtype)
-    e1 = bound(out)
+    e1 = fn(out)
     ok = jnp.isfinite(e0) & jnp.isfinite(e1) & jnp.all(jnp.isfinite(out))
     out = jnp.where(ok, out, actions)
     e1 = jnp.where(ok, e1, e0)
@@ -83,26 +97,54 @@ def correct_prepared(
 
 
 def check_batched_context(context: Context, batch: int, name: str = "context") -> None:
-    """Raises a clear error unless every array in `context` has leading axis `batch`."""
-    leaves = jax.tree_util.tree_leaves_with_path(context)
-    for path, leaf in leaves:
+    """Raises a clear error unless every leaf of `context` is an array with leading
+    axis `batch`."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(context):
+        where = f"`{name}{jax.tree_util.keystr(path)}`"
         if not hasattr(leaf, "shape"):
-            continue
+            raise TypeError(
+                f"For a batch of {batch} action chunks, every leaf of `{name}` must be an "
+                f"array with a leading batch axis of size {batch}; {where} is a "
+                f"{type(leaf).__name__}. Convert it with jnp.asarray (and stack one per "
+                "sample), or bind a shared context with fc.bind(energy, context)."
+            )
         if leaf.ndim == 0 or leaf.shape[0] != batch:
             raise ValueError(
                 f"For a batch of {batch} action chunks, every array in `{name}` needs a "
-                f"leading batch axis of size {batch}; `{name}{jax.tree_util.keystr(path)}` "
-                f"has shape {shape_str(leaf)}."
+                f"leading batch axis of size {batch}; {where} has shape {shape_str(leaf)}. "
+                "For a context shared by the whole batch, bind it: "
+                "fc.correct(fc.bind(energy, context), None, actions)."
             )
 
 
-@eqx.filter_jit
+def check_key(key: Any, corrector: AbstractCorrector | None, where: str) -> Key:
+    if key is None:
+        if corrector is not None and uses_key(corrector):
+            raise ValueError(
+                f"The corrector given to {where} is stochastic ({type(corrector).__name__} "
+                "contains a step that draws noise), so it needs `key`: pass "
+                "key=jax.random.key(seed). Without one every call would draw the same noise."
+            )
+        return jax.random.key(0)
+    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
+        if isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,):
+            return jax.random.wrap_key_data(key)
+        raise TypeError(
+            f"`key` must be a PRNG key from jax.random.key(seed); got {shape_str(key)} "
+            f"of type {type(key).__name__}."
+        )
+    if key.shape != ():
+        raise ValueError(f"`key` must be a single PRNG key; got shape {key.shape}.")
+    return key
+
+
 def correct(
-    energy: EnergyFn,
+    # Typed loosely so that a wrong argument gets the messages below, which say the fix.
+    energy: Any,
     context: Context,
-    actions: Float[Array, "*batch horizon action_dim"],
+    actions: Any,
     *,
-    corrector: AbstractCorrector = reference_recipe(),
+    corrector: Any = reference_recipe(),
     key: Key | None = None,
 ) -> tuple[Float[Array, "*batch horizon action_dim"], CorrectionInfo]:
     """Corrects action chunks by descending a learned (or hand-written) energy.
@@ -115,15 +157,17 @@ def correct(
     **Arguments:**
 
     - `energy`: any [`flowcorrect.EnergyFn`][], e.g. a trained
-        [`flowcorrect.EnergyModel`][] or [`flowcorrect.SquaredDistance`][].
+        [`flowcorrect.EnergyModel`][], [`flowcorrect.SquaredDistance`][], or an energy
+        whose context is already bound ([`flowcorrect.bind`][]).
     - `context`: the context of one observation, or, for a batch, a pytree whose
-        every array has a leading batch axis.
+        every array has a leading batch axis. `None` for a bound energy or one that
+        ignores its context.
     - `actions`: one chunk `(horizon, action_dim)` or a batch
         `(batch, horizon, action_dim)`.
     - `corrector`: what to do; defaults to [`flowcorrect.reference_recipe`][]
         (3 gradient steps of alpha 0.1 clipped to 20% of the chunk's norm).
-    - `key`: a PRNG key for stochastic correctors (Langevin); defaults to
-        `jax.random.key(0)`. Split per sample for a batch.
+    - `key`: a PRNG key; required by stochastic correctors (Langevin), which raise
+        without one. Split per sample for a batch.
 
     **Returns:**
 
@@ -139,19 +183,22 @@ def correct(
         print(info.energy_before, info.energy_after)
         ```
     """
-    _check_actions(actions)
-    if not isinstance(corrector, AbstractCorrector):
-        raise TypeError(
-            "`corrector` must be an AbstractCorrector (e.g. fc.reference_recipe()); "
-            f"got {type(corrector).__name__}."
-        )
-    if key is None:
-        key = jax.random.key(0)
+    check_actions(actions)
+    check_corrector(corrector)
+    energy = as_energy(energy)
+    key = check_key(key, corrector, "fc.correct")
+    return _correct(energy, context, actions, corrector, key)
+
+
+@eqx.filter_jit
+def _correct(energy, context, actions, corrector, key):
     if actions.ndim == 2:
-        return correct_one(energy, context, actions, corrector, key)
+        return correct_single(energy, energy.encode(context), actions, corrector, key)
     batch = actions.shape[0]
     check_batched_context(context, batch)
     keys = jax.random.split(key, batch)
-    return eqx.filter_vmap(correct_one, in_axes=(None, eqx.if_array(0), 0, None, 0))(
-        energy, context, actions, corrector, keys
-    )
+
+    def one(ctx, a, k):
+        return correct_single(energy, energy.encode(ctx), a, corrector, k)
+
+    return jax.vmap(one)(context, actions, keys)

@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
@@ -13,12 +14,16 @@ Context: TypeAlias = PyTree[Any]
 Encoded: TypeAlias = PyTree[Any]
 Key: TypeAlias = PRNGKeyArray
 ArrayLike: TypeAlias = Shaped[Array, "..."] | float | int
+# An energy with its context already bound: a function of one action chunk alone.
+# This is what correctors receive; they call `energy(actions)`.
+ChunkEnergy: TypeAlias = Callable[[Actions], Scalar]
 
 __all__ = [
     "Actions",
     "ArrayLike",
     "BatchActions",
     "BoolScalar",
+    "ChunkEnergy",
     "Context",
     "DimMask",
     "Encoded",

@@ -4,17 +4,18 @@ An energy scores one action chunk for one observation; low means plausible. Anyt
 callable as `energy(context, actions) -> scalar` is an energy. An energy whose cost is
 dominated by work on the context alone (a learned model encoding hundreds of context
 tokens) should also split into `encode(context)` and `score(encoded, actions)`: then
-[`flowcorrect.prepare`][] encodes once per observation and every correction step only
-pays for `score`.
+[`flowcorrect.sample`][] and [`flowcorrect.correct`][] encode once per observation and
+every correction step only pays for `score`.
 """
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from ._custom_types import Actions, Context, Encoded, Scalar
@@ -39,7 +40,7 @@ class SplitEnergyFn(EnergyFn, Protocol):
     """An energy whose context-only work can be done once per observation.
 
     `energy(context, actions) == energy.score(energy.encode(context), actions)` must
-    hold. [`flowcorrect.prepare`][] uses the split so that a correction of K steps
+    hold. The entry points use the split so that a correction of K steps
     encodes the context once, not K times.
     """
 
@@ -67,18 +68,129 @@ class AbstractEnergy(eqx.Module):
         return self.score(self.encode(context), actions)
 
 
-class BoundEnergy(eqx.Module):
-    """An energy with its context fixed: a function of the action chunk alone.
+class FnEnergy(AbstractEnergy):
+    """An energy made of a callable `fn(context, actions) -> scalar`.
 
-    Built by [`flowcorrect.prepare`][]; this is what correctors receive. It is a pytree
-    (the encoded context is a leaf), so it can cross `jax.jit` and `jax.vmap`.
+    Built by [`flowcorrect.as_energy`][] at every entry point, so any callable is an
+    energy. When `fn` also has `encode` and `score` (a
+    [`flowcorrect.SplitEnergyFn`][] that does not subclass
+    [`flowcorrect.AbstractEnergy`][]) they are used; otherwise encoding is the identity.
+
+    **Arguments:**
+
+    - `fn`: the callable. A function is static to `jit` (pass the same object on every
+        call); an `eqx.Module`'s arrays are traced.
     """
 
-    fn: Callable[[Encoded, Actions], Scalar]
+    fn: EnergyFn
+
+    def __check_init__(self):
+        if not callable(self.fn):
+            raise TypeError(
+                "An energy must be callable as energy(context, actions) -> scalar; got "
+                f"{type(self.fn).__name__}. Hand-written examples: fc.SquaredDistance, "
+                "fc.BoundsPenalty; learned: fc.EnergyModel."
+            )
+
+    def encode(self, context: Context) -> Encoded:
+        if isinstance(self.fn, SplitEnergyFn):
+            return self.fn.encode(context)
+        return context
+
+    def score(self, encoded: Encoded, actions: Actions) -> Scalar:
+        if isinstance(self.fn, SplitEnergyFn):
+            return self.fn.score(encoded, actions)
+        return self.fn(encoded, actions)
+
+
+def as_energy(energy: Any, name: str = "energy") -> AbstractEnergy:
+    """Converts any callable `energy(context, actions) -> scalar` to an energy.
+
+    An [`flowcorrect.AbstractEnergy`][] is returned as it is; any other callable is
+    wrapped in a [`flowcorrect.FnEnergy`][]. Every entry point does this with the
+    energy it is given, so you rarely need to call it.
+
+    **Arguments:**
+
+    - `energy`: the energy.
+    - `name`: the argument's name, for the error message.
+
+    **Returns:**
+
+    An [`flowcorrect.AbstractEnergy`][] with `encode` and `score`.
+    """
+    if isinstance(energy, AbstractEnergy):
+        return energy
+    if not callable(energy):
+        raise TypeError(
+            f"`{name}` must be callable as energy(context, actions) -> scalar; got "
+            f"{type(energy).__name__}. Hand-written examples: fc.SquaredDistance, "
+            "fc.BoundsPenalty; learned: fc.EnergyModel."
+        )
+    return FnEnergy(energy)
+
+
+class BoundEnergy(AbstractEnergy):
+    """An energy with its context fixed and encoded once; it ignores the context it is
+    called with. Built by [`flowcorrect.bind`][].
+
+    Because it is an energy again, it goes wherever an energy goes:
+    `fc.correct(bound, None, actions)` corrects towards the bound context, and
+    `fc.sample(..., energy=bound)` ignores the policy's context. It is a pytree (the
+    encoding is a leaf), so it crosses `jax.jit` and `jax.vmap`.
+
+    **Arguments:**
+
+    - `energy`: the energy (an [`flowcorrect.AbstractEnergy`][]).
+    - `encoded`: `energy.encode(context)`.
+    """
+
+    energy: AbstractEnergy
+    encoded: Encoded
+
+    def encode(self, context: Context) -> Encoded:
+        return self.encoded
+
+    def score(self, encoded: Encoded, actions: Actions) -> Scalar:
+        return self.energy.score(encoded, actions)
+
+
+def bind(energy: EnergyFn, context: Context) -> BoundEnergy:
+    """Fixes the context of an energy, encoding it once.
+
+    **Arguments:**
+
+    - `energy`: any [`flowcorrect.EnergyFn`][].
+    - `context`: the context of one observation.
+
+    **Returns:**
+
+    A [`flowcorrect.BoundEnergy`][]: an energy that ignores the context it is called
+    with (pass `None`).
+
+    !!! example
+
+        ```python
+        bound = fc.bind(fc.SquaredDistance(), target)
+        actions, info = fc.correct(bound, None, actions)
+        ```
+    """
+    energy = as_energy(energy)
+    return BoundEnergy(energy, energy.encode(context))
+
+
+class ChunkFn(eqx.Module):
+    """An energy at one encoded context, as a function of the chunk alone.
+
+    This is what correctors receive as `energy` (they call `energy(actions)`); it
+    checks that the energy returns a scalar.
+    """
+
+    energy: AbstractEnergy
     encoded: Encoded
 
     def __call__(self, actions: Actions) -> Scalar:
-        out = self.fn(self.encoded, actions)
+        out = self.energy.score(self.encoded, actions)
         if not (isinstance(out, jax.Array) and out.shape == ()):
             raise ValueError(
                 "An energy must return a scalar array for one action chunk of shape "
@@ -86,28 +198,6 @@ class BoundEnergy(eqx.Module):
                 "inside the energy and call it on one sample (vmap for batches)."
             )
         return out
-
-
-def prepare(energy: EnergyFn, context: Context) -> BoundEnergy:
-    """Fixes the context of an energy, encoding it once when the energy can split.
-
-    **Arguments:**
-
-    - `energy`: any [`flowcorrect.EnergyFn`][]. When it also has `encode` and `score`
-        ([`flowcorrect.SplitEnergyFn`][]), the context is encoded here, once.
-    - `context`: the context of one observation.
-
-    **Returns:**
-
-    A [`flowcorrect.BoundEnergy`][]: call it on an action chunk to get its energy.
-    """
-    if isinstance(energy, SplitEnergyFn):
-        return BoundEnergy(energy.score, energy.encode(context))
-    if not callable(energy):
-        raise TypeError(
-            f"`energy` must be callable as energy(context, actions); got {type(energy)}."
-        )
-    return BoundEnergy(energy, context)
 
 
 def _check_same_shape(name: str, expected: Any, actions: Actions) -> None:
@@ -145,16 +235,27 @@ class SquaredDistance(AbstractEnergy):
                 "`target` must have shape (horizon, action_dim); got "
                 f"{shape_str(self.target)}."
             )
-        w = concrete(self.weight)
-        if w is not None and (w < 0).any():
-            raise ValueError(f"`weight` must be non-negative; got min {w.min()}.")
+        check_nonnegative_finite("SquaredDistance", "weight", self.weight)
+        if self.target is not None and self.weight.ndim > 0:
+            _check_weight_broadcasts(self.weight, self.target.shape)
 
     def encode(self, context: Context) -> Encoded:
         return context
 
     def score(self, encoded: Encoded, actions: Actions) -> Scalar:
-        target = encoded if self.target is None else self.target
+        if self.target is None:
+            if not isinstance(encoded, jax.Array | np.ndarray):
+                raise TypeError(
+                    "SquaredDistance() without a target reads its target chunk from the "
+                    f"context, so the context must be an array of the actions' shape "
+                    f"{shape_str(actions)}; got {type(encoded).__name__}. Pass the target "
+                    "as the context, or fix it with SquaredDistance(target=...)."
+                )
+            target = encoded
+        else:
+            target = self.target
         _check_same_shape("target" if self.target is not None else "context", target, actions)
+        _check_weight_broadcasts(self.weight, actions.shape)
         diff = actions - target.astype(actions.dtype)
         weight = jnp.broadcast_to(self.weight, diff.shape).astype(actions.dtype)
         return 0.5 * jnp.sum(weight * diff**2)
@@ -182,9 +283,12 @@ class BoundsPenalty(AbstractEnergy):
 
     def __check_init__(self):
         check_bounds(self.low, self.high)
-        w = concrete(self.weight)
-        if w is not None and w < 0:
-            raise ValueError(f"`weight` must be non-negative; got {w}.")
+        if self.weight.shape != ():
+            raise ValueError(
+                f"BoundsPenalty `weight` must be a scalar; got shape {shape_str(self.weight)}. "
+                "Scale the bounds per entry with arrays for `low` and `high`."
+            )
+        check_nonnegative_finite("BoundsPenalty", "weight", self.weight)
 
     def encode(self, context: Context) -> Encoded:
         return None
@@ -219,6 +323,12 @@ def check_bounds(low: Array, high: Array) -> None:
             f"`low` {shape_str(low)} and `high` {shape_str(high)} must broadcast together."
         ) from None
     lo, hi = concrete(low), concrete(high)
+    for name, value in (("low", lo), ("high", hi)):
+        if value is not None and np.isnan(value).any():
+            raise ValueError(
+                f"Action bounds must not be NaN; `{name}` has {int(np.isnan(value).sum())} "
+                "NaN entries. Use -inf or inf for an unbounded side."
+            )
     if lo is not None and hi is not None and (lo > hi).any():
         raise ValueError(
             "Action bounds need `low <= high` everywhere; got low > high at "
@@ -229,8 +339,8 @@ def check_bounds(low: Array, high: Array) -> None:
 class SumEnergy(AbstractEnergy):
     """A weighted sum of energies, `sum_i weights[i] * energies[i](context, actions)`.
 
-    Every term sees the same context and is encoded once; a term that is not a
-    [`flowcorrect.SplitEnergyFn`][] is encoded as the identity.
+    Every term sees the same context and is encoded once (a plain callable is made an
+    energy by [`flowcorrect.as_energy`][], its encoding the identity).
 
     **Arguments:**
 
@@ -238,11 +348,11 @@ class SumEnergy(AbstractEnergy):
     - `weights`: one non-negative weight per energy; defaults to all ones.
     """
 
-    energies: tuple[EnergyFn, ...]
+    energies: tuple[AbstractEnergy, ...]
     weights: Float[Array, " num_energies"]
 
     def __init__(self, energies: Sequence[EnergyFn], weights: Any = None):
-        self.energies = tuple(energies)
+        self.energies = tuple(as_energy(e, f"energies[{i}]") for i, e in enumerate(energies))
         n = len(self.energies)
         self.weights = float_array(jnp.ones(n) if weights is None else weights)
 
@@ -254,19 +364,38 @@ class SumEnergy(AbstractEnergy):
                 f"`weights` has shape {shape_str(self.weights)} but there are "
                 f"{len(self.energies)} energies; give one weight per energy."
             )
-        w = concrete(self.weights)
-        if w is not None and (w < 0).any():
-            raise ValueError(f"`weights` must be non-negative; got {w.tolist()}.")
+        check_nonnegative_finite("SumEnergy", "weights", self.weights)
 
     def encode(self, context: Context) -> Encoded:
-        return tuple(
-            e.encode(context) if isinstance(e, SplitEnergyFn) else context
-            for e in self.energies
-        )
+        return tuple(e.encode(context) for e in self.energies)
 
     def score(self, encoded: Encoded, actions: Actions) -> Scalar:
         total = jnp.zeros((), actions.dtype)
         for i, (e, enc) in enumerate(zip(self.energies, encoded, strict=True)):
-            value = e.score(enc, actions) if isinstance(e, SplitEnergyFn) else e(enc, actions)
+            value = e.score(enc, actions)
             total = total + self.weights[i].astype(actions.dtype) * value
         return total
+
+
+def check_nonnegative_finite(owner: str, name: str, value: Array) -> None:
+    """A clear error for a negative, NaN or infinite hyperparameter known at construction."""
+    v = concrete(value)
+    if v is not None and not (np.isfinite(v).all() and (v >= 0).all()):
+        bad = v[~(np.isfinite(v) & (v >= 0))] if v.ndim else v
+        raise ValueError(
+            f"{owner} `{name}` must be finite and >= 0; got {np.ravel(bad)[:4].tolist()}."
+        )
+
+
+def _check_weight_broadcasts(weight: Array, shape: tuple[int, ...]) -> None:
+    try:
+        out = jnp.broadcast_shapes(weight.shape, tuple(shape))
+    except ValueError:
+        out = None
+    if out != tuple(shape):
+        raise ValueError(
+            f"SquaredDistance `weight` has shape {shape_str(weight)}, which does not "
+            f"broadcast to the chunk's shape {tuple(shape)}; give a scalar, a per-step "
+            "weight of shape (horizon, 1), a per-dimension weight of shape (action_dim,), "
+            "or the chunk's shape."
+        )

@@ -186,8 +186,10 @@ class VelocityPolicy(AbstractPolicy):
     def prefix(self, observation: Observation) -> Prefix:
         return observation
 
-    def velocity(self, prefix: Prefix, x_t: Actions, t: Scalar) -> Actions:
-        return self.fn(prefix, x_t, t)
+    def velocity(self, prefix: Prefix, x_t: Actions, t: Scalar) -> Any:
+        # Checked here, with a message that says what is wrong, rather than by the
+        # return annotation: `fn` is anybody's function.
+        return check_velocity_output(self.fn(prefix, x_t, t), x_t)
 
     def energy_context(self, prefix: Prefix) -> Context:
         return prefix

@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._correct import correct, correct_one
+from ._correct import correct, correct_single
 from ._correctors.base import AbstractCorrector
 from ._custom_types import Actions, Context
-from ._energy import EnergyFn, SplitEnergyFn
+from ._energy import EnergyFn, SplitEnergyFn, as_energy
 
 __all__ = ["action_chunks", "check_corrector", "check_energy", "chunk_pairs"]
 
@@ -176,6 +176,11 @@ def check_energy(
         _fail("recompile", f"the jitted energy was traced again for new values ({e})")
 
 
+def _correct_one(energy, context, actions, corrector, key):
+    energy = as_energy(energy)
+    return correct_single(energy, energy.encode(context), actions, corrector, key)
+
+
 def check_corrector(
     corrector: AbstractCorrector,
     energy: EnergyFn,
@@ -208,7 +213,7 @@ def check_corrector(
               f"{actions.dtype}")
     if not jnp.all(jnp.isfinite(out)):
         _fail("finite", "the corrected chunk is not finite")
-    ref_out, ref_info = correct_one(energy, context, actions, corrector, key)
+    ref_out, ref_info = _correct_one(energy, context, actions, corrector, key)
     if not np.allclose(out, ref_out, rtol=rtol, atol=atol):
         _fail("jit", f"jitted correction differs from un-jitted by "
               f"{float(jnp.max(jnp.abs(out - ref_out)))}")
@@ -226,7 +231,7 @@ def check_corrector(
             _fail("batch", f"sample {i} of a batch differs from the same sample alone by "
                   f"{float(jnp.max(jnp.abs(batch_out[i] - single)))}")
 
-    counted = eqx.filter_jit(eqx.debug.assert_max_traces(correct_one, max_traces=1))
+    counted = eqx.filter_jit(eqx.debug.assert_max_traces(_correct_one, max_traces=1))
     try:
         counted(energy, context, actions, corrector, key)
         counted(energy, context, samples[0], _scaled(corrector, 0.5), key)

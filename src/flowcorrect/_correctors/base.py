@@ -2,10 +2,10 @@ import abc
 from typing import Generic, TypeVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 
-from .._custom_types import Actions, IntScalar, Key
-from .._energy import BoundEnergy
+from .._custom_types import Actions, ChunkEnergy, IntScalar, Key
 
 _State = TypeVar("_State")
 
@@ -21,12 +21,13 @@ class AbstractCorrector(eqx.Module, Generic[_State]):
     """
 
     @abc.abstractmethod
-    def init(self, energy: BoundEnergy, actions: Actions) -> _State:
+    def init(self, energy: ChunkEnergy, actions: Actions) -> _State:
         """The state before the first step.
 
         **Arguments:**
 
-        - `energy`: the energy with its context fixed (see [`flowcorrect.prepare`][]).
+        - `energy`: the energy with its context already encoded, a function of the
+            chunk alone: `energy(actions) -> scalar`.
         - `actions`: the chunk entering the correction, `(horizon, action_dim)`.
 
         **Returns:**
@@ -36,7 +37,7 @@ class AbstractCorrector(eqx.Module, Generic[_State]):
 
     @abc.abstractmethod
     def step(
-        self, energy: BoundEnergy, actions: Actions, state: _State, key: Key
+        self, energy: ChunkEnergy, actions: Actions, state: _State, key: Key
     ) -> tuple[Actions, _State, IntScalar]:
         """One correction step.
 
@@ -66,3 +67,16 @@ def scale_step(actions: Actions, proposal: Actions, scale) -> Actions:
     moved = actions + scale * (proposal - actions)
     moved = jnp.where(scale == 1, proposal, moved)
     return jnp.where(proposal == actions, actions, moved)
+
+
+def uses_key(corrector: AbstractCorrector) -> bool:
+    """Whether `corrector` or any corrector nested in it draws random numbers."""
+    if getattr(corrector, "stochastic", False):
+        return True
+    children = jax.tree_util.tree_leaves(
+        corrector,
+        is_leaf=lambda x: x is not corrector and isinstance(x, AbstractCorrector),
+    )
+    return any(
+        uses_key(c) for c in children if isinstance(c, AbstractCorrector) and c is not corrector
+    )

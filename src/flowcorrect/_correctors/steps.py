@@ -1,14 +1,13 @@
 """Correctors that propose an update from the energy's gradient."""
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, PyTree
 
-from .._custom_types import Actions, IntScalar, Key
-from .._energy import BoundEnergy
+from .._custom_types import Actions, ChunkEnergy, IntScalar, Key
 from .._misc import concrete, float_array
 from .base import AbstractCorrector
 
@@ -19,7 +18,7 @@ def _check_nonneg(name: str, value: Array) -> None:
         raise ValueError(f"`{name}` must be a finite number >= 0; got {v}.")
 
 
-def _grad(energy: BoundEnergy, actions: Actions) -> Actions:
+def _grad(energy: ChunkEnergy, actions: Actions) -> Actions:
     return jax.grad(energy)(actions)
 
 
@@ -40,11 +39,11 @@ class GradientStep(AbstractCorrector[None]):
     def __check_init__(self):
         _check_nonneg("alpha", self.alpha)
 
-    def init(self, energy: BoundEnergy, actions: Actions) -> None:
+    def init(self, energy: ChunkEnergy, actions: Actions) -> None:
         return None
 
     def step(
-        self, energy: BoundEnergy, actions: Actions, state: None, key: Key
+        self, energy: ChunkEnergy, actions: Actions, state: None, key: Key
     ) -> tuple[Actions, None, IntScalar]:
         g = _grad(energy, actions)
         new = actions - self.alpha.astype(actions.dtype) * g
@@ -66,6 +65,7 @@ class LangevinStep(AbstractCorrector[None]):
 
     alpha: Float[Array, ""]
     temperature: Float[Array, ""]
+    stochastic: ClassVar[bool] = True
 
     def __init__(self, alpha: Any = 0.1, temperature: Any = 1e-3):
         self.alpha = float_array(alpha)
@@ -75,11 +75,11 @@ class LangevinStep(AbstractCorrector[None]):
         _check_nonneg("alpha", self.alpha)
         _check_nonneg("temperature", self.temperature)
 
-    def init(self, energy: BoundEnergy, actions: Actions) -> None:
+    def init(self, energy: ChunkEnergy, actions: Actions) -> None:
         return None
 
     def step(
-        self, energy: BoundEnergy, actions: Actions, state: None, key: Key
+        self, energy: ChunkEnergy, actions: Actions, state: None, key: Key
     ) -> tuple[Actions, None, IntScalar]:
         g = _grad(energy, actions)
         alpha = self.alpha.astype(actions.dtype)
@@ -117,11 +117,11 @@ class OptaxStep(AbstractCorrector[PyTree]):
                 f"update), e.g. optax.sgd(0.1); got {type(self.optimizer)}."
             )
 
-    def init(self, energy: BoundEnergy, actions: Actions) -> PyTree:
+    def init(self, energy: ChunkEnergy, actions: Actions) -> PyTree:
         return self.optimizer.init(actions)
 
     def step(
-        self, energy: BoundEnergy, actions: Actions, state: PyTree, key: Key
+        self, energy: ChunkEnergy, actions: Actions, state: PyTree, key: Key
     ) -> tuple[Actions, PyTree, IntScalar]:
         g = _grad(energy, actions)
         updates, state = self.optimizer.update(g, state, actions)

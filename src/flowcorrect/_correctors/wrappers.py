@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .._custom_types import Actions, Key
-from .._energy import BoundEnergy, broadcast_bounds, check_bounds
+from .._custom_types import Actions, ChunkEnergy, Key
+from .._energy import broadcast_bounds, check_bounds
 from .._misc import concrete, float_array, shape_str
 from .base import AbstractCorrector, scale_step
 
@@ -59,11 +59,11 @@ class ClipStep(AbstractCorrector[Any]):
                 f"`relative_to` must be 'current' or 'initial'; got {self.relative_to!r}."
             )
 
-    def init(self, energy: BoundEnergy, actions: Actions):
+    def init(self, energy: ChunkEnergy, actions: Actions):
         ref = jnp.linalg.norm(actions) if self.relative_to == "initial" else None
         return self.inner.init(energy, actions), ref
 
-    def step(self, energy: BoundEnergy, actions: Actions, state, key: Key):
+    def step(self, energy: ChunkEnergy, actions: Actions, state, key: Key):
         inner_state, ref = state
         proposal, inner_state, n = self.inner.step(energy, actions, inner_state, key)
         if ref is None:
@@ -143,11 +143,11 @@ class HorizonMask(AbstractCorrector[Any]):
         hint = "1 corrects the next action only"
         _check_first_or_mask("HorizonMask", self.first, self.mask, hint)
 
-    def init(self, energy: BoundEnergy, actions: Actions):
+    def init(self, energy: ChunkEnergy, actions: Actions):
         _axis_mask("HorizonMask", self.first, self.mask, actions, axis=0)
         return self.inner.init(energy, actions)
 
-    def step(self, energy: BoundEnergy, actions: Actions, state, key: Key):
+    def step(self, energy: ChunkEnergy, actions: Actions, state, key: Key):
         mask = _axis_mask("HorizonMask", self.first, self.mask, actions, axis=0)
         return _masked_step(self.inner, mask, energy, actions, state, key)
 
@@ -178,11 +178,11 @@ class ActionDimMask(AbstractCorrector[Any]):
         hint = "7 for LIBERO's arm in openpi's 32 padded dims"
         _check_first_or_mask("ActionDimMask", self.first, self.mask, hint)
 
-    def init(self, energy: BoundEnergy, actions: Actions):
+    def init(self, energy: ChunkEnergy, actions: Actions):
         _axis_mask("ActionDimMask", self.first, self.mask, actions, axis=1)
         return self.inner.init(energy, actions)
 
-    def step(self, energy: BoundEnergy, actions: Actions, state, key: Key):
+    def step(self, energy: ChunkEnergy, actions: Actions, state, key: Key):
         mask = _axis_mask("ActionDimMask", self.first, self.mask, actions, axis=1)
         return _masked_step(self.inner, mask, energy, actions, state, key)
 
@@ -210,10 +210,10 @@ class Backtrack(AbstractCorrector[Any]):
         if not (isinstance(self.max_halvings, int) and self.max_halvings >= 0):
             raise ValueError(f"`max_halvings` must be an int >= 0; got {self.max_halvings!r}.")
 
-    def init(self, energy: BoundEnergy, actions: Actions):
+    def init(self, energy: ChunkEnergy, actions: Actions):
         return self.inner.init(energy, actions)
 
-    def step(self, energy: BoundEnergy, actions: Actions, state, key: Key):
+    def step(self, energy: ChunkEnergy, actions: Actions, state, key: Key):
         e0 = energy(actions)
         proposal, new_state, n = self.inner.step(energy, actions, state, key)
 
@@ -255,11 +255,11 @@ class ProjectBounds(AbstractCorrector[None]):
     def __check_init__(self):
         check_bounds(self.low, self.high)
 
-    def init(self, energy: BoundEnergy, actions: Actions) -> None:
+    def init(self, energy: ChunkEnergy, actions: Actions) -> None:
         broadcast_bounds("ProjectBounds", self.low, self.high, actions)
         return None
 
-    def step(self, energy: BoundEnergy, actions: Actions, state: None, key: Key):
+    def step(self, energy: ChunkEnergy, actions: Actions, state: None, key: Key):
         low, high = broadcast_bounds("ProjectBounds", self.low, self.high, actions)
         return jnp.clip(actions, low, high), None, jnp.asarray(0, jnp.int32)
 
@@ -284,10 +284,10 @@ class Repeat(AbstractCorrector[Any]):
                 f"got {self.num_steps!r}."
             )
 
-    def init(self, energy: BoundEnergy, actions: Actions):
+    def init(self, energy: ChunkEnergy, actions: Actions):
         return self.inner.init(energy, actions)
 
-    def step(self, energy: BoundEnergy, actions: Actions, state, key: Key):
+    def step(self, energy: ChunkEnergy, actions: Actions, state, key: Key):
         if self.num_steps == 0:
             return actions, state, jnp.asarray(0, jnp.int32)
 
@@ -329,10 +329,10 @@ class Chain(AbstractCorrector[tuple]):
                     "(an AbstractCorrector such as GradientStep)."
                 )
 
-    def init(self, energy: BoundEnergy, actions: Actions) -> tuple:
+    def init(self, energy: ChunkEnergy, actions: Actions) -> tuple:
         return tuple(c.init(energy, actions) for c in self.correctors)
 
-    def step(self, energy: BoundEnergy, actions: Actions, state: tuple, key: Key):
+    def step(self, energy: ChunkEnergy, actions: Actions, state: tuple, key: Key):
         keys = jax.random.split(key, len(self.correctors))
         new_states = []
         count = jnp.asarray(0, jnp.int32)

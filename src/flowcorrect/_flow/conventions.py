@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._custom_types import Actions, Scalar
+from .._custom_types import Scalar
 
 TimeLike = Float[Array, ""] | float
+# One chunk, or a batch of chunks sharing one flow time.
+Actions = Float[Array, "*batch horizon action_dim"]
 
 
 class AbstractConvention(eqx.Module):

@@ -1,361 +1,182 @@
-"""The flow sampler: fixed-step Euler on any velocity field, with a placed correction."""
+"""The flow sampler: fixed-step Euler on a policy, with a placed correction."""
 
-from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+import numpy as np
+from jaxtyping import Array, Bool, Float
 
-from .._correct import CorrectionInfo, check_batched_context, correct_prepared
-from .._correctors.base import AbstractCorrector
-from .._correctors.recipes import reference_recipe
-from .._custom_types import Actions, Context, Key, Scalar
-from .._energy import BoundEnergy, EnergyFn, prepare
-from .._misc import shape_str
-from .conventions import AbstractConvention, OpenPI
-from .placements import AbstractInterleaved, AbstractPlacement, BestOfN, Denoised, Guided, PostHoc
-
-VelocityFn = Callable[[Context, Actions, Scalar], Actions]
+from .._correct import check_batched_context, check_key
+from .._custom_types import Key
+from .._energy import EnergyFn, as_energy
+from .._misc import float_array, shape_str
+from .._policy import AbstractBatchedPolicy, AbstractPolicy
+from .flow import Flow, VmappedPolicy, all_finite, per_sample, sample_norms
+from .placements import AbstractPlacement, Plain, check_placement
 
 
 class SampleInfo(eqx.Module):
-    """Diagnostics of [`flowcorrect.sample`][]; every field has a leading batch axis
-    for a batch. Fields that need an energy are `None` when no energy was given.
+    """Diagnostics of [`flowcorrect.sample`][]. For a batch, every array has a leading
+    batch axis; for one observation of a per-sample policy, none.
 
     **Attributes:**
 
-    - `step_energy`: shape `(num_steps,)`: at each flow step, the energy of the
-        denoised estimate that step's velocity gives, before that step's correction
-        (for plots of energy against flow time). `None` with `step_energies=False`.
-    - `final_energy`: the energy of the returned chunk.
-    - `uncorrected`: the chunk the plain sampler draws from the same noise.
-        `None` with `track_uncorrected=False` for an interleaved placement.
-    - `uncorrected_energy`: its energy.
-    - `delta_norm`: `||actions - uncorrected||`, Frobenius norm over the chunk.
-    - `num_applied`: how many flow steps had an interleaved correction applied.
-    - `num_skipped`: how many scheduled steps of nonzero weight had their correction
-        skipped because it was not finite (the plain Euler step was taken instead).
-    - `fell_back`: `True` where the corrected chunk or its energy was not finite, so
-        the uncorrected chunk from the same noise was returned.
-    - `post`: the [`flowcorrect.CorrectionInfo`][] of a post-hoc correction
-        ([`flowcorrect.PostHoc`][], `BestOfN(then=PostHoc())`), else `None`.
-    - `candidate_energy`: [`flowcorrect.BestOfN`][] only, shape `(n,)`: the final
-        energy of each candidate (`inf` where not finite).
-    - `selected`: [`flowcorrect.BestOfN`][] only: the index of the chosen candidate.
-        For best-of-N the other fields describe the chosen candidate.
+    - `final_energy`: the energy of the returned chunk; `None` without an energy.
+    - `fell_back`: `True` where the placement's chunk (or its energy) was not finite,
+        so the plain sampler's chunk from the same noise was returned instead. If the
+        policy itself returns non-finite chunks, they are returned, flagged here.
+    - `uncorrected`: the plain sampler's chunk from the same noise (for best-of-N, the
+        first candidate's noise); `None` unless `track_uncorrected=True`.
+    - `uncorrected_energy`: its energy (`None` likewise, or without an energy).
+    - `delta_norm`: `||actions - uncorrected||`, Frobenius norm over the chunk (`None`
+        likewise).
+    - `placement`: the placement's own diagnostics (e.g.
+        [`flowcorrect.PostHocInfo`][], [`flowcorrect.BestOfNInfo`][],
+        [`flowcorrect.InterleavedInfo`][]); `None` without a placement.
     """
 
-    step_energy: Float[Array, "*batch num_steps"] | None
     final_energy: Float[Array, "*batch"] | None
+    fell_back: Bool[Array, "*batch"]
     uncorrected: Float[Array, "*batch horizon action_dim"] | None
     uncorrected_energy: Float[Array, "*batch"] | None
     delta_norm: Float[Array, "*batch"] | None
-    num_applied: Int[Array, "*batch"]
-    num_skipped: Int[Array, "*batch"]
-    fell_back: Bool[Array, "*batch"]
-    post: CorrectionInfo | None
-    candidate_energy: Float[Array, "*batch n"] | None
-    selected: Int[Array, "*batch"] | None
+    placement: Any
 
 
-def _sample_info(**fields) -> SampleInfo:
-    """A `SampleInfo` whose optional fields default to `None`."""
-    optional = ("step_energy", "final_energy", "uncorrected", "uncorrected_energy")
-    optional += ("delta_norm", "post", "candidate_energy", "selected")
-    return SampleInfo(**{**dict.fromkeys(optional), **fields})
+_PLACEMENTS = (
+    "fc.BestOfN(8) (rank candidates by the energy), fc.Guided(...) (guidance through "
+    "the velocity), fc.Denoised(corrector, ...) (correct the denoised estimate inside the "
+    "flow), fc.PostHoc(corrector) (the reference's gradient steps after the flow; they "
+    "lowered task success in every closed-loop test here), fc.Plain() (record energies only)"
+)
 
 
-def _all_finite(x: Array) -> Bool[Array, ""]:
-    return jnp.all(jnp.isfinite(x))
-
-
-class _Flow(eqx.Module):
-    """Everything one sample's Euler loop needs, with the energy bound to its context."""
-
-    velocity: VelocityFn
-    context: Context
-    convention: AbstractConvention
-    energy: BoundEnergy | None
-    corrector: AbstractCorrector
-    num_steps: int = eqx.field(static=True)
-    step_energies: bool = eqx.field(static=True)
-    track_uncorrected: bool = eqx.field(static=True)
-
-    def v(self, x: Actions, t: Scalar) -> Actions:
-        out = self.velocity(self.context, x, t)
-        if getattr(out, "shape", None) != x.shape:
+def _policy_and_batch(
+    policy: Any, observation: Any, noise: Any, batch_size: Any, placement: AbstractPlacement
+) -> tuple[AbstractBatchedPolicy, Any, bool]:
+    """The policy as a batched one, the prefix, and whether the call is batched."""
+    if isinstance(policy, AbstractBatchedPolicy):
+        prefix = policy.prefix(observation)
+        size = policy.batch_size(prefix)
+        if batch_size is not None and batch_size != size:
             raise ValueError(
-                f"The velocity function must return an array of the sample's shape "
-                f"{shape_str(x)}; got {shape_str(out)}."
+                f"`batch_size` {batch_size} does not match the batch of {size} observations "
+                f"the policy {type(policy).__name__} read."
             )
-        return out.astype(x.dtype)
-
-    def energy_of_estimate(self, x: Actions, v: Actions, t: Scalar) -> Scalar | None:
-        """The energy of the denoised estimate, when step energies are recorded."""
-        if self.energy is None or not self.step_energies:
-            return None
-        return self.energy(self.convention.denoised(x, v, t))
-
-    def _recorded(self, x: Actions, v: Actions, t: Scalar) -> Scalar:
-        # Branches of a `lax.cond` must agree, so an unrecorded energy is a NaN stand-in.
-        e = self.energy_of_estimate(x, v, t)
-        return jnp.full((), jnp.nan, x.dtype) if e is None else e
-
-    def plain_step(self, x: Actions, t: Scalar, dt: Scalar) -> tuple[Actions, Scalar | None]:
-        v = self.v(x, t)
-        return x + dt * v, self.energy_of_estimate(x, v, t)
-
-    def integrate(self, noise: Actions, placement: AbstractInterleaved | None, key: Key):
-        """The Euler loop, one `lax.scan` over the flow steps."""
-        dtype = noise.dtype
-        grid = self.convention.times(self.num_steps, dtype)
-        dt = jnp.asarray(self.convention.direction / self.num_steps, dtype)
-        if placement is None:
-            active = jnp.zeros(self.num_steps, bool)
-        else:
-            active = placement.schedule.mask(self.num_steps)
-        track = placement is not None and self.track_uncorrected
-        keys = jax.random.split(key, self.num_steps)
-
-        def body(carry, xs):
-            x, x_plain = carry
-            t, t_next, scheduled, step_key = xs
-            if placement is None:
-                x_next, e = self.plain_step(x, t, dt)
-                flags = (jnp.array(False), jnp.array(False))
-            else:
-                w = placement.weight(t, self.convention)
-                # The predicate depends on the step and the weight only, never on a
-                # batched value, so under vmap this stays a real branch and
-                # unscheduled steps cost nothing extra.
-                on = scheduled & (w != 0)
-                if isinstance(placement, Denoised):
-                    x_next, e, applied = self._denoised_step(x, t, t_next, dt, w, on, step_key)
-                elif isinstance(placement, Guided):
-                    x_next, e, applied = self._guided_step(placement, x, t, dt, w, on)
-                else:
-                    raise TypeError(f"Unknown interleaved placement {type(placement).__name__}.")
-                flags = (applied, on & jnp.logical_not(applied))
-            if track:
-                x_plain, _ = self.plain_step(x_plain, t, dt)
-            return (x_next, x_plain), (e, flags)
-
-        xs = (grid[:-1], grid[1:], active, keys)
-        init = (noise, noise if track else None)
-        (x, x_plain), (energies, (applied, skipped)) = jax.lax.scan(body, init, xs)
-        counts = (jnp.sum(applied, dtype=jnp.int32), jnp.sum(skipped, dtype=jnp.int32))
-        return x, (x_plain if track else None), energies, counts
-
-    def _denoised_step(self, x, t, t_next, dt, w, on, key):
-        assert self.energy is not None
-        v = self.v(x, t)
-        a_hat = self.convention.denoised(x, v, t)
-
-        def correct(a_hat):
-            a_corr, info = correct_prepared(self.energy, a_hat, self.corrector, key)
-            delta = w * (a_corr - a_hat)
-            ok = jnp.logical_not(info.fell_back) & _all_finite(delta)
-            return info.energy_before, jnp.where(ok, delta, 0), ok
-
-        def skip(a_hat):
-            return self._recorded(x, v, t), jnp.zeros_like(a_hat), jnp.array(False)
-
-        e, delta, applied = jax.lax.cond(on, correct, skip, a_hat)
-        x_next = x + dt * v
-        # Same noise estimate, denoised estimate moved by delta (see `Denoised`).
-        shifted = x_next + self.convention.progress(t_next).astype(x.dtype) * delta
-        return jnp.where(applied, shifted, x_next), e, applied
-
-    def _guided_step(self, placement: Guided, x, t, dt, w, on):
-        assert self.energy is not None
-        energy = self.energy
-
-        def guide(x):
-            def estimate(x):
-                v = self.v(x, t)
-                return self.convention.denoised(x, v, t), v
-
-            a_hat, pullback, v = jax.vjp(estimate, x, has_aux=True)
-            e, grad_a = jax.value_and_grad(energy)(a_hat)
-            (g,) = pullback(grad_a)
-            # dt has the sign `direction`; this term makes dt * added point downhill.
-            added = -self.convention.direction * w * g
-            norm = jnp.linalg.norm(added)
-            bound = placement.cap.astype(x.dtype) * jnp.linalg.norm(v)
-            added = added * jnp.where(norm > bound, bound / jnp.where(norm > 0, norm, 1), 1)
-            ok = jnp.isfinite(e) & _all_finite(added)
-            return jnp.where(ok, v + added, v), e, ok
-
-        def plain(x):
-            v = self.v(x, t)
-            return v, self._recorded(x, v, t), jnp.array(False)
-
-        v, e, applied = jax.lax.cond(on, guide, plain, x)
-        return x + dt * v, e, applied
-
-
-def _sample_single(
-    flow: _Flow, placement: AbstractPlacement | None, noise: Array, key: Key
-) -> tuple[Actions, SampleInfo]:
-    """One sample (or, for best-of-N, one context) from its noise; no batching."""
-    steps_key, post_key = jax.random.split(key)
-    energy = flow.energy
-    if isinstance(placement, BestOfN):
-        keys = jax.random.split(steps_key, placement.n)
-        candidates, infos = jax.vmap(lambda nz, k: _sample_single(flow, placement.inner, nz, k))(
-            noise, keys
+        return policy, prefix, True
+    if not isinstance(policy, AbstractPolicy):
+        hint = ""
+        if callable(policy):
+            hint = (
+                " For a bare velocity function velocity(observation, x_t, t), wrap it: "
+                "fc.VelocityPolicy(velocity, chunk_shape=(horizon, action_dim))."
+            )
+        raise TypeError(
+            "`policy` must be an fc.AbstractPolicy or fc.AbstractBatchedPolicy; got "
+            f"{type(policy).__name__}.{hint}"
         )
-        assert infos.final_energy is not None
-        scores = jnp.where(jnp.isfinite(infos.final_energy), infos.final_energy, jnp.inf)
-        index = jnp.argmin(scores).astype(jnp.int32)
-        actions, info = jax.tree.map(lambda a: a[index], (candidates, infos))
-        info = eqx.tree_at(
-            lambda i: (i.candidate_energy, i.selected),
-            info,
-            (scores, index),
-            is_leaf=lambda x: x is None,
-        )
-        if placement.then is None:
-            return actions, info
-        return _post_hoc(flow, actions, info, post_key)
-
-    interleaved = placement if isinstance(placement, AbstractInterleaved) else None
-    x, x_plain, energies, (applied, skipped) = flow.integrate(noise, interleaved, steps_key)
-    step_energy = energies if flow.step_energies else None
-    if energy is None:
-        zero = jnp.asarray(0, jnp.int32)
-        return x, _sample_info(num_applied=zero, num_skipped=zero, fell_back=jnp.array(False))
-    if interleaved is None:
-        e = energy(x)
-        info = _sample_info(
-            step_energy=step_energy,
-            final_energy=e,
-            uncorrected=x,
-            uncorrected_energy=e,
-            delta_norm=jnp.zeros((), x.dtype),
-            num_applied=applied,
-            num_skipped=skipped,
-            fell_back=jnp.array(False),
-        )
-        if isinstance(placement, PostHoc):
-            return _post_hoc(flow, x, info, post_key)
-        return x, info
-
-    e = energy(x)
-    ok = _all_finite(x) & jnp.isfinite(e)
-    if x_plain is None:
-        # Without the uncorrected chain there is nothing to fall back to; corrections
-        # were already skipped step by step wherever they were not finite.
-        uncorrected = uncorrected_energy = delta_norm = None
-        fell_back = jnp.array(False)
+    per_noise = len(placement.noise_shape(policy.chunk_shape))
+    if noise is not None:
+        batched = noise.ndim == per_noise + 1
+        size = noise.shape[0] if batched else 1
+        if batched and batch_size is not None and batch_size != size:
+            raise ValueError(
+                f"`batch_size` {batch_size} does not match the noise's batch axis {size}."
+            )
     else:
-        uncorrected, uncorrected_energy = x_plain, energy(x_plain)
-        x = jnp.where(ok, x, x_plain)
-        e = jnp.where(ok, e, uncorrected_energy)
-        delta_norm = jnp.linalg.norm(x - x_plain)
-        fell_back = jnp.logical_not(ok)
-    info = _sample_info(
-        step_energy=step_energy,
-        final_energy=e,
-        uncorrected=uncorrected,
-        uncorrected_energy=uncorrected_energy,
-        delta_norm=delta_norm,
-        num_applied=applied,
-        num_skipped=skipped,
-        fell_back=fell_back,
+        batched = batch_size is not None
+        size = batch_size if batched else 1
+    if batched:
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+            raise ValueError(f"`batch_size` must be an int >= 1; got {size!r}.")
+        check_batched_context(observation, size, "observation")
+    vmapped = VmappedPolicy(policy, size, 0 if batched else None)
+    return vmapped, vmapped.prefix(observation), batched
+
+
+def _check_noise(noise: Any, per_sample_shape: tuple[int, ...], batched_policy: bool) -> None:
+    if not isinstance(noise, jax.Array | np.ndarray):
+        raise TypeError(
+            f"`noise` must be a JAX or NumPy array of shape {per_sample_shape} (with a leading "
+            f"batch axis for a batch); got {type(noise).__name__}. Convert it with jnp.asarray."
+        )
+    if not jnp.issubdtype(noise.dtype, jnp.floating):
+        raise ValueError(f"`noise` must be floating point; got dtype {noise.dtype}.")
+    shapes = [(None, *per_sample_shape)] if batched_policy else [per_sample_shape]
+    if not batched_policy:
+        shapes.append((None, *per_sample_shape))
+    ok = any(
+        len(s) == noise.ndim and all(a is None or a == b for a, b in zip(s, noise.shape))
+        for s in shapes
     )
-    return x, info
+    if not ok:
+        expected = " or ".join(str(s).replace("None", "batch") for s in shapes)
+        raise ValueError(
+            f"`noise` must have shape {expected} for this policy and placement (best-of-N adds "
+            f"an axis of n candidates); got {shape_str(noise)}."
+        )
 
 
-def _post_hoc(flow: _Flow, actions: Actions, info: SampleInfo, key: Key):
-    """Runs the corrector on a finished chunk; `correct_prepared` keeps it finite."""
-    assert flow.energy is not None
-    out, post = correct_prepared(flow.energy, actions, flow.corrector, key)
-    reference = actions if info.uncorrected is None else info.uncorrected
-    delta_norm = jnp.linalg.norm(out - reference)
-    info = eqx.tree_at(
-        lambda i: (i.final_energy, i.delta_norm, i.fell_back, i.post),
-        info,
-        (post.energy_after, delta_norm, info.fell_back | post.fell_back, post),
-        is_leaf=lambda x: x is None,
-    )
-    return out, info
-
-
-def _noise_shape(placement: AbstractPlacement | None, chunk_shape: tuple[int, ...]) -> tuple:
-    if isinstance(placement, BestOfN):
-        return (placement.n, *chunk_shape)
-    return tuple(chunk_shape)
-
-
-@eqx.filter_jit
 def sample(
-    velocity: VelocityFn,
-    context: Context,
+    # Typed loosely so that a wrong argument gets the messages below, which say the fix.
+    policy: Any,
+    observation: Any,
     key: Key | None = None,
     *,
-    noise: Float[Array, "..."] | None = None,
-    chunk_shape: tuple[int, int] | None = None,
+    noise: Any = None,
     batch_size: int | None = None,
     num_steps: int = 10,
-    convention: AbstractConvention = OpenPI(),
+    noise_scale: Any = 1.0,
     placement: AbstractPlacement | None = None,
     energy: EnergyFn | None = None,
-    energy_context: Context | None = None,
-    corrector: AbstractCorrector = reference_recipe(),
-    step_energies: bool = True,
-    track_uncorrected: bool = True,
+    step_energies: bool = False,
+    track_uncorrected: bool = False,
 ) -> tuple[Float[Array, "*batch horizon action_dim"], SampleInfo]:
     """Samples action chunks from a flow-matching policy, with a placed correction.
 
     Fixed-step explicit Euler from noise to actions, `num_steps` steps in one
-    `lax.scan`, compiled once. Without a correction it is exactly the plain Euler loop
-    (openpi's `sample_actions` in the [`flowcorrect.OpenPI`][] convention). Every
-    placement keeps the robot safe: a correction that is not finite is skipped, and a
-    final chunk that is not finite is replaced by the uncorrected chunk from the same
-    noise (flagged in `info.fell_back`).
+    `lax.scan`, compiled once per configuration (`eqx.filter_jit`). The policy's
+    once-per-observation pass runs once, inside the compiled function, and the energy
+    reads its context from that same pass. Without a placement this is exactly the
+    plain Euler loop (openpi's `sample_actions` for an openpi policy). Every placement
+    keeps the robot safe: a sample whose chunk (or its energy) is not finite is
+    replaced by the plain sampler's chunk from the same noise, flagged in
+    `info.fell_back`.
 
     **Arguments:**
 
-    - `velocity`: the policy's velocity field, called as `velocity(context, x_t, t)`
-        with `x_t` of shape `(horizon, action_dim)` and `t` a scalar array; returns an
-        array of the shape of `x_t`. An `eqx.Module` (its arrays are traced, so new
-        weights do not recompile) or a function (static: pass the same object).
-    - `context`: the policy's context for one observation (e.g. the prefix's KV cache),
-        or for a batch a pytree whose every array has a leading batch axis.
-    - `key`: a PRNG key. Draws the noise when `noise` is not given, and drives
-        stochastic correctors. For a batch it is split, `jax.random.split(key, batch)`,
-        one key per sample. Defaults to `jax.random.key(0)` when `noise` is given.
-    - `noise`: the starting noise, `(horizon, action_dim)`, or `(batch, horizon,
-        action_dim)` for a batch; for [`flowcorrect.BestOfN`][] with an extra axis
-        of size `n` before the chunk's axes.
-    - `chunk_shape`: `(horizon, action_dim)`; needed when `noise` is not given.
-    - `batch_size`: draw a batch of this size from `key` (with a batched `context`).
+    - `policy`: an [`flowcorrect.AbstractPolicy`][] (written per sample, vmapped here)
+        or an [`flowcorrect.AbstractBatchedPolicy`][] (runs on the batch itself). Its
+        weights are traced, so new weights do not recompile. A bare velocity function
+        goes through [`flowcorrect.VelocityPolicy`][].
+    - `observation`: what the policy's `prefix` reads: one observation, or for a
+        per-sample policy a batch (every array with a leading batch axis, with
+        `batch_size` or batched `noise`); a batched policy always reads a batch.
+    - `key`: a PRNG key: draws the noise when `noise` is not given, and drives
+        stochastic correctors. Split per sample for a batch,
+        `jax.random.split(key, batch)`.
+    - `noise`: the starting noise instead of drawing it: `(horizon, action_dim)`, or
+        `(batch, horizon, action_dim)`; best-of-N adds an axis of `n` candidates before
+        the chunk's axes.
+    - `batch_size`: for a per-sample policy, draw this many samples for a batched
+        `observation`.
     - `num_steps`: the number of Euler steps (openpi's default is 10). Static.
-    - `convention`: the flow-time convention, [`flowcorrect.OpenPI`][] (default,
-        `t = 1` is noise) or [`flowcorrect.Reverse`][] (`t = 0` is noise).
-    - `placement`: where the correction goes: [`flowcorrect.PostHoc`][],
-        [`flowcorrect.Denoised`][], [`flowcorrect.Guided`][] or
-        [`flowcorrect.BestOfN`][]. Defaults to `PostHoc()` when an energy is given and
-        to no correction when none is.
-    - `energy`: any [`flowcorrect.EnergyFn`][]; needed by every placement.
-    - `energy_context`: the energy's context for the same observation(s) when it
-        differs from the policy's (a learned energy reads the prefix's tokens and mask,
-        the velocity a KV cache). Defaults to `context`. Encoded once per observation.
-    - `corrector`: the corrector of [`flowcorrect.PostHoc`][],
-        [`flowcorrect.Denoised`][] (run on the denoised estimate at each scheduled
-        step) and `BestOfN(then=PostHoc())`; unused by [`flowcorrect.Guided`][].
-        Defaults to [`flowcorrect.reference_recipe`][].
+    - `noise_scale`: multiplies the initial noise (a lower "temperature": 0.5 or 0.25
+        sample nearer the policy's modes). Traced: new values do not recompile.
+    - `placement`: where a correction goes; see [`flowcorrect.AbstractPlacement`][].
+        `None` (default) samples plainly.
+    - `energy`: any [`flowcorrect.EnergyFn`][], read by the placement; its context is
+        the policy's `energy_context` (encoded once per observation), or bind one with
+        [`flowcorrect.bind`][]. An energy without a placement is an error.
     - `step_energies`: record the energy of the denoised estimate at every flow step
-        (`info.step_energy`). Costs one energy evaluation per step where the placement
-        does not compute it anyway; `False` saves it. Static.
-    - `track_uncorrected`: for interleaved placements, also integrate the plain flow
-        from the same noise (one more policy evaluation per step) for
-        `info.uncorrected`, `info.delta_norm` and the whole-chunk fallback. With
-        `False` non-finite corrections are still skipped step by step, but a chunk made
-        non-finite by the policy's response to a corrected sample cannot be replaced.
-        Post-hoc and best-of-N placements get the uncorrected chunk for free. Static.
+        (in the placement's [`flowcorrect.InterleavedInfo`][]). Costs one energy
+        evaluation per step. Static.
+    - `track_uncorrected`: also integrate the plain flow from the same noise for
+        `info.uncorrected` and `info.delta_norm` (one more policy pass per step; off by
+        default; the fallback needs no tracking: it recomputes the plain chunk only
+        when some sample is not finite). Static.
 
     **Returns:**
 
@@ -367,98 +188,144 @@ def sample(
         ```python
         import flowcorrect as fc
 
-        actions, info = fc.sample(
-            velocity, context, key, chunk_shape=(50, 32), energy=energy,
-            placement=fc.Denoised(schedule=fc.LastSteps(3), weight=0.5),
-        )
-        print(info.uncorrected_energy, info.final_energy, info.delta_norm)
+        actions, info = fc.sample(policy, observation, key, energy=energy,
+                                  placement=fc.BestOfN(8))
+        print(info.final_energy, info.placement.selected)
         ```
     """
-    if not callable(velocity):
-        raise TypeError(
-            "`velocity` must be callable as velocity(context, x_t, t); "
-            f"got {type(velocity).__name__}."
-        )
-    if not isinstance(convention, AbstractConvention):
-        raise TypeError(
-            "`convention` must be fc.OpenPI() (t = 1 is noise) or fc.Reverse() (t = 0 is "
-            f"noise); got {type(convention).__name__}."
-        )
-    if not (isinstance(num_steps, int) and num_steps >= 1):
+    if not (isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 1):
         raise ValueError(f"`num_steps` must be an int >= 1 (openpi uses 10); got {num_steps!r}.")
     if placement is None and energy is not None:
-        placement = PostHoc()
-    if placement is not None and not isinstance(placement, AbstractPlacement):
-        raise TypeError(
-            "`placement` must be PostHoc(), Denoised(...), Guided(...) or BestOfN(...); "
-            f"got {type(placement).__name__}."
+        raise ValueError(
+            "`energy` was given without a `placement`, so nothing would use it. Choose "
+            f"where the correction goes: {_PLACEMENTS}."
         )
-    if placement is not None and energy is None:
-        raise ValueError(f"The {type(placement).__name__} placement needs an `energy`.")
-    if not isinstance(corrector, AbstractCorrector):
+    if placement is not None:
+        check_placement(placement)
+    if noise is not None and not isinstance(noise, jax.Array | np.ndarray):
         raise TypeError(
-            "`corrector` must be an AbstractCorrector (e.g. fc.reference_recipe()); "
-            f"got {type(corrector).__name__}."
+            "`noise` must be a JAX or NumPy array of shape (horizon, action_dim), with a "
+            f"leading batch axis for a batch; got {type(noise).__name__}. Convert it with "
+            "jnp.asarray."
         )
+    if not isinstance(noise_scale, jax.Array):
+        noise_scale = float_array(noise_scale)
+    if noise_scale.shape != ():
+        raise ValueError(f"`noise_scale` must be a scalar; got shape {shape_str(noise_scale)}.")
+    return _sample(
+        policy,
+        observation,
+        key,
+        noise,
+        batch_size,
+        num_steps,
+        noise_scale,
+        placement,
+        None if energy is None else as_energy(energy),
+        bool(step_energies),
+        bool(track_uncorrected),
+    )
 
-    if noise is None:
-        if key is None:
-            raise ValueError("Give `key` (to draw the noise) or `noise`.")
-        if chunk_shape is None:
-            raise ValueError("Give `chunk_shape=(horizon, action_dim)` when drawing noise.")
-        chunk_shape = tuple(chunk_shape)
-        if len(chunk_shape) != 2:
-            raise ValueError(f"`chunk_shape` must be (horizon, action_dim); got {chunk_shape}.")
-        per_sample = _noise_shape(placement, chunk_shape)
-        batched = batch_size is not None
-        dtype = jnp.result_type(float)
-    else:
-        if not jnp.issubdtype(noise.dtype, jnp.floating):
-            raise ValueError(f"`noise` must be floating point; got dtype {noise.dtype}.")
-        ndim = len(_noise_shape(placement, (0, 0)))
-        if noise.ndim not in (ndim, ndim + 1):
-            expected = "(n, horizon, action_dim)" if ndim == 3 else "(horizon, action_dim)"
+
+@eqx.filter_jit
+def _sample(
+    policy,
+    observation,
+    key,
+    noise,
+    batch_size,
+    num_steps,
+    noise_scale,
+    placement,
+    energy,
+    step_energies,
+    track_uncorrected,
+):
+    stepper = Plain() if placement is None else placement
+    batched_policy, prefix, batched = _policy_and_batch(
+        policy, observation, noise, batch_size, stepper
+    )
+    batch = batched_policy.batch_size(prefix)
+    chunk_shape = tuple(batched_policy.chunk_shape)
+    per_noise = stepper.noise_shape(chunk_shape)  # type: ignore[arg-type]
+    if noise is not None:
+        _check_noise(noise, per_noise, isinstance(policy, AbstractBatchedPolicy))
+        if batched and noise.shape[0] != batch:
             raise ValueError(
-                f"`noise` must have shape {expected} for one sample, or with a leading "
-                f"batch axis for a batch; got {shape_str(noise)}."
+                f"`noise` has a batch axis of {noise.shape[0]} but the policy read {batch} "
+                "observations."
             )
-        batched = noise.ndim == ndim + 1
-        per_sample = noise.shape[1:] if batched else noise.shape
-        if chunk_shape is not None and tuple(chunk_shape) != per_sample[-2:]:
-            raise ValueError(
-                f"`chunk_shape` {tuple(chunk_shape)} does not match the noise's shape "
-                f"{shape_str(noise)}."
-            )
-        if isinstance(placement, BestOfN) and per_sample[0] != placement.n:
-            raise ValueError(
-                f"BestOfN(n={placement.n}) needs noise with {placement.n} candidates on the "
-                f"axis before (horizon, action_dim); got noise of shape {shape_str(noise)}."
-            )
-        if batched and batch_size is not None and batch_size != noise.shape[0]:
-            raise ValueError(
-                f"`batch_size` {batch_size} does not match the noise's batch axis {noise.shape[0]}."
-            )
+        if not batched:
+            noise = noise[None]
         dtype = noise.dtype
         if key is None:
             key = jax.random.key(0)
+    elif key is None:
+        raise ValueError("Give `key` (to draw the noise) or `noise`.")
+    else:
+        dtype = jnp.result_type(float)
+    key = check_key(key, None, "fc.sample")
+    keys = jax.random.split(key, batch) if batched else key[None]
+    noise_keys, run_keys = jnp.swapaxes(jax.vmap(jax.random.split)(keys), 0, 1)
+    if noise is None:
+        noise = jax.vmap(lambda k: jax.random.normal(k, per_noise, dtype))(noise_keys)
+    x0 = (noise * noise_scale.astype(dtype)).astype(dtype)
 
-    def one(ctx, ectx, nz, k):
-        noise_key, k = jax.random.split(k)
-        if nz is None:
-            nz = jax.random.normal(noise_key, per_sample, dtype)
-        bound = None if energy is None else prepare(energy, ctx if ectx is None else ectx)
-        flow = _Flow(
-            velocity, ctx, convention, bound, corrector, num_steps, step_energies, track_uncorrected
+    encoded = None
+    if energy is not None:
+        context = batched_policy.energy_context(prefix)
+        check_batched_context(context, batch, "the policy's energy_context")
+        encoded = jax.vmap(energy.encode, axis_size=batch)(context)
+    flow = Flow(batched_policy, prefix, energy, encoded, batch, num_steps, step_energies)
+
+    if placement is None:
+        actions, placement_info = flow.integrate(stepper, x0, run_keys)[0], None  # type: ignore[arg-type]
+    else:
+        actions, placement_info = placement.sample(flow, x0, run_keys)
+    if getattr(actions, "shape", None) != (batch, *chunk_shape):
+        raise ValueError(
+            f"The placement {type(stepper).__name__} returned chunks of shape "
+            f"{shape_str(actions)}; expected {(batch, *chunk_shape)}."
         )
-        return _sample_single(flow, placement, nz, k)
+    actions = actions.astype(dtype)
 
+    final_energy = None if energy is None else flow.energies(actions)
+    ok = all_finite(actions)
+    if final_energy is not None:
+        ok = ok & jnp.isfinite(final_energy)
+    first_noise = x0.reshape(batch, -1, *chunk_shape)[:, 0]
+    uncorrected = uncorrected_energy = delta_norm = None
+    if placement is None:
+        fell_back = jnp.zeros(batch, bool)
+    else:
+        if track_uncorrected:
+            plain = flow.integrate(Plain(), first_noise, run_keys)[0]
+        else:
+            # A real branch at batch level: the plain flow runs only if some sample
+            # needs its fallback.
+            plain = jax.lax.cond(
+                jnp.all(ok),
+                lambda: jnp.zeros_like(first_noise),
+                lambda: flow.integrate(Plain(), first_noise, run_keys)[0],
+            )
+        actions = jnp.where(per_sample(ok, actions), actions, plain)
+        fell_back = jnp.logical_not(ok)
+        if final_energy is not None:
+            plain_energy = flow.energies(plain) if track_uncorrected else None
+            if plain_energy is None:
+                plain_energy = jax.lax.cond(
+                    jnp.all(ok),
+                    lambda: jnp.zeros_like(final_energy),
+                    lambda: flow.energies(plain),
+                )
+            final_energy = jnp.where(ok, final_energy, plain_energy)
+            if track_uncorrected:
+                uncorrected_energy = plain_energy
+        if track_uncorrected:
+            uncorrected = plain
+            delta_norm = sample_norms(actions - plain).astype(dtype)
+    info = SampleInfo(final_energy, fell_back, uncorrected, uncorrected_energy, delta_norm,
+                      placement_info)
     if not batched:
-        return one(context, energy_context, noise, key)
-    batch = noise.shape[0] if noise is not None else batch_size
-    assert batch is not None
-    check_batched_context(context, batch)
-    if energy_context is not None:
-        check_batched_context(energy_context, batch, "energy_context")
-    keys = jax.random.split(key, batch)
-    axes = (eqx.if_array(0), eqx.if_array(0), None if noise is None else 0, 0)
-    return eqx.filter_vmap(one, in_axes=axes)(context, energy_context, noise, keys)
+        actions, info = jax.tree.map(lambda a: a[0], (actions, info))
+    return actions, info

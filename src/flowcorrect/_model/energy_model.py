@@ -63,7 +63,7 @@ class EnergyModel(AbstractEnergy):
     [`flowcorrect.EnergyModel.score`][], done for every chunk and correction step.
 
     It is a [`flowcorrect.SplitEnergyFn`][]: `model(context, actions)`,
-    [`flowcorrect.correct`][] and [`flowcorrect.prepare`][] all work, on one sample
+    [`flowcorrect.correct`][] and [`flowcorrect.bind`][] all work, on one sample
     (vmap for batches). The context is a [`flowcorrect.TokenContext`][]; its mask is
     True for real tokens.
 

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._correct import correct_prepared
+from .._correct import correct_single
 from .._correctors.base import AbstractCorrector
 from .._correctors.recipes import reference_recipe
-from .._energy import prepare
+from .._energy import ChunkFn
 from .._misc import shape_str
 from .._model.energy_model import EnergyModel
 from .batch import Batch
@@ -90,7 +90,7 @@ def _measure(
     expert = batch.actions
 
     def grad_at(context: Any, actions: Array) -> Array:
-        return jax.grad(prepare(model, context))(actions)
+        return jax.grad(ChunkFn(model, model.encode(context)))(actions)
 
     g_expert = jax.vmap(grad_at)(batch.context, expert)
     out = {
@@ -106,11 +106,11 @@ def _measure(
     keys = jax.random.split(key, policy_samples.shape[:2])
 
     def per_context(context: Any, samples: Array, ks: Array) -> Any:
-        bound = prepare(model, context)  # encoded once for all N samples
+        encoded = model.encode(context)  # encoded once for all N samples
 
         def one(a: Array, k: Array) -> Any:
-            corrected, info = correct_prepared(bound, a, corrector, k)
-            return corrected, info, jax.grad(bound)(a)
+            corrected, info = correct_single(model, encoded, a, corrector, k)
+            return corrected, info, jax.grad(ChunkFn(model, encoded))(a)
 
         return jax.vmap(one)(samples, ks)
 

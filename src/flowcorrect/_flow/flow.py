@@ -1,0 +1,219 @@
+"""`Flow`: a batch of observations through a policy, as a placement sees it."""
+
+from typing import TYPE_CHECKING, Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from .._correct import CorrectionInfo, correct_single
+from .._correctors.base import AbstractCorrector
+from .._custom_types import Encoded, Key, Scalar
+from .._energy import AbstractEnergy, ChunkFn
+from .._policy import AbstractBatchedPolicy, AbstractPolicy, Prefix, check_velocity_output
+from .conventions import AbstractConvention
+
+if TYPE_CHECKING:
+    from .placements import AbstractInterleaved
+
+BatchChunks = Float[Array, "batch horizon action_dim"]
+BatchKeys = Any  # a PRNG key array of shape (batch,)
+
+
+class VmappedPolicy(AbstractBatchedPolicy):
+    """A per-sample [`flowcorrect.AbstractPolicy`][] run on a batch with `jax.vmap`.
+
+    `observation_axis` is `0` for a batched observation and `None` for one observation
+    shared by a batch of size `size` (an unbatched call, `size = 1`).
+    """
+
+    policy: AbstractPolicy
+    size: int = eqx.field(static=True)
+    observation_axis: int | None = eqx.field(static=True)
+
+    @property
+    def chunk_shape(self) -> tuple[int, int]:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.policy.chunk_shape
+
+    @property
+    def convention(self) -> AbstractConvention:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.policy.convention
+
+    def prefix(self, observations: Any) -> Prefix:
+        return jax.vmap(self.policy.prefix, in_axes=(self.observation_axis,), axis_size=self.size)(
+            observations
+        )
+
+    def batch_size(self, prefix: Prefix) -> int:
+        return self.size
+
+    def velocity(self, prefix: Prefix, x_t: BatchChunks, t: Scalar) -> BatchChunks:
+        def one(prefix, x, t):
+            return check_velocity_output(self.policy.velocity(prefix, x, t), x)
+
+        return jax.vmap(one, in_axes=(0, 0, None))(prefix, x_t, t)
+
+    def energy_context(self, prefix: Prefix) -> Any:
+        return jax.vmap(self.policy.energy_context, axis_size=self.size)(prefix)
+
+    def repeat(self, prefix: Prefix, n: int) -> Prefix:
+        return jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), prefix)
+
+
+def all_finite(x: Array) -> Bool[Array, " batch"]:
+    """Per sample: whether every entry of the sample is finite."""
+    return jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
+
+
+def sample_norms(x: Array) -> Float[Array, " batch"]:
+    """Per-sample Frobenius norms that cannot overflow: scaled by the largest entry and
+    accumulated in at least float32. `inf` or `NaN` only for non-finite input."""
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    flat = x.reshape(x.shape[0], -1).astype(acc)
+    scale = jnp.max(jnp.abs(flat), axis=1)
+    safe = jnp.where(scale > 0, scale, 1)
+    norm = scale * jnp.sqrt(jnp.sum((flat / safe[:, None]) ** 2, axis=1))
+    return jnp.where(jnp.isfinite(scale), norm, jnp.inf)
+
+
+def per_sample(mask: Array, x: Array) -> Array:
+    """A per-sample value `(batch,)` shaped to broadcast against a batch of chunks `x`."""
+    return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+
+
+class Flow(eqx.Module):
+    """A batch of observations through a policy: what a placement works with.
+
+    Built by [`flowcorrect.sample`][] after the policy's once-per-observation pass;
+    placements call its methods. Every array has a leading batch axis: the chunks `x`
+    are `(batch, horizon, action_dim)`; energies, norms and flags are `(batch,)`; keys
+    are one per sample. Energies and correctors run per sample (vmapped); the velocity
+    runs on the whole batch, as the policy does.
+
+    **Attributes:**
+
+    - `policy`: the policy, batched ([`flowcorrect.AbstractBatchedPolicy`][]; a
+        per-sample policy is vmapped).
+    - `prefix`: what its once-per-observation pass returned.
+    - `energy`: the energy, or `None` when `sample` was given none.
+    - `encoded`: the energy's encoded context per sample, or `None`.
+    - `batch_size`, `num_steps`: static ints.
+    - `step_energies`: whether the Euler loop records the energy of the denoised
+        estimate at every step.
+    """
+
+    policy: AbstractBatchedPolicy
+    prefix: Prefix
+    energy: AbstractEnergy | None
+    encoded: Encoded
+    batch_size: int = eqx.field(static=True)
+    num_steps: int = eqx.field(static=True)
+    step_energies: bool = eqx.field(static=True)
+
+    @property
+    def convention(self) -> AbstractConvention:
+        """The policy's time convention."""
+        return self.policy.convention
+
+    def velocity(self, x: BatchChunks, t: Scalar) -> BatchChunks:
+        """The policy's velocity for every chunk of the batch at flow time `t`."""
+        return check_velocity_output(self.policy.velocity(self.prefix, x, t), x)
+
+    def denoised(self, x: BatchChunks, v: BatchChunks, t: Scalar) -> BatchChunks:
+        """The denoised (clean-action) estimate read off `x_t` and its velocity."""
+        return self.convention.denoised(x, v, t)
+
+    def require_energy(self, who: str) -> AbstractEnergy:
+        """The energy; a clear error naming `who` needs it when there is none."""
+        if self.energy is None:
+            raise ValueError(
+                f"The {who} placement needs an energy: pass energy=... to fc.sample (a "
+                "learned fc.EnergyModel, a hand-written energy such as fc.SquaredDistance, "
+                "or any callable energy(context, actions) -> scalar)."
+            )
+        return self.energy
+
+    def energies(self, actions: BatchChunks, who: str = "this") -> Float[Array, " batch"]:
+        """The energy of every chunk of the batch at its own observation."""
+        energy = self.require_energy(who)
+        return jax.vmap(lambda enc, a: ChunkFn(energy, enc)(a))(self.encoded, actions)
+
+    def energy_and_grad(
+        self, actions: BatchChunks, who: str = "this"
+    ) -> tuple[Float[Array, " batch"], BatchChunks]:
+        """The energy of every chunk and its gradient with respect to the chunk."""
+        energy = self.require_energy(who)
+        return jax.vmap(lambda enc, a: jax.value_and_grad(ChunkFn(energy, enc))(a))(
+            self.encoded, actions
+        )
+
+    def correct(
+        self, actions: BatchChunks, corrector: AbstractCorrector, keys: BatchKeys, who: str = "this"
+    ) -> tuple[BatchChunks, CorrectionInfo]:
+        """Runs `corrector` on every chunk at its own observation, keeping the incoming
+        chunk (flagged) wherever the result is not finite; see [`flowcorrect.correct`][]."""
+        energy = self.require_energy(who)
+        return jax.vmap(lambda enc, a, k: correct_single(energy, enc, a, corrector, k))(
+            self.encoded, actions, keys
+        )
+
+    def repeat(self, n: int) -> "Flow":
+        """The flow of a batch in which each observation appears `n` times in a row (the
+        prefix and the energy's encoding are shared, not recomputed)."""
+        return Flow(
+            self.policy,
+            self.policy.repeat(self.prefix, n),
+            self.energy,
+            jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), self.encoded),
+            self.batch_size * n,
+            self.num_steps,
+            self.step_energies,
+        )
+
+    def integrate(
+        self, stepper: "AbstractInterleaved", noise: BatchChunks, keys: BatchKeys
+    ) -> tuple[BatchChunks, Any, Float[Array, "batch num_steps"] | None]:
+        """The Euler loop from `noise`, one `lax.scan` over the flow steps, each step
+        taken by `stepper.step`.
+
+        **Returns:**
+
+        `(actions, state, step_energy)`: the final chunks, the stepper's final state,
+        and the energy of the denoised estimate at every step (`(batch, num_steps)`)
+        when `step_energies` is on and there is an energy, else `None`.
+        """
+        dtype = noise.dtype
+        grid = self.convention.times(self.num_steps, dtype)
+        dt = jnp.asarray(self.convention.direction / self.num_steps, dtype)
+        step_keys = jax.vmap(lambda k: jax.random.split(k, self.num_steps))(keys)
+        step_keys = jnp.swapaxes(step_keys, 0, 1)
+        record = self.step_energies and self.energy is not None
+
+        def body(carry, xs):
+            x, state = carry
+            t, index, ks = xs
+            x_next, v, state = stepper.step(self, x, t, dt, index, state, ks)
+            e = self.energies(self.denoised(x, v, t)) if record else None
+            return (x_next.astype(dtype), state), e
+
+        state = stepper.init(self, noise)
+        index = jnp.arange(self.num_steps, dtype=jnp.int32)
+        (x, state), energies = jax.lax.scan(body, (noise, state), (grid[:-1], index, step_keys))
+        return x, state, (None if energies is None else energies.T)
+
+
+def split_keys(keys: BatchKeys, n: int) -> tuple[BatchKeys, ...]:
+    """Splits each sample's key in `n`: a tuple of `n` key arrays of shape `(batch,)`."""
+    split = jax.vmap(lambda k: jax.random.split(k, n))(keys)
+    return tuple(split[:, i] for i in range(n))
+
+
+def step_flags(
+    on: Bool[Array, ""], applied: Bool[Array, " batch"]
+) -> tuple[Int[Array, " batch"], Int[Array, " batch"]]:
+    """Counts for one step: `(applied, skipped)` as int32, per sample."""
+    return applied.astype(jnp.int32), (on & jnp.logical_not(applied)).astype(jnp.int32)
+
+
+__all__ = ["Flow", "Key"]
