@@ -230,3 +230,40 @@ def test_rollouts_are_paired_across_settings():
         np.testing.assert_array_equal(x, y)
     assert not np.allclose(seen["a"][-1], seen["c"][-1])  # different actions diverge
     assert r1.steps.tolist() == [6, 6]
+
+
+def test_fc_sample_plain_equals_the_euler_loop():
+    from flowcorrect.metaworld.settings import plain_euler
+
+    policy = _policy()
+    obs = jax.random.normal(jax.random.key(6), (3, 39))
+    noise = jax.random.normal(jax.random.key(7), (3, 4, 4))
+    out, _ = fc.sample(policy, obs, jax.random.key(0), noise=noise, num_steps=5)
+    np.testing.assert_allclose(out, plain_euler(policy, obs, noise, 5), rtol=1e-5, atol=1e-6)
+
+
+# Compiles one sampler per placement (about 20 s on 2 cores); the constraint suite has
+# one setting of each placement kind.
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", ["constraint"])
+def test_every_setting_of_a_suite_runs_batched(suite):
+    from flowcorrect.metaworld.energies import SpeedLimit
+    from flowcorrect.metaworld.experiment import constraint_suite, reference_suite
+    from flowcorrect.metaworld.settings import make_act
+
+    policy = _policy()
+    settings = reference_suite() if suite == "reference" else constraint_suite(0.3)
+    # A cheap stand-in for the learned energy: any energy exercises the placements.
+    energies = {"learned": SpeedLimit(0.3), "speed": SpeedLimit(0.3)}
+    obs = np.random.default_rng(0).normal(size=(3, 39)).astype(np.float32)
+    plain, _ = make_act(policy, settings[0], energies)(obs, jax.random.key(1))
+    for setting in settings:
+        chunks, diag = make_act(policy, setting, energies)(obs, jax.random.key(1))
+        assert chunks.shape == (3, 4, 4) and np.all(np.isfinite(chunks)), setting.name
+        if setting.energy is not None and "best-of" not in setting.name:
+            # Corrections lower the speed energy of the plain chunk from the same noise.
+            assert np.all(diag["energy_after"] <= diag["energy_before"] + 1e-5), setting.name
+            np.testing.assert_allclose(
+                diag["energy_before"],
+                [SpeedLimit(0.3)(None, jnp.asarray(c)) for c in plain], rtol=1e-4, atol=1e-6,
+            )

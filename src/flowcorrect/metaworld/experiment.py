@@ -43,17 +43,16 @@ def reference_suite() -> list[Setting]:
         Setting("plain noise x0.25", noise_scale=0.25),
     ]
     for k in (1, 3, 5):
-        out.append(Setting(f"post-hoc K={k} a=0.1", energy="learned", placement=fc.PostHoc(),
-                           corrector=fc.reference_recipe(k, 0.1, 0.2)))
+        out.append(Setting(f"post-hoc K={k} a=0.1", energy="learned",
+                           placement=fc.PostHoc(fc.reference_recipe(k, 0.1, 0.2))))
     for a in (0.01, 0.03, 0.3):
-        out.append(Setting(f"post-hoc K=3 a={a}", energy="learned", placement=fc.PostHoc(),
-                           corrector=fc.reference_recipe(3, a, 0.2)))
+        out.append(Setting(f"post-hoc K=3 a={a}", energy="learned",
+                           placement=fc.PostHoc(fc.reference_recipe(3, a, 0.2))))
     out += [
-        Setting("monotone K=3 a=0.1", energy="learned", placement=fc.PostHoc(),
-                corrector=fc.Repeat(fc.Backtrack(fc.ClipStep(fc.GradientStep(0.1), 0.2)), 3)),
-        Setting("denoised K=1 every step", energy="learned",
-                placement=fc.Denoised(schedule=fc.EveryStep(), weight=1.0),
-                corrector=fc.reference_recipe(1, 0.1, 0.2)),
+        Setting("monotone K=3 a=0.1", energy="learned", placement=fc.PostHoc(
+            fc.Repeat(fc.Backtrack(fc.ClipStep(fc.GradientStep(0.1), 0.2)), 3))),
+        Setting("denoised K=1 every step", energy="learned", placement=fc.Denoised(
+            fc.reference_recipe(1, 0.1, 0.2), schedule=fc.EveryStep(), weight=1.0)),
         Setting("guided w=3", energy="learned",
                 placement=fc.Guided(schedule=fc.EveryStep(), weight=3.0)),
         Setting("best-of-8 by energy", energy="learned", placement=fc.BestOfN(8)),
@@ -67,10 +66,9 @@ def constraint_suite(limit: float) -> list[Setting]:
     step = fc.Repeat(fc.GradientStep(0.5), 3)
     return [
         Setting("plain"),
-        Setting(f"speed<={limit} post-hoc", energy="speed", placement=fc.PostHoc(),
-                corrector=step),
+        Setting(f"speed<={limit} post-hoc", energy="speed", placement=fc.PostHoc(step)),
         Setting(f"speed<={limit} denoised", energy="speed",
-                placement=fc.Denoised(schedule=fc.EveryStep(), weight=1.0), corrector=step),
+                placement=fc.Denoised(step, schedule=fc.EveryStep(), weight=1.0)),
         Setting(f"speed<={limit} guided w=1", energy="speed",
                 placement=fc.Guided(schedule=fc.EveryStep(), weight=1.0, cap=1e3)),
         Setting(f"speed<={limit} best-of-8", energy="speed", placement=fc.BestOfN(8)),
@@ -83,8 +81,8 @@ def demo_suite() -> list[Setting]:
     return [
         Setting("plain"),
         Setting("plain noise x0.5", noise_scale=0.5),
-        Setting("post-hoc K=3 a=0.1", energy="learned", placement=fc.PostHoc(),
-                corrector=fc.reference_recipe(3, 0.1, 0.2)),
+        Setting("post-hoc K=3 a=0.1", energy="learned",
+                placement=fc.PostHoc(fc.reference_recipe(3, 0.1, 0.2))),
         Setting("best-of-8 by energy", energy="learned", placement=fc.BestOfN(8)),
     ]
 

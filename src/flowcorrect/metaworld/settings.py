@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _flow
 from .._flow.placements import BestOfN
+from .._flow.sample import sample
 from .policy import FlowMLPPolicy
 
 
@@ -26,9 +26,9 @@ class Setting:
     - `name`: the row label in tables.
     - `noise_scale`: the initial noise is multiplied by this (lower temperature < 1).
     - `energy`: the name of the energy in the `energies` dict, or `None` (plain).
-    - `placement`: a flowcorrect placement (`fc.PostHoc()`, `fc.Denoised(...)`,
-        `fc.Guided(...)`, `fc.BestOfN(n)`); `None` with an energy means post-hoc.
-    - `corrector`: the corrector of post-hoc / denoised placements.
+    - `placement`: a flowcorrect placement carrying its own corrector
+        (`fc.PostHoc(corrector)`, `fc.Denoised(corrector, ...)`, `fc.Guided(...)`,
+        `fc.BestOfN(n)`); needed with an energy.
     - `num_steps`: Euler steps of the flow.
     """
 
@@ -36,7 +36,6 @@ class Setting:
     noise_scale: float = 1.0
     energy: str | None = None
     placement: Any = None
-    corrector: Any = None
     num_steps: int = 10
 
     def describe(self) -> dict[str, Any]:
@@ -45,7 +44,6 @@ class Setting:
             "noise_scale": self.noise_scale,
             "energy": self.energy,
             "placement": repr(self.placement),
-            "corrector": repr(self.corrector),
             "num_steps": self.num_steps,
         }
 
@@ -67,37 +65,24 @@ def plain_euler(policy: FlowMLPPolicy, obs, noise, num_steps: int):
     return jax.vmap(one)(obs, noise)
 
 
-class _Velocity(eqx.Module):
-    """The policy's velocity as the sampler's `velocity(prefix, x_t, t)` (current API)."""
-
-    policy: FlowMLPPolicy
-
-    def __call__(self, prefix, x_t, t):
-        return self.policy.velocity(prefix, x_t, t)
-
-
 def draw_noise(setting: Setting, key, batch: int, chunk_shape) -> jax.Array:
-    """The starting noise for a query: the same draw for every setting of one shape."""
+    """The starting noise for a query (unscaled): the same draw for every setting of one
+    shape, so settings are paired on their noise as well as on their layouts."""
     placement = setting.placement
     shape = (batch, *chunk_shape)
     if isinstance(placement, BestOfN):
         shape = (batch, placement.n, *chunk_shape)
-    return setting.noise_scale * jax.random.normal(key, shape, jnp.float32)
+    return jax.random.normal(key, shape, jnp.float32)
 
 
 @eqx.filter_jit
 def _run(policy, energy, setting_static, obs, key):
     setting = setting_static.value
     noise = draw_noise(setting, key, obs.shape[0], policy.chunk_shape)
-    if energy is None:
-        return plain_euler(policy, obs, noise, setting.num_steps), {}
-    prefix = jax.vmap(policy.prefix)(obs)
-    context = jax.vmap(policy.energy_context)(prefix)
-    kwargs = {} if setting.corrector is None else {"corrector": setting.corrector}
-    actions, info = _flow.sample.sample(
-        _Velocity(policy), prefix, key, noise=noise, num_steps=setting.num_steps,
-        convention=policy.convention, placement=setting.placement, energy=energy,
-        energy_context=context, step_energies=False, track_uncorrected=True, **kwargs,
+    actions, info = sample(
+        policy, obs, key, noise=noise, num_steps=setting.num_steps,
+        noise_scale=setting.noise_scale, placement=setting.placement, energy=energy,
+        track_uncorrected=energy is not None,
     )
     diag = {
         "energy_before": info.uncorrected_energy,
