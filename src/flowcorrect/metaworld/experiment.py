@@ -159,18 +159,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             per_key.append(ep)
         results[setting.name] = {"setting": setting.describe(), "keys": per_key}
+        # Partial results as each setting finishes, so a long run that is stopped
+        # still leaves its table.
+        partial = table_rows(results, args.suite == "constraint")[-1]
+        print(f"[{time.time() - t0:.0f}s] {partial}", flush=True)
+        _write(out, args, results, expert, energy_meta, t0, partial=True)
+    report = _write(out, args, results, expert, energy_meta, t0, partial=False)
+    print(report["header"])
+    print(report["table"])
+    return report
+
+
+def _write(out, args, results, expert, energy_meta, t0, *, partial: bool) -> dict[str, Any]:
     rows = table_rows(results, args.suite == "constraint")
     plain = results["plain"]["keys"]
     null = [int(e.success.sum()) for e in plain]
     text = stats.format_table(
         rows, baseline="plain", null_spread=null, expert=int(expert.sum()),
-        episodes_per_key=args.episodes, num_settings=len(suite) - 1,
+        episodes_per_key=args.episodes, num_settings=len(results) - 1,
     )
     header = (f"task {args.task}, {args.demos} demos, horizon {args.horizon} (execute "
               f"{args.execute}), {args.episodes} episodes x {args.keys} noise keys, max "
-              f"{args.max_steps} steps")
-    print(header)
-    print(text)
+              f"{args.max_steps} steps" + (" (PARTIAL)" if partial else ""))
     report = {
         "args": vars(args), "header": header, "table": text, "rows": rows,
         "null_spread": null, "expert_success": int(expert.sum()),
@@ -182,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     stem = f"{args.suite}-{args.task}-{args.demos}demos-h{args.horizon}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
-    if not args.no_plots:
+    if not args.no_plots and not partial:
         plot(report, out / f"{stem}.png")
     return report
 
