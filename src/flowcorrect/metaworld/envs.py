@@ -44,7 +44,7 @@ def make_env(task: str) -> Any:
     return env
 
 
-def reset_env(env: Any, seed: int) -> np.ndarray:
+def reset_env(env: Any, seed: Any) -> np.ndarray:
     """Resets `env` to the layout of `seed` and returns the first observation."""
     env.seed(int(seed))
     obs, _ = env.reset()
