@@ -71,6 +71,8 @@ def constraint_suite(limit: float) -> list[Setting]:
                 placement=fc.Denoised(step, schedule=fc.EveryStep(), weight=1.0)),
         Setting(f"speed<={limit} guided w=1", energy="speed",
                 placement=fc.Guided(schedule=fc.EveryStep(), weight=1.0, cap=1e3)),
+        Setting(f"speed<={limit} guided w=10", energy="speed",
+                placement=fc.Guided(schedule=fc.EveryStep(), weight=10.0, cap=1e3)),
         Setting(f"speed<={limit} best-of-8", energy="speed", placement=fc.BestOfN(8)),
     ]
 
