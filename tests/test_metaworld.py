@@ -237,6 +237,7 @@ def test_rollouts_are_paired_across_settings():
         np.testing.assert_array_equal(x, y)
     assert not np.allclose(seen["a"][-1], seen["c"][-1])  # different actions diverge
     assert r1.steps.tolist() == [6, 6]
+    np.testing.assert_array_equal(r1.success, r2.success)
 
 
 def test_fc_sample_plain_equals_the_euler_loop():

@@ -94,7 +94,8 @@ def _tag(obj: Any) -> str:
 
 
 def get_policy(task, demos, config: PolicyConfig, cache: pathlib.Path, seed: int, progress):
-    path = cache / f"policy-{task}-{len(demos.seeds)}-{_tag([dataclasses.asdict(config), seed, demos.seeds.tolist()])}"
+    tag = _tag([dataclasses.asdict(config), seed, demos.seeds.tolist()])
+    path = cache / f"policy-{task}-{len(demos.seeds)}-{tag}"
     if path.with_suffix(".eqx").exists():
         return load_policy(path)[0]
     obs, chunks = demos.chunks(config.horizon)
