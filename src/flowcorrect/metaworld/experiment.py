@@ -1,0 +1,285 @@
+"""One command per experiment: demos, policy, energies, paired evaluation, table, JSON, plots.
+
+    python -m flowcorrect.metaworld.experiment --task pick-place-v3 --demos 10 \
+        --suite reference --episodes 100 --keys 3 --out results/metaworld
+
+Everything is seeded: demonstration layouts, evaluation layouts (seeds from
+10_000_000), the policy's and energy's training, and the noise keys (`--keys 3` uses
+keys 0, 1, 2). Demos, policies and energies are cached (`--cache`).
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import stats
+from .envs import collect_demos, default_cache, expert_success
+from .evaluate import EnvPool, rollout
+from .policy import PolicyConfig, load_policy, save_policy, train_policy
+from .settings import Setting, make_act
+
+EVAL_SEED0 = 10_000_000
+
+
+def _fc():
+    import flowcorrect as fc
+
+    return fc
+
+
+def reference_suite() -> list[Setting]:
+    """Issue 10 section 2: temperature, the reference recipe, monotone, interleaved, ranking."""
+    fc = _fc()
+    out = [
+        Setting("plain"),
+        Setting("plain noise x0.5", noise_scale=0.5),
+        Setting("plain noise x0.25", noise_scale=0.25),
+    ]
+    for k in (1, 3, 5):
+        out.append(Setting(f"post-hoc K={k} a=0.1", energy="learned",
+                           placement=fc.PostHoc(fc.reference_recipe(k, 0.1, 0.2))))
+    for a in (0.01, 0.03, 0.3):
+        out.append(Setting(f"post-hoc K=3 a={a}", energy="learned",
+                           placement=fc.PostHoc(fc.reference_recipe(3, a, 0.2))))
+    out += [
+        Setting("monotone K=3 a=0.1", energy="learned", placement=fc.PostHoc(
+            fc.Repeat(fc.Backtrack(fc.ClipStep(fc.GradientStep(0.1), 0.2)), 3))),
+        Setting("denoised K=1 every step", energy="learned", placement=fc.Denoised(
+            fc.reference_recipe(1, 0.1, 0.2), schedule=fc.EveryStep(), weight=1.0)),
+        Setting("guided w=3", energy="learned",
+                placement=fc.Guided(schedule=fc.EveryStep(), weight=3.0)),
+        Setting("best-of-8 by energy", energy="learned", placement=fc.BestOfN(8)),
+    ]
+    return out
+
+
+def constraint_suite(limit: float) -> list[Setting]:
+    """Issue 10 section 3: a speed limit the demonstrations never respected."""
+    fc = _fc()
+    step = fc.Repeat(fc.GradientStep(0.5), 3)
+    return [
+        Setting("plain"),
+        Setting(f"speed<={limit} post-hoc", energy="speed", placement=fc.PostHoc(step)),
+        Setting(f"speed<={limit} denoised", energy="speed",
+                placement=fc.Denoised(step, schedule=fc.EveryStep(), weight=1.0)),
+        Setting(f"speed<={limit} guided w=1", energy="speed",
+                placement=fc.Guided(schedule=fc.EveryStep(), weight=1.0, cap=1e3)),
+        Setting(f"speed<={limit} guided w=10", energy="speed",
+                placement=fc.Guided(schedule=fc.EveryStep(), weight=10.0, cap=1e3)),
+        Setting(f"speed<={limit} best-of-8", energy="speed", placement=fc.BestOfN(8)),
+    ]
+
+
+def demo_suite() -> list[Setting]:
+    """The README's short demo: plain, lower temperature, the reference recipe, ranking."""
+    fc = _fc()
+    return [
+        Setting("plain"),
+        Setting("plain noise x0.5", noise_scale=0.5),
+        Setting("post-hoc K=3 a=0.1", energy="learned",
+                placement=fc.PostHoc(fc.reference_recipe(3, 0.1, 0.2))),
+        Setting("best-of-8 by energy", energy="learned", placement=fc.BestOfN(8)),
+    ]
+
+
+def _tag(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def get_policy(task, demos, config: PolicyConfig, cache: pathlib.Path, seed: int, progress):
+    tag = _tag([dataclasses.asdict(config), seed, demos.seeds.tolist()])
+    path = cache / f"policy-{task}-{len(demos.seeds)}-{tag}"
+    if path.with_suffix(".eqx").exists():
+        return load_policy(path)[0]
+    obs, chunks = demos.chunks(config.horizon)
+    policy, losses = train_policy(obs, chunks, config, seed=seed, progress=progress)
+    save_policy(path, policy, config)
+    return policy
+
+
+def get_energy(policy, demos, horizon, cache, tag, steps, seed, progress):
+    from .energies import load_energy, save_energy, train_energy
+
+    path = cache / f"energy-{tag}-{steps}-{seed}"
+    if (path / "meta.json").exists():
+        return load_energy(path)
+    obs, chunks = demos.chunks(horizon)
+    energy, meta = train_energy(policy, obs, chunks, steps=steps, seed=seed, progress=progress)
+    save_energy(path, energy, meta)
+    return energy, meta
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cache = pathlib.Path(args.cache) if args.cache else default_cache()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.quiet
+    t0 = time.time()
+    demos = collect_demos(args.task, args.demos, seed=args.demo_seed, cache=cache,
+                          progress=progress)
+    config = PolicyConfig(horizon=args.horizon, steps=args.policy_steps)
+    policy = get_policy(args.task, demos, config, cache, args.train_seed, progress)
+    policy_tag = f"{args.task}-{args.demos}-h{args.horizon}-s{args.policy_steps}-{args.train_seed}"
+    suite = {
+        "reference": reference_suite, "demo": demo_suite,
+        "constraint": lambda: constraint_suite(args.speed_limit),
+    }[args.suite]()
+    if args.only:
+        keep = set(args.only.split(","))
+        suite = [s for s in suite if s.name == "plain" or s.name in keep]
+    energies: dict[str, Any] = {}
+    energy_meta: dict[str, Any] = {}
+    if any(s.energy == "learned" for s in suite):
+        energies["learned"], energy_meta = get_energy(
+            policy, demos, args.horizon, cache, policy_tag, args.energy_steps, args.train_seed,
+            progress,
+        )
+    if any(s.energy == "speed" for s in suite):
+        from .energies import SpeedLimit
+
+        energies["speed"] = SpeedLimit(args.speed_limit)
+    seeds = EVAL_SEED0 + np.arange(args.episodes)
+    expert = expert_success(args.task, seeds, max_steps=args.max_steps, cache=cache,
+                            progress=progress)
+    pool = EnvPool(args.task, args.episodes)
+    results: dict[str, Any] = {}
+    for setting in suite:
+        act = make_act(policy, setting, energies)
+        per_key = []
+        for k in range(args.keys):
+            ep = rollout(
+                pool, seeds, act, jax.random.key(1000 + k), execute=args.execute,
+                max_steps=args.max_steps, progress=progress,
+                speed_limit=args.speed_limit if args.suite == "constraint" else None,
+                desc=f"{setting.name} key {k}",
+            )
+            per_key.append(ep)
+        results[setting.name] = {"setting": setting.describe(), "keys": per_key}
+        # Partial results as each setting finishes, so a long run that is stopped
+        # still leaves its table.
+        partial = table_rows(results, args.suite == "constraint")[-1]
+        print(f"[{time.time() - t0:.0f}s] {partial}", flush=True)
+        _write(out, args, results, expert, energy_meta, t0, partial=True)
+    report = _write(out, args, results, expert, energy_meta, t0, partial=False)
+    print(report["header"])
+    print(report["table"])
+    return report
+
+
+def _write(out, args, results, expert, energy_meta, t0, *, partial: bool) -> dict[str, Any]:
+    rows = table_rows(results, args.suite == "constraint")
+    plain = results["plain"]["keys"]
+    null = [int(e.success.sum()) for e in plain]
+    text = stats.format_table(
+        rows, baseline="plain", null_spread=null, expert=int(expert.sum()),
+        episodes_per_key=args.episodes, num_settings=len(results) - 1,
+    )
+    header = (f"task {args.task}, {args.demos} demos, horizon {args.horizon} (execute "
+              f"{args.execute}), {args.episodes} episodes x {args.keys} noise keys, max "
+              f"{args.max_steps} steps" + (" (PARTIAL)" if partial else ""))
+    report = {
+        "args": vars(args), "header": header, "table": text, "rows": rows,
+        "null_spread": null, "expert_success": int(expert.sum()),
+        "energy": {k: v for k, v in energy_meta.items() if k == "report"},
+        "settings": {name: {"setting": r["setting"],
+                            "keys": [e.to_json() for e in r["keys"]]}
+                     for name, r in results.items()},
+        "seconds": time.time() - t0,
+    }
+    stem = f"{args.suite}-{args.task}-{args.demos}demos-h{args.horizon}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
+    if not args.no_plots and not partial:
+        plot(report, out / f"{stem}.png")
+    return report
+
+
+def table_rows(results: dict[str, Any], constraint: bool) -> list[dict[str, Any]]:
+    plain = results["plain"]["keys"]
+    rows = []
+    for name, r in results.items():
+        eps = r["keys"]
+        wins = losses = 0
+        for base, ep in zip(plain, eps):
+            w, l_ = stats.paired_counts(base.success, ep.success)
+            wins, losses = wins + w, losses + l_
+        succ = np.concatenate([e.success for e in eps])
+        extra = []
+        diag = eps[0].diagnostics
+        if "energy_before" in diag:
+            keys = ("energy_before", "energy_after", "delta_norm")
+            means = {k: np.mean([e.diagnostics.get(k, np.nan) for e in eps]) for k in keys}
+            extra.append("E {energy_before:.3g}->{energy_after:.3g} |d| {delta_norm:.3g}"
+                         .format(**means))
+        if constraint:
+            viol = np.concatenate([e.speed_violations for e in eps])
+            steps = np.concatenate([e.steps for e in eps])
+            extra.append(f"violating episodes {int(np.sum(viol > 0))}, steps "
+                         f"{100 * viol.sum() / max(steps.sum(), 1):.1f}%")
+        rows.append({
+            "name": name, "success": int(succ.sum()), "total": int(succ.size),
+            "per_key": [int(e.success.sum()) for e in eps], "wins": wins, "losses": losses,
+            "p": stats.mcnemar(wins, losses), "extra": "; ".join(extra),
+        })
+    return rows
+
+
+def plot(report: dict[str, Any], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
+    names = [r["name"] for r in rows][::-1]
+    rates = [r["success"] / r["total"] for r in rows][::-1]
+    ax.barh(names, rates, color=["C0" if n == "plain" else "C1" for n in names])
+    null = report["null_spread"]
+    n = report["args"]["episodes"]
+    ax.axvspan(min(null) / n, max(null) / n, color="grey", alpha=0.3, label="null spread")
+    ax.axvline(report["expert_success"] / n, color="k", ls="--", label="scripted expert")
+    ax.set_xlabel("success rate (pooled over noise keys)")
+    ax.set_title(report["header"], fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parser(**defaults: Any) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="pick-place-v3")
+    p.add_argument("--demos", type=int, default=10)
+    p.add_argument("--demo-seed", type=int, default=0)
+    p.add_argument("--suite", default="reference", choices=["reference", "constraint", "demo"])
+    p.add_argument("--only", default="", help="comma-separated setting names to run")
+    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--keys", type=int, default=3)
+    p.add_argument("--horizon", type=int, default=8)
+    p.add_argument("--execute", type=int, default=4)
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--policy-steps", type=int, default=3000)
+    p.add_argument("--energy-steps", type=int, default=400)
+    p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--speed-limit", type=float, default=0.8)
+    p.add_argument("--cache", default=None, help="default ~/.cache/flowcorrect/metaworld")
+    p.add_argument("--out", default="results/metaworld")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(**defaults)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run(parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The Meta-World harness: statistics (no simulator needed) and, when Meta-World is
+installed, seeded layouts, demonstrations, the policy seam and pairing."""
+
+import dataclasses
+import importlib
+import importlib.util
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flowcorrect as fc
+from flowcorrect.metaworld import stats
+
+HAVE_METAWORLD = importlib.util.find_spec("metaworld") is not None
+# Meta-World's scripted experts warn when their gains saturate the action bounds; the
+# environment clips the actions, as the message says.
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:Constant\(s\) may be too high:UserWarning"
+)
+
+needs_metaworld = pytest.mark.skipif(
+    not HAVE_METAWORLD,
+    reason="Meta-World is not installed: pip install 'flowcorrect[metaworld]'",
+)
+
+
+# -- statistics: exact McNemar ------------------------------------------------------
+
+# (k, n, p) from scipy.stats.binomtest(k, n).pvalue, checked by hand for small n.
+KNOWN = [
+    (0, 5, 0.0625),  # 2 * (1/32)
+    (1, 1, 1.0),
+    (3, 7, 1.0),  # symmetric around the middle: every outcome counts
+    (10, 22, 0.8318119049072266),
+    (21, 24, 0.0002771615982055664),
+    (46, 101, 0.4261600154669939),
+    (3, 24, 0.0002771615982055664),  # mirror of (21, 24)
+]
+
+
+@pytest.mark.parametrize("k,n,p", KNOWN)
+def test_binomial_two_sided_known_values(k, n, p):
+    assert stats.binomial_two_sided(k, n) == pytest.approx(p, rel=1e-12)
+
+
+def test_binomial_matches_direct_sum_for_all_small_cases():
+    for n in range(0, 30):
+        for k in range(n + 1):
+            probs = [math.comb(n, i) / 2**n for i in range(n + 1)]
+            direct = min(1.0, sum(q for q in probs if q <= probs[k] * (1 + 1e-12)))
+            assert stats.binomial_two_sided(k, n) == pytest.approx(direct, rel=1e-9)
+            assert stats.binomial_two_sided(k, n) == stats.binomial_two_sided(n - k, n)
+
+
+def test_binomial_large_n_is_finite_and_tiny():
+    # 300 discordant pairs all one way: 2 / 2**300, far below float rounding of 1.
+    p = stats.binomial_two_sided(0, 300)
+    assert 0 < p == pytest.approx(2.0**-299, rel=1e-12)
+
+
+def test_mcnemar_uses_discordant_pairs_only():
+    assert stats.mcnemar(21, 3) == pytest.approx(0.0002771615982055664, rel=1e-12)
+    assert stats.mcnemar(0, 0) == 1.0
+    with pytest.raises(ValueError, match="wins"):
+        stats.mcnemar(-1, 3)
+    with pytest.raises(ValueError, match="k="):
+        stats.binomial_two_sided(5, 3)
+
+
+def test_paired_counts():
+    base = [True, True, False, False, True]
+    new = [True, False, True, True, True]
+    assert stats.paired_counts(base, new) == (2, 1)
+    with pytest.raises(ValueError, match="same episodes"):
+        stats.paired_counts(base, new[:3])
+
+
+def test_format_table_reports_null_spread_expert_and_count():
+    rows = [
+        dict(name="plain", success=150, total=300, per_key=[45, 50, 55], wins=0, losses=0, p=1),
+        dict(name="x", success=160, total=300, per_key=[50, 52, 58], wins=20, losses=10,
+             p=stats.mcnemar(20, 10)),
+    ]
+    text = stats.format_table(rows, baseline="plain", null_spread=[45, 50, 55], expert=81,
+                              episodes_per_key=100, num_settings=1)
+    assert "[45, 50, 55]" in text and "81/100" in text and "+20/-10" in text
+    assert "settings compared with 'plain': 1" in text
+
+
+def test_missing_metaworld_names_the_extra(monkeypatch):
+    from flowcorrect.metaworld import _require
+
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name == "metaworld":
+            raise ImportError("no metaworld")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(ImportError, match=r"flowcorrect\[metaworld\]"):
+        _require.require_metaworld()
+
+
+# -- policy seam and energies (no simulator needed) ------------------------------------
+
+
+def _policy(horizon=4):
+    from flowcorrect.metaworld.policy import FlowMLPPolicy, PolicyConfig
+
+    config = PolicyConfig(horizon=horizon, width=32, depth=2)
+    mean = np.linspace(-1, 1, 39)
+    return FlowMLPPolicy(config, mean, np.full(39, 2.0), key=jax.random.key(1))
+
+
+def test_policy_implements_the_seam():
+    policy = _policy()
+    assert isinstance(policy, fc.AbstractPolicy)
+    assert policy.chunk_shape == (4, 4) and isinstance(policy.convention, fc.OpenPI)
+    obs = jax.random.normal(jax.random.key(2), (39,))
+    prefix = policy.prefix(obs)
+    np.testing.assert_array_equal(policy.energy_context(prefix), obs)
+    x = jax.random.normal(jax.random.key(3), (4, 4))
+    v1 = policy.velocity(prefix, x, jnp.asarray(0.7))
+    v2 = policy.velocity(prefix, x, jnp.asarray(0.2))
+    assert v1.shape == (4, 4) and not np.allclose(v1, v2)  # depends on t
+
+
+def test_policy_training_lowers_the_flow_matching_loss():
+    from flowcorrect.metaworld.policy import PolicyConfig, flow_matching_loss, train_policy
+
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(64, 39)).astype(np.float32)
+    # Actions a deterministic function of the observation: learnable.
+    chunks = np.tanh(obs[:, :16]).reshape(64, 4, 4).astype(np.float32)
+    config = PolicyConfig(horizon=4, width=32, depth=2, steps=200, batch_size=64,
+                          learning_rate=3e-3)
+    untrained, _ = train_policy(obs, chunks, dataclasses.replace(config, steps=1),
+                                progress=False)
+    trained, _ = train_policy(obs, chunks, config, progress=False)
+    key = jax.random.key(9)
+    before = flow_matching_loss(untrained, obs, chunks, key)
+    after = flow_matching_loss(trained, obs, chunks, key)
+    assert after < 0.85 * before, (before, after)
+
+
+def test_plain_euler_matches_hand_loop():
+    from flowcorrect.metaworld.settings import plain_euler
+
+    policy = _policy()
+    obs = jax.random.normal(jax.random.key(4), (3, 39))
+    noise = jax.random.normal(jax.random.key(5), (3, 4, 4))
+    out = plain_euler(policy, obs, noise, 5)
+    for i in range(3):
+        prefix = policy.prefix(obs[i])
+        x, t = noise[i], jnp.float32(1.0)
+        for _ in range(5):
+            x = x + jnp.float32(-0.2) * policy.velocity(prefix, x, t)
+            t = t + jnp.float32(-0.2)
+        np.testing.assert_allclose(out[i], x, rtol=1e-5, atol=1e-5)
+
+
+def test_speed_limit_energy():
+    from flowcorrect.metaworld.energies import SpeedLimit
+
+    e = SpeedLimit(0.5)
+    slow = jnp.array([[0.1, 0.2, 0.0, 1.0], [0.0, 0.0, 0.0, -1.0]])
+    fast = jnp.array([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, -1.0]])
+    assert e(None, slow) == 0.0
+    assert e(None, fast) == pytest.approx(0.25)
+    g = jax.grad(lambda a: e(None, a))(fast)
+    assert np.all(np.isfinite(g)) and g[0, 0] > 0 and g[0, 3] == 0
+    # A zero command has a finite gradient (the norm's is 0/0).
+    assert np.all(np.isfinite(jax.grad(lambda a: e(None, a))(jnp.zeros((2, 4)))))
+
+
+# -- with the simulator ----------------------------------------------------------------
+
+
+@needs_metaworld
+def test_layouts_are_reproducible_and_differ_across_seeds():
+    from flowcorrect.metaworld.envs import make_env, reset_env
+
+    env = make_env("pick-place-v3")
+    a = reset_env(env, 3)
+    b = reset_env(env, 4)
+    c = reset_env(env, 3)
+    np.testing.assert_array_equal(a, c)
+    assert not np.allclose(a[4:7], b[4:7])  # the object moved
+
+
+@needs_metaworld
+def test_demos_are_reproducible_from_seeds(tmp_path):
+    from flowcorrect.metaworld.envs import collect_demos
+
+    d1 = collect_demos("pick-place-v3", 2, cache=tmp_path / "a", progress=False)
+    d2 = collect_demos("pick-place-v3", 2, cache=tmp_path / "b", progress=False)
+    np.testing.assert_array_equal(d1.obs, d2.obs)
+    np.testing.assert_array_equal(d1.actions, d2.actions)
+    assert d1.success.all() and len(d1.seeds) == 2
+    assert not np.allclose(d1.obs[0], d1.obs[d1.length[0]])  # two layouts
+    obs, chunks = d1.chunks(5)
+    # The chunk at step t is the expert's actions t..t+4, held at the episode's last.
+    np.testing.assert_array_equal(chunks[0], d1.actions[:5])
+    last = d1.length[0] - 1
+    np.testing.assert_array_equal(chunks[last], np.repeat(d1.actions[last][None], 5, 0))
+
+
+@needs_metaworld
+def test_rollouts_are_paired_across_settings():
+    from flowcorrect.metaworld.evaluate import EnvPool, rollout
+
+    pool = EnvPool("pick-place-v3", 2)
+    seeds = np.array([10, 11])
+    seen = {}
+
+    def recorder(name, scale):
+        def act(obs, key):
+            seen.setdefault(name, []).append(obs.copy())
+            noise = np.asarray(jax.random.normal(key, (2, 4, 4)))
+            return scale * noise, {}
+        return act
+
+    r1 = rollout(pool, seeds, recorder("a", 1.0), jax.random.key(0), execute=2, max_steps=6,
+                 progress=False)
+    r2 = rollout(pool, seeds, recorder("b", 1.0), jax.random.key(0), execute=2, max_steps=6,
+                 progress=False)
+    r3 = rollout(pool, seeds, recorder("c", 0.0), jax.random.key(0), execute=2, max_steps=6,
+                 progress=False)
+    np.testing.assert_array_equal(r1.seeds, r3.seeds)
+    # Same seeds: same first observations; same key and actions: the same episode.
+    np.testing.assert_array_equal(seen["a"][0], seen["c"][0])
+    for x, y in zip(seen["a"], seen["b"]):
+        np.testing.assert_array_equal(x, y)
+    assert not np.allclose(seen["a"][-1], seen["c"][-1])  # different actions diverge
+    assert r1.steps.tolist() == [6, 6]
+    np.testing.assert_array_equal(r1.success, r2.success)
+
+
+def test_fc_sample_plain_equals_the_euler_loop():
+    from flowcorrect.metaworld.settings import plain_euler
+
+    policy = _policy()
+    obs = jax.random.normal(jax.random.key(6), (3, 39))
+    noise = jax.random.normal(jax.random.key(7), (3, 4, 4))
+    out, _ = fc.sample(policy, obs, jax.random.key(0), noise=noise, num_steps=5)
+    np.testing.assert_allclose(out, plain_euler(policy, obs, noise, 5), rtol=1e-5, atol=1e-6)
+
+
+# Compiles one sampler per placement (about 20 s on 2 cores); the constraint suite has
+# one setting of each placement kind.
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", ["constraint"])
+def test_every_setting_of_a_suite_runs_batched(suite):
+    from flowcorrect.metaworld.energies import SpeedLimit
+    from flowcorrect.metaworld.experiment import constraint_suite, reference_suite
+    from flowcorrect.metaworld.settings import make_act
+
+    policy = _policy()
+    settings = reference_suite() if suite == "reference" else constraint_suite(0.3)
+    # A cheap stand-in for the learned energy: any energy exercises the placements.
+    energies = {"learned": SpeedLimit(0.3), "speed": SpeedLimit(0.3)}
+    obs = np.random.default_rng(0).normal(size=(3, 39)).astype(np.float32)
+    plain, _ = make_act(policy, settings[0], energies)(obs, jax.random.key(1))
+    for setting in settings:
+        chunks, diag = make_act(policy, setting, energies)(obs, jax.random.key(1))
+        assert chunks.shape == (3, 4, 4) and np.all(np.isfinite(chunks)), setting.name
+        if setting.energy is not None and "best-of" not in setting.name:
+            # Corrections lower the speed energy of the plain chunk from the same noise.
+            assert np.all(diag["energy_after"] <= diag["energy_before"] + 1e-5), setting.name
+            np.testing.assert_allclose(
+                diag["energy_before"],
+                [SpeedLimit(0.3)(None, jnp.asarray(c)) for c in plain], rtol=1e-4, atol=1e-6,
+            )
