@@ -401,3 +401,21 @@ def test_power_iterations_takes_effect_in_every_layer():
     assert abs(sigma(many.action_net.proj.effective_weight()) - 1) < 1e-3
     assert sigma(few.action_net.proj.effective_weight()) > 1 + 1e-3
     assert not jnp.allclose(few(context(), chunk()), many(context(), chunk()), rtol=1e-4)
+
+
+def test_energy_model_crosses_a_plain_jax_jit():
+    # openpi jits with jax.jit, which traces the dropout flag too; that used to raise
+    # TracerBoolConversionError.
+    config = fc.EnergyModelConfig(context_dim=8, action_dim=4, hidden=16, num_heads=2)
+    model = fc.EnergyModel(config, key=jax.random.key(0))
+    ctx = fc.TokenContext(jax.random.normal(jax.random.key(1), (5, 8)))
+    a = jax.random.normal(jax.random.key(2), (3, 4))
+    eval_model = eqx.nn.inference_mode(model)
+    jitted = jax.jit(lambda m, c, x: m(c, x))
+    assert float(jitted(eval_model, ctx, a)) == pytest.approx(float(eval_model(ctx, a)), rel=1e-6)
+    # A training-mode model without a key scores as in inference under a plain jit...
+    assert float(jitted(model, ctx, a)) == pytest.approx(float(eval_model(ctx, a)), rel=1e-6)
+    # ...and with a key it drops out.
+    keyed = jax.jit(lambda m, c, x, k: m.score(m.encode(c), x, key=k))
+    with_key = keyed(model, ctx, a, jax.random.key(3))
+    assert bool(jnp.isfinite(with_key))

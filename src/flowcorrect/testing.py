@@ -20,11 +20,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
-import hypothesis.extra.numpy as hnp
-import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+try:
+    import hypothesis.extra.numpy as hnp
+    import hypothesis.strategies as st
+except ImportError as e:  # an optional dependency: the rest of flowcorrect needs none
+    raise ImportError(
+        "flowcorrect.testing needs hypothesis, an optional dependency: "
+        "pip install 'flowcorrect[testing]' (or pip install hypothesis)."
+    ) from e
 
 from ._correct import correct, correct_single
 from ._correctors.base import AbstractCorrector

@@ -168,7 +168,11 @@ class EnergyModel(AbstractLearnedEnergy):
         An [`flowcorrect.EmbeddedActions`][].
         """
         check_chunk("EnergyModel", actions, None, self.config.action_dim)
-        if key is None and not self.dropout.inference and self.dropout.p > 0:
+        inference = self.dropout.inference
+        # A plain `jax.jit` (openpi's, not `eqx.filter_jit`) traces the flag as well: it
+        # cannot steer Python control flow then, so it selects between the two results.
+        traced = isinstance(inference, jax.core.Tracer)
+        if not traced and key is None and not inference and self.dropout.p > 0:
             raise RuntimeError(
                 "This EnergyModel is in training mode (dropout on) and was called without "
                 "a `key`. For inference use `model = eqx.nn.inference_mode(model)` "
@@ -177,7 +181,12 @@ class EnergyModel(AbstractLearnedEnergy):
             )
         x = self.action_net(actions.astype(jnp.float32))
         x = x + sinusoidal_positions(x.shape[0], x.shape[1])
-        x = self.dropout(x, key=key)
+        if traced:
+            # Without a key no dropout can be drawn: the model scores as in inference.
+            if key is not None:
+                x = jnp.where(inference, x, self.dropout(x, key=key, inference=False))
+        else:
+            x = self.dropout(x, key=key)
         return EmbeddedActions(x, self.attention.queries(x))
 
     def head_values(
