@@ -500,3 +500,54 @@ def test_fuzz_placements(convention, data):
             if np.isfinite(energies[i]).any():
                 assert np.isfinite(energies[i, chosen[i]])
                 assert energies[i, chosen[i]] == np.min(energies[i])
+
+
+# --- saved model files ------------------------------------------------------------------
+
+
+@functools.cache
+def _saved_model(root: str):
+    config = fc.MLPEnergyConfig(obs_dim=5, action_dim=SHAPE[1], horizon=SHAPE[0], hidden=16)
+    model = eqx.nn.inference_mode(fc.MLPEnergy(config, key=jax.random.key(0)))
+    path = fc.save_model(model, os.path.join(root, "model"))
+    obs = jax.random.normal(jax.random.key(1), (5,))
+    chunk = jax.random.normal(jax.random.key(2), SHAPE)
+    return path, float(model(obs, chunk)), obs, chunk
+
+
+@pytest.mark.slow
+@FUZZ
+@given(data=st.data())
+def test_fuzz_corrupted_model_files(tmp_path_factory, data):
+    import shutil
+
+    path, expected, obs, chunk = _saved_model(str(tmp_path_factory.getbasetemp()))
+    work = tmp_path_factory.mktemp("corrupt") / "model"
+    shutil.copytree(path, work)
+    name = data.draw(st.sampled_from(sorted(p.name for p in work.iterdir())), label="file")
+    target = work / name
+    raw = bytearray(target.read_bytes())
+    how = data.draw(st.sampled_from(["truncate", "flip", "delete", "append", "empty"]))
+    if how == "truncate":
+        raw = raw[: data.draw(st.integers(0, max(len(raw) - 1, 0)))]
+    elif how == "flip":
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] ^= 1 << data.draw(st.integers(0, 7))
+    elif how == "append":
+        raw += b"\x00garbage"
+    elif how == "empty":
+        raw = bytearray()
+    if how == "delete":
+        target.unlink()
+    else:
+        target.write_bytes(bytes(raw))
+    COUNTS[f"model file {how}"] += 1
+    # Every corruption is refused with the library's own error; nothing loads silently
+    # with other weights or another configuration.
+    try:
+        loaded = fc.load_model(work)
+    except fc.ModelFileError:
+        COUNTS["model file refused"] += 1
+        return
+    assert float(loaded(obs, chunk)) == expected, f"{how} {name} loaded different energies"
+    COUNTS["model file loaded unchanged"] += 1

@@ -17,6 +17,7 @@ from .._energy import AbstractEnergy
 from .._model.config import EnergyModelConfig
 from .._model.context import TokenContext
 from .._model.energy_model import EnergyModel
+from .._model.serialise import load_model, save_model
 from .._train.batch import Batch
 from .._train.data import ShuffledBatches
 from .._train.fit import TrainConfig, fit
@@ -151,14 +152,14 @@ def _report_dict(report: Any) -> dict[str, Any]:
 def save_energy(path: str | pathlib.Path, energy: ObsTokenEnergy, meta: dict) -> None:
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    energy.model.save(path / "model")
+    save_model(energy.model, (path / "model").resolve())
     np.savez(path / "norm.npz", mean=np.asarray(energy.mean), std=np.asarray(energy.std))
     (path / "meta.json").write_text(json.dumps(meta, indent=1, default=float))
 
 
 def load_energy(path: str | pathlib.Path) -> tuple[ObsTokenEnergy, dict]:
     path = pathlib.Path(path)
-    model = EnergyModel.load(path / "model")
+    model = load_model((path / "model").resolve())
     with np.load(path / "norm.npz") as f:
         mean, std = jnp.asarray(f["mean"]), jnp.asarray(f["std"])
     return ObsTokenEnergy(model, mean, std), json.loads((path / "meta.json").read_text())
