@@ -173,3 +173,35 @@ def test_check_energy_catches_broken_energies():
 
     with pytest.raises(AssertionError, match="recompile"):
         check_energy(FloatScaled(1.0), target, actions, other_energy=FloatScaled(2.0))
+
+
+def test_bad_contexts_weights_and_bounds_get_clear_errors():
+    target = jnp.linspace(-1, 1, 6).reshape(3, 2)
+    actions = target + 0.5
+    energy = fc.SquaredDistance()
+    # A context that is not the target chunk: None, a float, a list, a dict.
+    for context in (None, 1.5, [[0.0, 0.0]] * 3, {"target": target}):
+        with pytest.raises(TypeError, match=r"SquaredDistance\(\) without a target.*context"):
+            fc.correct(energy, context, actions)
+    # Weights: wrong shape, NaN, inf, negative.
+    with pytest.raises(ValueError, match=r"`weight` has shape \(5,\).*\(3, 2\)"):
+        fc.SquaredDistance(target, weight=jnp.ones(5))
+    with pytest.raises(ValueError, match=r"`weight` has shape \(5,\).*\(3, 2\)"):
+        fc.correct(fc.SquaredDistance(weight=jnp.ones(5)), target, actions)
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="SquaredDistance `weight` must be finite and >= 0"):
+            fc.SquaredDistance(weight=bad)
+        with pytest.raises(ValueError, match="BoundsPenalty `weight` must be finite and >= 0"):
+            fc.BoundsPenalty(-1.0, 1.0, weight=bad)
+    with pytest.raises(ValueError, match="NaN"):
+        fc.BoundsPenalty(jnp.array([0.0, float("nan")]), 1.0)
+    with pytest.raises(ValueError, match="`weights` must be finite"):
+        fc.SumEnergy([energy, energy], weights=[1.0, float("nan")])
+    # Actions that are not an array.
+    with pytest.raises(TypeError, match="`actions` must be a JAX or NumPy array.*list"):
+        fc.correct(energy, target, [[0.0, 0.0]] * 3)
+    # A batch whose context lacks the batch axis, or holds a Python float.
+    with pytest.raises(ValueError, match=r"leading batch axis of size 4.*fc.bind"):
+        fc.correct(energy, target, jnp.stack([actions] * 4))
+    with pytest.raises(TypeError, match="is a float"):
+        fc.correct(fc.BoundsPenalty(-1.0, 1.0), {"x": 1.0}, jnp.stack([actions] * 4))
