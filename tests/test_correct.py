@@ -22,7 +22,7 @@ def _chunks(shape=(6, 4), seed=0):
 def test_reference_recipe_matches_hand_written_steps():
     target, actions = _chunks()
     energy = fc.SquaredDistance(weight=4.0)
-    out, info = fc.correct(energy, target, actions)  # default: reference recipe
+    out, info = fc.correct(energy, target, actions, key=KEY)  # default: reference recipe
 
     a = actions
     for _ in range(3):
@@ -49,7 +49,7 @@ def test_reference_recipe_defaults_and_options():
 
     target, actions = _chunks((5, 8))
     masked = fc.reference_recipe(first_only=True, action_dims=3)
-    out, _ = fc.correct(fc.SquaredDistance(), target, actions, corrector=masked)
+    out, _ = fc.correct(fc.SquaredDistance(), target, actions, corrector=masked, key=KEY)
     assert tree_bitwise_equal(out[1:], actions[1:])
     assert tree_bitwise_equal(out[:, 3:], actions[:, 3:])
     assert float(jnp.abs(out[0, :3] - actions[0, :3]).min()) > 0
@@ -60,7 +60,7 @@ def test_clip_relative_to_current_uses_entering_chunk():
     target, actions = _chunks()
     energy = fc.SquaredDistance(weight=100.0)
     corrector = fc.Repeat(fc.ClipStep(fc.GradientStep(1.0), 0.1), num_steps=2)
-    out, _ = fc.correct(energy, target, actions, corrector=corrector)
+    out, _ = fc.correct(energy, target, actions, corrector=corrector, key=KEY)
     first, _ = fc.correct(energy, target, actions, corrector=fc.ClipStep(fc.GradientStep(1.0), 0.1))
     assert float(jnp.linalg.norm(first - actions)) == pytest.approx(
         0.1 * float(jnp.linalg.norm(actions)), rel=1e-5
@@ -84,10 +84,10 @@ def test_optax_sgd_equals_gradient_step_and_adam_carries_state():
     # Adam's first step has size lr in every coordinate; its moments make the second
     # step differ from a fresh first step, which only happens if the state is carried.
     adam = fc.OptaxStep(optax.adam(0.05))
-    one, _ = fc.correct(energy, target, actions, corrector=adam)
+    one, _ = fc.correct(energy, target, actions, corrector=adam, key=KEY)
     np.testing.assert_allclose(jnp.abs(one - actions), 0.05, rtol=1e-3)
-    two, _ = fc.correct(energy, target, actions, corrector=fc.Repeat(adam, num_steps=2))
-    fresh, _ = fc.correct(energy, target, one, corrector=adam)
+    two, _ = fc.correct(energy, target, actions, corrector=fc.Repeat(adam, num_steps=2), key=KEY)
+    fresh, _ = fc.correct(energy, target, one, corrector=adam, key=KEY)
     assert float(jnp.max(jnp.abs(two - fresh))) > 1e-4
 
 
@@ -97,12 +97,12 @@ def test_backtracking_halves_until_the_energy_falls():
     target = jnp.zeros((2, 2))
     actions = jnp.ones((2, 2))
     corrector = fc.Backtrack(fc.GradientStep(3.0), max_halvings=3)
-    out, info = fc.correct(fc.SquaredDistance(), target, actions, corrector=corrector)
+    out, info = fc.correct(fc.SquaredDistance(), target, actions, corrector=corrector, key=KEY)
     np.testing.assert_allclose(out, -0.5 * actions, rtol=1e-6)
     assert int(info.num_accepted) == 1
 
     never = fc.Backtrack(fc.GradientStep(3.0), max_halvings=0)
-    out, info = fc.correct(fc.SquaredDistance(), target, actions, corrector=never)
+    out, info = fc.correct(fc.SquaredDistance(), target, actions, corrector=never, key=KEY)
     assert tree_bitwise_equal(out, actions)
     assert int(info.num_accepted) == 0
 
@@ -136,7 +136,7 @@ def test_langevin_is_reproducible_and_key_driven():
     grad = fc.Repeat(fc.GradientStep(0.05), num_steps=3)
     np.testing.assert_allclose(
         fc.correct(energy, target, actions, corrector=cold, key=KEY)[0],
-        fc.correct(energy, target, actions, corrector=grad)[0],
+        fc.correct(energy, target, actions, corrector=grad, key=KEY)[0],
         rtol=1e-6,
     )
 
@@ -146,14 +146,14 @@ def test_langevin_samples_the_boltzmann_distribution():
     energy = fc.SquaredDistance(weight=2.0)
     corrector = fc.Repeat(fc.LangevinStep(0.01, temperature=0.5), num_steps=400)
     starts = jnp.zeros((256, 4, 2))
-    out, _ = fc.correct(energy, jnp.zeros_like(starts), starts, corrector=corrector)
+    out, _ = fc.correct(energy, jnp.zeros_like(starts), starts, corrector=corrector, key=KEY)
     assert float(jnp.var(out)) == pytest.approx(0.25, rel=0.1)
 
 
 def test_project_bounds_clips_into_bounds():
     target, actions = _chunks()
     corrector = fc.Chain(fc.GradientStep(0.1), fc.ProjectBounds(-0.5, jnp.full((4,), 0.7)))
-    out, info = fc.correct(fc.SquaredDistance(), 5 * target, actions, corrector=corrector)
+    out, info = fc.correct(fc.SquaredDistance(), 5 * target, actions, corrector=corrector, key=KEY)
     assert float(out.min()) >= -0.5 and float(out.max()) <= 0.7
     assert int(info.num_accepted) == 1  # the projection is not an update step
 
@@ -162,11 +162,11 @@ def test_chain_counts_and_splits_keys():
     target, actions = _chunks()
     langevin = fc.LangevinStep(0.05, 1.0)
     out, info = fc.correct(
-        fc.SquaredDistance(), target, actions, corrector=fc.Chain(langevin, langevin)
+        fc.SquaredDistance(), target, actions, corrector=fc.Chain(langevin, langevin), key=KEY
     )
     assert int(info.num_accepted) == 2
     same_key_twice, _ = fc.correct(
-        fc.SquaredDistance(), target, actions, corrector=fc.Repeat(langevin, 1)
+        fc.SquaredDistance(), target, actions, corrector=fc.Repeat(langevin, 1), key=KEY
     )
     assert float(jnp.max(jnp.abs(out - same_key_twice))) > 1e-4
 
@@ -211,9 +211,9 @@ def test_padding_mask_in_context_compiles_and_is_respected():
     tokens = jax.random.normal(jax.random.key(3), (7, 5))
     mask = jnp.array([True, True, True, False, False, True, False])
     actions = jax.random.normal(jax.random.key(4), (4, 3))
-    out, info = fc.correct(energy, (tokens, mask), actions)
+    out, info = fc.correct(energy, (tokens, mask), actions, key=KEY)
     changed = tokens.at[~mask].set(1e3)  # padding content must not matter
-    out2, _ = fc.correct(energy, (changed, mask), actions)
+    out2, _ = fc.correct(energy, (changed, mask), actions, key=KEY)
     np.testing.assert_allclose(out, out2, rtol=1e-6)
     empty, info = fc.correct(energy, (tokens, jnp.zeros(7, bool)), actions)
     assert bool(jnp.all(jnp.isfinite(empty))) and not bool(info.fell_back)
@@ -245,11 +245,11 @@ def test_no_recompile_when_values_change():
 def test_batch_of_contexts_and_actions():
     targets = jax.random.normal(jax.random.key(5), (3, 6, 4))
     actions = jax.random.normal(jax.random.key(6), (3, 6, 4))
-    out, info = fc.correct(fc.SquaredDistance(), targets, actions)
+    out, info = fc.correct(fc.SquaredDistance(), targets, actions, key=KEY)
     assert out.shape == actions.shape
     assert info.energy_before.shape == (3,) and info.fell_back.shape == (3,)
     for i in range(3):
-        single, single_info = fc.correct(fc.SquaredDistance(), targets[i], actions[i])
+        single, single_info = fc.correct(fc.SquaredDistance(), targets[i], actions[i], key=KEY)
         np.testing.assert_allclose(out[i], single, rtol=1e-6)
         assert float(info.energy_after[i]) == pytest.approx(float(single_info.energy_after))
 
@@ -264,7 +264,7 @@ def test_non_finite_energy_falls_back_per_sample():
 
     actions = jnp.stack([jnp.full((3, 2), 2.0), jnp.full((3, 2), -1.0), jnp.full((3, 2), 3.0)])
     targets = jnp.ones_like(actions)
-    out, info = fc.correct(NanForNegativeFirst(), targets, actions)
+    out, info = fc.correct(NanForNegativeFirst(), targets, actions, key=KEY)
     assert info.fell_back.tolist() == [False, True, False]
     assert tree_bitwise_equal(out[1], actions[1])
     assert float(jnp.max(jnp.abs(out[0] - actions[0]))) > 0
@@ -281,7 +281,7 @@ def test_non_finite_gradient_falls_back():
             return jnp.sum(jnp.sqrt(jnp.abs(actions)))  # gradient inf at 0
 
     actions = jnp.zeros((3, 2)).at[0, 0].set(1.0)
-    out, info = fc.correct(InfGradient(), None, actions, corrector=fc.GradientStep(0.1))
+    out, info = fc.correct(InfGradient(), None, actions, corrector=fc.GradientStep(0.1), key=KEY)
     assert bool(info.fell_back)
     assert tree_bitwise_equal(out, actions)
 
@@ -347,19 +347,19 @@ def test_shape_mismatches_raise_at_trace_time_naming_the_argument():
             corrector=fc.Mask(fc.GradientStep(), action_dims=jnp.ones(3, bool)),
         )
     with pytest.raises(ValueError, match=r"context.*\(6, 3\).*\(6, 4\)"):
-        fc.correct(energy, target[:, :3], actions)
+        fc.correct(energy, target[:, :3], actions, key=KEY)
     # Rank and dtype: our ValueError in production, the annotation's TypeError first
     # under the test run's jaxtyping checks; both name `actions`.
     with pytest.raises((ValueError, TypeError), match="actions"):
-        fc.correct(energy, target.ravel(), actions.ravel())
+        fc.correct(energy, target.ravel(), actions.ravel(), key=KEY)
     with pytest.raises(ValueError, match=r"leading batch axis of size 2.*\(3, 6, 4\)"):
-        fc.correct(energy, jnp.stack([target] * 3), jnp.stack([actions] * 2))
+        fc.correct(energy, jnp.stack([target] * 3), jnp.stack([actions] * 2), key=KEY)
     with pytest.raises(ValueError, match=r"high.*\(3,\).*\(6, 4\)"):
         fc.correct(energy, target, actions, corrector=fc.ProjectBounds(0.0, jnp.ones(3)))
     with pytest.raises((ValueError, TypeError), match="actions"):
-        fc.correct(energy, target, actions.astype(jnp.int32))
+        fc.correct(energy, target, actions.astype(jnp.int32), key=KEY)
     with pytest.raises(TypeError, match="corrector"):
-        fc.correct(energy, target, actions, corrector=optax.sgd(0.1))
+        fc.correct(energy, target, actions, corrector=optax.sgd(0.1), key=KEY)
 
 
 def test_non_scalar_energy_raises_naming_the_shape():
@@ -368,7 +368,7 @@ def test_non_scalar_energy_raises_naming_the_shape():
 
     target, actions = _chunks((6, 4))
     with pytest.raises(ValueError, match=r"scalar.*\(6,\)"):
-        fc.correct(per_step_energy, target, actions)
+        fc.correct(per_step_energy, target, actions, key=KEY)
 
 
 def test_plain_function_is_an_energy():
@@ -377,5 +377,5 @@ def test_plain_function_is_an_energy():
 
     target, actions = _chunks()
     assert isinstance(energy, fc.EnergyFn)
-    out, info = fc.correct(energy, {"goal": target}, actions)
+    out, info = fc.correct(energy, {"goal": target}, actions, key=KEY)
     assert float(info.energy_after) < float(info.energy_before)

@@ -23,6 +23,8 @@ from flowcorrect.testing import action_chunks, check_corrector
 
 from .helpers import tree_bitwise_equal
 
+KEY = jax.random.key(0)
+
 SHAPES = ((4, 3), (6, 2))
 # FLOWCORRECT_LAW_EXAMPLES lowers the count for quick local runs; CI uses the default.
 LAW = settings(max_examples=int(os.environ.get("FLOWCORRECT_LAW_EXAMPLES", "200")))
@@ -166,7 +168,7 @@ def test_clip_relative_to_initial_bounds_total(name, case, alpha, clip_frac):
     shape, target, actions = case
     make, _ = CORRECTORS[name]
     inner = fc.ClipStep(make(alpha, shape), clip_frac, relative_to="initial")
-    out, _ = fc.correct(ENERGY, target, actions, corrector=fc.Repeat(inner, num_steps=3))
+    out, _ = fc.correct(ENERGY, target, actions, corrector=fc.Repeat(inner, num_steps=3), key=KEY)
     norm = float(jnp.linalg.norm(actions))
     assert float(jnp.linalg.norm(out - actions)) <= 3 * clip_frac * norm * (1 + 1e-5) + 1e-5 * (
         1 + norm
@@ -187,7 +189,7 @@ def test_masked_entries_stay_bit_identical(name, data, alpha):
     hmask, dmask = data.draw(_masks(shape))
     make, _ = CORRECTORS[name]
     inner = fc.Mask(make(alpha, shape), horizon=hmask, action_dims=dmask)
-    out, _ = fc.correct(ENERGY, target, actions, corrector=fc.Repeat(inner, num_steps=3))
+    out, _ = fc.correct(ENERGY, target, actions, corrector=fc.Repeat(inner, num_steps=3), key=KEY)
     frozen = ~(hmask[:, None] & dmask[None, :])
     assert tree_bitwise_equal(out[frozen], actions[frozen])
 
@@ -199,7 +201,7 @@ def test_zero_steps_is_identity(name, case, alpha):
     shape, target, actions = case
     make, _ = CORRECTORS[name]
     corrector = fc.Repeat(make(alpha, shape), num_steps=0)
-    out, info = fc.correct(ENERGY, target, actions, corrector=corrector)
+    out, info = fc.correct(ENERGY, target, actions, corrector=corrector, key=KEY)
     assert tree_bitwise_equal(out, actions)
     assert int(info.num_accepted) == 0
     assert float(info.energy_after) == float(info.energy_before)
@@ -406,12 +408,13 @@ def test_clip_holds_in_float16_where_the_norm_squared_overflows():
     a = a.astype(jnp.float16)
     target = jnp.zeros((50, 32))
     corrector = fc.ClipStep(fc.GradientStep(3.0), 0.2)
-    out, info = fc.correct(_f32_square, target, a, corrector=corrector)
+    out, info = fc.correct(_f32_square, target, a, corrector=corrector, key=KEY)
     moved = np.linalg.norm(np.asarray(out, np.float64) - np.asarray(a, np.float64))
     norm = np.linalg.norm(np.asarray(a, np.float64))
     assert not bool(info.fell_back) and int(info.num_accepted) == 1
     assert 0.19 * norm <= moved <= 0.2 * norm * (1 + 1e-3)
-    out, info = fc.correct(_f32_square, target, a, corrector=fc.reference_recipe(alpha=3.0))
+    recipe = fc.reference_recipe(alpha=3.0)
+    out, info = fc.correct(_f32_square, target, a, corrector=recipe, key=KEY)
     moved = np.linalg.norm(np.asarray(out, np.float64) - np.asarray(a, np.float64))
     assert moved <= (1.2**3 - 1) * norm * (1 + 1e-3)
 
@@ -429,7 +432,7 @@ def test_clip_bound_at_extreme_magnitudes_in_every_dtype(data, dtype_name, clip_
     a = _extreme_chunk(data.draw, dtype_name, shape)
     target = jnp.asarray(data.draw(hnp.arrays(np.float32, shape, elements=st.floats(-1, 1))))
     corrector = fc.ClipStep(fc.GradientStep(3.0), clip_frac, relative_to=relative_to)
-    out, info = fc.correct(_f32_square, target, a, corrector=corrector)
+    out, info = fc.correct(_f32_square, target, a, corrector=corrector, key=KEY)
     assert out.dtype == a.dtype
     a64, out64 = np.asarray(a.astype(jnp.float32), np.float64), np.asarray(
         out.astype(jnp.float32), np.float64
@@ -579,8 +582,8 @@ def test_mask_int_and_boolean_forms_agree_and_combine_both_axes():
         horizon=jnp.arange(6) < 2,
         action_dims=jnp.array([True, True, True, False]),
     )
-    out_count, _ = fc.correct(ENERGY, target, actions, corrector=by_count)
-    out_mask, _ = fc.correct(ENERGY, target, actions, corrector=by_mask)
+    out_count, _ = fc.correct(ENERGY, target, actions, corrector=by_count, key=KEY)
+    out_mask, _ = fc.correct(ENERGY, target, actions, corrector=by_mask, key=KEY)
     assert tree_bitwise_equal(out_count, out_mask)
     changed = np.asarray(out_count != actions)
     assert changed[:2, :3].all() and not changed[2:].any() and not changed[:, 3].any()
@@ -589,14 +592,14 @@ def test_mask_int_and_boolean_forms_agree_and_combine_both_axes():
     explicit = fc.Repeat(
         fc.ClipStep(fc.Mask(fc.GradientStep(0.1), horizon=1, action_dims=3), 0.2), 2
     )
-    out_r, _ = fc.correct(ENERGY, target, actions, corrector=recipe)
-    out_e, _ = fc.correct(ENERGY, target, actions, corrector=explicit)
+    out_r, _ = fc.correct(ENERGY, target, actions, corrector=recipe, key=KEY)
+    out_e, _ = fc.correct(ENERGY, target, actions, corrector=explicit, key=KEY)
     assert tree_bitwise_equal(out_r, out_e)
     assert np.asarray(out_r != actions)[1:].sum() == 0 and np.asarray(out_r != actions)[0, :3].all()
 
 
 def test_mask_count_changes_do_not_recompile():
-    run = jax.jit(lambda c, t, a: fc.correct(ENERGY, t, a, corrector=c)[0])
+    run = jax.jit(lambda c, t, a: fc.correct(ENERGY, t, a, corrector=c, key=KEY)[0])
     run = eqx_assert_max_traces(run)
     target = jax.random.normal(jax.random.key(1), (6, 4))
     actions = jax.random.normal(jax.random.key(2), (6, 4))

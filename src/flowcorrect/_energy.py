@@ -97,7 +97,8 @@ class FnEnergy(AbstractEnergy):
             return self.fn.encode(context)
         return context
 
-    def score(self, encoded: Encoded, actions: Actions) -> Scalar:
+    # Returns whatever `fn` does: `ChunkFn` checks it, with a message that says the fix.
+    def score(self, encoded: Encoded, actions: Actions) -> Any:
         if isinstance(self.fn, SplitEnergyFn):
             return self.fn.score(encoded, actions)
         return self.fn(encoded, actions)
