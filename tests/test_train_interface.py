@@ -290,7 +290,13 @@ def test_broken_latest_checkpoint_is_named_and_fallback_resumes_exactly(
     assert "step 6" in logged and "resuming from step 4" in logged
     # Steps 5 and 6 were trained again from the intact checkpoint at step 4.
     assert bitwise_equal(resumed.model, reference_run.model)
-    assert resumed.history == reference_run.history
+    # The logged metrics are window means of per-step losses: equal up to the float
+    # rounding of that mean (the weights themselves are compared bit for bit above).
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in reference_run.history]
+    for got, want in zip(resumed.history, reference_run.history, strict=True):
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-9), (k, got[k], want[k])
     assert (ckpt / "corrupt" / "6").is_dir()  # moved aside, not deleted
     assert bitwise_equal(resume_fit(resume_data, checkpoint_dir=ckpt).model, resumed.model)
 
