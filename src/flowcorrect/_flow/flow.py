@@ -5,11 +5,11 @@ from typing import TYPE_CHECKING, Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float
 
 from .._correct import CorrectionInfo, correct_single
 from .._correctors.base import AbstractCorrector
-from .._custom_types import Encoded, Key, Scalar
+from .._custom_types import Encoded, Scalar
 from .._energy import AbstractEnergy, ChunkFn
 from .._misc import safe_norm
 from .._policy import AbstractBatchedPolicy, AbstractPolicy, Prefix, check_velocity_output
@@ -202,13 +202,3 @@ def split_keys(keys: BatchKeys, n: int) -> tuple[BatchKeys, ...]:
     """Splits each sample's key in `n`: a tuple of `n` key arrays of shape `(batch,)`."""
     split = jax.vmap(lambda k: jax.random.split(k, n))(keys)
     return tuple(split[:, i] for i in range(n))
-
-
-def step_flags(
-    on: Bool[Array, ""], applied: Bool[Array, " batch"]
-) -> tuple[Int[Array, " batch"], Int[Array, " batch"]]:
-    """Counts for one step: `(applied, skipped)` as int32, per sample."""
-    return applied.astype(jnp.int32), (on & jnp.logical_not(applied)).astype(jnp.int32)
-
-
-__all__ = ["Flow", "Key"]
