@@ -58,7 +58,7 @@ class EnergyModel(AbstractLearnedEnergy):
     positions (and dropout, in training), and attends to the context in one
     cross-attention layer under the padding mask; an MLP-ResNet head gives a per-step
     energy and the energy is its mean over the horizon: that is
-    [`flowcorrect.EnergyModel.score`][], done for every chunk and correction step.
+    `score` (inherited from [`flowcorrect.AbstractLearnedEnergy`][]), done for every chunk and correction step.
 
     It is an [`flowcorrect.AbstractLearnedEnergy`][] (so [`flowcorrect.fit`][],
     [`flowcorrect.evaluate`][] and [`flowcorrect.save_model`][] take it) and an
