@@ -57,8 +57,9 @@ class EnergyModel(AbstractLearnedEnergy):
     once per observation. The action chunk goes through an MLP-ResNet, gets sinusoidal
     positions (and dropout, in training), and attends to the context in one
     cross-attention layer under the padding mask; an MLP-ResNet head gives a per-step
-    energy and the energy is its mean over the horizon: that is
-    `score` (inherited from [`flowcorrect.AbstractLearnedEnergy`][]), done for every chunk and correction step.
+    energy and the energy is its mean over the horizon: that is `score` (inherited
+    from [`flowcorrect.AbstractLearnedEnergy`][]), done for every chunk and correction
+    step.
 
     It is an [`flowcorrect.AbstractLearnedEnergy`][] (so [`flowcorrect.fit`][],
     [`flowcorrect.evaluate`][] and [`flowcorrect.save_model`][] take it) and an
