@@ -19,3 +19,9 @@ def tree_bitwise_equal(x, y) -> bool:
         if a.tobytes() != b.tobytes():
             return False
     return True
+
+
+# `jax.enable_x64` is new; openpi's pinned jax 0.5.3 has it in `jax.experimental`.
+enable_x64 = getattr(jax, "enable_x64", None)
+if enable_x64 is None:
+    from jax.experimental import enable_x64

@@ -40,6 +40,8 @@ from hypothesis import given, settings
 import flowcorrect as fc
 from flowcorrect._correctors.base import nested_correctors
 
+from .helpers import enable_x64
+
 # --- shared machinery -----------------------------------------------------------------
 
 EXAMPLES = int(os.environ.get("FLOWCORRECT_FUZZ_EXAMPLES", "12"))
@@ -391,7 +393,7 @@ def test_fuzz_correctors(max_depth, data):
     dtype_name = data.draw(st.sampled_from(DTYPES), label="dtype")
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
     if dtype_name == "float64":
-        with jax.enable_x64(True):
+        with enable_x64(True):
             # Rebuilt inside x64 mode so that its hyperparameters are float64 too.
             corrector = jax.tree.map(
                 lambda x: jnp.asarray(x, jnp.float64)

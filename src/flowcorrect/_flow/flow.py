@@ -41,7 +41,11 @@ class VmappedPolicy(AbstractBatchedPolicy):
     def convention(self) -> AbstractConvention:  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.policy.convention
 
+    # One observation runs without `vmap`: the compiled program is then the policy's own,
+    # so a plain call reproduces a hand-written loop bit for bit on every jax version.
     def prefix(self, observations: Any) -> Prefix:
+        if self.size == 1 and self.observation_axis is None:
+            return _add_axis(self.policy.prefix(observations))
         return jax.vmap(self.policy.prefix, in_axes=(self.observation_axis,), axis_size=self.size)(
             observations
         )
@@ -53,13 +57,25 @@ class VmappedPolicy(AbstractBatchedPolicy):
         def one(prefix, x, t):
             return check_velocity_output(self.policy.velocity(prefix, x, t), x)
 
+        if x_t.shape[0] == 1:
+            return one(_drop_axis(prefix), x_t[0], t)[None]
         return jax.vmap(one, in_axes=(0, 0, None))(prefix, x_t, t)
 
     def energy_context(self, prefix: Prefix) -> Any:
+        if self.size == 1:
+            return _add_axis(self.policy.energy_context(_drop_axis(prefix)))
         return jax.vmap(self.policy.energy_context, axis_size=self.size)(prefix)
 
     def repeat(self, prefix: Prefix, n: int) -> Prefix:
         return jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), prefix)
+
+
+def _add_axis(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jnp.asarray(a)[None], tree)
+
+
+def _drop_axis(tree: Any) -> Any:
+    return jax.tree.map(lambda a: a[0], tree)
 
 
 def all_finite(x: Array) -> Bool[Array, " batch"]:

@@ -1,5 +1,6 @@
 """Training checkpoints with orbax: save every N steps, keep the last k, resume exactly."""
 
+import json
 import pathlib
 import shutil
 from typing import Any
@@ -56,6 +57,9 @@ class Checkpointer:
     def save(self, step: int, tree: Any, meta: dict[str, Any]) -> None:
         """Starts saving the arrays of `tree` and `meta` (JSON) as checkpoint `step`."""
         ocp = self._ocp
+        # Saving is asynchronous: a copy, so that the caller's later changes (the
+        # history grows at the next step) cannot leak into this checkpoint.
+        meta = json.loads(json.dumps(meta))
         args = ocp.args.Composite(
             **{
                 STATE: ocp.args.StandardSave(_leaf_dict(jax.tree.leaves(tree))),
