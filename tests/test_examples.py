@@ -41,3 +41,45 @@ def test_train_and_correct_prints_table_and_report(capsys):
     energy_before, energy_after = line.split("->")[0].split()[-1], line.split("->")[1].split()[0]
     assert float(energy_after) <= float(energy_before)
     assert "EvalReport(" in out and "top1_accuracy" in out
+
+
+@pytest.mark.slow  # ~10 s: check_corrector compiles a batch, jit and no-jit runs
+def test_custom_energy_corrector_checks_and_corrects(capsys):
+    load("custom_energy_corrector").main(["--batch", "8"])
+    out = capsys.readouterr().out
+    assert "check_energy and check_corrector passed" in out
+    for name in ["reference recipe (K=3)", "heavy ball x10", "heavy ball x10, clipped, monotone"]:
+        line = next(line for line in out.splitlines() if line.startswith(name + "  "))
+        numbers = [float(w) for w in line[len(name):].replace("->", " ").split()]
+        energy_before, energy_after, miss_before, miss_after = numbers
+        assert energy_after < energy_before and miss_after < miss_before
+
+
+def test_custom_heavy_ball_rejects_a_bad_beta():
+    with pytest.raises(ValueError, match=r"beta=.*\[0, 1\), got 1.5"):
+        load("custom_energy_corrector").HeavyBall(beta=1.5)
+
+
+@pytest.mark.slow  # ~8 s: three placements compile
+def test_custom_placement_traces_each_placement():
+    import jax
+    import jax.numpy as jnp
+
+    import flowcorrect as fc
+
+    example = load("custom_placement")
+    example.main(["--batch", "2"])  # asserts Trace(Plain()) equals the plain sampler
+    h, d = example.HORIZON, example.ACTION_DIM
+    # The shapes of main's run (new values, same shapes: nothing recompiles).
+    mean = jnp.linspace(1.0, -1.0, h * d).reshape(h, d)
+    policy = example.LinearPolicy(std=jnp.array(0.2), goal=mean + 1.0)
+    paths = example.traces(policy, jnp.broadcast_to(mean, (2, h, d)), jax.random.key(3),
+                           fc.SquaredDistance(weight=1.0), batch_size=2)  # fmt: skip
+    plain = paths["plain"].path
+    assert plain.shape == (2, 11, h, d)
+    # The denoised placement acts only at its 3 scheduled steps: the path before them
+    # is the plain one, after them it has moved towards the goal.
+    denoised = paths["denoised, last 3 steps"].path
+    assert bool(jnp.all(denoised[:, :8] == plain[:, :8]))
+    assert float((denoised[:, -1] - plain[:, -1]).mean()) > 0.05
+    assert float((paths["guided, every step"].path[:, -1] - plain[:, -1]).mean()) > 0.0
