@@ -63,7 +63,10 @@ def nav_pages():
 
 RUN = [p for p in pages() if p not in NOT_RUN and any(not s for _, s in blocks(p))]
 # Pages whose code takes more than ~10 s on 2 cores, with the reason.
-SLOW = {"guides/training.md": "fit compiles a training step with the gradient penalty"}
+SLOW = {
+    "guides/training.md": "fit compiles a training step with the gradient penalty",
+    "guides/extending.md": "check_energy / check_corrector compile jit, no-jit and batches",
+}
 
 
 @pytest.mark.parametrize(
