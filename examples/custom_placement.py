@@ -79,8 +79,15 @@ def traces(policy, observation, key, energy, batch_size=4, num_steps=10):
     }
     out = {}
     for name, placement in placements.items():
-        _, info = fc.sample(policy, observation, key, batch_size=batch_size,
-                            num_steps=num_steps, placement=Trace(placement), energy=energy)  # fmt: skip
+        _, info = fc.sample(
+            policy,
+            observation,
+            key,
+            batch_size=batch_size,
+            num_steps=num_steps,
+            placement=Trace(placement),
+            energy=energy,
+        )
         out[name] = info.placement.placement
     return out
 

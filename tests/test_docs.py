@@ -150,3 +150,14 @@ def test_figure_script_draws_every_figure_the_docs_show(tmp_path):
     drawn = {p.name for p in tmp_path.iterdir() if p.stat().st_size > 1000}
     assert shown and shown <= drawn, f"shown but not drawn by the script: {shown - drawn}"
     assert drawn <= {p.name for p in (DOCS / "img").iterdir()}, "commit the drawn figures"
+
+
+def test_changelog_names_the_packaged_version():
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version), f"not a semver release: {version}"
+    headings = re.findall(r"^## (\S+)", (ROOT / "CHANGELOG.md").read_text(), flags=re.M)
+    assert headings and headings[0] == version, (
+        f"CHANGELOG.md's newest entry is {headings[:1]}, pyproject.toml says {version}"
+    )

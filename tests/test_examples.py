@@ -50,7 +50,7 @@ def test_custom_energy_corrector_checks_and_corrects(capsys):
     assert "check_energy and check_corrector passed" in out
     for name in ["reference recipe (K=3)", "heavy ball x10", "heavy ball x10, clipped, monotone"]:
         line = next(line for line in out.splitlines() if line.startswith(name + "  "))
-        numbers = [float(w) for w in line[len(name):].replace("->", " ").split()]
+        numbers = [float(w) for w in line[len(name) :].replace("->", " ").split()]
         energy_before, energy_after, miss_before, miss_after = numbers
         assert energy_after < energy_before and miss_after < miss_before
 

@@ -49,6 +49,7 @@ def test_step_energies_means_over_the_batch_with_times():
     fig = plot.step_energies({"guided": guided, "plain": plain}, times=times)
     ax = fig.axes[0]
     (x0, y0), (x1, y1) = line_data(ax.lines[0]), line_data(ax.lines[1])
+    np.testing.assert_allclose(x1, times)
     np.testing.assert_allclose(x0, times)
     np.testing.assert_allclose(y0, guided.mean(axis=0))
     np.testing.assert_allclose(y1, plain)

@@ -45,8 +45,7 @@ def placements_figure(path):
     panels = {
         "Plain: the policy alone": (plain, None),
         "PostHoc: steps on the final chunk": (plain, np.asarray(corrected[:, 0, 0])),
-        "Denoised: shifts at scheduled steps": (
-            trace(fc.Denoised(recipe, fc.LastSteps(3))), None),
+        "Denoised: shifts at scheduled steps": (trace(fc.Denoised(recipe, fc.LastSteps(3))), None),
         "Guided: gradient added to the velocity": (trace(fc.Guided(weight=3.0, cap=None)), None),
         "BestOfN: lowest-energy candidate": (plain, None),
     }
@@ -85,7 +84,8 @@ def alpha_sweep_figure(path):
         g = jax.grad(energy, argnums=1)(target, actions)
         after = jax.vmap(lambda a: energy(target, actions - a * g))(alphas)
         rows.append(after / after[0])
-    fig = plot.alpha_sweep(alphas, jnp.stack(rows), labels=["smooth (weight 1)", "sharp (weight 50)"])
+    labels = ["smooth (weight 1)", "sharp (weight 50)"]
+    fig = plot.alpha_sweep(alphas, jnp.stack(rows), labels=labels)
     ax = fig.axes[0]
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
     ax.set_ylabel("energy after one step / before")

@@ -150,9 +150,7 @@ def step_energies(
             if len(x) != length:
                 raise ValueError(f"`times` has {len(x)} entries for {length} flow steps.")
         elif len(x) != length:
-            raise ValueError(
-                f"every series needs {len(x)} flow steps; {label!r} has {length}."
-            )
+            raise ValueError(f"every series needs {len(x)} flow steps; {label!r} has {length}.")
         (line,) = ax.plot(x, y.mean(axis=0), marker=".", label=label or None)
         if len(y) > 1:
             ax.fill_between(x, y.min(axis=0), y.max(axis=0), color=line.get_color(), alpha=0.2)
