@@ -74,7 +74,7 @@ SLOW = {
 )
 def test_page_code_runs(page, tmp_path, monkeypatch, capsys):
     code = "\n".join(c for c, skipped in blocks(page) if not skipped)
-    if "flowcorrect.plot" in code or "matplotlib" in code:
+    if re.search(r"flowcorrect\.plot|from flowcorrect import plot|matplotlib", code):
         pytest.importorskip("matplotlib", reason="the page plots; needs the `plot` extra")
     monkeypatch.chdir(tmp_path)  # pages may write files (checkpoints, figures)
     namespace = {"__name__": f"docs_{page}"}
