@@ -17,7 +17,6 @@ energy's context, then the K=3 correction).
 """
 
 import argparse
-import contextlib
 import statistics
 import time
 
@@ -28,24 +27,10 @@ import jax.numpy as jnp
 import flowcorrect as fc
 
 
-@contextlib.contextmanager
-def tiny_siglip():
-    import openpi.models.siglip as siglip
-
-    original = siglip.Module
-
-    def module(*args, variant=None, **kwargs):
-        return original(*args, variant="mu/14", **kwargs)
-
-    siglip.Module = module
-    try:
-        yield
-    finally:
-        siglip.Module = original
-
-
 def build(args):
     from openpi.models import pi0_config
+
+    from flowcorrect.openpi import tiny_siglip
 
     if args.checkpoint:
         from openpi.models import model as _model

@@ -12,7 +12,6 @@ paths, a few hundred milliseconds a call. Models and observations are built once
 module, and each test checks several things on them, so that there are few compiles.
 """
 
-import contextlib
 import importlib.util
 
 import equinox as eqx
@@ -57,30 +56,15 @@ def test_missing_openpi_error_says_how_to_install():
         fco.Nope  # noqa: B018
 
 
-@contextlib.contextmanager
-def _tiny_siglip():
-    """Builds Pi0 with SigLIP's `mu/14` variant instead of the hard-coded `So400m/14`."""
-    import openpi.models.siglip as siglip
-
-    original = siglip.Module
-
-    def module(*args, variant=None, **kwargs):
-        return original(*args, variant="mu/14", **kwargs)
-
-    siglip.Module = module
-    try:
-        yield
-    finally:
-        siglip.Module = original
-
-
 def _make_model(pi05: bool, dtype: str):
     from openpi.models import pi0_config
+
+    from flowcorrect.openpi import tiny_siglip
 
     config = pi0_config.Pi0Config(
         paligemma_variant="dummy", action_expert_variant="dummy", pi05=pi05, dtype=dtype
     )
-    with _tiny_siglip():
+    with tiny_siglip():
         model = config.create(jax.random.key(0))
     return config, model
 
@@ -139,7 +123,8 @@ def _plain(policy, observation, noise):
 
 
 def _energy():
-    config = fc.EnergyModelConfig(context_dim=64, action_dim=32, hidden=32, num_heads=2)
+    """A learned energy of LIBERO's 7 action dims (openpi pads them to 32)."""
+    config = fc.EnergyModelConfig(context_dim=64, action_dim=7, hidden=32, num_heads=2)
     return eqx.nn.inference_mode(fc.EnergyModel(config, key=jax.random.key(5)))
 
 
@@ -183,13 +168,13 @@ def test_every_placement_runs_the_prefix_once(setup, monkeypatch):
         return original(self, obs)
 
     monkeypatch.setattr(_pi0.Pi0, "embed_prefix", counted)
-    energy = _energy()
+    energy = _energy()   # scores (horizon, 7) chunks only
+    energy7 = fc.OnActionDims(energy, 7)
     n = 3
     many_noise = jax.random.normal(jax.random.key(4), (BATCH, n, *policy.chunk_shape))
     placements = {
         "post-hoc": (None, noise),  # through the reference's user API
-        "denoised": (fc.Denoised(fc.reference_recipe(action_dims=7),
-                                 schedule=fc.LastSteps(3)), noise),
+        "denoised": (fc.Denoised(fc.reference_recipe(), schedule=fc.LastSteps(3)), noise),
         "guided": (fc.Guided(schedule=fc.LastSteps(3), weight=1.0), noise),
         "best-of-3": (fc.BestOfN(n), many_noise),
     }
@@ -207,7 +192,7 @@ def test_every_placement_runs_the_prefix_once(setup, monkeypatch):
             )
         else:
             actions, info = fc.sample(policy, observation, None, noise=start,
-                                      num_steps=NUM_STEPS, placement=placement, energy=energy)
+                                      num_steps=NUM_STEPS, placement=placement, energy=energy7)
         jax.block_until_ready(actions)
         assert len(calls) == 1, name
         assert actions.shape == (BATCH, *policy.chunk_shape), name

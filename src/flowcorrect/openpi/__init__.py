@@ -17,12 +17,13 @@ with a clear error if openpi is missing.
 import importlib
 from typing import Any
 
-__all__ = ["Pi0Policy", "Pi0Prefix", "sample_actions_with_energy_correction"]
+__all__ = ["Pi0Policy", "Pi0Prefix", "sample_actions_with_energy_correction", "tiny_siglip"]
 
 _LAZY = {
     "Pi0Policy": "._pi0",
     "Pi0Prefix": "._pi0",
     "sample_actions_with_energy_correction": "._reference_api",
+    "tiny_siglip": "._testing",
 }
 
 
