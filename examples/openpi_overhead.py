@@ -4,7 +4,8 @@ Needs openpi in the environment (see docs/openpi.md). Without `--checkpoint` it 
 a test-size model (`dummy` Gemma variants, SigLIP's `mu/14` swapped in for openpi's
 `So400m/14`) with random weights and a random energy model: the numbers then measure
 the machinery, not a real policy. Every row runs in this process, on the same inputs,
-after a warm-up call, and reports the median of `--repeats` calls:
+after a warm-up call, and reports the median of `--repeats` calls (the rows take
+turns):
 
     python examples/openpi_overhead.py                  # test-size Pi0, CPU
     python examples/openpi_overhead.py --pi05 --batch 4
@@ -12,12 +13,11 @@ after a warm-up call, and reports the median of `--repeats` calls:
 
 Rows: openpi's `sample_actions` (jitted as openpi's `Policy` does); `fc.sample` with
 no correction; post-hoc K=3 (the reference recipe); guided over the last 3 steps;
-best-of-8; and the reference's "method B" (sample, then a second prefix pass for the
-energy's context, then the K=3 correction).
+denoised over the last 3 steps; best-of-8; and the reference's "method B" (sample,
+then a second prefix pass for the energy's context, then the K=3 correction).
 """
 
 import argparse
-import contextlib
 import statistics
 import time
 
@@ -28,24 +28,10 @@ import jax.numpy as jnp
 import flowcorrect as fc
 
 
-@contextlib.contextmanager
-def tiny_siglip():
-    import openpi.models.siglip as siglip
-
-    original = siglip.Module
-
-    def module(*args, variant=None, **kwargs):
-        return original(*args, variant="mu/14", **kwargs)
-
-    siglip.Module = module
-    try:
-        yield
-    finally:
-        siglip.Module = original
-
-
 def build(args):
     from openpi.models import pi0_config
+
+    from flowcorrect.openpi import tiny_siglip
 
     if args.checkpoint:
         from openpi.models import model as _model
@@ -77,14 +63,18 @@ def build(args):
     return config, model, energy, observation
 
 
-def timed(fn, repeats):
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
+def timed(rows, repeats):
+    """Median seconds per row; the rows take turns, so that a load that comes and goes
+    on a shared machine falls on every row alike."""
+    for fn in rows.values():
+        jax.block_until_ready(fn())  # compile and warm up
+    times = {name: [] for name in rows}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in rows.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None):
@@ -129,16 +119,18 @@ def main(argv=None):
         "guided, last 3 steps": lambda: fc.sample(
             policy, observation, key, noise=noise, energy=energy,
             placement=fc.Guided(schedule=fc.LastSteps(3)))[0],
+        "denoised, last 3 steps": lambda: fc.sample(
+            policy, observation, key, noise=noise, energy=energy,
+            placement=fc.Denoised(recipe, schedule=fc.LastSteps(3)))[0],
         "best of 8": lambda: fc.sample(policy, observation, key, noise=noise8, energy=energy,
                                        placement=fc.BestOfN(8))[0],
         "method B (second prefix pass)": method_b,
     }
-    base = None
+    medians = timed(rows, args.repeats)
+    base = medians["openpi sample_actions"]
     print(f"{'row':32s} {'ms':>9s} {'x plain':>8s}   "
           f"({jax.devices()[0].platform}, batch {args.batch}, {args.dtype})")
-    for name, fn in rows.items():
-        seconds = timed(fn, args.repeats)
-        base = base or seconds
+    for name, seconds in medians.items():
         print(f"{name:32s} {1e3 * seconds:9.1f} {seconds / base:8.2f}")
 
 

@@ -12,7 +12,6 @@ paths, a few hundred milliseconds a call. Models and observations are built once
 module, and each test checks several things on them, so that there are few compiles.
 """
 
-import contextlib
 import importlib.util
 
 import equinox as eqx
@@ -22,6 +21,8 @@ import numpy as np
 import pytest
 
 import flowcorrect as fc
+
+from .helpers import tree_bitwise_equal
 
 HAS_OPENPI = importlib.util.find_spec("openpi") is not None
 needs_openpi = pytest.mark.skipif(
@@ -57,30 +58,15 @@ def test_missing_openpi_error_says_how_to_install():
         fco.Nope  # noqa: B018
 
 
-@contextlib.contextmanager
-def _tiny_siglip():
-    """Builds Pi0 with SigLIP's `mu/14` variant instead of the hard-coded `So400m/14`."""
-    import openpi.models.siglip as siglip
-
-    original = siglip.Module
-
-    def module(*args, variant=None, **kwargs):
-        return original(*args, variant="mu/14", **kwargs)
-
-    siglip.Module = module
-    try:
-        yield
-    finally:
-        siglip.Module = original
-
-
 def _make_model(pi05: bool, dtype: str):
     from openpi.models import pi0_config
+
+    from flowcorrect.openpi import tiny_siglip
 
     config = pi0_config.Pi0Config(
         paligemma_variant="dummy", action_expert_variant="dummy", pi05=pi05, dtype=dtype
     )
-    with _tiny_siglip():
+    with tiny_siglip():
         model = config.create(jax.random.key(0))
     return config, model
 
@@ -139,7 +125,8 @@ def _plain(policy, observation, noise):
 
 
 def _energy():
-    config = fc.EnergyModelConfig(context_dim=64, action_dim=32, hidden=32, num_heads=2)
+    """A learned energy of LIBERO's 7 action dims (openpi pads them to 32)."""
+    config = fc.EnergyModelConfig(context_dim=64, action_dim=7, hidden=32, num_heads=2)
     return eqx.nn.inference_mode(fc.EnergyModel(config, key=jax.random.key(5)))
 
 
@@ -183,13 +170,13 @@ def test_every_placement_runs_the_prefix_once(setup, monkeypatch):
         return original(self, obs)
 
     monkeypatch.setattr(_pi0.Pi0, "embed_prefix", counted)
-    energy = _energy()
+    energy = _energy()   # scores (horizon, 7) chunks only
+    energy7 = fc.OnActionDims(energy, 7)
     n = 3
     many_noise = jax.random.normal(jax.random.key(4), (BATCH, n, *policy.chunk_shape))
     placements = {
         "post-hoc": (None, noise),  # through the reference's user API
-        "denoised": (fc.Denoised(fc.reference_recipe(action_dims=7),
-                                 schedule=fc.LastSteps(3)), noise),
+        "denoised": (fc.Denoised(fc.reference_recipe(), schedule=fc.LastSteps(3)), noise),
         "guided": (fc.Guided(schedule=fc.LastSteps(3), weight=1.0), noise),
         "best-of-3": (fc.BestOfN(n), many_noise),
     }
@@ -207,7 +194,7 @@ def test_every_placement_runs_the_prefix_once(setup, monkeypatch):
             )
         else:
             actions, info = fc.sample(policy, observation, None, noise=start,
-                                      num_steps=NUM_STEPS, placement=placement, energy=energy)
+                                      num_steps=NUM_STEPS, placement=placement, energy=energy7)
         jax.block_until_ready(actions)
         assert len(calls) == 1, name
         assert actions.shape == (BATCH, *policy.chunk_shape), name
@@ -278,3 +265,237 @@ def test_bad_inputs(setup):
     with pytest.raises(ValueError, match="`energy_correction_steps` must be an int >= 0"):
         sample_actions_with_energy_correction(policy, None, None, observation,
                                               energy_correction_steps=-1)
+
+
+# -- serving: openpi's own Policy, websocket server and client --
+
+
+def _obs_dict(config, key):
+    """One observation as openpi's Policy receives it after its input transforms (no
+    batch axis): what `Observation.from_dict` reads."""
+    spec, _ = config.inputs_spec(batch_size=1)
+    keys = iter(jax.random.split(key, 8))
+    length = spec.tokenized_prompt.shape[1]
+    return {
+        "image": {
+            name: np.asarray(jax.random.uniform(next(keys), s.shape[1:], minval=-1, maxval=1))
+            for name, s in spec.images.items()
+        },
+        "image_mask": {name: np.asarray(name != "right_wrist_0_rgb") for name in spec.images},
+        "state": np.asarray(jax.random.normal(next(keys), spec.state.shape[1:])),
+        "tokenized_prompt": np.asarray(jax.random.randint(next(keys), (length,), 1, 1000)),
+        "tokenized_prompt_mask": np.arange(length) < 9,
+    }
+
+
+@pytest.fixture(scope="module")
+def serving(_openpi_rank_promotion):
+    if not HAS_OPENPI:
+        pytest.skip("openpi is not installed (it is not on PyPI); see docs/openpi.md")
+    from openpi.policies import policy as _policy
+
+    config, model = _make_model(False, "float32")
+    obs = _obs_dict(config, jax.random.key(11))
+    plain = _policy.Policy(model)  # openpi's, as create_trained_policy builds it
+    first = plain.infer(obs)["actions"]
+    return config, model, obs, plain, first
+
+
+@needs_openpi
+def test_openpi_policy_with_correction_per_request(serving, monkeypatch):
+    from flowcorrect.openpi import CorrectedPolicy, _serving
+
+    config, model, obs, plain, first = serving
+    traces = []
+    original = _serving.sample
+
+    def counted(*args, **kwargs):
+        traces.append(type(kwargs["placement"]).__name__)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_serving, "sample", counted)
+    policy = CorrectedPolicy.from_policy(plain, _energy(), action_dims=7)
+    out = policy.infer(obs)
+    # Off: openpi's own actions for the same rng, bit for bit.
+    assert out["flowcorrect"] == {"placement": "off"}
+    assert tree_bitwise_equal(out["actions"], first)
+    assert policy.metadata["flowcorrect"]["action_dims"] == 7
+
+    noise = np.asarray(jax.random.normal(jax.random.key(12), policy_chunk(config)))
+    off = policy.infer({**obs, "flowcorrect": {"placement": "off"}}, noise=noise)["actions"]
+    posthoc = {"placement": "post_hoc", "steps": 3, "alpha": 0.1, "clip_frac": 0.2}
+    a = policy.infer({**obs, "flowcorrect": posthoc}, noise=noise)
+    assert a["flowcorrect"] == {"placement": "PostHoc"}
+    a = a["actions"]
+    # Only LIBERO's 7 dims move; the energy (action_dim=7) would raise on 32.
+    assert tree_bitwise_equal(a[:, 7:], off[:, 7:])
+    assert float(np.abs(a[:, :7] - off[:, :7]).max()) > 0
+    # New numbers per request: a different result, no new trace.
+    count = len(traces)
+    b = policy.infer({**obs, "flowcorrect": {**posthoc, "alpha": 0.02, "clip_frac": 0.05}},
+                     noise=noise)["actions"]
+    assert len(traces) == count
+    assert 0 < float(np.abs(b[:, :7] - off[:, :7]).max()) < float(
+        np.abs(a[:, :7] - off[:, :7]).max())
+    best = policy.infer({**obs, "flowcorrect": {"placement": "best_of_n", "n": 3}})
+    assert best["actions"].shape == policy_chunk(config)
+    assert bool(np.all(np.isfinite(best["actions"])))
+    # One trace per signature: off without noise, off with noise (a new argument),
+    # post-hoc (twice called, once traced), best-of-3.
+    assert traces == ["NoneType", "NoneType", "PostHoc", "BestOfN"]
+
+    with pytest.raises(ValueError, match=r"Unknown correction options.*\['alpah'\]"):
+        policy.infer({**obs, "flowcorrect": {"placement": "post_hoc", "alpah": 0.1}})
+    with pytest.raises(ValueError, match="one of \\['off'"):
+        policy.infer({**obs, "flowcorrect": {"placement": "sideways"}})
+    with pytest.raises(ValueError, match="'n' must be an int >= 0"):
+        policy.infer({**obs, "flowcorrect": {"placement": "best_of_n", "n": 2.5}})
+    no_energy = CorrectedPolicy(model)
+    with pytest.raises(ValueError, match="has no energy"):
+        no_energy.infer({**obs, "flowcorrect": {"placement": "guided"}})
+    with pytest.raises(ValueError, match="in `sample_kwargs`"):
+        no_energy._model.sample_actions(jax.random.key(0), None, num_steps=10)
+    with pytest.raises(TypeError, match="must be an openpi `Policy`"):
+        CorrectedPolicy.from_policy(object())
+
+
+def policy_chunk(config):
+    return (config.action_horizon, config.action_dim)
+
+
+@needs_openpi
+def test_websocket_server_and_client_in_process(serving):
+    pytest.importorskip(
+        "websockets", reason="openpi's websocket server and openpi-client need `websockets`, "
+        "which this environment lacks (pip install websockets)"
+    )
+    import asyncio
+    import socket
+    import threading
+
+    from openpi.serving.websocket_policy_server import WebsocketPolicyServer
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    from flowcorrect.openpi import CorrectedPolicy
+
+    config, model, obs, plain, first = serving
+    policy = CorrectedPolicy.from_policy(plain, _energy(), action_dims=7)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = WebsocketPolicyServer(policy, host="127.0.0.1", port=port,
+                                   metadata=policy.metadata)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=lambda: _run_until_cancelled(loop, server.run()),
+                              daemon=True)
+    thread.start()
+    client = WebsocketClientPolicy("127.0.0.1", port)  # retries until the server is up
+    try:
+        assert client.get_server_metadata()["flowcorrect"]["action_dims"] == 7
+        out = client.infer(obs)  # the server's first call: openpi's actions, same rng
+        assert out["flowcorrect"] == {"placement": "off"}
+        np.testing.assert_array_equal(out["actions"], first)
+        out = client.infer({**obs, "flowcorrect": {"placement": "guided", "last": 2,
+                                                   "weight": 1.0}})
+        assert out["flowcorrect"] == {"placement": "Guided"}
+        assert out["actions"].shape == policy_chunk(config)
+        assert bool(np.all(np.isfinite(out["actions"])))
+    finally:
+        client._ws.close()
+        loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
+        thread.join(30)
+        loop.close()
+
+
+def _run_until_cancelled(loop, coroutine):
+    import asyncio
+
+    asyncio.set_event_loop(loop)
+    # jax's config is per thread: openpi's Gemma needs implicit rank promotion here too.
+    with jax.numpy_rank_promotion("allow"):
+        try:
+            loop.run_until_complete(coroutine)
+        except asyncio.CancelledError:
+            pass
+
+
+# -- energy-training data from openpi's batches --
+
+
+def _fake_batches(config, num):
+    """Batches in the format of openpi's data loader on its fake data (`repo_id="fake"`):
+    (Observation, actions) with every array drawn per `inputs_spec`, plus real padding
+    (an absent image, prompts of different lengths)."""
+    out = []
+    for i in range(num):
+        observation = _observation(config, jax.random.key(20 + i))
+        actions = jax.random.uniform(jax.random.key(30 + i), (BATCH, config.action_horizon,
+                                                              config.action_dim), minval=-1)
+        out.append((observation, actions))
+    return out
+
+
+@needs_openpi
+def test_energy_batches_from_openpi_data(serving, monkeypatch):
+    from openpi.models import pi0 as _pi0
+
+    from flowcorrect.openpi import Pi0Policy, energy_batches
+
+    config, model, obs, plain, first = serving
+    policy = Pi0Policy(model)
+    data = _fake_batches(config, 3)
+    calls = []
+    original = _pi0.Pi0.embed_prefix
+
+    def counted(self, o):
+        jax.debug.callback(lambda: calls.append(1))
+        return original(self, o)
+
+    monkeypatch.setattr(_pi0.Pi0, "embed_prefix", counted)
+    batches = list(energy_batches(policy, data, action_dims=7))
+    jax.block_until_ready(batches[-1].context.tokens)
+    assert len(calls) == 3  # one prefix pass per batch
+    for batch, (observation, actions) in zip(batches, data, strict=True):
+        assert isinstance(batch, fc.Batch)
+        np.testing.assert_array_equal(batch.actions, actions[..., :7])
+        expected = policy.energy_context(eqx.filter_jit(type(policy).prefix)(policy, observation))
+        np.testing.assert_array_equal(batch.context.mask, expected.mask)
+        np.testing.assert_allclose(batch.context.tokens, expected.tokens, rtol=1e-5, atol=1e-5)
+        assert batch.context.tokens.dtype == jnp.float32
+    # Pooled: the mean over real tokens only.
+    (pooled,) = list(energy_batches(model, data[:1], pool=True, keep_observation=True))
+    tokens, mask = batches[0].context.tokens, np.asarray(batches[0].context.mask)
+    manual = (np.asarray(tokens) * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    np.testing.assert_allclose(pooled.context, manual, rtol=1e-5, atol=1e-5)
+    assert pooled.actions.shape == (BATCH, config.action_horizon, config.action_dim)
+    assert pooled.observation is data[0][0]
+
+    # Into the trainer: a learned energy of the 7 dims over prefix_out.
+    energy = fc.EnergyModel(fc.EnergyModelConfig(context_dim=64, action_dim=7, hidden=32,
+                                                 num_heads=2), key=jax.random.key(6))
+    result = fc.fit(energy, batches, key=jax.random.key(7), progress=False,
+                    config=fc.TrainConfig(num_steps=3, warmup_steps=1, log_every=1))
+    assert all(np.isfinite(h["loss"]) for h in result.history)
+
+    with pytest.raises(ValueError, match=r"actions must be \(batch, action_horizon"):
+        list(energy_batches(policy, [(data[0][0], data[0][1][:, :10])]))
+    with pytest.raises(TypeError, match=r"pair \(observation, actions\)"):
+        list(energy_batches(policy, [data[0][0]]))
+    with pytest.raises(ValueError, match="`action_dims` must be an int from 1"):
+        energy_batches(policy, data, action_dims=40)
+
+
+@needs_openpi
+def test_energy_batches_from_openpis_own_fake_loader(serving):
+    pytest.importorskip("lerobot", reason="openpi's data_loader module imports lerobot at "
+                        "top level, which this environment lacks")
+    from openpi.training import config as _config, data_loader as _data_loader
+
+    from flowcorrect.openpi import energy_batches
+
+    config, model, obs, plain, first = serving
+    train_config = _config.get_config("debug")  # fake data, dummy Pi0, batch 2
+    loader = _data_loader.create_data_loader(train_config, skip_norm_stats=True, num_batches=2)
+    batches = list(energy_batches(model, loader, action_dims=7))
+    assert len(batches) == 2
+    assert batches[0].actions.shape == (train_config.batch_size, config.action_horizon, 7)

@@ -24,6 +24,7 @@ from ._energy import (
     BoundsPenalty as BoundsPenalty,
     EnergyFn as EnergyFn,
     FnEnergy as FnEnergy,
+    OnActionDims as OnActionDims,
     SplitEnergyFn as SplitEnergyFn,
     SquaredDistance as SquaredDistance,
     SumEnergy as SumEnergy,

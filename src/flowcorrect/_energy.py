@@ -180,6 +180,122 @@ def bind(energy: EnergyFn, context: Context) -> BoundEnergy:
     return BoundEnergy(energy, energy.encode(context))
 
 
+class OnActionDims(AbstractEnergy):
+    """An energy of some action dimensions only: the inner energy receives just those.
+
+    openpi pads every robot's actions to 32 dimensions while a LIBERO arm uses the
+    first 7; an energy trained on 7 dimensions scores `actions[:, :7]`:
+    `fc.OnActionDims(energy, 7)`. The inner energy is called on a chunk of shape
+    `(horizon, k)` and never sees the other dimensions, so its gradient with respect
+    to them is exactly zero: gradient correctors ([`flowcorrect.GradientStep`][],
+    [`flowcorrect.ClipStep`][], [`flowcorrect.Repeat`][], [`flowcorrect.Backtrack`][],
+    [`flowcorrect.reference_recipe`][]) and the [`flowcorrect.Denoised`][] placement
+    leave those dimensions bit for bit as they were, and [`flowcorrect.BestOfN`][]
+    ranks candidates by the selected dimensions alone. (One exception: XLA on CPU
+    flushes subnormal numbers, below `1.2e-38` in float32, to zero in arithmetic such
+    as `a - alpha * 0.0`; a [`flowcorrect.Mask`][] keeps even those bit for bit.)
+
+    Two things move the other dimensions anyway, by design, and take a mask:
+    noise ([`flowcorrect.LangevinStep`][]) and projections
+    ([`flowcorrect.ProjectBounds`][]) act on every entry, so wrap them in
+    `fc.Mask(corrector, action_dims=k)`; and [`flowcorrect.Guided`][] pulls the
+    gradient back through the policy's velocity, which couples all dimensions, so
+    guidance changes the velocity of every dimension (the gradient of
+    `E(a_hat[:, :k])` with respect to the whole `x_t`).
+
+    **Arguments:**
+
+    - `energy`: any [`flowcorrect.EnergyFn`][] over chunks of shape `(horizon, k)`.
+    - `action_dims`: an int `k` (the first `k` dimensions), or a sequence of distinct
+        non-negative dimension indices in increasing order (the chunk the energy
+        receives keeps that order). Static: a new value compiles anew, as the shape
+        the energy receives changes.
+
+    !!! example
+
+        ```python
+        energy7 = fc.OnActionDims(energy, 7)          # energy: trained on (50, 7) chunks
+        actions, info = fc.sample(policy, obs, key, energy=energy7,
+                                  placement=fc.PostHoc(fc.reference_recipe()))
+        ```
+    """
+
+    energy: AbstractEnergy
+    action_dims: int | tuple[int, ...] = eqx.field(static=True)
+
+    def __init__(self, energy: Any, action_dims: Any):
+        self.energy = as_energy(energy)
+        if isinstance(action_dims, int | np.integer) and not isinstance(action_dims, bool):
+            self.action_dims = int(action_dims)
+        elif isinstance(action_dims, Sequence | np.ndarray) and not isinstance(
+            action_dims, str
+        ):
+            self.action_dims = tuple(
+                int(d) if isinstance(d, int | np.integer) and not isinstance(d, bool) else d
+                for d in np.asarray(action_dims).tolist()
+            )
+        else:
+            self.action_dims = action_dims
+
+    def __check_init__(self):
+        dims = self.action_dims
+        if isinstance(dims, int) and not isinstance(dims, bool):
+            if dims < 1:
+                raise ValueError(
+                    f"OnActionDims `action_dims` must be >= 1 (the first k dimensions, "
+                    f"e.g. 7 for LIBERO in openpi's 32); got {dims}."
+                )
+            return
+        if not isinstance(dims, tuple) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in dims
+        ):
+            raise TypeError(
+                "OnActionDims `action_dims` must be an int k (the first k dimensions) or a "
+                f"sequence of int dimension indices; got {dims!r}. A boolean mask m is "
+                "np.flatnonzero(m)."
+            )
+        if len(dims) == 0:
+            raise ValueError(
+                "OnActionDims `action_dims` is empty; give at least one dimension index."
+            )
+        if min(dims) < 0 or any(b <= a for a, b in zip(dims, dims[1:])):
+            raise ValueError(
+                "OnActionDims `action_dims` must be distinct non-negative indices in "
+                f"increasing order; got {list(dims)}. Sort them (sorted(set(dims)))."
+            )
+
+    def _select(self, actions: Actions) -> Float[Array, "horizon selected"]:
+        if not hasattr(actions, "ndim") or actions.ndim != 2:
+            raise ValueError(
+                "OnActionDims scores one action chunk of shape (horizon, action_dim); got "
+                f"{shape_str(actions)}. Call it per sample (vmap for batches)."
+            )
+        action_dim = actions.shape[1]
+        dims = self.action_dims
+        if isinstance(dims, int):
+            if dims > action_dim:
+                raise ValueError(
+                    f"OnActionDims selects the first {dims} action dimensions, but the "
+                    f"chunk has only {action_dim} (shape {shape_str(actions)}). Use "
+                    f"action_dims <= {action_dim}."
+                )
+            return actions[:, :dims]
+        if dims[-1] >= action_dim:
+            raise ValueError(
+                f"OnActionDims selects action dimension {dims[-1]}, but the chunk has only "
+                f"{action_dim} (shape {shape_str(actions)}); indices must be < {action_dim}."
+            )
+        return actions[:, np.asarray(dims)]
+
+    def encode(self, context: Context) -> Encoded:
+        return self.energy.encode(context)
+
+    # Returns what the inner energy does: `ChunkFn` checks it, with a message that says
+    # the fix.
+    def score(self, encoded: Encoded, actions: Actions) -> Any:
+        return self.energy.score(encoded, self._select(actions))
+
+
 class ChunkFn(eqx.Module):
     """An energy at one encoded context, as a function of the chunk alone.
 

@@ -17,12 +17,26 @@ with a clear error if openpi is missing.
 import importlib
 from typing import Any
 
-__all__ = ["Pi0Policy", "Pi0Prefix", "sample_actions_with_energy_correction"]
+__all__ = [
+    "CorrectedPi0",
+    "CorrectedPolicy",
+    "Pi0Policy",
+    "Pi0Prefix",
+    "energy_batches",
+    "placement_from_options",
+    "sample_actions_with_energy_correction",
+    "tiny_siglip",
+]
 
 _LAZY = {
+    "CorrectedPi0": "._serving",
+    "energy_batches": "._data",
+    "CorrectedPolicy": "._serving",
+    "placement_from_options": "._serving",
     "Pi0Policy": "._pi0",
     "Pi0Prefix": "._pi0",
     "sample_actions_with_energy_correction": "._reference_api",
+    "tiny_siglip": "._testing",
 }
 
 

@@ -3,6 +3,7 @@
 from typing import Any
 
 from .._correctors.recipes import reference_recipe
+from .._energy import OnActionDims
 from .._flow.placements import AbstractPlacement, PostHoc
 from .._flow.sample import sample
 from ._pi0 import Pi0Policy, _pi0
@@ -49,7 +50,12 @@ def sample_actions_with_energy_correction(
     - `energy_correction_steps`: K (0 = no correction: exactly `sample_actions`).
     - `energy_alpha`, `energy_clip_frac`, `correct_first_only`: the reference's step
         size, clip (fraction of the chunk's norm) and first-action-only switch.
-    - `action_dims`: correct only the first `action_dims` dims (7 for LIBERO).
+    - `action_dims`: the energy sees, and the correction changes, only the first
+        `action_dims` dims of openpi's padded 32 (7 for LIBERO): the energy is wrapped
+        in [`flowcorrect.OnActionDims`][] (so it takes chunks of shape
+        `(action_horizon, action_dims)`, in the model's normalised action space) and
+        the post-hoc recipe is masked to those dims. With `placement`, the energy is
+        wrapped likewise.
     - `placement`: instead of the post-hoc recipe, any placement, e.g.
         `fc.BestOfN(8)`, `fc.Guided(schedule=fc.LastSteps(3))`,
         `fc.Denoised(corrector, schedule=fc.LastSteps(3))`; the four arguments above
@@ -76,6 +82,8 @@ def sample_actions_with_energy_correction(
             "`energy_correction_steps` must be an int >= 0 (0 = off, 1-3 real-time, 5-10 "
             f"stronger); got {energy_correction_steps!r}."
         )
+    if action_dims is not None and energy is not None:
+        energy = OnActionDims(energy, action_dims)
     if placement is None and energy_correction_steps > 0:
         placement = PostHoc(
             reference_recipe(
