@@ -4,6 +4,7 @@ its compiled functions take weights and hyperparameters as arguments.
 Timings are never asserted on here; they belong to the benchmark's own output.
 """
 
+import importlib.util
 import json
 import math
 
@@ -11,7 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
-from benchmarks import harness, overhead
+from benchmarks import harness, openpi_pi0, overhead
 
 import flowcorrect as fc
 
@@ -19,27 +20,42 @@ import flowcorrect as fc
 NEW_API = hasattr(fc, "bind")
 needs_new_api = pytest.mark.skipif(not NEW_API, reason="fc.sample's policy API not merged yet")
 
-TINY = ["--preset", "tiny", "--repeats", "2", "--warmup", "1"]
+HAS_OPENPI = importlib.util.find_spec("openpi") is not None
+
+# The shaped policy only: openpi's rows have tests of their own below.
+TINY = ["--preset", "tiny", "--repeats", "2", "--warmup", "1", "--policies", "shaped"]
+NO_FLOPS = {"openpi_sample_actions"}  # openpi's while_loop: trip count unknown to a jaxpr
 
 
-def _check(result, names, batch_sizes):
-    assert [run["batch_size"] for run in result["runs"]] == batch_sizes
-    for run in result["runs"]:
+def _check(result, names, batch_sizes, policies=("shaped",)):
+    runs = result["runs"]
+    assert [(run["policy"], run["batch_size"]) for run in runs] == [
+        (p, b) for p in policies for b in batch_sizes
+    ]
+    for run in runs:
         rows = run["rows"]
         assert [r["row"] for r in rows] == names
         for r in rows:
             assert len(r["times_ms"]) == 2
-            for field in ("median_ms", "min_ms", "ratio", "compile_s", "matmul_flops"):
+            fields = ["median_ms", "min_ms", "ratio", "compile_s"]
+            if r["row"] not in NO_FLOPS:
+                fields.append("matmul_flops")
+            for field in fields:
                 assert math.isfinite(r[field]) and r[field] > 0, (r["row"], field, r[field])
+            assert r["min_ms"] <= r["median_ms"]
         base = rows[0]
         assert base["ratio"] == pytest.approx(1.0) and base["added_ms"] is None
         for r in rows[1:]:
-            assert math.isfinite(r["added_ms"]) and math.isfinite(r["added_flops_ratio"])
+            assert math.isfinite(r["added_ms"])
+            assert (r["added_flops_ratio"] is None) == (r["row"] in NO_FLOPS), r["row"]
     env, settings = result["environment"], result["settings"]
     for key in ("device", "platform", "jax", "equinox", "machine"):
         assert env[key]
-    assert settings["policy_parameters"] > 0 and settings["energy_parameters"] > 0
-    assert settings["policy_config"]["horizon"] == 50
+    assert sorted(settings["policies"]) == sorted(policies)
+    for policy in settings["policies"].values():
+        assert policy["policy_parameters"] > 0 and policy["energy_parameters"] > 0
+    if "shaped" in policies:
+        assert settings["policies"]["shaped"]["policy_config"]["horizon"] == 50
 
 
 def test_harness_and_reference_rows(tmp_path, capsys):
@@ -61,12 +77,14 @@ def test_harness_and_reference_rows(tmp_path, capsys):
 @needs_new_api
 def test_every_row(tmp_path):
     out = tmp_path / "r.json"
-    result = overhead.main([*TINY, "--steps", "0", "1", "--best-of", "2",
+    result = overhead.main([*TINY, "--full", "--steps", "0", "1", "--best-of", "2",
                             "--batch-size", "1", "--out", str(out)])  # fmt: skip
     names = ["plain", "handwritten", "posthoc_k0", "posthoc_k1", "denoised_last3",
              "guided_last3", "denoised_all", "guided_all", "best_of_2", "reference_k1"]  # fmt: skip
-    assert sorted(json.loads(out.read_text())["settings"]["rows"]) == sorted(names)
-    _check(result, result["settings"]["rows"], [1])
+    # The settings list openpi's row too; the shaped policy has no such row.
+    rows = json.loads(out.read_text())["settings"]["rows"]
+    assert sorted(rows) == sorted([*names, "openpi_sample_actions"])
+    _check(result, [r for r in rows if r != "openpi_sample_actions"], [1])
     rows = {r["row"]: r for r in result["runs"][0]["rows"]}
     assert rows["posthoc_k1"]["vs_reference"] is not None
     assert rows["posthoc_k0"]["added_flops_ratio"] < rows["posthoc_k1"]["added_flops_ratio"]
@@ -129,17 +147,64 @@ def test_round_robin_times_every_call():
     assert harness.summarise(times["a"])["median_ms"] > 0
 
 
-def test_row_names_and_defaults():
+def test_quick_set_is_the_default():
     args = overhead.parse_args([])
-    assert args.preset == "cpu" and args.batch_size == [1, 8] and args.repeats >= 20
+    assert args.preset == "cpu" and args.batch_size == [1] and args.repeats >= 20
+    assert args.warmup >= 1 and args.policies == ["shaped", "openpi"]
+    assert args.rows == ["plain", "handwritten", "openpi_sample_actions", "posthoc_k1",
+                         "posthoc_k3", "guided_last3", "denoised_all", "best_of_8",
+                         "reference_k1", "reference_k3"]  # fmt: skip
+
+
+def test_full_grid_behind_a_flag():
+    args = overhead.parse_args(["--full"])
+    assert args.batch_size == [1, 8] and args.repeats >= 20
     assert args.steps == [0, 1, 3, 5, 10] and args.best_of == [4, 8, 16]
     assert args.rows[0] == "plain"
-    for name in ["posthoc_k10", "denoised_last3", "denoised_all", "guided_last3",
-                 "guided_all", "best_of_16", "reference_k10", "handwritten"]:  # fmt: skip
+    for name in ["posthoc_k0", "posthoc_k10", "denoised_last3", "denoised_all",
+                 "guided_last3", "guided_all", "best_of_4", "best_of_16", "reference_k10",
+                 "handwritten", "openpi_sample_actions"]:  # fmt: skip
         assert name in args.rows
     assert "reference_k0" not in args.rows
-    # The baseline is always run, first.
-    assert overhead.parse_args(["--rows", "best_of_4"]).rows == ["plain", "best_of_4"]
+    # Explicit choices override either set; the baseline is always run, first.
+    assert overhead.parse_args(["--rows", "best_of_8"]).rows == ["plain", "best_of_8"]
+    assert overhead.parse_args(["--rows", "guided_all"]).rows == ["plain", "guided_all"]
+    assert overhead.parse_args(["--full", "--batch-size", "2"]).batch_size == [2]
+    assert "posthoc_k5" in overhead.parse_args(["--steps", "5"]).rows
+
+
+def test_openpi_rows_skip_saying_why(monkeypatch, capsys, tmp_path):
+    """Where openpi cannot be imported, its rows are skipped and the record says why."""
+    monkeypatch.setattr(openpi_pi0, "unavailable", lambda: "no openpi in this test")
+    out = tmp_path / "r.json"
+    result = overhead.main(["--preset", "tiny", "--policies", "openpi", "--out", str(out)])
+    assert result["runs"] == [] and result["skipped"] == {"openpi": "no openpi in this test"}
+    assert json.loads(out.read_text())["skipped"] == result["skipped"]
+    captured = capsys.readouterr()
+    assert "openpi Pi0 rows skipped: no openpi in this test" in captured.err
+    assert "openpi Pi0: skipped (no openpi in this test)" in captured.out
+
+
+@pytest.mark.skipif(HAS_OPENPI, reason="checks the reason given where openpi is absent")
+def test_openpi_absent_reason():
+    assert "openpi is not installed" in openpi_pi0.unavailable()
+
+
+@pytest.mark.slow  # openpi's test-size Pi0 (3 images through SigLIP mu/14): ~1 min
+@pytest.mark.skipif(not HAS_OPENPI, reason="openpi is not installed (it is not on PyPI); "
+                    "run in the environment of docs/openpi.md")  # fmt: skip
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # openpi's pinned flax/jax
+def test_openpi_rows(tmp_path):
+    assert openpi_pi0.unavailable() is None
+    names = ["plain", "openpi_sample_actions", "posthoc_k1", "best_of_2", "reference_k1"]
+    result = overhead.main(["--preset", "tiny", "--repeats", "2", "--warmup", "1",
+                            "--policies", "openpi", "--steps", "1", "--best-of", "2",
+                            "--rows", *names])  # fmt: skip
+    _check(result, names, [1], policies=("openpi",))
+    rows = {r["row"]: r for r in result["runs"][0]["rows"]}
+    # Method B runs the prefix (SigLIP and the VLM) twice: it adds more than post-hoc.
+    assert rows["reference_k1"]["added_flops_ratio"] > rows["posthoc_k1"]["added_flops_ratio"]
+    assert result["skipped"] == {}
 
 
 @pytest.mark.parametrize(
