@@ -59,6 +59,24 @@ def tiny_siglip():
         siglip.Module = original
 
 
+@contextlib.contextmanager
+def allowances():
+    """What openpi's model code needs while its rows are built and compiled, whatever the
+    caller has set: implicit rank promotion (its Gemma's RMSNorm multiplies (b, t, d) by
+    (d,)), and no jaxtyping checks (jax 0.5.3 lowers a jitted function by rebuilding its
+    arguments with placeholder leaves, which openpi's type-checked `Observation`
+    rejects)."""
+    import jaxtyping
+
+    disabled = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        with jax.numpy_rank_promotion("allow"):
+            yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", disabled)
+
+
 def build(preset: str, key: jax.Array) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Returns (openpi config, `Pi0Policy`, energy model in inference mode, settings)."""
     from openpi.models import gemma, pi0_config
@@ -84,9 +102,7 @@ def build(preset: str, key: jax.Array) -> tuple[Any, Any, Any, dict[str, Any]]:
         context_dim=width, action_dim=config.action_dim, hidden=hidden, num_heads=heads
     )
     energy = eqx.nn.inference_mode(fc.EnergyModel(energy_config, key=k_energy))
-    parameters = sum(
-        x.size for x in jax.tree.leaves(policy.weights) if isinstance(x, jax.Array)
-    )
+    parameters = sum(x.size for x in jax.tree.leaves(policy.weights) if isinstance(x, jax.Array))
     prefix_len = 3 * 256 + config.max_token_len  # 224 x 224 images in 14 x 14 patches
     settings = {
         "policy": (

@@ -61,6 +61,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append("|---|" + "--:|" * (len(COLUMNS) - 1))
         for row in run["rows"]:
             lines.append("| " + " | ".join(cell(row) for _, cell in COLUMNS) + " |")
+        if run.get("rows_left_out"):
+            lines += ["", f"(left out of the quick set: {', '.join(run['rows_left_out'])}; "
+                      "--full runs them)"]  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 

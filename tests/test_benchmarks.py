@@ -173,6 +173,17 @@ def test_full_grid_behind_a_flag():
     assert "posthoc_k5" in overhead.parse_args(["--steps", "5"]).rows
 
 
+def test_quick_set_leaves_slow_policies_rows_out():
+    setup = overhead.Setup("slow", None, None, None, {}, {}, quick_skip=frozenset({"plain", "x"}))
+    quick = overhead.parse_args([])
+    # The baseline always runs; the rest of quick_skip is left out.
+    assert overhead.rows_to_run(quick, setup) == [r for r in quick.rows if r != "x"]
+    assert "posthoc_k3" in overhead.rows_to_run(quick, setup)
+    for argv in (["--full"], ["--rows", "handwritten", "best_of_8"]):
+        args = overhead.parse_args(argv)
+        assert overhead.rows_to_run(args, setup) == args.rows
+
+
 def test_openpi_rows_skip_saying_why(monkeypatch, capsys, tmp_path):
     """Where openpi cannot be imported, its rows are skipped and the record says why."""
     monkeypatch.setattr(openpi_pi0, "unavailable", lambda: "no openpi in this test")
