@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -400,10 +401,24 @@ def run_batch(args, setup: Setup, batch: int, key) -> dict[str, Any]:
                 "times_ms": [t * 1e3 for t in times[row.name]],
             }
         )
-    plain = next(r for r in out if r["row"] == args.baseline)
+    add_ratios(out, args.baseline)
+    # Rows the quick set left out for this policy (--full runs them).
+    left_out = [n for n in args.rows if n not in rows_to_run(args, setup)]
+    return {"policy": setup.name, "batch_size": batch, "rows": out, "rows_left_out": left_out}
+
+
+def add_ratios(out: list[dict[str, Any]], baseline: str) -> None:
+    """Adds each row's figures against the baseline row and against method B, in place
+    (also used to recompute a saved record's)."""
+    plain = next(r for r in out if r["row"] == baseline)
     for r in out:
         r["added_ms"] = None if r is plain else r["median_ms"] - plain["median_ms"]
         r["ratio"] = r["median_ms"] / plain["median_ms"]
+        # Round by round, each call against the baseline's call of the same round (the
+        # two ran seconds apart, under the same load): the median of those ratios.
+        r["paired_ratio"] = statistics.median(
+            t / b for t, b in zip(r["times_ms"], plain["times_ms"], strict=True)
+        )
         flops, base = r["matmul_flops"], plain["matmul_flops"]
         r["added_flops_ratio"] = (
             None if r is plain or flops is None or not base else (flops - base) / base
@@ -419,9 +434,6 @@ def run_batch(args, setup: Setup, batch: int, key) -> dict[str, Any]:
             r["vs_reference"] = r["added_ms"] / ref["added_ms"]
         else:
             r["vs_reference"] = None
-    # Rows the quick set left out for this policy (--full runs them).
-    left_out = [n for n in args.rows if n not in rows_to_run(args, setup)]
-    return {"policy": setup.name, "batch_size": batch, "rows": out, "rows_left_out": left_out}
 
 
 def parse_args(argv: list[str] | None):

@@ -34,6 +34,7 @@ COLUMNS = [
     ("min ms", lambda r: _ms(r["min_ms"])),
     ("added ms", lambda r: _ms(r["added_ms"])),
     ("x plain", lambda r: _ratio(r["ratio"])),
+    ("x plain, paired", lambda r: _ratio(r.get("paired_ratio"))),
     ("added FLOPs / plain", lambda r: _flops(r)),
     ("vs reference", lambda r: _ratio(r.get("vs_reference"))),
     ("compile s", lambda r: f"{r['compile_s']:.1f}"),
@@ -52,8 +53,10 @@ def _title(run: dict[str, Any]) -> str:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    """One table per policy and batch size. `vs reference` is our added time over the
-    reference-style baseline's added time at the same K."""
+    """One table per policy and batch size. `x plain` is the ratio of medians; `x plain,
+    paired` the median over rounds of each call over the baseline's call in the same
+    round (robust to load that changes between rounds). `vs reference` is our added time
+    over the reference-style baseline's added time at the same K."""
     lines = []
     for run in result["runs"]:
         lines += [f"**{_title(run)}**", ""]

@@ -37,7 +37,7 @@ def _check(result, names, batch_sizes, policies=("shaped",)):
         assert [r["row"] for r in rows] == names
         for r in rows:
             assert len(r["times_ms"]) == 2
-            fields = ["median_ms", "min_ms", "ratio", "compile_s"]
+            fields = ["median_ms", "min_ms", "ratio", "paired_ratio", "compile_s"]
             if r["row"] not in NO_FLOPS:
                 fields.append("matmul_flops")
             for field in fields:
@@ -45,6 +45,7 @@ def _check(result, names, batch_sizes, policies=("shaped",)):
             assert r["min_ms"] <= r["median_ms"]
         base = rows[0]
         assert base["ratio"] == pytest.approx(1.0) and base["added_ms"] is None
+        assert base["paired_ratio"] == pytest.approx(1.0)
         for r in rows[1:]:
             assert math.isfinite(r["added_ms"])
             assert (r["added_flops_ratio"] is None) == (r["row"] in NO_FLOPS), r["row"]
@@ -138,6 +139,27 @@ def test_matmul_flops_count_loop_trips():
     one = harness.matmul_flops(lambda x, w: f(x, w, 1), x, w)
     ten = harness.matmul_flops(lambda x, w: f(x, w, 10), x, w)
     assert one == 2 * 8 * 16 * 16 and ten == 10 * one
+
+
+def test_paired_ratio_is_taken_round_by_round():
+    """Load that doubles every call in a round cancels in the paired ratio, not in the
+    ratio of medians."""
+    rows = [
+        {"row": "plain", "k": None, "median_ms": 2.0, "times_ms": [1.0, 2.0, 4.0],
+         "matmul_flops": 10.0, "matmul_flops_min": 10.0},
+        {"row": "posthoc_k1", "k": 1, "median_ms": 6.0, "times_ms": [1.5, 3.0, 6.0],
+         "matmul_flops": 11.0, "matmul_flops_min": 10.5},
+        {"row": "reference_k1", "k": 1, "median_ms": 4.0, "times_ms": [4.0, 4.0, 4.0],
+         "matmul_flops": 15.0, "matmul_flops_min": 15.0},
+    ]  # fmt: skip
+    overhead.add_ratios(rows, "plain")
+    plain, ours, ref = rows
+    assert plain["paired_ratio"] == 1.0 and plain["added_ms"] is None
+    assert ours["paired_ratio"] == pytest.approx(1.5) and ours["ratio"] == pytest.approx(3.0)
+    assert ref["paired_ratio"] == pytest.approx(2.0)
+    assert ours["added_flops_ratio"] == pytest.approx(0.1)
+    assert ours["added_flops_ratio_min"] == pytest.approx(0.05)
+    assert ours["vs_reference"] == pytest.approx(4.0 / 2.0) and ref["vs_reference"] is None
 
 
 def test_round_robin_times_every_call():
