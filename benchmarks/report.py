@@ -75,7 +75,9 @@ def header(result: dict[str, Any]) -> str:
     env, setup = result["environment"], result["settings"]
     peak = result.get("device_peak_bytes")
     policies = []
-    for name, policy in setup["policies"].items():
+    # Records from before openpi's rows had one policy, described in the settings.
+    described = setup.get("policies") or {"shaped": setup}
+    for name, policy in described.items():
         label = POLICY_NAMES.get(name, name)
         policies += [f"{label}: {policy['policy']}", f"  energy: {policy['energy']}"]
     for name, reason in result.get("skipped", {}).items():
