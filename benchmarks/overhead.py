@@ -4,8 +4,8 @@ reference's way of correcting adds.
 Every row is one compiled function of the same inputs (the policy's weights, a batch of
 observations with padding, the energy's weights, a PRNG key), timed in this one process
 after warm-up, round-robin, each call synchronised with `block_until_ready`; compile
-time is measured separately. The policy is [`flowcorrect.Pi0ShapedPolicy`][] (random
-weights): its prefix pass runs once per call inside every row, as in openpi.
+time is measured separately. The policy (see "Policies" below) has random weights; its
+prefix pass runs once per call inside every row, as in openpi.
 
 Rows:
 
@@ -29,7 +29,8 @@ interleaved placements, best-of-{4, 8, 16}, batch 1 and 8).
 Policies: `fc.Pi0ShapedPolicy` always; openpi's own Pi0 (`flowcorrect.openpi.Pi0Policy`)
 too where openpi is importable, skipped with the reason printed where it is not.
 
-Columns: `added ms` over `plain`; `added FLOPs / plain`, the physical floor (matrix
+Columns: `added ms` over `plain`; `x plain, paired`, the median over rounds of each call
+over `plain`'s call of the same round; `added FLOPs / plain`, the physical floor (matrix
 multiplies counted on the jaxpr with loop trip counts); `vs reference`, our added time
 over `reference_kK`'s added time at the same K.
 
