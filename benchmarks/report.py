@@ -76,7 +76,7 @@ def header(result: dict[str, Any]) -> str:
     peak = result.get("device_peak_bytes")
     policies = []
     # Records from before openpi's rows had one policy, described in the settings.
-    described = setup.get("policies") or {"shaped": setup}
+    described = setup["policies"] if "policies" in setup else {"shaped": setup}
     for name, policy in described.items():
         label = POLICY_NAMES.get(name, name)
         policies += [f"{label}: {policy['policy']}", f"  energy: {policy['energy']}"]

@@ -74,21 +74,21 @@ def test_harness_and_reference_rows(tmp_path, capsys):
     assert "| row |" in printed and all(f"| {n} |" in printed for n in names)
 
 
-@pytest.mark.slow  # ten rows, each compiled once: ~30 s on 2 idle cores
+@pytest.mark.slow  # one row of every kind, 8 compiles: ~30 s on 2 idle cores
 @needs_new_api
-def test_every_row(tmp_path):
+def test_every_kind_of_row(tmp_path):
     out = tmp_path / "r.json"
-    result = overhead.main([*TINY, "--full", "--steps", "0", "1", "--best-of", "2",
-                            "--batch-size", "1", "--out", str(out)])  # fmt: skip
-    names = ["plain", "handwritten", "posthoc_k0", "posthoc_k1", "denoised_last3",
-             "guided_last3", "denoised_all", "guided_all", "best_of_2", "reference_k1"]  # fmt: skip
-    # The settings list openpi's row too; the shaped policy has no such row.
-    rows = json.loads(out.read_text())["settings"]["rows"]
-    assert sorted(rows) == sorted([*names, "openpi_sample_actions"])
-    _check(result, [r for r in rows if r != "openpi_sample_actions"], [1])
+    names = ["plain", "handwritten", "posthoc_k1", "denoised_last3", "guided_all",
+             "best_of_2", "reference_k1"]  # fmt: skip
+    result = overhead.main([*TINY, "--steps", "1", "--best-of", "2", "--out", str(out),
+                            "--rows", *names])  # fmt: skip
+    assert json.loads(out.read_text())["settings"]["rows"] == names
+    _check(result, names, [1])
     rows = {r["row"]: r for r in result["runs"][0]["rows"]}
     assert rows["posthoc_k1"]["vs_reference"] is not None
-    assert rows["posthoc_k0"]["added_flops_ratio"] < rows["posthoc_k1"]["added_flops_ratio"]
+    # Every placement, and method B, adds matrix multiplies to plain sampling.
+    for name in names[2:]:
+        assert rows[name]["added_flops_ratio"] > 0, name
 
 
 def _tiny_setup():
