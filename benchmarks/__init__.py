@@ -2,6 +2,9 @@
 
 - `harness`: compiling, timing (round-robin, synchronised), memory and FLOP counting;
 - `report`: the table, the JSON record and the plot;
-- `overhead`: what each correction placement adds to a Pi0-shaped policy's sampler,
-  and the reference's way of doing the same (`python -m benchmarks` runs it).
+- `overhead`: what each correction placement adds to a Pi0-shaped policy's sampler
+  (and to openpi's own Pi0 where openpi is importable: `openpi_pi0`), and the
+  reference's way of doing the same (`python -m benchmarks` runs its quick set);
+- `training`: `fc.fit` against a hand-written training loop
+  (`python benchmarks/training.py`).
 """

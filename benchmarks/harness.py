@@ -28,9 +28,11 @@ class Compiled:
     run: Callable[..., Any] | None = None  # on new arguments of the same structure
 
 
-def compile_fn(fn: Callable[..., Any], *args: Any) -> Compiled:
-    """Compiles `fn(*args)` ahead of time: arrays are traced arguments, everything else
-    (static config, Python numbers marked static by the caller's closure) is baked in."""
+def compile_fn(fn: Callable[..., Any], *args: Any, count_flops: bool = True) -> Compiled:
+    """Compiles `fn(*args)` ahead of time, once: arrays are traced arguments, everything
+    else (static config, Python numbers marked static by the caller's closure) is baked
+    in. `count_flops=False` leaves the matmul counts out (a function whose loop is a
+    `while` with a trip count the jaxpr does not know would be undercounted)."""
     dynamic, static = eqx.partition(args, eqx.is_array)
 
     def f(dynamic):
@@ -45,14 +47,16 @@ def compile_fn(fn: Callable[..., Any], *args: Any) -> Compiled:
         # Splitting the arguments is the dispatch work a `jax.jit` call does too.
         return compiled(eqx.partition(new_args, eqx.is_array)[0])
 
+    # One more trace (not a compile) gives both FLOP counts.
+    high, low = matmul_flops(f, dynamic, branch=(max, min)) if count_flops else (None, None)
     return Compiled(
         call=lambda: compiled(dynamic),
         run=run,
         compile_s=compile_s,
         memory=memory_analysis(compiled),
         xla_flops=xla_flops(compiled),
-        matmul_flops=matmul_flops(f, dynamic),
-        matmul_flops_min=matmul_flops(f, dynamic, branch=min),
+        matmul_flops=high,
+        matmul_flops_min=low,
     )
 
 
@@ -82,7 +86,7 @@ def xla_flops(compiled: Any) -> float | None:
     return float(cost["flops"])
 
 
-def matmul_flops(fn: Callable[..., Any], *args: Any, branch: Callable = max) -> float | None:
+def matmul_flops(fn: Callable[..., Any], *args: Any, branch: Any = max) -> Any:
     """Matrix-multiply FLOPs of `fn(*args)`, counted on its jaxpr: `2 * m * n * k` per
     `dot_general`, a `scan` body times its length, and of a `cond`'s branches the
     costlier (`branch=max`, an upper bound) or the cheaper (`branch=min`). The sampler's
@@ -93,12 +97,18 @@ def matmul_flops(fn: Callable[..., Any], *args: Any, branch: Callable = max) -> 
     XLA's `cost_analysis()` counts the body of a loop once whatever its trip count (10
     flow steps and 18 scanned layers count as one), so it cannot compare a sampler with
     a corrected one; this count can. Elementwise work is left out: at Pi0's sizes the
-    matrix multiplies are the floor. A `while` loop (unknown trip count) counts once."""
+    matrix multiplies are the floor. A `while` loop (unknown trip count) counts once.
+
+    `branch` may be a tuple of such choices: the jaxpr is traced once and a tuple of
+    counts, one per choice, comes back."""
+    choices = branch if isinstance(branch, tuple) else (branch,)
     try:
         jaxpr = jax.make_jaxpr(fn)(*args)
     except Exception:
-        return None
-    return float(_jaxpr_flops(jaxpr.jaxpr, branch))
+        counts = [None] * len(choices)
+    else:
+        counts = [float(_jaxpr_flops(jaxpr.jaxpr, b)) for b in choices]
+    return tuple(counts) if isinstance(branch, tuple) else counts[0]
 
 
 def _jaxpr_flops(jaxpr: Any, branch: Callable = max) -> int:

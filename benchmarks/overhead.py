@@ -4,8 +4,8 @@ reference's way of correcting adds.
 Every row is one compiled function of the same inputs (the policy's weights, a batch of
 observations with padding, the energy's weights, a PRNG key), timed in this one process
 after warm-up, round-robin, each call synchronised with `block_until_ready`; compile
-time is measured separately. The policy is [`flowcorrect.Pi0ShapedPolicy`][] (random
-weights): its prefix pass runs once per call inside every row, as in openpi.
+time is measured separately. The policy (see "Policies" below) has random weights; its
+prefix pass runs once per call inside every row, as in openpi.
 
 Rows:
 
@@ -18,21 +18,34 @@ Rows:
 - `best_of_N`: `BestOfN(N)`, N chains sharing one prefix pass, lowest energy kept;
 - `reference_kK`: the reference's "method B" on the same model: openpi's sampler, then
   a second prefix pass for `prefix_out`, then K clipped steps in a Python loop, each a
-  separate compiled call whose energy re-encodes the context.
+  separate compiled call whose energy re-encodes the context;
+- `openpi_sample_actions` (openpi's Pi0 only): openpi's own `Pi0.sample_actions`.
 
-Columns: `added ms` over `plain`; `added FLOPs / plain`, the physical floor (matrix
+The quick set (the default) has the rows that answer "what does this cost me": batch 1,
+K in {1, 3}, denoised on all steps, guided on the last 3, best-of-8, method B at K = 1
+and 3. `--full` runs the whole grid (K in {0, 1, 3, 5, 10}, both schedules of both
+interleaved placements, best-of-{4, 8, 16}, batch 1 and 8).
+
+Policies: `fc.Pi0ShapedPolicy` always; openpi's own Pi0 (`flowcorrect.openpi.Pi0Policy`)
+too where openpi is importable, skipped with the reason printed where it is not.
+
+Columns: `added ms` over `plain`; `x plain, paired`, the median over rounds of each call
+over `plain`'s call of the same round; `added FLOPs / plain`, the physical floor (matrix
 multiplies counted on the jaxpr with loop trip counts); `vs reference`, our added time
 over `reference_kK`'s added time at the same K.
 
 Run from the repository root:
 
-    python -m benchmarks                           # CPU set, a few minutes
-    python -m benchmarks --preset pi0 --out pi0.json --plot pi0.png   # on a GPU
+    python -m benchmarks                           # the quick CPU set, a few minutes
+    python -m benchmarks --full                    # every row, batch 1 and 8
+    python -m benchmarks --preset pi0 --full --out pi0.json --plot pi0.png   # on a GPU
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -44,7 +57,7 @@ import jax.numpy as jnp
 
 import flowcorrect as fc
 
-from . import harness, report
+from . import harness, openpi_pi0, report
 
 NUM_FLOW_STEPS = 10  # openpi's default
 
@@ -52,7 +65,7 @@ NUM_FLOW_STEPS = 10  # openpi's default
 PRESETS: dict[str, tuple[fc.Pi0ShapedConfig, tuple[int, int]]] = {
     # For the smoke test: seconds to compile, milliseconds to run.
     "tiny": (fc.Pi0ShapedConfig.cpu(depth=1, prefix_len=16), (32, 2)),
-    # The CPU set: a few minutes for every row at batch 1 and 8 on 2 cores.
+    # The CPU set: the quick rows in a few minutes on 2 cores, most of it compiling.
     "cpu": (
         fc.Pi0ShapedConfig.cpu(
             token_dim=256,
@@ -119,6 +132,13 @@ def reference_step(energy, context, actions, alpha, clip_frac):
 # ---------------------------------------------------------------------------------
 # Rows.
 
+# Which rows run: the quick set by default, every row with --full. Explicit --steps,
+# --best-of, --batch-size or --rows override either.
+QUICK = {"steps": [1, 3], "best_of": [8], "batch_size": [1], "schedules": ["denoised_all",
+         "guided_last3"]}  # fmt: skip
+FULL = {"steps": [0, 1, 3, 5, 10], "best_of": [4, 8, 16], "batch_size": [1, 8],
+        "schedules": ["denoised_last3", "guided_last3", "denoised_all", "guided_all"]}  # fmt: skip
+
 
 @dataclasses.dataclass
 class Row:
@@ -126,6 +146,21 @@ class Row:
     description: str
     compile: Callable[[], harness.Compiled]
     k: int | None = None  # post-hoc and reference rows: their K
+
+
+@dataclasses.dataclass
+class Setup:
+    """One policy the rows run on, with its energy and how to make its observations."""
+
+    name: str  # "shaped" or "openpi"
+    policy: Any
+    energy: Any
+    observation: Callable[[int, jax.Array], Any]  # (batch, key) -> observation
+    settings: dict[str, Any]
+    extra_rows: dict[str, tuple[str, Callable[..., Any], bool]]  # name -> (what, fn, FLOPs?)
+    context: Callable[[], Any] = contextlib.nullcontext
+    # Rows the quick set leaves out for this policy (where a call takes seconds).
+    quick_skip: frozenset[str] = frozenset()
 
 
 def placements(args) -> dict[str, tuple[str, Callable[[], Any]]]:
@@ -148,32 +183,56 @@ def placements(args) -> dict[str, tuple[str, Callable[[], Any]]]:
         )
     for n in args.best_of:
         out[f"best_of_{n}"] = (f"BestOfN({n}), one prefix pass", lambda n=n: fc.BestOfN(n))
+    # ------------------------------------------------------------------------------
+    # REAL-TIME CHUNKING ROW: to be added here when the RTC guidance placement lands
+    # (issue 9, section 2). One entry, e.g. out["rtc_guided"] = (description, factory),
+    # whose placement guides the flow towards the previous chunk's remaining actions;
+    # `sample_placed` times it like every other placement. Add its name to QUICK and
+    # FULL's "schedules" lists (or a list of its own) so that it runs by default.
+    # ------------------------------------------------------------------------------
     return out
 
 
 def row_names(args) -> list[str]:
+    """Every row the arguments select, in table order (a policy runs those it has)."""
     k_ref = [k for k in args.steps if k >= 1]
+    ours = [
+        name
+        for name in placements(args)
+        if not name.startswith(("denoised_", "guided_")) or name in args.schedules
+    ]
     return [
         "plain",
         "handwritten",
-        *placements(args),
+        "openpi_sample_actions",
+        *ours,
         *(f"reference_k{k}" for k in k_ref),
     ]
 
 
-def build_rows(args, policy, energy, obs, key) -> list[Row]:
+def known_row_names(args) -> list[str]:
+    """Every row that can be asked for with these --steps and --best-of."""
+    return row_names(argparse.Namespace(**{**vars(args), "schedules": FULL["schedules"]}))
+
+
+def build_rows(args, setup: Setup, obs, key) -> list[Row]:
+    policy, energy = setup.policy, setup.energy
+    # Method B's sampler is the hand-written loop: compile it once for both.
+    handwritten = functools.cache(lambda: harness.compile_fn(sample_handwritten, policy, obs, key))
     every = {
         "plain": Row(
             "plain",
             f"fc.sample, no energy ({NUM_FLOW_STEPS} Euler steps)",
             lambda: harness.compile_fn(sample_plain, policy, obs, key),
         ),
-        "handwritten": Row(
-            "handwritten",
-            "hand-written Euler loop, no fc.sample",
-            lambda: harness.compile_fn(sample_handwritten, policy, obs, key),
-        ),
+        "handwritten": Row("handwritten", "hand-written Euler loop, no fc.sample", handwritten),
     }
+    for name, (description, fn, count_flops) in setup.extra_rows.items():
+        every[name] = Row(
+            name,
+            description,
+            lambda fn=fn, c=count_flops: harness.compile_fn(fn, policy, obs, key, count_flops=c),
+        )
     for name, (description, placement) in placements(args).items():
         k = int(name.removeprefix("posthoc_k")) if name.startswith("posthoc_k") else None
         every[name] = Row(
@@ -182,7 +241,7 @@ def build_rows(args, policy, energy, obs, key) -> list[Row]:
             lambda p=placement: harness.compile_fn(sample_placed, policy, obs, key, energy, p()),
             k,
         )
-    pieces = functools.cache(lambda: reference_pieces(policy, energy, obs, key))
+    pieces = functools.cache(lambda: reference_pieces(handwritten(), policy, energy, obs))
     for k in (k for k in args.steps if k >= 1):
         every[f"reference_k{k}"] = Row(
             f"reference_k{k}",
@@ -190,20 +249,27 @@ def build_rows(args, policy, energy, obs, key) -> list[Row]:
             lambda k=k: compile_reference(pieces(), energy, k),
             k,
         )
-    return [every[name] for name in args.rows]
+    return [every[name] for name in rows_to_run(args, setup) if name in every]
+
+
+def rows_to_run(args, setup: Setup) -> list[str]:
+    """The selected rows, less those the quick set leaves out for this policy (unless
+    --full or --rows asked for them)."""
+    if args.full or args.rows_given:
+        return list(args.rows)
+    return [n for n in args.rows if n == args.baseline or n not in setup.quick_skip]
 
 
 # The reference's defaults: alpha 0.1, clip_frac 0.2.
 REFERENCE_HYPERPARAMETERS = (jnp.asarray(0.1), jnp.asarray(0.2))
 
 
-def reference_pieces(policy, energy, obs, key) -> tuple[harness.Compiled, ...]:
+def reference_pieces(sample: harness.Compiled, policy, energy, obs) -> tuple[harness.Compiled, ...]:
     """Method B's three compiled functions (shared by its rows of every K). Its sampler
-    is openpi's `sample_actions` loop (the hand-written row)."""
-    sample = harness.compile_fn(sample_handwritten, policy, obs, key)
+    `sample` is openpi's `sample_actions` loop (the hand-written row, compiled once)."""
     prefix_out = harness.compile_fn(reference_prefix_out, policy, obs)
     context = jax.eval_shape(reference_prefix_out, policy, obs)
-    actions = jax.eval_shape(sample_handwritten, policy, obs, key)
+    actions = jax.eval_shape(sample_handwritten, policy, obs, jax.random.key(0))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (context, actions))
     step = harness.compile_fn(reference_step, energy, *zeros, *REFERENCE_HYPERPARAMETERS)
     return sample, prefix_out, step
@@ -226,6 +292,8 @@ def compile_reference(pieces, energy, k: int) -> harness.Compiled:
     low = [sample.matmul_flops_min, prefix_out.matmul_flops_min, step.matmul_flops_min]
     return harness.Compiled(
         call=call,
+        # What method B compiles: its sampler (shared with `handwritten`), the second
+        # prefix pass and the step.
         compile_s=sample.compile_s + prefix_out.compile_s + step.compile_s,
         # The largest of the three programs (they run one after the other).
         memory=max(memories, key=lambda m: sum(m.values())) if memories else None,
@@ -236,20 +304,81 @@ def compile_reference(pieces, energy, k: int) -> harness.Compiled:
 
 
 # ---------------------------------------------------------------------------------
+# Policies.
+
+
+def shaped_setup(args, key) -> Setup:
+    config, (hidden, heads) = PRESETS[args.preset]
+    k_policy, k_energy = jax.random.split(key)
+    policy = fc.Pi0ShapedPolicy(config, key=k_policy)
+    energy_config = fc.EnergyModelConfig(
+        context_dim=config.width, action_dim=config.action_dim, hidden=hidden, num_heads=heads
+    )
+    energy = eqx.nn.inference_mode(fc.EnergyModel(energy_config, key=k_energy))
+    settings = {
+        "policy": (
+            f"Pi0ShapedPolicy {config.dtype}, prefix {config.prefix_len} tokens "
+            f"({config.prefix_len // 16} padding) x width {config.width}, depth {config.depth}, "
+            f"action expert width {config.expert_width}, {policy.num_parameters():,} "
+            f"parameters; chunk {policy.chunk_shape}; {NUM_FLOW_STEPS} Euler steps"
+        ),
+        "policy_config": dataclasses.asdict(config),
+        "policy_parameters": policy.num_parameters(),
+        "energy": f"EnergyModel hidden {hidden}, {heads} heads, "
+        f"{energy.num_parameters():,} parameters",
+        "energy_config": energy_config.to_dict(),
+        "energy_parameters": energy.num_parameters(),
+    }
+
+    def observation(batch, key):
+        # openpi pads its prompt to a fixed length: pad the last 1/16 of the tokens.
+        return fc.Pi0ShapedObservation.random(
+            config, key, batch, num_padding=config.prefix_len // 16
+        )
+
+    return Setup("shaped", policy, energy, observation, settings, extra_rows={})
+
+
+def openpi_setup(args, key) -> Setup:
+    context = openpi_pi0.allowances
+
+    with context():
+        config, policy, energy, settings = openpi_pi0.build(args.preset, key)
+    extra = {
+        "openpi_sample_actions": (
+            "openpi's own Pi0.sample_actions (a while_loop: FLOPs not counted)",
+            functools.partial(openpi_pi0.sample_actions, num_steps=NUM_FLOW_STEPS),
+            False,
+        )
+    }
+    return Setup(
+        "openpi",
+        policy,
+        energy,
+        lambda batch, key: openpi_pi0.observation(config, batch, key),
+        settings,
+        extra_rows=extra,
+        context=context,
+        # A test-size Pi0 call takes about a second on 2 CPU cores (SigLIP over three
+        # 224 x 224 images): the quick set keeps plain, openpi's own sampler, K = 3,
+        # guided, best-of-8 and method B at K = 3.
+        quick_skip=frozenset({"handwritten", "denoised_all", "posthoc_k1", "reference_k1"}),
+    )
+
+
+# ---------------------------------------------------------------------------------
 # Running.
 
 
-def run_batch(args, batch: int, policy, energy, key) -> dict[str, Any]:
-    config = policy.config
+def run_batch(args, setup: Setup, batch: int, key) -> dict[str, Any]:
     k_obs, k_sample = jax.random.split(key)
-    # openpi pads its prompt to a fixed length: pad the last 1/16 of the tokens.
-    obs = fc.Pi0ShapedObservation.random(config, k_obs, batch, num_padding=config.prefix_len // 16)
-    rows = build_rows(args, policy, energy, obs, k_sample)
+    obs = setup.observation(batch, k_obs)
+    rows = build_rows(args, setup, obs, k_sample)
     compiled = {}
     for row in rows:
         compiled[row.name] = row.compile()
         if args.verbose:
-            print(f"  compiled {row.name} (batch {batch}) in "
+            print(f"  compiled {setup.name} {row.name} (batch {batch}) in "
                   f"{compiled[row.name].compile_s:.1f} s", file=sys.stderr)  # fmt: skip
     times = harness.time_round_robin(
         {name: c.call for name, c in compiled.items()}, args.repeats, args.warmup
@@ -273,10 +402,24 @@ def run_batch(args, batch: int, policy, energy, key) -> dict[str, Any]:
                 "times_ms": [t * 1e3 for t in times[row.name]],
             }
         )
-    plain = next(r for r in out if r["row"] == args.baseline)
+    add_ratios(out, args.baseline)
+    # Rows the quick set left out for this policy (--full runs them).
+    left_out = [n for n in args.rows if n not in rows_to_run(args, setup)]
+    return {"policy": setup.name, "batch_size": batch, "rows": out, "rows_left_out": left_out}
+
+
+def add_ratios(out: list[dict[str, Any]], baseline: str) -> None:
+    """Adds each row's figures against the baseline row and against method B, in place
+    (also used to recompute a saved record's)."""
+    plain = next(r for r in out if r["row"] == baseline)
     for r in out:
         r["added_ms"] = None if r is plain else r["median_ms"] - plain["median_ms"]
         r["ratio"] = r["median_ms"] / plain["median_ms"]
+        # Round by round, each call against the baseline's call of the same round (the
+        # two ran seconds apart, under the same load): the median of those ratios.
+        r["paired_ratio"] = statistics.median(
+            t / b for t, b in zip(r["times_ms"], plain["times_ms"], strict=True)
+        )
         flops, base = r["matmul_flops"], plain["matmul_flops"]
         r["added_flops_ratio"] = (
             None if r is plain or flops is None or not base else (flops - base) / base
@@ -292,7 +435,6 @@ def run_batch(args, batch: int, policy, energy, key) -> dict[str, Any]:
             r["vs_reference"] = r["added_ms"] / ref["added_ms"]
         else:
             r["vs_reference"] = None
-    return {"batch_size": batch, "rows": out}
 
 
 def parse_args(argv: list[str] | None):
@@ -307,20 +449,36 @@ def parse_args(argv: list[str] | None):
         default="cpu",
         help="policy and energy sizes (default cpu; pi0 for a GPU)",
     )
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="every row at batch 1 and 8 (default: the quick set; see the module doc)",
+    )
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        choices=["shaped", "openpi"],
+        default=["shaped", "openpi"],
+        help="fc.Pi0ShapedPolicy and/or openpi's Pi0 (skipped, saying why, where openpi "
+        "is not importable)",
+    )
+    parser.add_argument("--batch-size", type=int, nargs="+", default=None,
+                        help="default 1 (quick) or 1 8 (--full)")  # fmt: skip
     parser.add_argument(
         "--steps",
         type=int,
         nargs="+",
-        default=[0, 1, 3, 5, 10],
-        help="K of the post-hoc and reference rows",
+        default=None,
+        help="K of the post-hoc and reference rows (default 1 3, or 0 1 3 5 10 with --full)",
     )
-    parser.add_argument("--best-of", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--best-of", type=int, nargs="+", default=None,
+                        help="N of best-of-N (default 8, or 4 8 16 with --full)")  # fmt: skip
     parser.add_argument(
         "--rows",
         nargs="+",
         default=None,
-        help="which rows (default all); 'plain' is always run, first",
+        help="which rows (default: the quick set, or all with --full); the baseline is "
+        "always run, first",
     )
     parser.add_argument(
         "--baseline", default="plain", help="the row every ratio is taken against (default plain)"
@@ -333,46 +491,50 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--plot", help="write a bar chart here (needs matplotlib)")
     parser.add_argument("--verbose", action="store_true", help="report each compile")
     args = parser.parse_args(argv)  # fmt: skip
+    grid = FULL if args.full else QUICK
+    for name in ("steps", "best_of", "batch_size"):
+        if getattr(args, name) is None:
+            setattr(args, name, list(grid[name]))
+    args.schedules = list(grid["schedules"])
     if min(args.batch_size) < 1 or min(args.best_of) < 1 or min(args.steps) < 0:
         parser.error("--batch-size and --best-of must be >= 1, --steps >= 0")
     if args.repeats < 1 or args.warmup < 1:
         parser.error("--repeats and --warmup must be >= 1 (the first call is slower)")
-    known = row_names(args)
-    rows = known if args.rows is None else args.rows
+    known = known_row_names(args)
+    args.rows_given = args.rows is not None
+    rows = row_names(args) if args.rows is None else args.rows
     unknown = [r for r in rows if r not in known]
     if unknown:
         parser.error(f"unknown --rows {unknown}; choose from {known}")
-    if args.baseline not in known:
-        parser.error(f"unknown --baseline {args.baseline!r}; choose from {known}")
+    if args.baseline not in ("plain", "handwritten"):
+        parser.error(
+            f"unknown --baseline {args.baseline!r}; choose plain or handwritten (the rows "
+            "every policy has)"
+        )
     args.rows = [args.baseline, *(r for r in dict.fromkeys(rows) if r != args.baseline)]
+    args.policies = list(dict.fromkeys(args.policies))
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, prints the table, returns (and optionally writes) the record."""
     args = parse_args(argv)
-    config, (hidden, heads) = PRESETS[args.preset]
-    k_policy, k_energy, k_data = jax.random.split(jax.random.key(args.seed), 3)
-    policy = fc.Pi0ShapedPolicy(config, key=k_policy)
-    energy_config = fc.EnergyModelConfig(
-        context_dim=config.width, action_dim=config.action_dim, hidden=hidden, num_heads=heads
-    )
-    energy = eqx.nn.inference_mode(fc.EnergyModel(energy_config, key=k_energy))
+    k_shaped, k_openpi, k_data = jax.random.split(jax.random.key(args.seed), 3)
     env = harness.environment()
+    setups, skipped = [], {}
+    if "shaped" in args.policies:
+        setups.append(shaped_setup(args, k_shaped))
+    if "openpi" in args.policies:
+        reason = openpi_pi0.unavailable()
+        if reason is None:
+            setups.append(openpi_setup(args, k_openpi))
+        else:
+            skipped["openpi"] = reason
+            print(f"openpi Pi0 rows skipped: {reason}.", file=sys.stderr)
     settings = {
         "preset": args.preset,
-        "policy": (
-            f"Pi0ShapedPolicy {config.dtype}, prefix {config.prefix_len} tokens "
-            f"({config.prefix_len // 16} padding) x width {config.width}, depth {config.depth}, "
-            f"action expert width {config.expert_width}, {policy.num_parameters():,} "
-            f"parameters; chunk {policy.chunk_shape}; {NUM_FLOW_STEPS} Euler steps"
-        ),
-        "policy_config": dataclasses.asdict(config),
-        "policy_parameters": policy.num_parameters(),
-        "energy": f"EnergyModel hidden {hidden}, {heads} heads, "
-        f"{energy.num_parameters():,} parameters",
-        "energy_config": energy_config.to_dict(),
-        "energy_parameters": energy.num_parameters(),
+        "full": args.full,
+        "policies": {s.name: s.settings for s in setups},
         "flow_steps": NUM_FLOW_STEPS,
         "steps": args.steps,
         "best_of": args.best_of,
@@ -384,14 +546,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     start = time.perf_counter()
-    runs = [
-        run_batch(args, batch, policy, energy, jax.random.fold_in(k_data, i))
-        for i, batch in enumerate(args.batch_size)
-    ]
+    runs = []
+    for setup in setups:
+        with setup.context():
+            for i, batch in enumerate(args.batch_size):
+                runs.append(run_batch(args, setup, batch, jax.random.fold_in(k_data, i)))
     result = {
         "environment": env,
         "settings": settings,
         "runs": runs,
+        "skipped": skipped,
         "device_peak_bytes": harness.device_peak_bytes(),
         "load_average_1m_end": harness.load_average(),
         "wall_s": time.perf_counter() - start,
@@ -404,5 +568,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(args.markdown, "w") as f:
             f.write(report.header(result) + "\n\n" + table)
     if args.plot and not report.plot(result, args.plot):
-        print("(no plot: matplotlib is not installed)", file=sys.stderr)
+        print("(no plot: matplotlib is not installed, or no row ran)", file=sys.stderr)
     return result

@@ -4,6 +4,7 @@ its compiled functions take weights and hyperparameters as arguments.
 Timings are never asserted on here; they belong to the benchmark's own output.
 """
 
+import importlib.util
 import json
 import math
 
@@ -11,7 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
-from benchmarks import harness, overhead
+from benchmarks import harness, openpi_pi0, overhead
 
 import flowcorrect as fc
 
@@ -19,27 +20,43 @@ import flowcorrect as fc
 NEW_API = hasattr(fc, "bind")
 needs_new_api = pytest.mark.skipif(not NEW_API, reason="fc.sample's policy API not merged yet")
 
-TINY = ["--preset", "tiny", "--repeats", "2", "--warmup", "1"]
+HAS_OPENPI = importlib.util.find_spec("openpi") is not None
+
+# The shaped policy only: openpi's rows have tests of their own below.
+TINY = ["--preset", "tiny", "--repeats", "2", "--warmup", "1", "--policies", "shaped"]
+NO_FLOPS = {"openpi_sample_actions"}  # openpi's while_loop: trip count unknown to a jaxpr
 
 
-def _check(result, names, batch_sizes):
-    assert [run["batch_size"] for run in result["runs"]] == batch_sizes
-    for run in result["runs"]:
+def _check(result, names, batch_sizes, policies=("shaped",)):
+    runs = result["runs"]
+    assert [(run["policy"], run["batch_size"]) for run in runs] == [
+        (p, b) for p in policies for b in batch_sizes
+    ]
+    for run in runs:
         rows = run["rows"]
         assert [r["row"] for r in rows] == names
         for r in rows:
             assert len(r["times_ms"]) == 2
-            for field in ("median_ms", "min_ms", "ratio", "compile_s", "matmul_flops"):
+            fields = ["median_ms", "min_ms", "ratio", "paired_ratio", "compile_s"]
+            if r["row"] not in NO_FLOPS:
+                fields.append("matmul_flops")
+            for field in fields:
                 assert math.isfinite(r[field]) and r[field] > 0, (r["row"], field, r[field])
+            assert r["min_ms"] <= r["median_ms"]
         base = rows[0]
         assert base["ratio"] == pytest.approx(1.0) and base["added_ms"] is None
+        assert base["paired_ratio"] == pytest.approx(1.0)
         for r in rows[1:]:
-            assert math.isfinite(r["added_ms"]) and math.isfinite(r["added_flops_ratio"])
+            assert math.isfinite(r["added_ms"])
+            assert (r["added_flops_ratio"] is None) == (r["row"] in NO_FLOPS), r["row"]
     env, settings = result["environment"], result["settings"]
     for key in ("device", "platform", "jax", "equinox", "machine"):
         assert env[key]
-    assert settings["policy_parameters"] > 0 and settings["energy_parameters"] > 0
-    assert settings["policy_config"]["horizon"] == 50
+    assert sorted(settings["policies"]) == sorted(policies)
+    for policy in settings["policies"].values():
+        assert policy["policy_parameters"] > 0 and policy["energy_parameters"] > 0
+    if "shaped" in policies:
+        assert settings["policies"]["shaped"]["policy_config"]["horizon"] == 50
 
 
 def test_harness_and_reference_rows(tmp_path, capsys):
@@ -57,19 +74,21 @@ def test_harness_and_reference_rows(tmp_path, capsys):
     assert "| row |" in printed and all(f"| {n} |" in printed for n in names)
 
 
-@pytest.mark.slow  # ten rows, each compiled once: ~30 s on 2 idle cores
+@pytest.mark.slow  # one row of every kind, 8 compiles: ~30 s on 2 idle cores
 @needs_new_api
-def test_every_row(tmp_path):
+def test_every_kind_of_row(tmp_path):
     out = tmp_path / "r.json"
-    result = overhead.main([*TINY, "--steps", "0", "1", "--best-of", "2",
-                            "--batch-size", "1", "--out", str(out)])  # fmt: skip
-    names = ["plain", "handwritten", "posthoc_k0", "posthoc_k1", "denoised_last3",
-             "guided_last3", "denoised_all", "guided_all", "best_of_2", "reference_k1"]  # fmt: skip
-    assert sorted(json.loads(out.read_text())["settings"]["rows"]) == sorted(names)
-    _check(result, result["settings"]["rows"], [1])
+    names = ["plain", "handwritten", "posthoc_k1", "denoised_last3", "guided_all",
+             "best_of_2", "reference_k1"]  # fmt: skip
+    result = overhead.main([*TINY, "--steps", "1", "--best-of", "2", "--out", str(out),
+                            "--rows", *names])  # fmt: skip
+    assert json.loads(out.read_text())["settings"]["rows"] == names
+    _check(result, names, [1])
     rows = {r["row"]: r for r in result["runs"][0]["rows"]}
     assert rows["posthoc_k1"]["vs_reference"] is not None
-    assert rows["posthoc_k0"]["added_flops_ratio"] < rows["posthoc_k1"]["added_flops_ratio"]
+    # Every placement, and method B, adds matrix multiplies to plain sampling.
+    for name in names[2:]:
+        assert rows[name]["added_flops_ratio"] > 0, name
 
 
 def _tiny_setup():
@@ -122,6 +141,27 @@ def test_matmul_flops_count_loop_trips():
     assert one == 2 * 8 * 16 * 16 and ten == 10 * one
 
 
+def test_paired_ratio_is_taken_round_by_round():
+    """Load that doubles every call in a round cancels in the paired ratio, not in the
+    ratio of medians."""
+    rows = [
+        {"row": "plain", "k": None, "median_ms": 2.0, "times_ms": [1.0, 2.0, 4.0],
+         "matmul_flops": 10.0, "matmul_flops_min": 10.0},
+        {"row": "posthoc_k1", "k": 1, "median_ms": 6.0, "times_ms": [1.5, 3.0, 6.0],
+         "matmul_flops": 11.0, "matmul_flops_min": 10.5},
+        {"row": "reference_k1", "k": 1, "median_ms": 4.0, "times_ms": [4.0, 4.0, 4.0],
+         "matmul_flops": 15.0, "matmul_flops_min": 15.0},
+    ]  # fmt: skip
+    overhead.add_ratios(rows, "plain")
+    plain, ours, ref = rows
+    assert plain["paired_ratio"] == 1.0 and plain["added_ms"] is None
+    assert ours["paired_ratio"] == pytest.approx(1.5) and ours["ratio"] == pytest.approx(3.0)
+    assert ref["paired_ratio"] == pytest.approx(2.0)
+    assert ours["added_flops_ratio"] == pytest.approx(0.1)
+    assert ours["added_flops_ratio_min"] == pytest.approx(0.05)
+    assert ours["vs_reference"] == pytest.approx(4.0 / 2.0) and ref["vs_reference"] is None
+
+
 def test_round_robin_times_every_call():
     calls = {"a": lambda: jnp.ones(3) * 2, "b": lambda: jnp.zeros(2)}
     times = harness.time_round_robin(calls, repeats=3, warmup=1)
@@ -129,17 +169,75 @@ def test_round_robin_times_every_call():
     assert harness.summarise(times["a"])["median_ms"] > 0
 
 
-def test_row_names_and_defaults():
+def test_quick_set_is_the_default():
     args = overhead.parse_args([])
-    assert args.preset == "cpu" and args.batch_size == [1, 8] and args.repeats >= 20
+    assert args.preset == "cpu" and args.batch_size == [1] and args.repeats >= 20
+    assert args.warmup >= 1 and args.policies == ["shaped", "openpi"]
+    assert args.rows == ["plain", "handwritten", "openpi_sample_actions", "posthoc_k1",
+                         "posthoc_k3", "guided_last3", "denoised_all", "best_of_8",
+                         "reference_k1", "reference_k3"]  # fmt: skip
+
+
+def test_full_grid_behind_a_flag():
+    args = overhead.parse_args(["--full"])
+    assert args.batch_size == [1, 8] and args.repeats >= 20
     assert args.steps == [0, 1, 3, 5, 10] and args.best_of == [4, 8, 16]
     assert args.rows[0] == "plain"
-    for name in ["posthoc_k10", "denoised_last3", "denoised_all", "guided_last3",
-                 "guided_all", "best_of_16", "reference_k10", "handwritten"]:  # fmt: skip
+    for name in ["posthoc_k0", "posthoc_k10", "denoised_last3", "denoised_all",
+                 "guided_last3", "guided_all", "best_of_4", "best_of_16", "reference_k10",
+                 "handwritten", "openpi_sample_actions"]:  # fmt: skip
         assert name in args.rows
     assert "reference_k0" not in args.rows
-    # The baseline is always run, first.
-    assert overhead.parse_args(["--rows", "best_of_4"]).rows == ["plain", "best_of_4"]
+    # Explicit choices override either set; the baseline is always run, first.
+    assert overhead.parse_args(["--rows", "best_of_8"]).rows == ["plain", "best_of_8"]
+    assert overhead.parse_args(["--rows", "guided_all"]).rows == ["plain", "guided_all"]
+    assert overhead.parse_args(["--full", "--batch-size", "2"]).batch_size == [2]
+    assert "posthoc_k5" in overhead.parse_args(["--steps", "5"]).rows
+
+
+def test_quick_set_leaves_slow_policies_rows_out():
+    setup = overhead.Setup("slow", None, None, None, {}, {}, quick_skip=frozenset({"plain", "x"}))
+    quick = overhead.parse_args([])
+    # The baseline always runs; the rest of quick_skip is left out.
+    assert overhead.rows_to_run(quick, setup) == [r for r in quick.rows if r != "x"]
+    assert "posthoc_k3" in overhead.rows_to_run(quick, setup)
+    for argv in (["--full"], ["--rows", "handwritten", "best_of_8"]):
+        args = overhead.parse_args(argv)
+        assert overhead.rows_to_run(args, setup) == args.rows
+
+
+def test_openpi_rows_skip_saying_why(monkeypatch, capsys, tmp_path):
+    """Where openpi cannot be imported, its rows are skipped and the record says why."""
+    monkeypatch.setattr(openpi_pi0, "unavailable", lambda: "no openpi in this test")
+    out = tmp_path / "r.json"
+    result = overhead.main(["--preset", "tiny", "--policies", "openpi", "--out", str(out)])
+    assert result["runs"] == [] and result["skipped"] == {"openpi": "no openpi in this test"}
+    assert json.loads(out.read_text())["skipped"] == result["skipped"]
+    captured = capsys.readouterr()
+    assert "openpi Pi0 rows skipped: no openpi in this test" in captured.err
+    assert "openpi Pi0: skipped (no openpi in this test)" in captured.out
+
+
+@pytest.mark.skipif(HAS_OPENPI, reason="checks the reason given where openpi is absent")
+def test_openpi_absent_reason():
+    assert "openpi is not installed" in openpi_pi0.unavailable()
+
+
+@pytest.mark.slow  # openpi's test-size Pi0 (3 images through SigLIP mu/14): ~1 min
+@pytest.mark.skipif(not HAS_OPENPI, reason="openpi is not installed (it is not on PyPI); "
+                    "run in the environment of docs/openpi.md")  # fmt: skip
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # openpi's pinned flax/jax
+def test_openpi_rows(tmp_path):
+    assert openpi_pi0.unavailable() is None
+    names = ["plain", "openpi_sample_actions", "posthoc_k1", "best_of_2", "reference_k1"]
+    result = overhead.main(["--preset", "tiny", "--repeats", "2", "--warmup", "1",
+                            "--policies", "openpi", "--steps", "1", "--best-of", "2",
+                            "--rows", *names])  # fmt: skip
+    _check(result, names, [1], policies=("openpi",))
+    rows = {r["row"]: r for r in result["runs"][0]["rows"]}
+    # Method B runs the prefix (SigLIP and the VLM) twice: it adds more than post-hoc.
+    assert rows["reference_k1"]["added_flops_ratio"] > rows["posthoc_k1"]["added_flops_ratio"]
+    assert result["skipped"] == {}
 
 
 @pytest.mark.parametrize(
@@ -150,6 +248,22 @@ def test_row_names_and_defaults():
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit):
         overhead.parse_args(argv)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_stored_gpu_records_still_render(batch):
+    """The H100 records in benchmarks/results predate openpi's rows and the paired
+    ratio; the report still reads them."""
+    import pathlib
+
+    from benchmarks import report
+
+    path = pathlib.Path(overhead.__file__).parent / "results" / f"h100_pi0_batch{batch}.json"
+    result = json.loads(path.read_text())
+    assert "NVIDIA H100" in report.header(result)
+    table = report.markdown_table(result)
+    assert f"**Pi0ShapedPolicy, batch size {batch}**" in table
+    assert "| posthoc_k3 |" in table and "| reference_k10 |" in table
 
 
 def test_plot_is_optional(tmp_path):
