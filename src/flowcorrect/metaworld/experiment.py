@@ -22,7 +22,7 @@ import numpy as np
 
 from . import stats
 from .envs import collect_demos, default_cache, expert_success
-from .evaluate import Episodes, EnvPool, rollout
+from .evaluate import EnvPool, Episodes, rollout
 from .policy import PolicyConfig, load_policy, save_policy, train_policy
 from .settings import Setting, make_act
 
