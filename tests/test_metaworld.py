@@ -320,6 +320,9 @@ def test_direction_sweep_matches_the_closed_form_on_a_quadratic():
     assert out["num_samples"] == 6 and out["alphas"] == list(alphas)
 
 
+# Compiles fc.fit, fc.evaluate, the policy sampler and the sweep: 56 s on this 2-core
+# machine under a load of ~20 (the policy-training test above took 73 s beside it).
+@pytest.mark.slow
 def test_train_energy_is_an_mlp_energy_with_policy_negatives(tmp_path):
     from flowcorrect.metaworld.energies import load_energy, save_energy, train_energy
 
