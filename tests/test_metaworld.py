@@ -4,6 +4,7 @@ installed, seeded layouts, demonstrations, the policy seam and pairing."""
 import dataclasses
 import importlib
 import importlib.util
+import json
 import math
 
 import jax
@@ -275,3 +276,109 @@ def test_every_setting_of_a_suite_runs_batched(suite):
                 diag["energy_before"],
                 [SpeedLimit(0.3)(None, jnp.asarray(c)) for c in plain], rtol=1e-4, atol=1e-6,
             )
+
+
+# -- the learned energy, the alpha sweep and the plots' numbers (no simulator needed) --
+
+
+class _ToTarget(fc.AbstractEnergy):
+    """`0.5 * ||a - target||^2` with the target given as the (flat) context: the
+    gradient step's outcome is known in closed form."""
+
+    def encode(self, context):
+        return context.reshape(4, 4)
+
+    def score(self, encoded, actions):
+        return 0.5 * jnp.sum((actions - encoded) ** 2)
+
+
+def test_direction_sweep_matches_the_closed_form_on_a_quadratic():
+    from flowcorrect.metaworld.energies import direction_sweep
+
+    k1, k2 = jax.random.split(jax.random.key(11))
+    expert = jax.random.normal(k1, (3, 4, 4))
+    # Samples at very different distances: some steps are clipped, others are not.
+    scale = jnp.array([0.1, 1.0, 30.0])[:, None, None, None]
+    samples = expert[:, None] + scale * jax.random.normal(k2, (3, 2, 4, 4))
+    alphas = (0.0, 0.1, 0.5, 1.0)
+    out = direction_sweep(_ToTarget(), expert.reshape(3, 16), samples, expert, alphas)
+    d0 = jnp.sqrt(jnp.sum((samples - expert[:, None]) ** 2, axis=(2, 3))).reshape(-1)
+    for i, a in enumerate(alphas):
+        # Unclipped: a - alpha * (a - e) shrinks the distance by (1 - alpha).
+        np.testing.assert_allclose(out["distance_unclipped"][i], np.mean((1 - a) * d0),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out["energy_unclipped"][i],
+                                   np.mean(0.5 * ((1 - a) * d0) ** 2), rtol=1e-4,
+                                   atol=1e-5)
+        # Clipped: the step is at most 20% of the chunk's norm.
+        norms = jnp.sqrt(jnp.sum(samples**2, axis=(2, 3))).reshape(-1)
+        moved = jnp.minimum(a * d0, 0.2 * norms)
+        np.testing.assert_allclose(out["distance_clipped"][i], np.mean(d0 - moved), rtol=1e-4,
+                                   atol=1e-5)
+    assert out["fall_fraction_unclipped"] == [0.0, 1.0, 1.0, 1.0]
+    assert out["energy_expert"] == pytest.approx(0.0, abs=1e-6)
+    assert out["num_samples"] == 6 and out["alphas"] == list(alphas)
+
+
+# Compiles fc.fit, fc.evaluate, the policy sampler and the sweep: 56 s on this 2-core
+# machine under a load of ~20 (the policy-training test above took 73 s beside it).
+@pytest.mark.slow
+def test_train_energy_is_an_mlp_energy_with_policy_negatives(tmp_path):
+    from flowcorrect.metaworld.energies import load_energy, save_energy, train_energy
+
+    policy = _policy()
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(60, 39)).astype(np.float32)
+    chunks = np.tanh(obs[:, :16]).reshape(60, 4, 4).astype(np.float32)
+    episode = np.repeat(np.arange(6), 10)
+    energy, meta = train_energy(policy, obs, chunks, episode, steps=30, hidden=32,
+                                batch_size=16, progress=False)
+    assert isinstance(energy, fc.MLPEnergy)
+    # One whole episode (10 states, 8 policy samples each) is held out.
+    assert meta["held_out_episodes"] == 1 and meta["train_states"] == 50
+    assert meta["report"]["num_contexts"] == 10 and meta["report"]["num_policy_samples"] == 8
+    assert meta["direction"]["num_samples"] == 80
+    assert meta["history"] and "e_neg_extra" in meta["history"][-1]  # policy negatives used
+    save_energy(tmp_path / "e", energy, meta)
+    loaded, meta2 = load_energy(tmp_path / "e")
+    a = jnp.asarray(chunks[0])
+    assert loaded(jnp.asarray(obs[0]), a) == energy(jnp.asarray(obs[0]), a)
+    assert meta2["direction"] == json.loads(json.dumps(meta["direction"]))
+
+
+def _row(name, success, wins=0, losses=0):
+    return dict(name=name, success=success, total=300, per_key=[], wins=wins, losses=losses,
+                p=stats.mcnemar(wins, losses))
+
+
+def test_plot_data_reads_the_sweeps_from_the_rows():
+    from flowcorrect.metaworld.experiment import plot_data
+
+    rows = [_row("plain", 180), _row("post-hoc K=3 a=0.1", 150, 10, 40),
+            _row("post-hoc K=1 a=0.1", 170, 5, 15), _row("post-hoc K=3 a=0.01", 178, 3, 5),
+            _row("best-of-8 by energy", 182, 6, 4)]
+    out = plot_data(rows, [58, 60, 62], 100, 95, {"direction": {"alphas": [0.0]}})
+    assert out["success_vs_K"]["x"] == [0, 1, 3]
+    assert out["success_vs_K"]["success_rate"] == [0.6, 170 / 300, 0.5]
+    assert out["success_vs_K"]["losses"] == [0, 15, 40]
+    assert out["success_vs_alpha"]["x"] == [0.01, 0.1]
+    assert out["success_vs_alpha"]["null_spread"] == [0.58, 0.6, 0.62]
+    assert out["success_vs_alpha"]["expert"] == 0.95
+    assert out["energy_along_direction"] == {"alphas": [0.0]}
+    assert plot_data(rows[:1], [58], 100, 95, {}) == {}
+
+
+def test_episodes_round_trip_through_json():
+    from flowcorrect.metaworld.evaluate import Episodes
+
+    ep = Episodes(np.array([5, 6]), np.array([True, False]), np.array([40, 300], np.int32),
+                  np.array([0, 7], np.int32), np.array([0.5, 1.25], np.float32),
+                  {"energy_before": 1.5})
+    back = Episodes.from_json(json.loads(json.dumps(ep.to_json())))
+    for f in dataclasses.fields(Episodes):
+        a, b = getattr(ep, f.name), getattr(back, f.name)
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+            assert a.dtype == b.dtype
+        else:
+            assert a == b

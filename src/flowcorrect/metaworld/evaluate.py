@@ -78,6 +78,18 @@ class Episodes:
             "diagnostics": self.diagnostics,
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Episodes":
+        """Rebuilds what `to_json` wrote (`max_speed` is rounded to 4 decimals there)."""
+        return cls(
+            seeds=np.asarray(data["seeds"], np.int64),
+            success=np.asarray(data["success"], bool),
+            steps=np.asarray(data["steps"], np.int32),
+            speed_violations=np.asarray(data["speed_violations"], np.int32),
+            max_speed=np.asarray(data["max_speed"], np.float32),
+            diagnostics={k: float(v) for k, v in data["diagnostics"].items()},
+        )
+
 
 def rollout(
     pool: EnvPool,

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import re
 import time
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from . import stats
 from .envs import collect_demos, default_cache, expert_success
-from .evaluate import EnvPool, rollout
+from .evaluate import EnvPool, Episodes, rollout
 from .policy import PolicyConfig, load_policy, save_policy, train_policy
 from .settings import Setting, make_act
 
@@ -107,11 +108,12 @@ def get_policy(task, demos, config: PolicyConfig, cache: pathlib.Path, seed: int
 def get_energy(policy, demos, horizon, cache, tag, steps, seed, progress):
     from .energies import load_energy, save_energy, train_energy
 
-    path = cache / f"energy-{tag}-{steps}-{seed}"
+    path = cache / f"mlp-energy-{tag}-{steps}-{seed}"
     if (path / "meta.json").exists():
         return load_energy(path)
     obs, chunks = demos.chunks(horizon)
-    energy, meta = train_energy(policy, obs, chunks, steps=steps, seed=seed, progress=progress)
+    energy, meta = train_energy(policy, obs, chunks, demos.episode, steps=steps, seed=seed,
+                                progress=progress)
     save_energy(path, energy, meta)
     return energy, meta
 
@@ -136,6 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         suite = [s for s in suite if s.name == "plain" or s.name in keep]
     energies: dict[str, Any] = {}
     energy_meta: dict[str, Any] = {}
+    energy_tag = f"mlp-{args.energy_steps}"
     if any(s.energy == "learned" for s in suite):
         energies["learned"], energy_meta = get_energy(
             policy, demos, args.horizon, cache, policy_tag, args.energy_steps, args.train_seed,
@@ -148,18 +151,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seeds = EVAL_SEED0 + np.arange(args.episodes)
     expert = expert_success(args.task, seeds, max_steps=args.max_steps, cache=cache,
                             progress=progress)
-    pool = EnvPool(args.task, args.episodes)
+    pool = None
     results: dict[str, Any] = {}
+    runs = out / "episodes"
+    runs.mkdir(exist_ok=True)
     for setting in suite:
-        act = make_act(policy, setting, energies)
+        act = None
         per_key = []
         for k in range(args.keys):
+            # Each (setting, key) is stored as it finishes and reused by later commands
+            # with the same policy, energy, seeds and limits (`--rerun` ignores them), so
+            # settings can run in separate processes and be tabulated together.
+            tag = _tag([policy_tag, energy_tag if setting.energy == "learned" else None,
+                        setting.describe(), args.episodes, args.execute, args.max_steps,
+                        args.speed_limit if args.suite == "constraint" else None, k])
+            path = runs / f"{args.task}-{_slug(setting.name)}-key{k}-{tag}.json"
+            if path.exists() and not args.rerun:
+                per_key.append(Episodes.from_json(json.loads(path.read_text())))
+                continue
+            if pool is None:
+                pool = EnvPool(args.task, args.episodes)
+            if act is None:
+                act = make_act(policy, setting, energies)
             ep = rollout(
                 pool, seeds, act, jax.random.key(1000 + k), execute=args.execute,
                 max_steps=args.max_steps, progress=progress,
                 speed_limit=args.speed_limit if args.suite == "constraint" else None,
                 desc=f"{setting.name} key {k}",
             )
+            path.write_text(json.dumps(ep.to_json()))
             per_key.append(ep)
         results[setting.name] = {"setting": setting.describe(), "keys": per_key}
         # Partial results as each setting finishes, so a long run that is stopped
@@ -171,6 +191,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(report["header"])
     print(report["table"])
     return report
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", name)
 
 
 def _write(out, args, results, expert, energy_meta, t0, *, partial: bool) -> dict[str, Any]:
@@ -187,17 +211,62 @@ def _write(out, args, results, expert, energy_meta, t0, *, partial: bool) -> dic
     report = {
         "args": vars(args), "header": header, "table": text, "rows": rows,
         "null_spread": null, "expert_success": int(expert.sum()),
-        "energy": {k: v for k, v in energy_meta.items() if k == "report"},
+        "energy": {k: v for k, v in energy_meta.items()
+                   if k in ("report", "direction", "config", "steps", "num_negatives")},
+        "plots": plot_data(rows, null, args.episodes, int(expert.sum()), energy_meta),
         "settings": {name: {"setting": r["setting"],
                             "keys": [e.to_json() for e in r["keys"]]}
                      for name, r in results.items()},
         "seconds": time.time() - t0,
     }
     stem = f"{args.suite}-{args.task}-{args.demos}demos-h{args.horizon}"
+    if args.only:
+        stem += "-" + _tag(sorted(args.only.split(",")))
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
     if not args.no_plots and not partial:
         plot(report, out / f"{stem}.png")
     return report
+
+
+_POST_HOC = re.compile(r"post-hoc K=(\d+) a=([0-9.]+)$")
+
+
+def plot_data(
+    rows: list[dict[str, Any]], null: list[int], episodes: int, expert: int,
+    energy_meta: dict[str, Any],
+) -> dict[str, Any]:
+    """The numbers behind the plots, read from the table rows by name: success against
+    K (at alpha 0.1; K = 0 is the plain policy) and against alpha (at K = 3), and the
+    energy along the correction direction from the energy's held-out states."""
+    by = {r["name"]: r for r in rows}
+    band = {"null_spread": [n / episodes for n in null], "expert": expert / episodes}
+    vs_k: dict[int, dict] = {}
+    vs_alpha: dict[float, dict] = {}
+    if "plain" in by:
+        vs_k[0] = by["plain"]
+    for r in rows:
+        m = _POST_HOC.match(r["name"])
+        if m:
+            k, a = int(m[1]), float(m[2])
+            if a == 0.1:
+                vs_k[k] = r
+            if k == 3:
+                vs_alpha[a] = r
+
+    def series(d: dict) -> dict[str, list]:
+        xs = sorted(d)
+        return {"x": xs, "success_rate": [d[x]["success"] / d[x]["total"] for x in xs],
+                "wins": [d[x]["wins"] for x in xs], "losses": [d[x]["losses"] for x in xs],
+                "p": [d[x]["p"] for x in xs], **band}
+
+    out: dict[str, Any] = {}
+    if len(vs_k) > 1:
+        out["success_vs_K"] = series(vs_k)
+    if vs_alpha:
+        out["success_vs_alpha"] = series(vs_alpha)
+    if "direction" in energy_meta:
+        out["energy_along_direction"] = energy_meta["direction"]
+    return out
 
 
 def table_rows(results: dict[str, Any], constraint: bool) -> list[dict[str, Any]]:
@@ -231,6 +300,8 @@ def table_rows(results: dict[str, Any], constraint: bool) -> list[dict[str, Any]
 
 
 def plot(report: dict[str, Any], path: pathlib.Path) -> None:
+    """Writes the bar chart of every setting to `path`, and one figure per entry of
+    `report["plots"]` beside it (`<stem>-<name>.png`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,6 +322,34 @@ def plot(report: dict[str, Any], path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    for name, data in report["plots"].items():
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        if name.startswith("success_vs_"):
+            ax.plot(data["x"], data["success_rate"], "o-", label="post-hoc reference recipe")
+            ax.axhspan(min(data["null_spread"]), max(data["null_spread"]), color="grey",
+                       alpha=0.3, label="plain, null spread")
+            ax.axhline(data["expert"], color="k", ls="--", label="scripted expert")
+            ax.set_xlabel(name.removeprefix("success_vs_"))
+            ax.set_ylabel("success rate")
+            if name.endswith("alpha"):
+                ax.set_xscale("log")
+        else:  # energy along the correction direction
+            a = data["alphas"]
+            ax.plot(a, data["energy_clipped"], "o-", label="E after one clipped step")
+            ax.plot(a, data["energy_unclipped"], "x--", label="E after one unclipped step")
+            ax.axhline(data["energy_expert"], color="k", ls="--", label="E of expert chunks")
+            ax.set_xlabel("alpha")
+            ax.set_ylabel("mean energy")
+            twin = ax.twinx()
+            twin.plot(a, data["distance_clipped"], "s:", color="C3",
+                      label="distance to expert (clipped)")
+            twin.set_ylabel("mean distance to the expert chunk", color="C3")
+            twin.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7)
+        ax.set_title(f"{report['args']['task']}: {name.replace('_', ' ')}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path.with_name(f"{path.stem}-{name}.png"), dpi=120)
+        plt.close(fig)
 
 
 def parser(**defaults: Any) -> argparse.ArgumentParser:
@@ -266,13 +365,15 @@ def parser(**defaults: Any) -> argparse.ArgumentParser:
     p.add_argument("--execute", type=int, default=4)
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--policy-steps", type=int, default=3000)
-    p.add_argument("--energy-steps", type=int, default=400)
+    p.add_argument("--energy-steps", type=int, default=2000)
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--speed-limit", type=float, default=0.8)
     p.add_argument("--cache", default=None, help="default ~/.cache/flowcorrect/metaworld")
     p.add_argument("--out", default="results/metaworld")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--rerun", action="store_true",
+                   help="run every setting again instead of reusing <out>/episodes/")
     p.set_defaults(**defaults)
     return p
 
