@@ -119,6 +119,16 @@ from ._train.negatives import (
 )
 from ._train.report import EvalReport as EvalReport, evaluate as evaluate
 
+# -- real-time chunking (issue 12) --
+from ._executor import ActionQueue as ActionQueue, ChunkRequest as ChunkRequest
+from ._rtc import (
+    PiGDMWeight as PiGDMWeight,
+    RealTimeChunking as RealTimeChunking,
+    RealTimeChunkingInfo as RealTimeChunkingInfo,
+    RTCEnergy as RTCEnergy,
+    rtc_prefix_weights as rtc_prefix_weights,
+)
+
 try:
     __version__ = importlib.metadata.version("flowcorrect")
 except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
