@@ -66,10 +66,11 @@ def _weights(
     # c_i = (end - i) / (end - start + 1). `end` wins over `start`.
     i = jnp.arange(horizon)
     start = jnp.minimum(start, end)
-    c = jnp.clip((end - i) / (end - start + 1), 0.0, 1.0).astype(jnp.float32)
+    dtype = jnp.result_type(float)  # float64 under x64, so exact users get exact weights
+    c = jnp.clip((end - i) / (end - start + 1), 0.0, 1.0).astype(dtype)
     table = jnp.stack([
-        jnp.ones(horizon, jnp.float32),
-        (i < start).astype(jnp.float32),
+        jnp.ones(horizon, dtype),
+        (i < start).astype(dtype),
         c,
         c * jnp.expm1(c) / (np.e - 1),
     ])
@@ -371,9 +372,14 @@ class RealTimeChunking(AbstractPlacement):
         batch, horizon = flow.batch_size, noise.shape[1]
         target = self._target(batch, horizon, noise.dtype)
         end = horizon - self.execution_horizon
+        # Values known only here (traced) are checked at run time.
         d = eqx.error_if(
-            self.inference_delay, self.inference_delay > end,
-            "RealTimeChunking: `inference_delay` > horizon - `execution_horizon`; the "
+            self.inference_delay, self.execution_horizon > horizon,
+            f"RealTimeChunking: `execution_horizon` exceeds the chunk's horizon {horizon}.",
+        )
+        d = eqx.error_if(
+            d, d > end,
+            "RealTimeChunking: `inference_delay` > horizon - `execution_horizon`: the "
             "previous chunk has no actions left for the whole delay.",
         )
         w = self.weights(horizon)
