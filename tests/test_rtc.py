@@ -409,12 +409,19 @@ def numbered_chunk(k: int, horizon: int, batch=()) -> np.ndarray:
     return np.broadcast_to(rows, (*batch, horizon, 2)).copy()
 
 
+@st.composite
+def queue_sizes(draw):
+    """(horizon, s, d) with d <= s and d <= horizon - s, including d = s = horizon / 2."""
+    s = draw(st.integers(1, 6))
+    d = draw(st.integers(0, s))
+    horizon = draw(st.integers(s + d, 12)) if s + d <= 12 else s + d
+    return max(horizon, 1), s, d
+
+
 @LAW
-@given(horizon=st.integers(2, 12), s=st.integers(1, 12), d=st.integers(0, 12),
-       steps=st.integers(1, 40))
-def test_executor_runs_the_right_actions(horizon, s, d, steps):
-    if not (s <= horizon and d <= s and d <= horizon - s):
-        return
+@given(sizes=queue_sizes(), steps=st.integers(1, 40))
+def test_executor_runs_the_right_actions(sizes, steps):
+    horizon, s, d = sizes
     queue = fc.ActionQueue(s, d)
     requests = []
     executed = []
@@ -436,6 +443,12 @@ def test_executor_runs_the_right_actions(horizon, s, d, steps):
         else:  # the previous chunk from row s on, in the new frame
             np.testing.assert_array_equal(req.prev_chunk_left_over,
                                           numbered_chunk(k - 1, horizon)[s:])
+
+
+@pytest.mark.parametrize("horizon,s,d", [(8, 4, 4), (8, 4, 0), (2, 1, 1)])
+def test_executor_delay_equal_to_execution_horizon(horizon, s, d):
+    # Each chunk runs exactly s actions and the requests come every s steps.
+    test_executor_runs_the_right_actions.hypothesis.inner_test((horizon, s, d), 6 * s + 1)
 
 
 def test_executor_batched_and_measured_delay():

@@ -97,17 +97,20 @@ class ActionQueue:
         self._pending: np.ndarray | None = None
         self._request: ChunkRequest | None = None
         self.measured_delays: list[int] = []
+        self._switched = False  # a chunk took over and its first action is not popped yet
 
     @property
     def inference_due(self) -> bool:
         """Whether an inference should start now (none is running, and the current chunk
         has run `s` actions, or there is none)."""
+        self._arrive()
         if self._request is not None:
             return False
         return self.chunk is None or self.index >= self.execution_horizon
 
     def request(self) -> ChunkRequest:
         """Starts an inference: records the step and returns what it needs."""
+        self._arrive()
         if self._request is not None:
             raise RuntimeError("An inference is already running; submit its chunk first.")
         left = None if self.chunk is None else np.array(self.chunk[..., self.index:, :])
@@ -141,26 +144,33 @@ class ActionQueue:
         self._pending = chunk
         if self.chunk is None:
             self._take_over(0)
+            self._switched = False  # the first chunk replaces nothing
+        elif not self.simulate_delay:
+            elapsed = self.steps - self._request.step
+            self.measured_delays.append(elapsed)
+            self._take_over(elapsed)
+
+    def _arrive(self) -> None:
+        # A simulated inference returns exactly `d` steps after its request, before that
+        # step's action is chosen (and before a new inference may be due at that step).
+        if self._pending is not None and self.simulate_delay:
+            if self.steps - self._request.step >= self.inference_delay:  # type: ignore[union-attr]
+                self._take_over(self.inference_delay)
 
     def _take_over(self, row: int) -> None:
         assert self._pending is not None
         self.chunk, self.index, self._pending = self._pending, row, None
         self._request = None
         self.chunk_id += 1
+        self._switched = True
 
     def pop(self) -> tuple[np.ndarray, bool]:
         """The action for this control step, `(..., action_dim)`, and whether it is the
         first one taken from a newly arrived chunk (a switch)."""
         if self.chunk is None:
             raise RuntimeError("No chunk yet: request() and submit() the first chunk.")
-        switched = False
-        if self._pending is not None:
-            elapsed = self.steps - self._request.step  # type: ignore[union-attr]
-            if not self.simulate_delay or elapsed >= self.inference_delay:
-                if not self.simulate_delay:
-                    self.measured_delays.append(elapsed)
-                self._take_over(elapsed)
-                switched = True
+        self._arrive()
+        switched, self._switched = self._switched, False
         if self.index >= self.chunk.shape[-2]:
             raise RuntimeError(
                 f"The chunk ran out after {self.index} actions while the next one was not "
