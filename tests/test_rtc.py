@@ -396,10 +396,6 @@ def test_bad_arguments_for_this_policy(args, match):
     with pytest.raises((ValueError, RuntimeError), match=match):
         fc.sample(policy, obs, jax.random.key(0), batch_size=2,
                   placement=fc.RealTimeChunking(*args))
-    # Under a trace (a user's own jit) the values are unknown: checked at run time.
-    with pytest.raises(Exception, match=match):
-        eqx.filter_jit(lambda p: fc.sample(policy, obs, jax.random.key(0), batch_size=2,
-                                           placement=p))(fc.RealTimeChunking(*args))
 
 
 # --------------------------------------------------------------------------- executor
@@ -487,3 +483,25 @@ def test_executor_errors():
     queue.pop()
     with pytest.raises(RuntimeError, match="ran out"):
         queue.pop()
+
+
+# --------------------------------------------------------------------------- harness
+def test_realtime_harness_tables_pair_settings():
+    from flowcorrect.metaworld import realtime
+
+    assert realtime.parse_setting("guided:0") == ("rtc", 0)
+    with pytest.raises(ValueError, match="kind"):
+        realtime.parse_setting("fast:2")
+
+    def keys(*successes):
+        return [{"success": s, "jump_at_switch": 0.1, "jump_ordinary": 0.05, "jerk": 0.2}
+                for s in successes]
+
+    results = {"sync": keys([1, 0, 1, 0], [1, 1, 0, 0]),
+               "naive:2": keys([0, 0, 1, 0], [1, 0, 0, 0]),
+               "rtc:2": keys([1, 1, 1, 0], [1, 1, 0, 1])}
+    text, rows = realtime.table(results, 4)
+    by_name = {r["name"]: r for r in rows}
+    assert (by_name["naive:2"]["wins"], by_name["naive:2"]["losses"]) == (0, 2)
+    assert (by_name["rtc:2"]["wins"], by_name["rtc:2"]["losses"]) == (2, 0)
+    assert "rtc:2 vs naive:2: +4/-0" in text and "[2, 2]" in text

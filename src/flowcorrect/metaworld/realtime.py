@@ -228,6 +228,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def merge(paths: list[str], out: str | None = None) -> dict[str, Any]:
+    """One paired table from the JSON files of several runs of the same task, layouts,
+    keys and chunking (settings run in separate processes are still paired: layouts and
+    noise keys are deterministic)."""
+    same = ("task", "demos", "episodes", "keys", "seed_offset", "horizon", "execute",
+            "num_steps", "beta", "max_steps", "policy_steps", "train_seed", "demo_seed")
+    results: dict[str, list[dict[str, Any]]] = {}
+    first: dict[str, Any] | None = None
+    for path in paths:
+        report = json.loads(pathlib.Path(path).read_text())
+        args = report["args"]
+        if first is None:
+            first = args
+        differ = [k for k in same if args.get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"{path} differs from {paths[0]} in {differ}; not paired.")
+        for name, per_key in report["settings"].items():
+            results.setdefault(name, per_key)
+    assert first is not None
+    order = sorted(results, key=lambda n: (n != "sync", parse_setting(n)[1], n))
+    results = {n: results[n] for n in order}
+    text, rows = table(results, first["episodes"])
+    merged = {"args": first, "sources": paths, "table": text, "rows": rows,
+              "settings": results}
+    if out:
+        pathlib.Path(out).write_text(json.dumps(merged, indent=1))
+    print(text)
+    return merged
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="pick-place-v3")
@@ -250,11 +280,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/metaworld-realtime")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="print one paired table from these result files (no rollouts); "
+                        "writes it to --merged-out if given")
+    p.add_argument("--merged-out", default=None)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run(parser().parse_args(argv))
+    args = parser().parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.merged_out)
+    return run(args)
 
 
 if __name__ == "__main__":
