@@ -155,8 +155,8 @@ def table(results: dict[str, list[dict[str, Any]]], episodes: int) -> tuple[str,
     names = list(results)
     base = "sync" if "sync" in results else names[0]
 
-    def succ(name):
-        return np.concatenate([np.asarray(k["success"], bool) for k in results[name]])
+    def succ(name) -> list[bool]:  # stats.paired_counts takes sequences of bools
+        return [bool(x) for k in results[name] for x in k["success"]]
 
     rows = []
     for name in names:
@@ -165,7 +165,7 @@ def table(results: dict[str, list[dict[str, Any]]], episodes: int) -> tuple[str,
         extra = "jump@switch {} ordinary {} jerk {}".format(
             *(f"{v:.3f}" if v is not None else "-" for v in (
                 _pooled(r, "jump_at_switch"), _pooled(r, "jump_ordinary"), _pooled(r, "jerk"))))
-        rows.append({"name": name, "success": int(succ(name).sum()), "total": int(succ(name).size),
+        rows.append({"name": name, "success": sum(succ(name)), "total": len(succ(name)),
                      "per_key": [int(np.sum(k["success"])) for k in r], "wins": wins,
                      "losses": losses, "p": stats.mcnemar(wins, losses), "extra": extra})
     null = [int(np.sum(k["success"])) for k in results[base]]
