@@ -265,9 +265,9 @@ def test_closed_form_on_a_gaussian_flow(convention):
             alpha = tau * sd**2 / var
             a_hat = m + alpha * (x - tau * m)
             eps_hat = (1 - tau) / var * (x - tau * m)
-            # d A_hat / d x = (alpha + (1 - tau) * d v/dx) with v = a_hat - eps_hat: for
-            # the paper's A_hat = x + (1 - tau) v this is alpha again (consistent).
-            guided_v = (a_hat - eps_hat) + paper_guidance_weight(tau, beta) * alpha * w * (y - a_hat)
+            # d A_hat / d x = alpha, per entry (the denoiser is linear and diagonal).
+            pull = paper_guidance_weight(tau, beta) * alpha * w * (y - a_hat)
+            guided_v = (a_hat - eps_hat) + pull
             x = x + guided_v / n
         np.testing.assert_allclose(np.asarray(ours), x, rtol=1e-9, atol=1e-9)
 
@@ -281,13 +281,10 @@ def test_guidance_pulls_the_prefix_onto_the_leftover():
     rtc, info = fc.sample(policy, obs, noise=noise, placement=fc.RealTimeChunking(left, 2, 4))
     gap = lambda x: float(jnp.mean(jnp.abs(x[:, :2] - left[None, :2])))  # noqa: E731
     assert gap(rtc) < 0.25 * gap(plain)
-    # After the overlap (weights 0) the chunk stays the policy's (not pinned to y = 0).
-    assert float(jnp.mean(info.placement.rtc_energy)) < 0.1 * float(
-        jnp.mean(jax.vmap(lambda a: fc.RTCEnergy()((left_pad(left), info.placement.weights[0]), a))(plain)))
-
-
-def left_pad(left):
-    return jnp.concatenate([left, jnp.zeros((H - left.shape[0], A))])
+    # The denoiser is diagonal, so rows of weight 0 (from H - s = 4 on) get no guidance:
+    # they are the plain sampler's, not pulled towards the zero padding.
+    np.testing.assert_allclose(rtc[:, 4:], plain[:, 4:], rtol=1e-5, atol=1e-5)
+    assert info.placement.weights.shape == (64, H)
 
 
 @pytest.mark.parametrize("batched", [False, True])

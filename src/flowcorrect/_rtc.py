@@ -109,7 +109,8 @@ def rtc_prefix_weights(
     """
     d = _int_scalar("inference_delay", inference_delay, 0, "control steps")
     s = _int_scalar("execution_horizon", execution_horizon, 1, "actions per chunk")
-    return _weights(horizon, d, horizon - s, jnp.asarray(_schedule_index(prefix_attention_schedule)))
+    schedule = jnp.asarray(_schedule_index(prefix_attention_schedule))
+    return _weights(horizon, d, horizon - s, schedule)
 
 
 class RTCEnergy(AbstractEnergy):
