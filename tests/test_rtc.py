@@ -326,6 +326,21 @@ def test_hard_prefix_copies_the_committed_actions():
     assert not np.allclose(soft[:3], left[:3])
 
 
+def test_a_non_finite_leftover_never_reaches_the_robot():
+    policy = mlp_policy(fc.OpenPI())
+    obs = jnp.array([0.3, -0.7])
+    noise = jax.random.normal(jax.random.key(5), (H, A))
+    plain, _ = fc.sample(policy, obs, noise=noise)
+    left = leftover(rows=4).at[1, 2].set(jnp.nan)
+    soft, info = fc.sample(policy, obs, noise=noise, placement=fc.RealTimeChunking(left, 2, 4))
+    # Every guided step was not finite, so each took the plain step, and said so.
+    assert int(info.placement.guidance.num_skipped) == 10
+    assert bitwise_equal(soft, plain)
+    hard, info = fc.sample(policy, obs, noise=noise,
+                           placement=fc.RealTimeChunking(left, 2, 4, hard_prefix=True))
+    assert bool(info.fell_back) and bitwise_equal(hard, plain)
+
+
 def test_new_values_do_not_recompile():
     policy = mlp_policy(fc.OpenPI())
     obs = jnp.array([0.3, -0.7])
