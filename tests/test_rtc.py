@@ -168,6 +168,22 @@ def test_pigdm_weight_maps_time_and_clamps(convention, dtype):
     assert float(weight(jnp.asarray(noise_t, dtype), convention)) == 5.0
 
 
+@LAW
+@given(t=st.floats(0, 1), beta=st.floats(0, 1e4),
+       dtype=st.sampled_from([jnp.float32, jnp.float16, jnp.bfloat16]))
+def test_pigdm_weight_law(t, beta, dtype):
+    """Finite, within [0, beta], and the same value for the same point of the flow in
+    both conventions (openpi's t is the reverse convention's 1 - t)."""
+    t_openpi = jnp.asarray(t, dtype)
+    t_reverse = (1 - t_openpi.astype(jnp.float32)).astype(dtype)
+    weight = fc.PiGDMWeight(beta)
+    w_openpi = float(weight(t_openpi, fc.OpenPI()))
+    w_reverse = float(weight(t_reverse, fc.Reverse()))
+    assert np.isfinite(w_openpi) and 0 <= w_openpi <= float(jnp.asarray(beta, dtype)) * (1 + 1e-2)
+    if float(1 - t_reverse.astype(jnp.float32)) == float(t_openpi):  # exactly one point
+        assert w_openpi == w_reverse
+
+
 def test_pigdm_weight_below_beta_in_the_middle():
     # At tau = 1/2: (1/2) / (1/2 * 1/2) = 2, so beta = 5 does not bind and beta = 1 does.
     assert float(fc.PiGDMWeight(5.0)(jnp.float32(0.5), fc.Reverse())) == pytest.approx(2.0)
