@@ -533,3 +533,17 @@ def test_realtime_harness_tables_pair_settings():
     assert (by_name["naive:2"]["wins"], by_name["naive:2"]["losses"]) == (0, 2)
     assert (by_name["rtc:2"]["wins"], by_name["rtc:2"]["losses"]) == (2, 0)
     assert "rtc:2 vs naive:2: +4/-0" in text and "[2, 2]" in text
+
+
+def test_example_runs_and_rtc_keeps_its_mode(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "realtime_chunking.py"
+    spec = importlib.util.spec_from_file_location("example_realtime_chunking", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--steps", "60"])
+    (naive_jump, naive_flips), (rtc_jump, rtc_flips) = results["naive"], results["rtc"]
+    assert rtc_flips == 0 < naive_flips and rtc_jump < 0.5 * naive_jump
+    assert "rtc:" in capsys.readouterr().out
