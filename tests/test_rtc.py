@@ -144,8 +144,7 @@ def test_prefix_weights_are_the_papers(s, d, schedule):
 
 
 def test_prefix_weights_example():
-    # H = 10, d = 2, s = 4: 1 1 4/5 3/5 2/5 1/5? No: the overlap ends at H - s = 6,
-    # c_i = (6 - i) / 5 for i = 2..5.
+    # H = 10, d = 2, s = 4: the overlap ends at H - s = 6 and c_i = (6 - i) / 5.
     w = fc.rtc_prefix_weights(10, 2, 4, "linear")
     np.testing.assert_allclose(w, [1, 1, 0.8, 0.6, 0.4, 0.2, 0, 0, 0, 0], atol=1e-7)
 
