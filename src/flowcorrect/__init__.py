@@ -32,6 +32,9 @@ from ._energy import (
     bind as bind,
 )
 
+# -- real-time chunking (issue 12) --
+from ._executor import ActionQueue as ActionQueue, ChunkRequest as ChunkRequest
+
 # -- flow sampler (issue 3) --
 from ._flow.conventions import (
     AbstractConvention as AbstractConvention,
@@ -94,6 +97,13 @@ from ._policy import (
     AbstractBatchedPolicy as AbstractBatchedPolicy,
     AbstractPolicy as AbstractPolicy,
     VelocityPolicy as VelocityPolicy,
+)
+from ._rtc import (
+    PiGDMWeight as PiGDMWeight,
+    RealTimeChunking as RealTimeChunking,
+    RealTimeChunkingInfo as RealTimeChunkingInfo,
+    RTCEnergy as RTCEnergy,
+    rtc_prefix_weights as rtc_prefix_weights,
 )
 from ._train.batch import Batch as Batch
 from ._train.checkpoint import CheckpointError as CheckpointError

@@ -1,0 +1,185 @@
+"""An action queue for asynchronous chunked execution, free of any framework.
+
+A chunked policy runs while the robot moves. This queue holds the chunk being executed,
+counts executed actions, says when the next inference is due (every `s` executed
+actions), hands out what real-time chunking needs (the leftover of the current chunk in
+the new chunk's frame, and the delay) and switches to the new chunk when it arrives:
+after a simulated delay of `d` control steps, or whenever it is handed in (a real robot,
+where the delay is measured). NumPy only, so it runs in any sim or robot loop.
+"""
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkRequest:
+    """What an inference started now needs to know.
+
+    - `prev_chunk_left_over`: the current chunk's actions not yet executed, `(...,
+        horizon - executed, action_dim)`, in the new chunk's frame (row 0 runs at the time
+        of the new chunk's row 0); `None` for the first chunk.
+    - `inference_delay`: the delay `d` in control steps the new chunk must expect.
+    - `execution_horizon`: `s`.
+    - `step`: the control step at which the request was made.
+    """
+
+    prev_chunk_left_over: np.ndarray | None
+    inference_delay: int
+    execution_horizon: int
+    step: int
+
+
+class ActionQueue:
+    """Executes action chunks asynchronously: the robot keeps moving while the policy thinks.
+
+    The loop, in a simulator (the delay is simulated) or on a robot:
+
+    ```python
+    queue = fc.ActionQueue(execution_horizon=4, inference_delay=2)
+    while running:
+        if queue.inference_due:
+            request = queue.request()          # the observation is taken now
+            queue.submit(policy(observation, request))
+        action, switched = queue.pop()
+        observation = env.step(action)
+    ```
+
+    Timing, with horizon `H`, execution horizon `s` and delay `d`: an inference is due
+    once `s` actions of the current chunk have run (its rows `0 .. s-1`); the request
+    takes the observation then, and the new chunk's row 0 is the action for that same
+    control step. For `d` more steps the robot runs the current chunk's rows `s .. s+d-1`
+    (the committed actions, which real-time chunking passes to the sampler); then it
+    switches to the new chunk at its row `d`. So each chunk contributes `s` actions, and
+    `d = 0` is synchronous execution. The first chunk, with nothing to run before it,
+    starts at its row 0 whenever it arrives.
+
+    Chunks may carry leading batch axes `(..., H, action_dim)` (several environments
+    stepped in lockstep); the bookkeeping is shared by the batch.
+
+    **Arguments:**
+
+    - `execution_horizon`: `s >= 1`, actions executed from each chunk.
+    - `inference_delay`: `d` with `0 <= d <= s`, the simulated delay (and what requests
+        report). Also needs `d <= H - s` (checked at the first chunk).
+    - `simulate_delay`: `True` (default): a submitted chunk takes over exactly `d` steps
+        after its request (handing it in early is how a simulator models the delay).
+        `False` (a real robot): it takes over at the next `pop`, at the row equal to
+        the steps executed since the request (the measured delay, recorded in
+        `measured_delays`).
+    """
+
+    def __init__(self, execution_horizon: int, inference_delay: int = 0, *,
+                 simulate_delay: bool = True):
+        for name, value, low in (("execution_horizon", execution_horizon, 1),
+                                 ("inference_delay", inference_delay, 0)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+                raise ValueError(f"`{name}` must be an int >= {low}; got {value!r}.")
+        if inference_delay > execution_horizon:
+            raise ValueError(
+                f"`inference_delay` {inference_delay} exceeds `execution_horizon` "
+                f"{execution_horizon}: the next inference would be due before this one "
+                "returns. Execute at least d actions per chunk."
+            )
+        self.execution_horizon = int(execution_horizon)
+        self.inference_delay = int(inference_delay)
+        self.simulate_delay = bool(simulate_delay)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets every chunk and counter (a new episode)."""
+        self.chunk: np.ndarray | None = None  # the chunk being executed
+        self.index = 0  # its next row
+        self.steps = 0  # actions executed in all
+        self.chunk_id = -1  # how many chunks were taken over, minus one
+        self._pending: np.ndarray | None = None
+        self._request: ChunkRequest | None = None
+        self.measured_delays: list[int] = []
+        self._switched = False  # a chunk took over and its first action is not popped yet
+
+    @property
+    def inference_due(self) -> bool:
+        """Whether an inference should start now (none is running, and the current chunk
+        has run `s` actions, or there is none)."""
+        self._arrive()
+        if self._request is not None:
+            return False
+        return self.chunk is None or self.index >= self.execution_horizon
+
+    def request(self) -> ChunkRequest:
+        """Starts an inference: records the step and returns what it needs."""
+        self._arrive()
+        if self._request is not None:
+            raise RuntimeError("An inference is already running; submit its chunk first.")
+        left = None if self.chunk is None else np.array(self.chunk[..., self.index:, :])
+        self._request = ChunkRequest(left, self.inference_delay, self.execution_horizon,
+                                     self.steps)
+        return self._request
+
+    def submit(self, chunk: Any) -> None:
+        """Hands in the chunk of the running inference."""
+        if self._request is None:
+            raise RuntimeError("No inference is running: call request() before submit().")
+        chunk = np.asarray(chunk)
+        if chunk.ndim < 2:
+            raise ValueError(f"`chunk` must be (..., horizon, action_dim); got {chunk.shape}.")
+        horizon = chunk.shape[-2]
+        if self.chunk is not None and chunk.shape != self.chunk.shape:
+            raise ValueError(
+                f"`chunk` has shape {chunk.shape} but the previous chunk had {self.chunk.shape}."
+            )
+        if self.chunk is None and self.inference_delay > horizon - self.execution_horizon:
+            raise ValueError(
+                f"`inference_delay` {self.inference_delay} exceeds horizon - execution_horizon "
+                f"= {horizon} - {self.execution_horizon}: the robot would run out of actions "
+                "while the policy thinks."
+            )
+        if self.execution_horizon > horizon:
+            raise ValueError(
+                f"`execution_horizon` {self.execution_horizon} exceeds the chunk's horizon "
+                f"{horizon}."
+            )
+        self._pending = chunk
+        if self.chunk is None:
+            self._take_over(0)
+            self._switched = False  # the first chunk replaces nothing
+        elif not self.simulate_delay:
+            elapsed = self.steps - self._request.step
+            self.measured_delays.append(elapsed)
+            self._take_over(elapsed)
+
+    def _arrive(self) -> None:
+        # A simulated inference returns exactly `d` steps after its request, before that
+        # step's action is chosen (and before a new inference may be due at that step).
+        if self._pending is not None and self.simulate_delay:
+            if self.steps - self._request.step >= self.inference_delay:  # type: ignore[union-attr]
+                self._take_over(self.inference_delay)
+
+    def _take_over(self, row: int) -> None:
+        assert self._pending is not None
+        self.chunk, self.index, self._pending = self._pending, row, None
+        self._request = None
+        self.chunk_id += 1
+        self._switched = True
+
+    def pop(self) -> tuple[np.ndarray, bool]:
+        """The action for this control step, `(..., action_dim)`, and whether it is the
+        first one taken from a newly arrived chunk (a switch)."""
+        if self.chunk is None:
+            raise RuntimeError("No chunk yet: request() and submit() the first chunk.")
+        self._arrive()
+        switched, self._switched = self._switched, False
+        if self.index >= self.chunk.shape[-2]:
+            raise RuntimeError(
+                f"The chunk ran out after {self.index} actions while the next one was not "
+                "in: the inference took longer than horizon - execution_horizon steps."
+            )
+        action = self.chunk[..., self.index, :]
+        self.index += 1
+        self.steps += 1
+        return action, switched
+
+
+__all__ = ["ActionQueue", "ChunkRequest"]

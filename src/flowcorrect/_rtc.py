@@ -1,0 +1,412 @@
+"""Real-time chunking: guidance towards the actions the robot has already committed to.
+
+Black, Galliker and Levine (2025), "Real-Time Execution of Action Chunking Flow
+Policies" (RTC). While a chunked policy thinks, the robot keeps executing the previous
+chunk; the new chunk must agree with the actions that will run before it arrives (the
+first `d`, the inference delay) and should blend smoothly into the rest of the overlap.
+RTC does this at inference time by inpainting: guidance through the policy's velocity
+(PiGDM) towards the previous chunk's leftover, with weights that decay over the horizon.
+
+In the library's terms that is an energy (a weighted squared distance from the denoised
+estimate to the leftover, [`flowcorrect.RTCEnergy`][]), a guidance weight of time
+([`flowcorrect.PiGDMWeight`][]) and the [`flowcorrect.Guided`][] placement with no cap.
+[`flowcorrect.RealTimeChunking`][] assembles the three so that none can be set wrong.
+"""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from ._custom_types import Actions, Encoded, Scalar
+from ._energy import AbstractEnergy
+from ._flow.conventions import AbstractConvention
+from ._flow.flow import BatchChunks, BatchKeys, Flow
+from ._flow.placements import AbstractPlacement, Guided, Plain, StepCounts
+from ._flow.schedules import AbstractWeight, EveryStep
+from ._misc import concrete, float_array, shape_str
+
+# The paper's prefix-attention schedules (its Figure / eq. 5 and the reference code).
+SCHEDULES = ("ones", "zeros", "linear", "exp")
+
+
+def _schedule_index(schedule: Any) -> int:
+    name = schedule.lower() if isinstance(schedule, str) else schedule
+    if name not in SCHEDULES:
+        raise ValueError(
+            f"`prefix_attention_schedule` must be one of {SCHEDULES} (the paper uses 'exp'); "
+            f"got {schedule!r}."
+        )
+    return SCHEDULES.index(name)
+
+
+def _int_scalar(name: str, value: Any, low: int, hint: str) -> Int[Array, ""]:
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"`{name}` must be an int ({hint}), not a boolean.")
+    array = jnp.asarray(value)
+    if array.shape != () or not jnp.issubdtype(array.dtype, jnp.integer):
+        raise ValueError(
+            f"`{name}` must be a scalar int ({hint}); got {shape_str(array)} of dtype "
+            f"{array.dtype}."
+        )
+    v = concrete(array)
+    if v is not None and v < low:
+        raise ValueError(f"`{name}` must be >= {low} ({hint}); got {int(v)}.")
+    return array.astype(jnp.int32)
+
+
+def _weights(
+    horizon: int, start: Array, end: Array, schedule: Array
+) -> Float[Array, " horizon"]:
+    # Eq. (5) of the paper: 1 before `start`, c_i (e^c_i - 1) / (e - 1) over the overlap
+    # for 'exp' (c_i itself for 'linear'), 0 from `end` on, with
+    # c_i = (end - i) / (end - start + 1). `end` wins over `start`.
+    i = jnp.arange(horizon)
+    start = jnp.minimum(start, end)
+    dtype = jnp.result_type(float)  # float64 under x64, so exact users get exact weights
+    c = jnp.clip((end - i) / (end - start + 1), 0.0, 1.0).astype(dtype)
+    table = jnp.stack([
+        jnp.ones(horizon, dtype),
+        (i < start).astype(dtype),
+        c,
+        c * jnp.expm1(c) / (np.e - 1),
+    ])
+    # Exactly 1 on the committed prefix, as eq. 5 writes it (the exp formula rounds).
+    w = jnp.where(i < start, 1.0, table[schedule])
+    return jnp.where(i >= end, 0.0, w)
+
+
+def rtc_prefix_weights(
+    horizon: int,
+    inference_delay: Any,
+    execution_horizon: Any,
+    prefix_attention_schedule: str = "exp",
+) -> Float[Array, " horizon"]:
+    """The paper's weights over the new chunk's horizon (its eq. 5).
+
+    With `d` the inference delay and `s` the execution horizon: 1 on the first `d`
+    actions (they run before the new chunk arrives, so they are fixed), decaying over
+    the rest of the overlap with the previous chunk, and 0 from `horizon - s` on (the
+    previous chunk has no actions there).
+
+    **Arguments:**
+
+    - `horizon`: the chunk length `H` (a Python int).
+    - `inference_delay`: `d`, in control steps (an int, or an int array: traced values
+        do not recompile).
+    - `execution_horizon`: `s`, the actions executed from a chunk before the next
+        inference starts.
+    - `prefix_attention_schedule`: `'exp'` (the paper's), `'linear'`, `'ones'` (1 on the
+        whole overlap) or `'zeros'` (1 on the first `d` actions only: the committed
+        prefix, nothing else).
+
+    **Returns:**
+
+    An array of shape `(horizon,)` with values in `[0, 1]`.
+    """
+    d = _int_scalar("inference_delay", inference_delay, 0, "control steps")
+    s = _int_scalar("execution_horizon", execution_horizon, 1, "actions per chunk")
+    schedule = jnp.asarray(_schedule_index(prefix_attention_schedule))
+    return _weights(horizon, d, horizon - s, schedule)
+
+
+class RTCEnergy(AbstractEnergy):
+    """The energy of real-time chunking: `0.5 * sum_i w_i * ||a_i - y_i||^2`.
+
+    `y` is the previous chunk's leftover in the new chunk's frame (row `i` is the action
+    the previous chunk would execute at the same time as the new chunk's row `i`) and
+    `w` the per-step weights of [`flowcorrect.rtc_prefix_weights`][]. Its gradient is
+    `w_i (a_i - y_i)`, so `-grad` is the paper's `diag(W) (Y - A_hat)`.
+
+    The context is the pair `(target, weights)` of shapes `(horizon, action_dim)` and
+    `(horizon,)`; both are data, so a new previous chunk or delay does not recompile.
+    """
+
+    def encode(self, context: Encoded) -> Encoded:
+        return context
+
+    def score(self, encoded: Encoded, actions: Actions) -> Scalar:
+        target, weights = encoded
+        if target.shape != actions.shape or weights.shape != actions.shape[:1]:
+            raise ValueError(
+                "RTCEnergy's context must be (target, weights) with target of the actions' "
+                f"shape {shape_str(actions)} and weights of shape {actions.shape[:1]}; got "
+                f"{shape_str(target)} and {shape_str(weights)}."
+            )
+        diff = actions - target.astype(actions.dtype)
+        return 0.5 * jnp.sum(weights.astype(actions.dtype)[:, None] * diff**2)
+
+
+class PiGDMWeight(AbstractWeight):
+    """The guidance weight of PiGDM as real-time chunking uses it: `min(beta, (1 - tau) /
+    (tau * r_tau^2))`, `r_tau^2 = (1 - tau)^2 / (tau^2 + (1 - tau)^2)`.
+
+    **Time.** `tau` is the paper's time, 0 at noise and 1 at actions. Every convention
+    says how far `t` is from noise, `convention.progress(t)`, and that is `tau`: `t`
+    itself in [`flowcorrect.Reverse`][], `1 - t` in [`flowcorrect.OpenPI`][]. The formula
+    equals `(tau^2 + (1 - tau)^2) / (tau (1 - tau))`, symmetric under `tau <-> 1 - tau`,
+    so plugging openpi's `t` in unmapped gives the same numbers inside `(0, 1)` but 0/0 =
+    NaN at `t = 1`, openpi's first step; a placement that skips non-finite guidance then
+    silently drops the first (largest) guided step. Here the ends are clamped to `beta`:
+    the limit of the formula at `tau -> 0` is `+inf`, so the min is `beta` there.
+
+    **Sign.** With `E(A_hat) = 0.5 (A_hat - Y)^T diag(W) (A_hat - Y)` (see
+    [`flowcorrect.RTCEnergy`][]) and `g = (dA_hat/dx)^T grad E` (one VJP), the paper's
+    guided velocity in its convention is `v + w * (dA_hat/dx)^T diag(W) (Y - A_hat) =
+    v - w g`; the Euler step `x + dt v` with `dt > 0` moves `x` downhill. In openpi's
+    convention the sample `x_t` at `t = 1 - tau` is the same point, the velocity is the
+    negative (`noise - actions` vs `actions - noise`), the denoised estimate is the same
+    (`x - t v = x + (1 - tau) v_reverse`) and `dt < 0`, so the same step needs
+    `v + w g`. [`flowcorrect.Guided`][] adds `-sign(dt) * w * g`, which is both.
+
+    **Arguments:**
+
+    - `max_guidance_weight`: the clip `beta` (the paper uses 5), `>= 0`; 0 switches
+        guidance off. Stored as an array: a new value does not recompile.
+    """
+
+    max_guidance_weight: Float[Array, ""]
+
+    def __init__(self, max_guidance_weight: Any = 5.0):
+        self.max_guidance_weight = float_array(max_guidance_weight)
+
+    def __check_init__(self):
+        beta = self.max_guidance_weight
+        v = concrete(beta)
+        if beta.shape != () or (v is not None and not (np.isfinite(v) and v >= 0)):
+            shown = v if v is not None and beta.shape == () else shape_str(beta)
+            raise ValueError(
+                "`max_guidance_weight` must be a finite number >= 0 (the paper's beta; it "
+                f"uses 5); got {shown}."
+            )
+
+    def __call__(self, t: Float[Array, ""], convention: AbstractConvention) -> Scalar:
+        dtype = jnp.promote_types(t.dtype, jnp.float32)
+        tau = jnp.clip(convention.progress(t).astype(dtype), 0, 1)
+        inside = (tau > 0) & (tau < 1)
+        safe = jnp.where(inside, tau, 0.5)
+        r2 = (1 - safe) ** 2 / (safe**2 + (1 - safe) ** 2)
+        w = (1 - safe) / (safe * r2)
+        beta = self.max_guidance_weight.astype(dtype)
+        return jnp.where(inside, jnp.minimum(beta, w), beta).astype(t.dtype)
+
+
+class RealTimeChunkingInfo(eqx.Module):
+    """Diagnostics of [`flowcorrect.RealTimeChunking`][] (arrays with a leading batch axis).
+
+    **Attributes:**
+
+    - `weights`: `(batch, horizon)`, the prefix weights used.
+    - `guidance`: a [`flowcorrect.StepCounts`][]: guided flow steps, and steps whose
+        guidance was not finite (the plain step was taken).
+    - `step_energy`: `(batch, num_steps)`, the RTC energy of the denoised estimate at
+        each step, with `fc.sample(..., step_energies=True)`; else `None`.
+    - `rtc_energy`: `(batch,)`, the RTC energy of the sampled chunk (before the hard
+        prefix, which makes the committed part exact).
+    """
+
+    weights: Float[Array, "batch horizon"]
+    guidance: StepCounts
+    step_energy: Float[Array, "batch num_steps"] | None
+    rtc_energy: Float[Array, " batch"]
+
+
+class RealTimeChunking(AbstractPlacement):
+    """Real-time chunking (Black, Galliker, Levine 2025): the new chunk inpaints the
+    previous chunk's leftover, by PiGDM guidance through the policy's velocity.
+
+    At every flow step the velocity becomes `v - sign(dt) * w(tau) * g`, with `g` the
+    gradient of [`flowcorrect.RTCEnergy`][] through the denoised estimate (one VJP of the
+    policy per step), `w` the [`flowcorrect.PiGDMWeight`][] at the paper's time `tau`
+    (mapped from the policy's convention), and no cap relative to the velocity: the
+    paper's algorithm exactly, in either convention. Pass it as `placement=` to
+    [`flowcorrect.sample`][]; it needs no `energy` (one given there is only reported in
+    `info.final_energy`).
+
+    Everything is data: a new leftover, delay, execution horizon, weight clip, schedule
+    or hard-prefix switch does not recompile, so a control loop compiles once. With
+    all-zero weights (`d = 0` and the 'zeros' schedule) or `max_guidance_weight = 0`
+    the flow is the plain sampler's, bit for bit.
+
+    **Arguments:**
+
+    - `prev_chunk_left_over`: the previous chunk's actions not yet executed when this
+        inference starts, in the new chunk's frame: row `i` is what the previous chunk
+        would execute at the time of the new chunk's row `i`. Shape
+        `(leftover, action_dim)` with `leftover <= horizon`, or with a leading batch
+        axis matching the sampler's batch. Rows past `leftover` get weight 0.
+        With an [`flowcorrect.ActionQueue`][], `queue.request().prev_chunk_left_over`.
+    - `inference_delay`: `d`, the control steps the robot executes from the previous
+        chunk before the new one arrives: the new chunk's first `d` actions are never
+        executed and are pulled onto the leftover with weight 1. `0 <= d <= leftover`
+        and `d <= horizon - execution_horizon`.
+    - `execution_horizon`: `s`, the actions executed from each chunk before the next
+        inference starts; the weights vanish from `horizon - s` on.
+    - `prefix_attention_schedule`: `'exp'` (default, the paper's), `'linear'`,
+        `'ones'` or `'zeros'` (guide towards the first `d` actions only); see
+        [`flowcorrect.rtc_prefix_weights`][].
+    - `max_guidance_weight`: the paper's `beta`, default 5.
+    - `hard_prefix`: after sampling, copy the first `d` actions from the leftover, so the
+        chunk agrees with the committed actions exactly. Default `False`.
+
+    !!! example
+
+        ```python
+        rtc = fc.RealTimeChunking(prev_chunk_left_over=leftover, inference_delay=2,
+                                  execution_horizon=4)
+        actions, info = fc.sample(policy, observation, key, placement=rtc)
+        ```
+    """
+
+    prev_chunk_left_over: Float[Array, "*batch leftover action_dim"]
+    inference_delay: Int[Array, ""]
+    execution_horizon: Int[Array, ""]
+    max_guidance_weight: Float[Array, ""]
+    prefix_attention_schedule: Int[Array, ""]
+    hard_prefix: Bool[Array, ""]
+
+    def __init__(
+        self,
+        prev_chunk_left_over: Any,
+        inference_delay: Any,
+        execution_horizon: Any,
+        *,
+        prefix_attention_schedule: str = "exp",
+        max_guidance_weight: Any = 5.0,
+        hard_prefix: Any = False,
+    ):
+        if not isinstance(prev_chunk_left_over, jax.Array | np.ndarray):
+            raise TypeError(
+                "`prev_chunk_left_over` must be a JAX or NumPy array of shape (leftover, "
+                f"action_dim); got {type(prev_chunk_left_over).__name__}."
+            )
+        self.prev_chunk_left_over = prev_chunk_left_over
+        self.inference_delay = _int_scalar(
+            "inference_delay", inference_delay, 0, "control steps executed from the previous "
+            "chunk while the policy thinks",
+        )
+        self.execution_horizon = _int_scalar(
+            "execution_horizon", execution_horizon, 1, "actions executed from each chunk "
+            "before the next inference starts",
+        )
+        self.max_guidance_weight = PiGDMWeight(max_guidance_weight).max_guidance_weight
+        self.prefix_attention_schedule = jnp.asarray(
+            _schedule_index(prefix_attention_schedule), jnp.int32
+        )
+        self.hard_prefix = jnp.asarray(hard_prefix, bool)
+
+    def __check_init__(self):
+        left = self.prev_chunk_left_over
+        if left.ndim not in (2, 3) or left.shape[-2] < 1:
+            raise ValueError(
+                "`prev_chunk_left_over` must have shape (leftover, action_dim) with leftover "
+                f">= 1, or (batch, leftover, action_dim); got {shape_str(left)}."
+            )
+        if not jnp.issubdtype(left.dtype, jnp.floating):
+            raise ValueError(f"`prev_chunk_left_over` must be floating; got {left.dtype}.")
+        d = concrete(self.inference_delay)
+        if d is not None and d > left.shape[-2]:
+            raise ValueError(
+                f"`inference_delay` {int(d)} exceeds the {left.shape[-2]} actions left in "
+                "`prev_chunk_left_over`: the robot would run out of committed actions before "
+                "the new chunk arrives. Start inference earlier (a smaller execution "
+                "horizon) or pass the whole leftover."
+            )
+        if self.hard_prefix.shape != ():
+            raise ValueError(f"`hard_prefix` must be one bool; got {shape_str(self.hard_prefix)}.")
+
+    def _check(self, chunk_shape: tuple[int, ...]) -> None:
+        horizon, action_dim = chunk_shape[-2:]
+        left = self.prev_chunk_left_over
+        if left.shape[-1] != action_dim or left.shape[-2] > horizon:
+            raise ValueError(
+                f"`prev_chunk_left_over` has shape {shape_str(left)} but the policy's chunks "
+                f"are {(horizon, action_dim)}: it needs action_dim {action_dim} and at most "
+                f"{horizon} rows (the previous chunk's actions from the time this inference "
+                "starts)."
+            )
+        s, d = concrete(self.execution_horizon), concrete(self.inference_delay)
+        if s is not None and s > horizon:
+            raise ValueError(
+                f"`execution_horizon` {int(s)} exceeds the chunk's horizon {horizon}."
+            )
+        if s is not None and d is not None and d > horizon - s:
+            raise ValueError(
+                f"`inference_delay` {int(d)} exceeds horizon - execution_horizon = "
+                f"{horizon} - {int(s)}: the previous chunk has only {horizon - int(s)} actions "
+                f"left when inference starts. Use execution_horizon <= {horizon - int(d)}."
+            )
+
+    def noise_shape(self, chunk_shape: tuple[int, int]) -> tuple[int, ...]:
+        self._check(chunk_shape)
+        return tuple(chunk_shape)
+
+    def _target(self, batch: int, horizon: int, dtype: Any) -> BatchChunks:
+        left = self.prev_chunk_left_over.astype(dtype)
+        pad = [(0, 0)] * (left.ndim - 2) + [(0, horizon - left.shape[-2]), (0, 0)]
+        left = jnp.pad(left, pad)
+        if left.ndim == 2:
+            return jnp.broadcast_to(left, (batch, *left.shape))
+        rows = left.shape[0]
+        if rows == batch:
+            return left
+        if batch % rows == 0:  # best-of-N repeats each observation in a row
+            return jnp.repeat(left, batch // rows, axis=0)
+        raise ValueError(
+            f"`prev_chunk_left_over` has a batch axis of {rows} but the sampler runs a batch "
+            f"of {batch}; give one leftover per observation, or one (leftover, action_dim) "
+            "for all."
+        )
+
+    def weights(self, horizon: int) -> Float[Array, " horizon"]:
+        """The prefix weights over a chunk of `horizon` actions."""
+        end = jnp.minimum(horizon - self.execution_horizon, self.prev_chunk_left_over.shape[-2])
+        return _weights(horizon, self.inference_delay, end, self.prefix_attention_schedule)
+
+    def sample(
+        self, flow: Flow, noise: Array, keys: BatchKeys
+    ) -> tuple[BatchChunks, RealTimeChunkingInfo]:
+        self._check(noise.shape)
+        batch, horizon = flow.batch_size, noise.shape[1]
+        target = self._target(batch, horizon, noise.dtype)
+        end = horizon - self.execution_horizon
+        # Values known only here (traced) are checked at run time.
+        d = eqx.error_if(
+            self.inference_delay, self.execution_horizon > horizon,
+            f"RealTimeChunking: `execution_horizon` exceeds the chunk's horizon {horizon}.",
+        )
+        d = eqx.error_if(
+            d, d > end,
+            "RealTimeChunking: `inference_delay` > horizon - `execution_horizon`: the "
+            "previous chunk has no actions left for the whole delay.",
+        )
+        w = self.weights(horizon)
+        weights = jnp.broadcast_to(w, (batch, horizon))
+        # The RTC energy replaces the sampler's: the guidance reads only this one.
+        rtc_flow = Flow(flow.policy, flow.prefix, RTCEnergy(), (target, weights), batch,
+                        flow.num_steps, flow.step_energies)
+        # No cap: the paper's guidance is not bounded relative to the velocity.
+        guided = Guided(EveryStep(), PiGDMWeight(self.max_guidance_weight), cap=None)
+
+        def plain(_):
+            x, _, step_energy = rtc_flow.integrate(Plain(), noise, keys)
+            zero = jnp.zeros(batch, jnp.int32)
+            return x, StepCounts(zero, zero), step_energy
+
+        def rtc(_):
+            return rtc_flow.integrate(guided, noise, keys)
+
+        # A batch-level branch: with nothing to guide towards, the plain flow exactly.
+        off = jnp.all(w == 0) | (self.max_guidance_weight == 0)
+        x, counts, step_energy = jax.lax.cond(off, plain, rtc, None)
+        rtc_energy = rtc_flow.energies(x)
+        committed = (jnp.arange(horizon) < d) & self.hard_prefix
+        x = jnp.where(committed[None, :, None], target, x)
+        return x, RealTimeChunkingInfo(weights, counts, step_energy, rtc_energy)
+
+
+__all__ = ["PiGDMWeight", "RTCEnergy", "RealTimeChunking", "RealTimeChunkingInfo",
+           "rtc_prefix_weights"]

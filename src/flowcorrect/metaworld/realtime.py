@@ -1,0 +1,298 @@
+"""Real-time chunking on Meta-World: asynchronous execution with a simulated inference delay.
+
+    python -m flowcorrect.metaworld.realtime --task pick-place-v3 --demos 10 \
+        --settings sync,naive:2,naive:4,rtc:2,rtc:4 --episodes 100 --keys 3 \
+        --out /work/mw-results/rtc
+
+Every episode is driven by an [`flowcorrect.ActionQueue`][]: an inference is due every
+`--execute` actions; the observation is taken then, and for `d` control steps (the
+delay) the robot keeps executing the previous chunk before switching to the new one at
+its row `d`. Settings, each `kind:d`:
+
+- `sync`: `d = 0`, plain sampling: the synchronous receding-horizon baseline;
+- `naive:d`: plain sampling, the new chunk replaces the old one after `d` steps;
+- `rtc:d`: real-time chunking ([`flowcorrect.RealTimeChunking`][], 'exp' schedule);
+- `prefix:d`: real-time chunking towards the committed `d` actions only ('zeros');
+- `hard:d`: plain sampling but the first `d` actions copied from the leftover (never
+  executed: a control that must equal `naive:d`), kept for completeness;
+- `guided:0` is `rtc:0`: guidance over the overlap with no delay at all.
+
+All settings run on the same layouts (seeds) and, at query `q`, on the same noise
+`normal(fold_in(key, q))`, so comparisons are paired. Reported: success (pooled over the
+noise keys, exact McNemar against `sync` and between `rtc:d` / `naive:d`), the mean
+jump `||a_t - a_{t-1}||` at chunk switches and at ordinary steps, and the mean jerk
+`||a_t - 2 a_{t-1} + a_{t-2}||` (actions are velocity-like commands, so this is a
+second difference), all on the clipped executed actions.
+"""
+
+import argparse
+import json
+import pathlib
+import time
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._executor import ActionQueue
+from .._flow.sample import sample
+from .._rtc import RealTimeChunking
+from . import stats
+from .envs import collect_demos, default_cache, expert_success, reset_env
+from .evaluate import EnvPool
+from .experiment import EVAL_SEED0, get_policy
+from .policy import PolicyConfig
+
+KINDS = ("sync", "naive", "rtc", "prefix", "hard", "guided")
+
+
+def parse_setting(text: str) -> tuple[str, int]:
+    kind, _, d = text.partition(":")
+    if kind not in KINDS:
+        raise ValueError(f"Unknown setting kind {kind!r} in {text!r}; use one of {KINDS}.")
+    delay = int(d) if d else 0
+    if kind == "sync" and delay:
+        raise ValueError("`sync` has no delay.")
+    if kind == "guided":
+        kind = "rtc"
+    return kind, delay
+
+
+@eqx.filter_jit
+def _plain(policy, obs, noise, num_steps):
+    return sample(policy, obs, noise=noise, num_steps=num_steps)[0]
+
+
+@eqx.filter_jit
+def _rtc(policy, obs, noise, placement, num_steps):
+    return sample(policy, obs, noise=noise, num_steps=num_steps, placement=placement)[0]
+
+
+def make_act(policy, kind: str, *, num_steps: int, beta: float):
+    """`act(obs [N, 39], key, request) -> chunks [N, H, 4]` for one setting kind."""
+    shape = policy.chunk_shape
+
+    def act(obs: np.ndarray, key: Any, request) -> np.ndarray:
+        obs_j = jnp.asarray(obs, jnp.float32)
+        noise = jax.random.normal(key, (len(obs), *shape), jnp.float32)
+        left = request.prev_chunk_left_over
+        if left is None or kind in ("sync", "naive", "hard"):
+            chunks = np.array(_plain(policy, obs_j, noise, num_steps))
+            if kind == "hard" and left is not None:
+                chunks[:, :request.inference_delay] = left[:, :request.inference_delay]
+            return chunks
+        placement = RealTimeChunking(
+            jnp.asarray(left, jnp.float32), request.inference_delay, request.execution_horizon,
+            prefix_attention_schedule="exp" if kind == "rtc" else "zeros",
+            max_guidance_weight=beta,
+        )
+        return np.asarray(_rtc(policy, obs_j, noise, placement, num_steps))
+
+    return act
+
+
+def rollout(pool: EnvPool, seeds: np.ndarray, act, key: Any, *, execute: int, delay: int,
+            max_steps: int, progress: bool = True, desc: str = "") -> dict[str, Any]:
+    """One episode per seed, all at once, through an `ActionQueue` with delay `delay`."""
+    from tqdm.auto import tqdm
+
+    n = len(seeds)
+    envs = pool.envs[:n]
+    obs = np.stack([reset_env(e, s) for e, s in zip(envs, seeds)])
+    done = np.zeros(n, bool)
+    success = np.zeros(n, bool)
+    steps = np.zeros(n, np.int32)
+    queue = ActionQueue(execute, delay)
+    prev = np.full((n, 2, 4), np.nan, np.float32)  # the last two executed actions
+    jumps: list[float] = []
+    ordinary: list[float] = []
+    jerks: list[float] = []
+    query = 0
+    bar = tqdm(total=max_steps, desc=desc, disable=not progress, mininterval=5)
+    for _ in range(max_steps):
+        if done.all():
+            break
+        if queue.inference_due:
+            request = queue.request()
+            queue.submit(act(obs, jax.random.fold_in(key, query), request))
+            query += 1
+        actions, switched = queue.pop()
+        for i in np.flatnonzero(~done):
+            a = np.clip(actions[i], -1.0, 1.0)
+            if np.isfinite(prev[i, 1]).all():
+                (jumps if switched else ordinary).append(float(np.linalg.norm(a - prev[i, 1])))
+                if np.isfinite(prev[i, 0]).all():
+                    jerks.append(float(np.linalg.norm(a - 2 * prev[i, 1] + prev[i, 0])))
+            prev[i, 0], prev[i, 1] = prev[i, 1], a
+            o, _, _, truncated, info = envs[i].step(a)
+            obs[i] = o
+            steps[i] += 1
+            if info["success"]:
+                success[i] = done[i] = True
+            elif truncated:
+                done[i] = True
+        bar.update(1)
+        bar.set_postfix(success=int(success.sum()), live=int((~done).sum()))
+    bar.close()
+    return {
+        "success": success.astype(int).tolist(), "steps": steps.tolist(),
+        "jump_at_switch": float(np.mean(jumps)) if jumps else None,
+        "jump_ordinary": float(np.mean(ordinary)) if ordinary else None,
+        "jerk": float(np.mean(jerks)) if jerks else None,
+        "num_switches": len(jumps),
+    }
+
+
+def _pooled(per_key: list[dict[str, Any]], name: str) -> float | None:
+    values = [k[name] for k in per_key if k[name] is not None]
+    return float(np.mean(values)) if values else None
+
+
+def table(results: dict[str, list[dict[str, Any]]], episodes: int) -> tuple[str, list[dict]]:
+    """The paired table against `sync` (or the first setting) plus RTC-vs-naive pairs."""
+    names = list(results)
+    base = "sync" if "sync" in results else names[0]
+
+    def succ(name) -> list[bool]:  # stats.paired_counts takes sequences of bools
+        return [bool(x) for k in results[name] for x in k["success"]]
+
+    rows = []
+    for name in names:
+        wins, losses = stats.paired_counts(succ(base), succ(name))
+        r = results[name]
+        extra = "jump@switch {} ordinary {} jerk {}".format(
+            *(f"{v:.3f}" if v is not None else "-" for v in (
+                _pooled(r, "jump_at_switch"), _pooled(r, "jump_ordinary"), _pooled(r, "jerk"))))
+        rows.append({"name": name, "success": sum(succ(name)), "total": len(succ(name)),
+                     "per_key": [int(np.sum(k["success"])) for k in r], "wins": wins,
+                     "losses": losses, "p": stats.mcnemar(wins, losses), "extra": extra})
+    null = [int(np.sum(k["success"])) for k in results[base]]
+    text = stats.format_table(rows, baseline=base, null_spread=null, episodes_per_key=episodes,
+                              num_settings=len(names) - 1)
+    pairs = []
+    for name in names:
+        kind, d = parse_setting(name)
+        for other in (f"naive:{d}",) if kind in ("rtc", "prefix") else ():
+            if other in results:
+                w, l_ = stats.paired_counts(succ(other), succ(name))
+                pairs.append(f"{name} vs {other}: +{w}/-{l_}, p = {stats.mcnemar(w, l_):.2g}")
+    if pairs:
+        text += "\n" + "\n".join(pairs)
+    return text, rows
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cache = pathlib.Path(args.cache) if args.cache else default_cache()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.quiet
+    t0 = time.time()
+    demos = collect_demos(args.task, args.demos, seed=args.demo_seed, cache=cache,
+                          progress=progress)
+    config = PolicyConfig(horizon=args.horizon, steps=args.policy_steps)
+    policy = get_policy(args.task, demos, config, cache, args.train_seed, progress)
+    seeds = EVAL_SEED0 + args.seed_offset + np.arange(args.episodes)
+    expert = expert_success(args.task, seeds, max_steps=args.max_steps, cache=cache,
+                            progress=progress)
+    pool = EnvPool(args.task, args.episodes)
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    for s in settings:
+        parse_setting(s)
+    results: dict[str, list[dict[str, Any]]] = {}
+    stem = (f"realtime-{args.task}-{args.demos}demos-h{args.horizon}-e{args.execute}"
+            + (f"-{args.tag}" if args.tag else ""))
+    report: dict[str, Any] = {}
+    for name in settings:
+        kind, delay = parse_setting(name)
+        act = make_act(policy, kind, num_steps=args.num_steps, beta=args.beta)
+        results[name] = [
+            rollout(pool, seeds, act, jax.random.key(1000 + k), execute=args.execute,
+                    delay=delay, max_steps=args.max_steps, progress=progress,
+                    desc=f"{name} key {k}")
+            for k in range(args.keys)
+        ]
+        text, rows = table(results, args.episodes)
+        print(f"[{time.time() - t0:.0f}s] {rows[-1]}", flush=True)
+        report = {
+            "args": vars(args), "expert_success": int(expert.sum()), "table": text,
+            "rows": rows, "settings": results, "seconds": time.time() - t0,
+            "partial": name != settings[-1],
+        }
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    print(f"task {args.task}, {args.demos} demos, horizon {args.horizon}, execute "
+          f"{args.execute}, {args.episodes} episodes x {args.keys} keys; expert "
+          f"{int(expert.sum())}/{args.episodes}")
+    print(report.get("table", ""))
+    return report
+
+
+def merge(paths: list[str], out: str | None = None) -> dict[str, Any]:
+    """One paired table from the JSON files of several runs of the same task, layouts,
+    keys and chunking (settings run in separate processes are still paired: layouts and
+    noise keys are deterministic)."""
+    same = ("task", "demos", "episodes", "keys", "seed_offset", "horizon", "execute",
+            "num_steps", "beta", "max_steps", "policy_steps", "train_seed", "demo_seed")
+    results: dict[str, list[dict[str, Any]]] = {}
+    first: dict[str, Any] | None = None
+    for path in paths:
+        report = json.loads(pathlib.Path(path).read_text())
+        args = report["args"]
+        if first is None:
+            first = args
+        differ = [k for k in same if args.get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"{path} differs from {paths[0]} in {differ}; not paired.")
+        for name, per_key in report["settings"].items():
+            results.setdefault(name, per_key)
+    assert first is not None
+    order = sorted(results, key=lambda n: (n != "sync", parse_setting(n)[1], n))
+    results = {n: results[n] for n in order}
+    text, rows = table(results, first["episodes"])
+    merged = {"args": first, "sources": paths, "table": text, "rows": rows,
+              "settings": results}
+    if out:
+        pathlib.Path(out).write_text(json.dumps(merged, indent=1))
+    print(text)
+    return merged
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="pick-place-v3")
+    p.add_argument("--demos", type=int, default=10)
+    p.add_argument("--demo-seed", type=int, default=0)
+    p.add_argument("--settings", default="sync,naive:2,naive:4,rtc:2,rtc:4",
+                   help="comma-separated kind:delay, kinds " + ", ".join(KINDS))
+    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--keys", type=int, default=3)
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="evaluation layouts start at 10_000_000 + this")
+    p.add_argument("--horizon", type=int, default=8)
+    p.add_argument("--execute", type=int, default=4)
+    p.add_argument("--num-steps", type=int, default=10, help="flow steps")
+    p.add_argument("--beta", type=float, default=5.0, help="RTC max_guidance_weight")
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--policy-steps", type=int, default=3000)
+    p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--cache", default=None, help="default ~/.cache/flowcorrect/metaworld")
+    p.add_argument("--out", default="results/metaworld-realtime")
+    p.add_argument("--tag", default="", help="suffix of the JSON file name")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="print one paired table from these result files (no rollouts); "
+                        "writes it to --merged-out if given")
+    p.add_argument("--merged-out", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.merged_out)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
