@@ -163,6 +163,21 @@ class Setup:
     quick_skip: frozenset[str] = frozenset()
 
 
+class RTCRow(fc.AbstractPlacement):
+    """Real-time chunking as a benchmark row: the previous chunk's leftover is made
+    from the noise (any values time the same), delay 4 and execution horizon `H // 2`,
+    so the row needs no per-policy setup."""
+
+    def noise_shape(self, chunk_shape):
+        return chunk_shape
+
+    def sample(self, flow, noise, keys):
+        horizon = noise.shape[1]
+        s = max(1, horizon // 2)
+        rtc = fc.RealTimeChunking(0.5 * noise[:, : horizon - s], min(4, horizon - s), s)
+        return rtc.sample(flow, noise, keys)
+
+
 def placements(args) -> dict[str, tuple[str, Callable[[], Any]]]:
     """name -> (description, placement factory) of every row of ours with an energy."""
     out: dict[str, tuple[str, Callable[[], Any]]] = {}
@@ -183,13 +198,10 @@ def placements(args) -> dict[str, tuple[str, Callable[[], Any]]]:
         )
     for n in args.best_of:
         out[f"best_of_{n}"] = (f"BestOfN({n}), one prefix pass", lambda n=n: fc.BestOfN(n))
-    # ------------------------------------------------------------------------------
-    # REAL-TIME CHUNKING ROW: to be added here when the RTC guidance placement lands
-    # (issue 9, section 2). One entry, e.g. out["rtc_guided"] = (description, factory),
-    # whose placement guides the flow towards the previous chunk's remaining actions;
-    # `sample_placed` times it like every other placement. Add its name to QUICK and
-    # FULL's "schedules" lists (or a list of its own) so that it runs by default.
-    # ------------------------------------------------------------------------------
+    out["rtc"] = (
+        "RealTimeChunking (delay 4, execution horizon H/2): guided every step, one VJP each",
+        RTCRow,
+    )
     return out
 
 

@@ -174,7 +174,7 @@ def test_quick_set_is_the_default():
     assert args.preset == "cpu" and args.batch_size == [1] and args.repeats >= 20
     assert args.warmup >= 1 and args.policies == ["shaped", "openpi"]
     assert args.rows == ["plain", "handwritten", "openpi_sample_actions", "posthoc_k1",
-                         "posthoc_k3", "guided_last3", "denoised_all", "best_of_8",
+                         "posthoc_k3", "guided_last3", "denoised_all", "best_of_8", "rtc",
                          "reference_k1", "reference_k3"]  # fmt: skip
 
 
@@ -185,7 +185,7 @@ def test_full_grid_behind_a_flag():
     assert args.rows[0] == "plain"
     for name in ["posthoc_k0", "posthoc_k10", "denoised_last3", "denoised_all",
                  "guided_last3", "guided_all", "best_of_4", "best_of_16", "reference_k10",
-                 "handwritten", "openpi_sample_actions"]:  # fmt: skip
+                 "handwritten", "openpi_sample_actions", "rtc"]:  # fmt: skip
         assert name in args.rows
     assert "reference_k0" not in args.rows
     # Explicit choices override either set; the baseline is always run, first.
