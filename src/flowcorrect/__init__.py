@@ -52,6 +52,15 @@ from ._flow.placements import (
     StepCounts as StepCounts,
 )
 from ._flow.sample import SampleInfo as SampleInfo, sample as sample
+from ._flow.selection import (
+    AbstractSelection as AbstractSelection,
+    ByEnergy as ByEnergy,
+    ClusterMean as ClusterMean,
+    Medoid as Medoid,
+    NearMean as NearMean,
+    Selected as Selected,
+    SoftmaxSample as SoftmaxSample,
+)
 from ._flow.schedules import (
     AbstractSchedule as AbstractSchedule,
     AbstractWeight as AbstractWeight,
