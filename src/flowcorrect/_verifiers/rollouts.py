@@ -34,7 +34,7 @@ class Rollouts:
         episode failed.
     - `episode_seed`: `(E,)` int, the layout (seed) of each episode.
 
-    Build one from whole episodes with [`flowcorrect.Rollouts.from_episodes`][]; read
+    Build one from whole episodes with `Rollouts.from_episodes`; read
     a directory with [`flowcorrect.load_rollouts`][].
     """
 
@@ -182,7 +182,7 @@ def concatenate(parts: list[Rollouts]) -> Rollouts:
 class RolloutWriter:
     """Appends rollout records to a directory, resumably.
 
-    Each [`append`][] writes one part, `part-00000.npz`, `part-00001.npz`, ...
+    Each `append` writes one part, `part-00000.npz`, `part-00001.npz`, ...
     (written under a temporary name, then renamed) and then rewrites `meta.json` (the
     same way), which lists the parts and counts the episodes. A part whose name is not
     in `meta.json` (a crash between the two renames) is ignored and overwritten.

@@ -154,7 +154,7 @@ def report(h: Harness, results: dict[str, list[Episodes]], baselines: list[str],
         "episodes": {name: [e.to_json() for e in eps] for name, eps in results.items()},
         "seconds": time.time() - t0, **extra,
     }
-    path = pathlib.Path(args.out) / f"{stem}-{h.task}.json"
+    path = pathlib.Path(args.out) / f"{stem}-{h.task}-{args.demos}demos.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1, default=float))
     return out
@@ -165,6 +165,9 @@ def run_consensus(args: argparse.Namespace) -> dict[str, Any]:
     h = harness(args)
     results: dict[str, list[Episodes]] = {}
     suite = consensus_suite(8, args.cluster_k)
+    if args.only:
+        keep = set(args.only.split(","))
+        suite = [s for s in suite if s.name == "plain" or s.name in keep]
     for setting in suite:
         results[setting.name] = h.episodes(setting, {})
         print(f"[{time.time() - t0:.0f}s] {paired_rows(results, 'plain')[-1]}", flush=True)
@@ -315,6 +318,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--cluster-k", type=int, default=4)
     p.add_argument("--candidates", type=int, default=8)
+    p.add_argument("--only", default="", help="consensus: setting names to run (and plain)")
     p.add_argument("--losses", default=",".join(LOSSES), help="verify: verifiers to train")
     p.add_argument("--evaluate", default="outcome",
                    help="verify: comma-separated verifiers to evaluate in closed loop")
