@@ -258,7 +258,8 @@ def test_n_equal_one_is_the_plain_sample():
 def test_all_candidates_non_finite_falls_back_and_flags():
     policy = _policy()
     noise = jnp.full((3, H, D), 2.0)
-    out, info = fc.sample(policy, None, noise=noise, placement=fc.BestOfN(3, select=fc.ClusterMean(2)))
+    placement = fc.BestOfN(3, select=fc.ClusterMean(2))
+    out, info = fc.sample(policy, None, noise=noise, placement=placement)
     # Every candidate is NaN (and so is the plain chunk of this noise): flagged.
     assert bool(info.fell_back) and int(info.placement.num_ok) == 0
 

@@ -52,15 +52,6 @@ from ._flow.placements import (
     StepCounts as StepCounts,
 )
 from ._flow.sample import SampleInfo as SampleInfo, sample as sample
-from ._flow.selection import (
-    AbstractSelection as AbstractSelection,
-    ByEnergy as ByEnergy,
-    ClusterMean as ClusterMean,
-    Medoid as Medoid,
-    NearMean as NearMean,
-    Selected as Selected,
-    SoftmaxSample as SoftmaxSample,
-)
 from ._flow.schedules import (
     AbstractSchedule as AbstractSchedule,
     AbstractWeight as AbstractWeight,
@@ -70,6 +61,15 @@ from ._flow.schedules import (
     FnWeight as FnWeight,
     LastSteps as LastSteps,
     PowerWeight as PowerWeight,
+)
+from ._flow.selection import (
+    AbstractSelection as AbstractSelection,
+    ByEnergy as ByEnergy,
+    ClusterMean as ClusterMean,
+    Medoid as Medoid,
+    NearMean as NearMean,
+    Selected as Selected,
+    SoftmaxSample as SoftmaxSample,
 )
 
 # -- energy model and training (issue 4) --
@@ -136,8 +136,8 @@ from ._verifiers.report import (
     verifier_report as verifier_report,
 )
 from ._verifiers.rollouts import (
-    RolloutWriter as RolloutWriter,
     Rollouts as Rollouts,
+    RolloutWriter as RolloutWriter,
     load_rollouts as load_rollouts,
 )
 from ._verifiers.train import (

@@ -256,11 +256,13 @@ def train_verifiers(args: argparse.Namespace, tag: str) -> tuple[dict[str, Any],
                                                 action_dim=d, horizon=h, hidden=256),
                              key=jax.random.key(args.train_seed))
         if name == "bradley-terry":
-            data = fc.pair_batches(train, min(256, train.num_queries // 4), max_distance=args.pair_distance, seed=0)
+            data = fc.pair_batches(train, min(256, train.num_queries // 4),
+                                   max_distance=args.pair_distance, seed=0)
             loss: Any = fc.BradleyTerryLoss()
         else:
             target = "success" if name == "outcome" else "discounted"
-            data = fc.outcome_batches(train, min(256, train.num_queries), target=target, gamma=args.gamma, seed=0)
+            data = fc.outcome_batches(train, min(256, train.num_queries), target=target,
+                                      gamma=args.gamma, seed=0)
             loss = fc.OutcomeLoss()
         result = fc.fit_verifier(model, data, loss, key=jax.random.key(1), config=config,
                                  checkpoint_dir=(path / f"verifier-{name}").absolute(),
