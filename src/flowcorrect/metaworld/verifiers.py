@@ -289,6 +289,14 @@ def run_verify(args: argparse.Namespace) -> dict[str, Any]:
                              placement=fc.BestOfN(n)))
         suite.append(Setting(f"best-of-{n} {name} verifier NearMean({k})", energy=name,
                              placement=fc.BestOfN(n, select=fc.NearMean(k))))
+    if args.control:
+        # The guard without the verifier: a uniform draw among the same k candidates
+        # (a softmax at a temperature far above the energies' spread), to tell the
+        # verifier's contribution from the guard's.
+        name = args.evaluate.split(",")[0]
+        suite.append(Setting(f"best-of-{n} NearMean({k}) uniform", energy=name,
+                             placement=fc.BestOfN(n, select=fc.NearMean(
+                                 k, fc.SoftmaxSample(1e6)))))
     results: dict[str, list[Episodes]] = {}
     rounds = {"verifiers": reports}
     for setting in suite:
@@ -324,6 +332,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--losses", default=",".join(LOSSES), help="verify: verifiers to train")
     p.add_argument("--evaluate", default="outcome",
                    help="verify: comma-separated verifiers to evaluate in closed loop")
+    p.add_argument("--control", action="store_true",
+                   help="verify: also run the guard with a uniform choice (no verifier)")
     p.add_argument("--verifier-steps", type=int, default=2000)
     p.add_argument("--gamma", type=float, default=0.99)
     p.add_argument("--pair-distance", type=float, default=1.0)
