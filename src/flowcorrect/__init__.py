@@ -66,6 +66,15 @@ from ._flow.schedules import (
     LastSteps as LastSteps,
     PowerWeight as PowerWeight,
 )
+from ._flow.selection import (
+    AbstractSelection as AbstractSelection,
+    ByEnergy as ByEnergy,
+    ClusterMean as ClusterMean,
+    Medoid as Medoid,
+    NearMean as NearMean,
+    Selected as Selected,
+    SoftmaxSample as SoftmaxSample,
+)
 
 # -- energy model and training (issue 4) --
 from ._model.base import (
@@ -130,8 +139,31 @@ from ._train.negatives import (
 )
 from ._train.report import EvalReport as EvalReport, evaluate as evaluate
 
+# -- verifiers from the policy's own rollouts (issue 11) --
+from ._verifiers.report import (
+    VerifierReport as VerifierReport,
+    auc as auc,
+    candidate_energies as candidate_energies,
+    verifier_report as verifier_report,
+)
+from ._verifiers.rollouts import (
+    Rollouts as Rollouts,
+    RolloutWriter as RolloutWriter,
+    load_rollouts as load_rollouts,
+)
+from ._verifiers.train import (
+    AbstractVerifierLoss as AbstractVerifierLoss,
+    BradleyTerryLoss as BradleyTerryLoss,
+    LabelledBatch as LabelledBatch,
+    OutcomeLoss as OutcomeLoss,
+    PairBatch as PairBatch,
+    fit_verifier as fit_verifier,
+    outcome_batches as outcome_batches,
+    pair_batches as pair_batches,
+    similar_state_pairs as similar_state_pairs,
+)
+
 try:
     __version__ = importlib.metadata.version("flowcorrect")
 except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
     __version__ = "0+unknown"
-

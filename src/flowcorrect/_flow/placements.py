@@ -30,6 +30,7 @@ from .._custom_types import Scalar
 from .._misc import concrete, float_array, shape_str
 from .flow import BatchChunks, BatchKeys, Flow, all_finite, per_sample, sample_norms, split_keys
 from .schedules import AbstractSchedule, AbstractWeight, EveryStep, as_weight
+from .selection import AbstractSelection, ByEnergy, check_selection
 
 
 class AbstractPlacement(eqx.Module):
@@ -425,63 +426,96 @@ class BestOfNInfo(eqx.Module):
     **Attributes:**
 
     - `candidate_energy`: `(batch, n)`, each candidate's energy; `inf` where the
-        candidate or its energy was not finite (never chosen).
-    - `selected`: `(batch,)`, the index of the chosen candidate.
+        candidate or its energy was not finite (never chosen). `None` when the
+        selection rule needs no energy (it is then not computed).
+    - `candidate_score`: `(batch, n)`, the selection rule's score of each candidate,
+        lower preferred (the energy for [`flowcorrect.ByEnergy`][], the mean distance
+        to the others for [`flowcorrect.Medoid`][]); `inf` where not choosable.
+    - `selected`: `(batch,)`, the index of the chosen candidate (for a rule that
+        synthesises a chunk, such as [`flowcorrect.ClusterMean`][], the candidate
+        nearest to it).
+    - `num_ok`: `(batch,)`, how many candidates were finite.
     - `inner`: the inner placement's diagnostics for the chosen candidate.
     """
 
-    candidate_energy: Float[Array, "batch n"]
+    candidate_energy: Float[Array, "batch n"] | None
+    candidate_score: Float[Array, "batch n"]
     selected: Int[Array, " batch"]
+    num_ok: Int[Array, " batch"]
     inner: Any
 
 
 class BestOfN(AbstractPlacement):
-    """Samples `n` candidates per observation and keeps the one of lowest energy.
+    """Samples `n` candidates per observation and keeps one, chosen by a rule.
 
     The candidates share the policy's once-per-observation pass and the energy's
     encoding, and run as one batch of `batch * n` through the velocity. A candidate
     with any non-finite action, or a non-finite energy, is never chosen (an energy
     that ignores some action dimensions can be finite on a chunk holding NaN).
 
+    By default the rule is [`flowcorrect.ByEnergy`][]: the lowest energy. Consensus
+    rules need no energy at all: `fc.BestOfN(8, select=fc.Medoid())`; a guard keeps a
+    learned verifier on the policy's mode: `fc.BestOfN(8, select=fc.NearMean(4))`.
+
     **Arguments:**
 
     - `n`: how many candidates, an int `>= 1`. Static: a new `n` compiles anew.
     - `inner`: how each candidate is produced: any placement; defaults to
         [`flowcorrect.Plain`][].
+    - `select`: the selection rule, a [`flowcorrect.AbstractSelection`][]; defaults
+        to [`flowcorrect.ByEnergy`][].
     """
 
     n: int = eqx.field(static=True)
     inner: AbstractPlacement
+    select: AbstractSelection
 
-    def __init__(self, n: Any, inner: Any = Plain()):
+    def __init__(self, n: Any, inner: Any = Plain(), select: Any = ByEnergy()):
         self.n = n
         self.inner = inner
+        self.select = select
 
     def __check_init__(self):
         if not (isinstance(self.n, int) and not isinstance(self.n, bool) and self.n >= 1):
             raise ValueError(f"`n` must be an int >= 1 (8 is a good start); got {self.n!r}.")
         check_placement(self.inner, "BestOfN `inner`")
+        check_selection(self.select, "BestOfN `select`")
 
     def noise_shape(self, chunk_shape: tuple[int, int]) -> tuple[int, ...]:
         return (self.n, *self.inner.noise_shape(chunk_shape))
 
     def sample(self, flow: Flow, noise: Array, keys: BatchKeys) -> tuple[BatchChunks, BestOfNInfo]:
-        flow.require_energy("BestOfN")
+        needs_energy = self.select.needs_energy
+        if needs_energy:
+            flow.require_energy("BestOfN")
         batch, n = flow.batch_size, self.n
         candidates_flow = flow.repeat(n)
         flat_noise = noise.reshape(batch * n, *noise.shape[2:])
         flat_keys = jax.vmap(lambda k: jax.random.split(k, n))(keys).reshape(batch * n)
         candidates, inner = self.inner.sample(candidates_flow, flat_noise, flat_keys)
-        energy = candidates_flow.energies(candidates, "BestOfN")
-        ok = jnp.isfinite(energy) & all_finite(candidates)
-        scores = jnp.where(ok, energy, jnp.inf).reshape(batch, n)
-        selected = jnp.argmin(scores, axis=1).astype(jnp.int32)
+        ok = all_finite(candidates)
+        energy = None
+        if needs_energy:
+            energy = candidates_flow.energies(candidates, "BestOfN")
+            ok = ok & jnp.isfinite(energy)
+            energy = jnp.where(ok, energy, jnp.inf).reshape(batch, n)
+        ok = ok.reshape(batch, n)
+        # Folded, not split, so that the candidates' keys (and samples) stay what they
+        # were before selection rules existed.
+        select_keys = jax.vmap(lambda k: jax.random.fold_in(k, n))(keys)
+        per_obs = candidates.reshape(batch, n, *candidates.shape[1:])
+        chosen = jax.vmap(self.select.select)(per_obs, energy, ok, select_keys)
         rows = jnp.arange(batch)
+        selected = chosen.index.astype(jnp.int32)
 
         def choose(a: Array) -> Array:
             return a.reshape(batch, n, *a.shape[1:])[rows, selected]
 
-        return choose(candidates), BestOfNInfo(scores, selected, jax.tree.map(choose, inner))
+        info = BestOfNInfo(
+            energy, chosen.score, selected, jnp.sum(ok, axis=1, dtype=jnp.int32),
+            jax.tree.map(choose, inner),
+        )
+        return chosen.actions.astype(candidates.dtype), info
 
 
 def check_placement(placement: Any, name: str = "placement") -> None:

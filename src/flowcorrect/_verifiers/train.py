@@ -1,0 +1,349 @@
+"""Verifiers: learned energies trained on the outcomes of the policy's own rollouts.
+
+Low energy means "this chunk leads to success from here". Three losses (issue 11
+section 2), all on the same model classes as InfoNCE ([`flowcorrect.MLPEnergy`][],
+[`flowcorrect.EnergyModel`][], your own [`flowcorrect.AbstractLearnedEnergy`][]):
+
+- [`flowcorrect.OutcomeLoss`][]: logistic regression of the outcome on `-E(s, a)`, so
+    `E = -logit P(success | s, a)`; with `target="discounted"` the soft target is
+    `gamma ** steps_to_success` (a Monte-Carlo value of the chunk under the policy).
+- [`flowcorrect.BradleyTerryLoss`][]: `-log sigmoid(E(s', a_fail) - E(s, a_success))`
+    over pairs of queries at similar states, one from a succeeding and one from a
+    failing episode ([`flowcorrect.similar_state_pairs`][]).
+
+[`flowcorrect.fit_verifier`][] trains with the machinery of [`flowcorrect.fit`][]:
+the same [`flowcorrect.TrainConfig`][] and optax optimiser, orbax checkpoints with
+exact resume, a progress bar. (No data-parallel mesh yet: verifiers here are small.)
+"""
+
+import abc
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, PRNGKeyArray
+from tqdm.auto import tqdm
+
+from .._model.base import AbstractLearnedEnergy
+from .._train.checkpoint import Checkpointer
+from .._train.fit import (
+    _OPTIMIZER_FIELDS,
+    FitResult,
+    TrainConfig,
+    TrainState,
+    _initial_state,
+    _mean,
+    _optimizer,
+    _resume,
+    _save,
+    make_schedule,
+)
+from .._train.infonce import check_learned, typed_key
+from .rollouts import Rollouts
+
+
+class LabelledBatch(eqx.Module):
+    """Queries with a target in `[0, 1]`: `context` `(B, ...)`, `actions`
+    `(B, horizon, action_dim)`, `target` `(B,)` (1 = success, or a discounted value)."""
+
+    context: Any
+    actions: Float[Array, "B horizon action_dim"]
+    target: Float[Array, " B"]
+
+
+class PairBatch(eqx.Module):
+    """Pairs of queries: the `win` chunk's episode succeeded, the `lose` chunk's failed,
+    at similar states."""
+
+    context_win: Any
+    actions_win: Float[Array, "B horizon action_dim"]
+    context_lose: Any
+    actions_lose: Float[Array, "B horizon action_dim"]
+
+
+def _energies(model: AbstractLearnedEnergy, context: Any, actions: Array, key: Any) -> Array:
+    keys = jax.random.split(key, actions.shape[0])
+
+    def one(c, a, k):
+        return model.score_embedded(model.encode(c), model.embed_actions(a, key=k))
+
+    return jax.vmap(one)(context, actions, keys).astype(jnp.float32)
+
+
+class AbstractVerifierLoss(eqx.Module):
+    """A loss of [`flowcorrect.fit_verifier`][]: `loss(model, batch, key) -> (scalar,
+    metrics)`, with a `metrics` dict of scalars for the history and the progress bar."""
+
+    @abc.abstractmethod
+    def __call__(self, model: AbstractLearnedEnergy, batch: Any, key: PRNGKeyArray) -> tuple[
+        Array, dict[str, Array]
+    ]:
+        """The mean loss over the batch and its metrics."""
+
+
+class OutcomeLoss(AbstractVerifierLoss):
+    """Binary cross-entropy of the target on the logit `-E(s, a)` (`E = -logit p`).
+
+    Reads a [`flowcorrect.LabelledBatch`][]; the target is the episode's success, or a
+    soft value in `[0, 1]` such as `gamma ** steps_to_success`
+    ([`flowcorrect.outcome_batches`][] builds either). Metrics: `loss`, `accuracy`
+    (threshold 0.5 on both), `e_success`, `e_failure` (mean energies of targets above
+    and below 0.5).
+    """
+
+    def __call__(self, model, batch: LabelledBatch, key):
+        e = _energies(model, batch.context, batch.actions, key)
+        y = batch.target.astype(jnp.float32)
+        loss = jnp.mean(optax.sigmoid_binary_cross_entropy(-e, y))
+        win = y > 0.5
+        nw = jnp.maximum(jnp.sum(win), 1)
+        nl = jnp.maximum(jnp.sum(~win), 1)
+        return loss, {
+            "loss": loss,
+            "accuracy": jnp.mean((-e > 0) == win),
+            "e_success": jnp.sum(jnp.where(win, e, 0)) / nw,
+            "e_failure": jnp.sum(jnp.where(win, 0, e)) / nl,
+        }
+
+
+class BradleyTerryLoss(AbstractVerifierLoss):
+    """`-log sigmoid(E_lose - E_win)` over a [`flowcorrect.PairBatch`][]: the chunk that
+    led to success should get the lower energy. Sees only energy differences, so it
+    cannot learn a state's value from pairs at one state, only which action is better.
+
+    Metrics: `loss`, `accuracy` (fraction of pairs ordered right), `margin`.
+    """
+
+    def __call__(self, model, batch: PairBatch, key):
+        k1, k2 = jax.random.split(key)
+        ew = _energies(model, batch.context_win, batch.actions_win, k1)
+        el = _energies(model, batch.context_lose, batch.actions_lose, k2)
+        margin = el - ew
+        loss = jnp.mean(-jax.nn.log_sigmoid(margin))
+        return loss, {"loss": loss, "accuracy": jnp.mean(margin > 0), "margin": jnp.mean(margin)}
+
+
+def outcome_batches(
+    rollouts: Rollouts, batch_size: int, *, target: str = "success", gamma: float = 0.99,
+    seed: int = 0,
+) -> Callable[[int], LabelledBatch]:
+    """A batch source `step -> LabelledBatch` over the executed chunks of `rollouts`.
+
+    Reshuffled each epoch with `default_rng([seed, epoch])`, so batch `n` is a pure
+    function of `n` (exact resume).
+
+    **Arguments:**
+
+    - `rollouts`: [`flowcorrect.Rollouts`][].
+    - `batch_size`: rows per batch, at most the number of queries.
+    - `target`: `"success"` (the episode's outcome) or `"discounted"`
+        (`gamma ** steps_to_success`, 0 for a failed episode).
+    - `gamma`: the discount per environment step.
+    """
+    if target not in ("success", "discounted"):
+        raise ValueError(f"`target` must be 'success' or 'discounted'; got {target!r}.")
+    y = (rollouts.success.astype(np.float32) if target == "success"
+         else rollouts.discounted(gamma))
+    return _shuffled(
+        (rollouts.observation, rollouts.executed_actions, y), batch_size, seed,
+        lambda c, a, t: LabelledBatch(jnp.asarray(c), jnp.asarray(a), jnp.asarray(t)),
+    )
+
+
+def similar_state_pairs(
+    rollouts: Rollouts, *, max_distance: float = 1.0, scale: Any = None, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs `(win, lose)` of query indices at similar states: for each query of a
+    succeeding episode, a query of a failing episode drawn at random among those within
+    `max_distance` (Euclidean, after dividing each observation dimension by `scale`;
+    default its standard deviation over the queries). Queries with no failing query
+    that close are left out.
+
+    **Returns:** two int arrays of equal length; empty when no episode failed or
+    succeeded, or no pair is close enough.
+    """
+    obs = rollouts.observation.astype(np.float64)
+    if scale is None:
+        scale = obs.std(0) + 1e-6
+    z = obs / np.asarray(scale, np.float64)
+    win = np.flatnonzero(rollouts.success)
+    lose = np.flatnonzero(~rollouts.success)
+    if len(win) == 0 or len(lose) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    rng = np.random.default_rng(seed)
+    chosen = np.full(len(win), -1, np.int64)
+    zl = z[lose]
+    for start in range(0, len(win), 256):
+        block = z[win[start : start + 256]]
+        d = np.sqrt(((block[:, None, :] - zl[None, :, :]) ** 2).sum(-1))
+        close = d <= max_distance
+        # A uniform draw among the close ones: the largest of uniform keys.
+        keys = np.where(close, rng.random(d.shape), -1.0)
+        j = keys.argmax(1)
+        chosen[start : start + 256] = np.where(close.any(1), lose[j], -1)
+    keep = chosen >= 0
+    return win[keep], chosen[keep]
+
+
+def pair_batches(
+    rollouts: Rollouts, batch_size: int, *, max_distance: float = 1.0, seed: int = 0,
+) -> Callable[[int], PairBatch]:
+    """A batch source `step -> PairBatch` over [`flowcorrect.similar_state_pairs`][]."""
+    win, lose = similar_state_pairs(rollouts, max_distance=max_distance, seed=seed)
+    if len(win) < batch_size:
+        raise ValueError(
+            f"Only {len(win)} pairs of similar states (succeeding vs failing, within "
+            f"max_distance={max_distance}) for batch_size={batch_size}: raise "
+            "max_distance, lower batch_size, or collect rollouts with both outcomes."
+        )
+    obs, act = rollouts.observation, rollouts.executed_actions
+    return _shuffled(
+        (obs[win], act[win], obs[lose], act[lose]), batch_size, seed,
+        lambda a, b, c, d: PairBatch(*(jnp.asarray(x) for x in (a, b, c, d))),
+    )
+
+
+def _shuffled(arrays: tuple, batch_size: int, seed: int, make: Callable) -> Callable:
+    n = len(arrays[0])
+    if not (isinstance(batch_size, int) and 1 <= batch_size <= n):
+        raise ValueError(f"`batch_size` must be an int in [1, {n}] (the rows); got {batch_size!r}.")
+    per_epoch = n // batch_size
+
+    def batch(step: int):
+        epoch, i = divmod(int(step), per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        idx = order[i * batch_size : (i + 1) * batch_size]
+        return make(*(a[idx] for a in arrays))
+
+    return batch
+
+
+@eqx.filter_jit
+def _step(state: TrainState, batch: Any, key: Any, optimizer: Any, loss: AbstractVerifierLoss):
+    # Keys are a function of the step: a resumed run draws what the uninterrupted one did.
+    k = jax.random.fold_in(key, state.step)
+    (_, metrics), grads = eqx.filter_value_and_grad(
+        lambda m: loss(m, batch, k), has_aux=True
+    )(state.model)
+    params = eqx.filter(state.model, eqx.is_inexact_array)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    return TrainState(eqx.apply_updates(state.model, updates), opt_state, None,
+                      state.step + 1), metrics
+
+
+# `model`, `data` and `loss` are typed loosely so that a wrong one gets the messages below.
+def fit_verifier(
+    model: Any,
+    data: Any,
+    loss: Any,
+    *,
+    key: PRNGKeyArray,
+    config: TrainConfig = TrainConfig(),
+    checkpoint_dir: str | pathlib.Path | None = None,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Trains a learned energy as a verifier: [`flowcorrect.fit`][]'s machinery with
+    another loss.
+
+    **Arguments:**
+
+    - `model`: any [`flowcorrect.AbstractLearnedEnergy`][], e.g. a fresh
+        [`flowcorrect.MLPEnergy`][] for state vectors.
+    - `data`: a function `step -> batch` ([`flowcorrect.outcome_batches`][],
+        [`flowcorrect.pair_batches`][]); batch `n` must not depend on the run, so that a
+        resumed run is exact.
+    - `loss`: an [`flowcorrect.AbstractVerifierLoss`][] reading that batch type.
+    - `key`: a PRNG key (dropout).
+    - `config`: a [`flowcorrect.TrainConfig`][]; the optimiser fields and
+        `num_steps`, `log_every`, `checkpoint_every`, `keep_checkpoints` are used (not
+        `tau`, the gradient penalty or `ema_decay`).
+    - `checkpoint_dir`: save orbax checkpoints there and resume from the newest.
+    - `callback`: `callback(step, metrics)` at every logging step.
+    - `progress`: a tqdm bar with the loss and accuracy.
+
+    **Returns:**
+
+    A [`flowcorrect.FitResult`][] (`report` is `None`: use
+    [`flowcorrect.verifier_report`][] on held-out rollouts).
+    """
+    check_learned(model, "fit_verifier")
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"`config` must be a TrainConfig; got {type(config).__name__}.")
+    if not isinstance(loss, AbstractVerifierLoss):
+        raise TypeError(
+            "`loss` must be a verifier loss: fc.OutcomeLoss() or fc.BradleyTerryLoss() (or "
+            f"your own fc.AbstractVerifierLoss); got {type(loss).__name__}."
+        )
+    if not callable(data):
+        raise TypeError(
+            "`data` must be a function step -> batch, e.g. fc.outcome_batches(rollouts, 256); "
+            f"got {type(data).__name__}."
+        )
+    if config.ema_decay is not None:
+        raise ValueError("fit_verifier keeps no moving average: use ema_decay=None.")
+    key = typed_key(jnp.asarray(key) if not isinstance(key, jax.Array) else key)
+    optimizer = _optimizer(**{f: getattr(config, f) for f in _OPTIMIZER_FIELDS})
+    schedule = make_schedule(config)
+    state = _initial_state(model, config, optimizer)
+    history: list[dict[str, float]] = []
+    window: list[dict[str, float]] = []
+    start = 0
+    checkpointer = None
+    if checkpoint_dir is not None:
+        existed = pathlib.Path(checkpoint_dir).exists()
+        checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
+    try:
+        if checkpointer is not None:
+            start, state, key, meta = _resume(
+                checkpointer, state, key, model, config, False, "raise", existed
+            )
+            if meta is not None:
+                if meta.get("loss") != repr(loss):
+                    raise ValueError(
+                        f"The checkpoint in {checkpoint_dir} was trained with "
+                        f"{meta.get('loss')}, not {loss!r}; use a fresh checkpoint_dir."
+                    )
+                history = list(meta.get("history", []))
+                window = list(meta.get("window", []))
+        pending: list[Any] = []
+        with tqdm(total=config.num_steps, initial=start, disable=not progress,
+                  desc="fit_verifier", leave=False) as bar:
+            for step in range(start, config.num_steps):
+                state, metrics = _step(state, data(step), key, optimizer, loss)
+                pending.append(metrics)
+                done = step + 1
+                bar.update(1)
+                log_now = done % config.log_every == 0 or done == config.num_steps
+                save_now = checkpointer is not None and (
+                    done % config.checkpoint_every == 0 or done == config.num_steps
+                )
+                if log_now or save_now:
+                    window += [{k: float(v) for k, v in m.items()}
+                               for m in jax.device_get(pending)]
+                    pending = []
+                if log_now:
+                    entry = {"step": done, "lr": float(schedule(step)), **_mean(window)}
+                    window = []
+                    history.append(entry)
+                    bar.set_postfix(loss=f"{entry['loss']:.3f}",
+                                    acc=f"{entry.get('accuracy', float('nan')):.2f}")
+                    if callback is not None:
+                        callback(done, entry)
+                if save_now:
+                    meta = {
+                        "step": done, "model_class": type(model).__name__,
+                        "model_config": model.config.to_dict(), "custom_optimizer": False,
+                        "train_config": config.to_dict(), "history": history,
+                        "window": window, "loss": repr(loss),
+                    }
+                    _save(checkpointer, done, state, key, meta)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+    return FitResult(eqx.nn.inference_mode(state.model), None, history, None)

@@ -1,0 +1,353 @@
+"""Consensus ranking and verifiers learned from the policy's own rollouts (issue 11).
+
+    python -m flowcorrect.metaworld.verifiers consensus --task pick-place-v3 --demos 10
+    python -m flowcorrect.metaworld.verifiers collect --task pick-place-v3 --demos 10 \\
+        --episodes 200
+    python -m flowcorrect.metaworld.verifiers verify --task pick-place-v3 --demos 10
+
+- `consensus`: the plain policy, lower noise temperature, and best-of-8 by the
+    candidates' medoid and by the mean of their central cluster (no training), paired.
+- `collect`: rolls the plain policy out with `N` candidates per query (the executed
+    one is candidate 0, a plain sample) on training layouts (seeds from 20_000_000,
+    disjoint from the evaluation layouts), and records every query with
+    [`flowcorrect.RolloutWriter`][] (resumable: a second call adds episodes).
+- `verify`: trains verifiers on the collected rollouts (outcome classification,
+    Bradley-Terry, discounted time to success), writes their calibration reports, and
+    evaluates best-of-8 by the verifier, guarded by `NearMean`, against the plain
+    policy and against the medoid, paired.
+
+Every episode's outcome is cached per (task, policy, setting, key) under
+`<out>/episodes/`, so settings shared by two commands run once.
+"""
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import stats
+from .envs import collect_demos, default_cache, expert_success
+from .evaluate import EnvPool, Episodes, rollout
+from .experiment import EVAL_SEED0, get_policy
+from .policy import PolicyConfig
+from .settings import Setting, make_act
+
+TRAIN_SEED0 = 20_000_000
+
+
+def _fc():
+    import flowcorrect as fc
+
+    return fc
+
+
+def consensus_suite(n: int = 8, k: int = 4) -> list[Setting]:
+    """The plain policy, half the noise, and best-of-`n` by consensus (no energy)."""
+    fc = _fc()
+    return [
+        Setting("plain"),
+        Setting("plain noise x0.5", noise_scale=0.5),
+        Setting(f"best-of-{n} medoid", placement=fc.BestOfN(n, select=fc.Medoid())),
+        Setting(f"best-of-{n} cluster-mean k={k}",
+                placement=fc.BestOfN(n, select=fc.ClusterMean(k))),
+    ]
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
+
+
+@dataclasses.dataclass
+class Harness:
+    task: str
+    policy: Any
+    policy_tag: str
+    seeds: np.ndarray
+    expert: np.ndarray
+    pool: EnvPool
+    args: argparse.Namespace
+
+    def episodes(self, setting: Setting, energies: dict[str, Any], tag: str = "") -> list[Episodes]:
+        """The setting's episodes under each noise key, from the cache or run now."""
+        out = []
+        act = None
+        root = pathlib.Path(self.args.out) / "episodes"
+        root.mkdir(parents=True, exist_ok=True)
+        for k in range(self.args.keys):
+            path = root / (f"{self.policy_tag}-n{len(self.seeds)}-x{self.args.execute}-"
+                           f"m{self.args.max_steps}-{_slug(setting.name)}{tag}-key{k}.json")
+            if path.exists():
+                d = json.loads(path.read_text())
+                out.append(Episodes(np.asarray(d["seeds"]), np.asarray(d["success"], bool),
+                                    np.asarray(d["steps"]), np.asarray(d["speed_violations"]),
+                                    np.asarray(d["max_speed"]), d["diagnostics"]))
+                continue
+            if act is None:
+                act = make_act(self.policy, setting, energies)
+            t0 = time.time()
+            ep = rollout(self.pool, self.seeds, act, jax.random.key(1000 + k),
+                         execute=self.args.execute, max_steps=self.args.max_steps,
+                         progress=not self.args.quiet, desc=f"{setting.name} key {k}")
+            d = ep.to_json()
+            d["seconds"] = time.time() - t0
+            path.write_text(json.dumps(d, default=float))
+            out.append(ep)
+        return out
+
+
+def harness(args: argparse.Namespace) -> Harness:
+    cache = pathlib.Path(args.cache) if args.cache else default_cache()
+    progress = not args.quiet
+    demos = collect_demos(args.task, args.demos, seed=args.demo_seed, cache=cache,
+                          progress=progress)
+    config = PolicyConfig(horizon=args.horizon, steps=args.policy_steps)
+    policy = get_policy(args.task, demos, config, cache, args.train_seed, progress)
+    tag = f"{args.task}-{args.demos}-h{args.horizon}-s{args.policy_steps}-{args.train_seed}"
+    seeds = EVAL_SEED0 + np.arange(args.episodes)
+    expert = expert_success(args.task, seeds, max_steps=args.max_steps, cache=cache,
+                            progress=progress)
+    return Harness(args.task, policy, tag, seeds, expert, EnvPool(args.task, args.episodes),
+                   args)
+
+
+def paired_rows(results: dict[str, list[Episodes]], baseline: str) -> list[dict[str, Any]]:
+    """Pooled successes and exact McNemar against `baseline` for every setting."""
+    base = results[baseline]
+    rows = []
+    for name, eps in results.items():
+        wins = losses = 0
+        for b, e in zip(base, eps):
+            w, l_ = stats.paired_counts(b.success, e.success)
+            wins, losses = wins + w, losses + l_
+        succ = np.concatenate([e.success for e in eps])
+        rows.append({"name": name, "success": int(succ.sum()), "total": int(succ.size),
+                     "per_key": [int(e.success.sum()) for e in eps], "wins": wins,
+                     "losses": losses, "p": stats.mcnemar(wins, losses)})
+    return rows
+
+
+def report(h: Harness, results: dict[str, list[Episodes]], baselines: list[str],
+           extra: dict[str, Any], stem: str, t0: float) -> dict[str, Any]:
+    args = h.args
+    null = [int(e.success.sum()) for e in results["plain"]]
+    tables = {}
+    for b in baselines:
+        if b in results:
+            tables[b] = stats.format_table(
+                paired_rows(results, b), baseline=b, null_spread=null,
+                expert=int(h.expert.sum()), episodes_per_key=len(h.seeds),
+                num_settings=len(results) - 1,
+            )
+    header = (f"task {h.task}, {args.demos} demos, horizon {args.horizon} (execute "
+              f"{args.execute}), {len(h.seeds)} episodes x {args.keys} noise keys, max "
+              f"{args.max_steps} steps")
+    out = {
+        "args": vars(args), "header": header, "tables": tables,
+        "rows": {b: paired_rows(results, b) for b in baselines if b in results},
+        "null_spread": null, "expert_success": int(h.expert.sum()),
+        "settings_compared": len(results) - 1,
+        "episodes": {name: [e.to_json() for e in eps] for name, eps in results.items()},
+        "seconds": time.time() - t0, **extra,
+    }
+    path = pathlib.Path(args.out) / f"{stem}-{h.task}-{args.demos}demos.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=float))
+    return out
+
+
+def run_consensus(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.time()
+    h = harness(args)
+    results: dict[str, list[Episodes]] = {}
+    suite = consensus_suite(8, args.cluster_k)
+    if args.only:
+        keep = set(args.only.split(","))
+        suite = [s for s in suite if s.name == "plain" or s.name in keep]
+    for setting in suite:
+        results[setting.name] = h.episodes(setting, {})
+        print(f"[{time.time() - t0:.0f}s] {paired_rows(results, 'plain')[-1]}", flush=True)
+        out = report(h, results, ["plain"], {}, "consensus", t0)
+    print(out["header"])
+    print(out["tables"]["plain"])
+    return out
+
+
+def _rollout_dir(args: argparse.Namespace, tag: str) -> pathlib.Path:
+    return pathlib.Path(args.out) / "rollouts" / f"{tag}-N{args.candidates}-x{args.execute}"
+
+
+def run_collect(args: argparse.Namespace) -> dict[str, Any]:
+    """Rolls the plain policy out on training layouts, `N` candidates per query,
+    executing candidate 0 (a plain sample), and appends the records (resumable)."""
+    import jax.numpy as jnp
+
+    from .energies import policy_samples
+
+    fc = _fc()
+    t0 = time.time()
+    eval_episodes = args.episodes
+    args.episodes = args.batch  # the pool holds one batch of environments
+    h = harness(args)
+    args.episodes = eval_episodes
+    path = _rollout_dir(args, h.policy_tag)
+    writer = fc.RolloutWriter(path, {"task": args.task, "policy": h.policy_tag,
+                                     "candidates": args.candidates, "execute": args.execute,
+                                     "max_steps": args.max_steps})
+    while writer.num_episodes < args.episodes:
+        start = writer.num_episodes
+        size = min(args.batch, args.episodes - start)
+        seeds = TRAIN_SEED0 + start + np.arange(size)
+        record_obs: list[np.ndarray] = []
+        record_cand: list[np.ndarray] = []
+
+        def act(obs, key):
+            cand = np.asarray(policy_samples(h.policy, jnp.asarray(obs, jnp.float32), key,
+                                             args.candidates))
+            record_obs.append(np.array(obs))
+            record_cand.append(cand)
+            return cand[:, 0], {}
+
+        ep = rollout(h.pool, seeds, act, jax.random.key(7_000_000 + start),
+                     execute=args.execute, max_steps=args.max_steps,
+                     progress=not args.quiet, desc=f"collect {start}")
+        t = len(record_obs)
+        roll = fc.Rollouts.from_episodes(
+            np.stack(record_obs), np.stack(record_cand), np.zeros((t, size), np.int64),
+            np.arange(t) * args.execute, ep.steps, ep.success, seeds,
+        )
+        writer.append(roll)
+        print(f"[{time.time() - t0:.0f}s] collected episodes {start}..{start + size - 1}: "
+              f"{int(ep.success.sum())}/{size} succeeded, {roll.num_queries} queries",
+              flush=True)
+    return writer.meta
+
+
+LOSSES = ("outcome", "bradley-terry", "discounted")
+
+
+def train_verifiers(args: argparse.Namespace, tag: str) -> tuple[dict[str, Any], dict]:
+    """Trains one verifier per loss on the collected rollouts (80% of the episodes) and
+    reports each on the other 20%; cached under the rollout directory."""
+    fc = _fc()
+    path = _rollout_dir(args, tag)
+    rollouts = fc.load_rollouts(path)
+    train, held = rollouts.split(0.2, seed=0)
+    verifiers: dict[str, Any] = {}
+    reports: dict[str, Any] = {"rollout_episodes": rollouts.num_episodes,
+                               "rollout_queries": rollouts.num_queries,
+                               "train_episodes": train.num_episodes,
+                               "held_out_episodes": held.num_episodes,
+                               "rollout_success_rate": float(
+                                   np.mean([rollouts.success[rollouts.episode == e][0]
+                                            for e in range(rollouts.num_episodes)]))}
+    config = fc.TrainConfig(num_steps=args.verifier_steps, learning_rate=1e-3,
+                            warmup_steps=100, log_every=100, grad_penalty=0.0,
+                            checkpoint_every=args.verifier_steps)
+    h, d = rollouts.candidates.shape[2:]
+    for name in args.losses.split(","):
+        if name not in LOSSES:
+            raise ValueError(f"Unknown loss {name!r}; choose from {LOSSES}.")
+        model = fc.MLPEnergy(fc.MLPEnergyConfig(obs_dim=rollouts.observation.shape[1],
+                                                action_dim=d, horizon=h, hidden=256),
+                             key=jax.random.key(args.train_seed))
+        if name == "bradley-terry":
+            data = fc.pair_batches(train, min(256, train.num_queries // 4),
+                                   max_distance=args.pair_distance, seed=0)
+            loss: Any = fc.BradleyTerryLoss()
+        else:
+            target = "success" if name == "outcome" else "discounted"
+            data = fc.outcome_batches(train, min(256, train.num_queries), target=target,
+                                      gamma=args.gamma, seed=0)
+            loss = fc.OutcomeLoss()
+        result = fc.fit_verifier(model, data, loss, key=jax.random.key(1), config=config,
+                                 checkpoint_dir=(path / f"verifier-{name}").absolute(),
+                                 progress=not args.quiet)
+        verifiers[name] = result.model
+        rep = fc.verifier_report(result.model, held).to_dict()
+        rep["final_train_metrics"] = result.history[-1]
+        reports[name] = rep
+        print(f"verifier {name}: {json.dumps(rep, default=float)}", flush=True)
+    return verifiers, reports
+
+
+def run_verify(args: argparse.Namespace) -> dict[str, Any]:
+    fc = _fc()
+    t0 = time.time()
+    h = harness(args)
+    verifiers, reports = train_verifiers(args, h.policy_tag)
+    n, k = args.candidates, args.cluster_k
+    suite = [s for s in consensus_suite(n, k) if s.name in ("plain", f"best-of-{n} medoid")]
+    for name in args.evaluate.split(","):
+        if not name:
+            continue
+        suite.append(Setting(f"best-of-{n} {name} verifier argmin", energy=name,
+                             placement=fc.BestOfN(n)))
+        suite.append(Setting(f"best-of-{n} {name} verifier NearMean({k})", energy=name,
+                             placement=fc.BestOfN(n, select=fc.NearMean(k))))
+    if args.control:
+        # The guard without the verifier: a uniform draw among the same k candidates
+        # (a softmax at a temperature far above the energies' spread), to tell the
+        # verifier's contribution from the guard's.
+        name = args.evaluate.split(",")[0]
+        suite.append(Setting(f"best-of-{n} NearMean({k}) uniform", energy=name,
+                             placement=fc.BestOfN(n, select=fc.NearMean(
+                                 k, fc.SoftmaxSample(1e6)))))
+    results: dict[str, list[Episodes]] = {}
+    rounds = {"verifiers": reports}
+    for setting in suite:
+        results[setting.name] = h.episodes(setting, verifiers,
+                                           tag="" if setting.energy is None else
+                                           f"-r{reports['rollout_episodes']}")
+        print(f"[{time.time() - t0:.0f}s] {paired_rows(results, 'plain')[-1]}", flush=True)
+        out = report(h, results, ["plain", f"best-of-{n} medoid"], rounds, "verify", t0)
+    for table in out["tables"].values():
+        print(table)
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=["consensus", "collect", "verify"])
+    p.add_argument("--task", default="pick-place-v3")
+    p.add_argument("--demos", type=int, default=10)
+    p.add_argument("--demo-seed", type=int, default=0)
+    p.add_argument("--episodes", type=int, default=100,
+                   help="evaluation episodes per key, or rollouts to collect")
+    p.add_argument("--batch", type=int, default=100,
+                   help="collect: episodes run side by side (one part on disk each)")
+    p.add_argument("--keys", type=int, default=3)
+    p.add_argument("--horizon", type=int, default=8)
+    p.add_argument("--execute", type=int, default=4)
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--policy-steps", type=int, default=3000)
+    p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--cluster-k", type=int, default=4)
+    p.add_argument("--candidates", type=int, default=8)
+    p.add_argument("--only", default="", help="consensus: setting names to run (and plain)")
+    p.add_argument("--losses", default=",".join(LOSSES), help="verify: verifiers to train")
+    p.add_argument("--evaluate", default="outcome",
+                   help="verify: comma-separated verifiers to evaluate in closed loop")
+    p.add_argument("--control", action="store_true",
+                   help="verify: also run the guard with a uniform choice (no verifier)")
+    p.add_argument("--verifier-steps", type=int, default=2000)
+    p.add_argument("--gamma", type=float, default=0.99)
+    p.add_argument("--pair-distance", type=float, default=1.0)
+    p.add_argument("--cache", default=None, help="default ~/.cache/flowcorrect/metaworld")
+    p.add_argument("--out", default="results/verifiers")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    return {"consensus": run_consensus, "collect": run_collect, "verify": run_verify}[
+        args.command](args)
+
+
+if __name__ == "__main__":
+    main()
