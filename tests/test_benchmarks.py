@@ -12,7 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
-from benchmarks import harness, openpi_pi0, overhead
+from benchmarks import harness, infonce, openpi_pi0, overhead
 
 import flowcorrect as fc
 
@@ -277,3 +277,32 @@ def test_plot_is_optional(tmp_path):
 
     assert report.plot(result, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_infonce_ways_agree():
+    """The replicated computation the reference uses and `fc.info_nce` are the same
+    loss: the benchmark compares the cost of one computation done two ways."""
+    model = infonce.make_model(16, 32, jax.random.key(1))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    tokens, mask, actions = infonce.make_inputs(5, 16, 16, seed=3)
+    assert not bool(mask.all())  # a padded tail, so masking is exercised
+    v_ours, g_ours = infonce.ours(params, static, tokens, mask, actions)
+    v_rep, g_rep = infonce.replicated(params, static, tokens, mask, actions)
+    assert float(v_ours) > 0.1  # not a degenerate loss
+    assert jnp.allclose(v_ours, v_rep, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_rep)):
+        assert jnp.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_infonce_benchmark_record(tmp_path):
+    out = tmp_path / "infonce.json"
+    record = infonce.main(["--batches", "2", "4", "--seq", "8", "--dim", "8", "--hidden", "16",
+                           "--repeats", "2", "--memory-limit-gb", str(3 * 4 * 8 * 8 * 4 / 1e9),
+                           "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(record["rows"]))
+    small, large = record["rows"]
+    assert small["batch"] == 2 and len(small["ours"]["times_s"]) == 2
+    assert small["replicated"]["median_s"] > 0 and small["speedup"] > 0
+    # B = 4's pairs (4 * 4 * 8 * 8 floats) exceed the limit: reported, not run.
+    assert large["replicated"]["out_of_memory"] and "speedup" not in large
+    assert "OOM" in infonce.table(record["rows"])
