@@ -83,3 +83,22 @@ def test_custom_placement_traces_each_placement():
     assert bool(jnp.all(denoised[:, :8] == plain[:, :8]))
     assert float((denoised[:, -1] - plain[:, -1]).mean()) > 0.05
     assert float((paths["guided, every step"].path[:, -1] - plain[:, -1]).mean()) > 0.0
+
+
+def test_libero_client_axis_angle_and_pairing():
+    """The LIBERO client (not run end to end here: LIBERO's assets cannot be fetched)
+    converts orientations correctly; its table pairs episodes by the library's stats."""
+    import math
+
+    import numpy as np
+
+    client = load("openpi_libero_client")
+    half = math.radians(120.0) / 2
+    axis = np.array([1.0, -2.0, 2.0]) / 3.0
+    quat = np.concatenate([math.sin(half) * axis, [math.cos(half)]])
+    np.testing.assert_allclose(client.axis_angle(quat), math.radians(120.0) * axis, atol=1e-12)
+    np.testing.assert_array_equal(client.axis_angle(np.array([0.0, 0.0, 0.0, 1.0])), np.zeros(3))
+    # A quaternion a hair past unit length is clipped, not turned into NaN.
+    assert np.all(np.isfinite(client.axis_angle(np.array([0.0, 0.0, 0.0, 1.0 + 1e-9]))))
+    assert set(client.MAX_STEPS) == {"libero_spatial", "libero_object", "libero_goal",
+                                     "libero_10", "libero_90"}  # fmt: skip
