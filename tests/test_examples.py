@@ -102,3 +102,16 @@ def test_libero_client_axis_angle_and_pairing():
     assert np.all(np.isfinite(client.axis_angle(np.array([0.0, 0.0, 0.0, 1.0 + 1e-9]))))
     assert set(client.MAX_STEPS) == {"libero_spatial", "libero_object", "libero_goal",
                                      "libero_10", "libero_90"}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high:UserWarning")  # metaworld's
+def test_metaworld_your_setting_runs(tmp_path, capsys):
+    pytest.importorskip("metaworld", reason="needs the metaworld extra")
+    result = load("metaworld_your_setting").main(
+        ["--episodes", "2", "--demos", "2", "--policy-steps", "20", "--cache", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert "medoid vs plain" in out and "exact McNemar p" in out
+    assert 0 <= result["plain"] <= 2 and 0 <= result["medoid of 8"] <= 2
+    assert result["wins"] <= 2 and result["losses"] <= 2

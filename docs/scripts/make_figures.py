@@ -18,6 +18,7 @@ from flowcorrect import plot
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 from custom_placement import LinearPolicy, Trace  # noqa: E402
+from realtime_chunking import TwoModePolicy, plain_chunk, rtc_chunk  # noqa: E402
 
 NUM_STEPS = 10
 
@@ -112,10 +113,48 @@ def step_energies_figure(path):
     fig.savefig(path, dpi=110)
 
 
+def rtc_switches_figure(path):
+    """The toy two-mode policy of examples/realtime_chunking.py run asynchronously
+    (execution horizon 4, delay 2): the lateral action executed at each control step,
+    naive switching against real-time chunking."""
+    Figure = plot._matplotlib()
+    policy = TwoModePolicy(jnp.asarray(1.0), jnp.asarray(0.1))
+    fig = Figure(figsize=(8, 4.6), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True, sharey=True)
+    for ax, method in zip(axes, ("naive", "rtc")):
+        queue = fc.ActionQueue(execution_horizon=4, inference_delay=2)
+        key = jax.random.key(3)
+        executed, switches = [], []
+        for step in range(40):
+            if queue.inference_due:
+                request = queue.request()
+                key, sub = jax.random.split(key)
+                if method == "rtc" and request.prev_chunk_left_over is not None:
+                    placement = fc.RealTimeChunking(
+                        jnp.asarray(request.prev_chunk_left_over), request.inference_delay,
+                        request.execution_horizon)  # fmt: skip
+                    chunk = rtc_chunk(policy, sub, placement)
+                else:
+                    chunk = plain_chunk(policy, sub)
+                queue.submit(np.asarray(chunk))
+            action, switched = queue.pop()
+            if switched and step > 0:
+                switches.append(step)
+            executed.append(action[1])
+        plot.chunk_switches(np.asarray(executed), switches, ax=ax)
+        ax.set_title({"naive": "naive switching: each chunk drawn afresh",
+                      "rtc": "real-time chunking: each chunk guided onto the committed "
+                             "actions"}[method], fontsize=10)  # fmt: skip
+        ax.set_ylabel("lateral action")
+    axes[-1].set_xlabel("control step")
+    fig.savefig(path, dpi=110)
+
+
 FIGURES = {
     "placements.png": placements_figure,
     "alpha_sweep.png": alpha_sweep_figure,
     "step_energies.png": step_energies_figure,
+    "rtc_switches.png": rtc_switches_figure,
 }
 
 
