@@ -359,6 +359,38 @@ def test_openpi_policy_with_correction_per_request(serving, monkeypatch):
         CorrectedPolicy.from_policy(object())
 
 
+@needs_openpi
+def test_openpi_policy_real_time_chunking_per_request(serving):
+    """RTC through openpi's Policy with LeRobot's option names: no energy needed, the
+    leftover is the server's own previous chunk, and the new chunk's first `d` actions
+    are pulled onto it."""
+    from flowcorrect.openpi import CorrectedPolicy
+
+    config, model, obs, plain, first = serving
+    policy = CorrectedPolicy.from_policy(plain)  # no energy: RTC needs none
+    assert "rtc" in policy.metadata["flowcorrect"]["placements"]
+    d, s = 3, 10
+    rtc = {"placement": "rtc", "inference_delay": d, "execution_horizon": s}
+    keys = jax.random.split(jax.random.key(21), 2)
+    noise = [np.asarray(jax.random.normal(k, policy_chunk(config))) for k in keys]
+    out = policy.infer({**obs, "flowcorrect": rtc}, noise=noise[0])
+    assert out["flowcorrect"] == {"placement": "off"}  # the first chunk continues nothing
+    assert tree_bitwise_equal(out["actions"], plain.infer(obs, noise=noise[0])["actions"])
+    previous = np.asarray(out["actions"])  # no output transforms: the model's space
+    guided = policy.infer({**obs, "flowcorrect": rtc}, noise=noise[1])
+    assert guided["flowcorrect"] == {"placement": "RealTimeChunking"}
+    free = policy.infer({**obs, "flowcorrect": {"placement": "off"}}, noise=noise[1])
+    target = previous[s : s + d]
+    gap_guided = float(np.abs(guided["actions"][:d] - target).mean())
+    gap_free = float(np.abs(free["actions"][:d] - target).mean())
+    assert gap_guided < 0.5 * gap_free, (gap_guided, gap_free)
+    assert bool(np.all(np.isfinite(guided["actions"])))
+    with pytest.raises(ValueError, match="needs 'inference_delay' and 'execution_horizon'"):
+        policy.infer({**obs, "flowcorrect": {"placement": "rtc", "inference_delay": 2}})
+    with pytest.raises(ValueError, match="has no energy"):
+        policy.infer({**obs, "flowcorrect": {"placement": "post_hoc"}})
+
+
 def policy_chunk(config):
     return (config.action_horizon, config.action_dim)
 

@@ -283,7 +283,7 @@ class RealTimeChunking(AbstractPlacement):
                 "`prev_chunk_left_over` must be a JAX or NumPy array of shape (leftover, "
                 f"action_dim); got {type(prev_chunk_left_over).__name__}."
             )
-        self.prev_chunk_left_over = prev_chunk_left_over
+        self.prev_chunk_left_over = jnp.asarray(prev_chunk_left_over)
         self.inference_delay = _int_scalar(
             "inference_delay", inference_delay, 0, "control steps executed from the previous "
             "chunk while the policy thinks",

@@ -12,6 +12,7 @@ from .._energy import OnActionDims, as_energy
 from .._flow.placements import AbstractPlacement, BestOfN, Denoised, Guided, PostHoc
 from .._flow.sample import sample
 from .._flow.schedules import EveryStep, LastSteps
+from .._rtc import RealTimeChunking
 from ._pi0 import Pi0Policy, _pi0, nnx  # ._pi0 checks for openpi first
 
 try:
@@ -24,14 +25,23 @@ except ImportError as e:  # openpi's policy module also needs openpi-client
 #: The key of an observation dict that carries per-request correction settings.
 OPTIONS_KEY = "flowcorrect"
 
-_KINDS = ("off", "post_hoc", "denoised", "guided", "best_of_n")
+_KINDS = ("off", "post_hoc", "denoised", "guided", "best_of_n", "rtc")
 _KEYS = {
     "off": set(),
     "post_hoc": {"steps", "alpha", "clip_frac", "first_only"},
     "denoised": {"steps", "alpha", "clip_frac", "first_only", "weight", "last"},
     "guided": {"weight", "last", "cap"},
     "best_of_n": {"n"},
+    "rtc": {
+        "inference_delay",
+        "execution_horizon",
+        "prefix_attention_schedule",
+        "max_guidance_weight",
+        "hard_prefix",
+    },
 }
+# Placements that need no energy.
+_NO_ENERGY = (RealTimeChunking,)
 
 
 class CorrectedPi0(nnx.Module):
@@ -90,7 +100,7 @@ class CorrectedPi0(nnx.Module):
             )
         if placement is None:
             energy = None
-        elif energy is None:
+        elif energy is None and not isinstance(placement, _NO_ENERGY):
             raise ValueError(
                 f"The placement {type(placement).__name__} needs an energy; give "
                 "CorrectedPolicy an `energy`."
@@ -98,8 +108,10 @@ class CorrectedPi0(nnx.Module):
         policy = Pi0Policy(self.model)
         batch = observation.state.shape[0]
         if noise is None:
-            shape = policy.chunk_shape if placement is None else placement.noise_shape(
+            shape = (
                 policy.chunk_shape
+                if placement is None
+                else placement.noise_shape(policy.chunk_shape)
             )
             noise = jax.random.normal(rng, (batch, *shape))
         # A key for stochastic correctors, not the one the noise came from.
@@ -116,7 +128,9 @@ class CorrectedPi0(nnx.Module):
         return actions
 
 
-def placement_from_options(options: Mapping[str, Any], action_dims: int | None = None):
+def placement_from_options(
+    options: Mapping[str, Any], action_dims: int | None = None, previous: Any = None
+):
     """Builds a placement from plain settings (what a client can send in a request).
 
     **Arguments:**
@@ -129,8 +143,18 @@ def placement_from_options(options: Mapping[str, Any], action_dims: int | None =
           `last` flow steps; default every step);
         - `guided`: `weight` (1.0), `last` (default every step), `cap` (1.0);
         - `best_of_n`: `n` (8).
+        - `rtc`: real-time chunking ([`flowcorrect.RealTimeChunking`][], needs no
+          energy): `inference_delay` (`d`, control steps the robot executes from the
+          previous chunk while this one is computed), `execution_horizon` (`s`,
+          actions executed from each chunk before the next request), and optionally
+          `prefix_attention_schedule` ("exp"), `max_guidance_weight` (5.0),
+          `hard_prefix` (False). The names are LeRobot's. The previous chunk's
+          leftover is `previous[:, s:]` (zero-padded to the horizon, so the shapes
+          never change), in the model's own action space.
     - `action_dims`: the post-hoc and denoised recipes change only the first
         `action_dims` dims.
+    - `previous`: for `rtc`, the previous call's chunks `(batch, horizon, action_dim)`
+        in the model's action space; `None` (the first call) gives `None` (plain).
 
     **Returns:**
 
@@ -186,6 +210,38 @@ def placement_from_options(options: Mapping[str, Any], action_dims: int | None =
 
     if kind == "off":
         return None
+    if kind == "rtc":
+        if "execution_horizon" not in options or "inference_delay" not in options:
+            raise ValueError(
+                "Correction option 'rtc' needs 'inference_delay' and 'execution_horizon' "
+                f"(control steps); got {sorted(options)}."
+            )
+        if previous is None:
+            return None
+        previous = np.asarray(previous)
+        s = count("execution_horizon", 1)
+        horizon = previous.shape[1]
+        if not 1 <= s <= horizon:
+            raise ValueError(
+                f"Correction option 'execution_horizon' must be in [1, {horizon}] (the "
+                f"chunk's horizon); got {s}."
+            )
+        leftover = np.zeros_like(previous)
+        leftover[:, : horizon - s] = previous[:, s:]
+        hard = options.get("hard_prefix", False)
+        if not isinstance(hard, bool | np.bool_):
+            raise ValueError(
+                f"Correction option 'hard_prefix' must be true or false; got {hard!r}."
+            )
+        schedule = options.get("prefix_attention_schedule", "exp")
+        return RealTimeChunking(
+            leftover,
+            count("inference_delay", 0),
+            s,
+            prefix_attention_schedule=schedule,
+            max_guidance_weight=number("max_guidance_weight", 5.0),
+            hard_prefix=bool(hard),
+        )
     if kind == "post_hoc":
         return PostHoc(recipe())
     if kind == "denoised":
@@ -265,6 +321,16 @@ class CorrectedPolicy(_policy.Policy):
             output_transforms=output_transforms,
             metadata=metadata,
         )
+        # The last chunk in the model's action space, for real-time chunking's leftover.
+        self._previous = None
+        jitted = self._sample_actions
+
+        def sample_and_keep(*args: Any, **kwargs: Any) -> Any:
+            actions = jitted(*args, **kwargs)
+            self._previous = actions
+            return actions
+
+        self._sample_actions = sample_and_keep
 
     @classmethod
     def from_policy(
@@ -291,11 +357,8 @@ class CorrectedPolicy(_policy.Policy):
         - `num_steps`: defaults to the policy's `sample_kwargs["num_steps"]`, else 10.
         """
         if not isinstance(policy, _policy.Policy):
-            raise TypeError(
-                f"`policy` must be an openpi `Policy`; got {type(policy).__name__}."
-            )
-        names = ("_model", "_input_transform", "_output_transform", "_sample_kwargs",
-                 "_metadata")
+            raise TypeError(f"`policy` must be an openpi `Policy`; got {type(policy).__name__}.")
+        names = ("_model", "_input_transform", "_output_transform", "_sample_kwargs", "_metadata")
         missing = [n for n in names if not hasattr(policy, n)]
         if missing or getattr(policy, "_is_pytorch_model", False):
             raise TypeError(
@@ -308,8 +371,7 @@ class CorrectedPolicy(_policy.Policy):
         steps = kwargs.pop("num_steps", 10) if num_steps is None else num_steps
         if kwargs.keys() - {"noise"}:
             raise ValueError(
-                f"The policy's sample_kwargs {sorted(kwargs)} are not supported; only "
-                "num_steps is."
+                f"The policy's sample_kwargs {sorted(kwargs)} are not supported; only num_steps is."
             )
         model = policy._model
         if isinstance(model, CorrectedPi0):
@@ -332,11 +394,11 @@ class CorrectedPolicy(_policy.Policy):
         if options is None:
             placement = self.placement
         else:
-            placement = placement_from_options(options, self.action_dims)
-        if placement is not None and self.energy is None:
+            placement = placement_from_options(options, self.action_dims, self._previous)
+        if placement is not None and self.energy is None and not isinstance(placement, _NO_ENERGY):
             raise ValueError(
                 "This CorrectedPolicy has no energy, so it serves only "
-                f"{{'placement': 'off'}}; got {options!r}."
+                f"{{'placement': 'off'}} and {{'placement': 'rtc', ...}}; got {options!r}."
             )
         self._sample_kwargs = (
             {} if placement is None else {"energy": self.energy, "placement": placement}
@@ -349,7 +411,7 @@ class CorrectedPolicy(_policy.Policy):
     def metadata(self) -> dict[str, Any]:
         meta = dict(self._metadata)
         meta[OPTIONS_KEY] = {
-            "placements": list(_KINDS) if self.energy is not None else ["off"],
+            "placements": list(_KINDS) if self.energy is not None else ["off", "rtc"],
             "default": _name(self.placement),
             "action_dims": self.action_dims,
         }
