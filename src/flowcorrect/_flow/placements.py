@@ -471,6 +471,9 @@ class BestOfN(AbstractPlacement):
     select: AbstractSelection
 
     def __init__(self, n: Any, inner: Any = Plain(), select: Any = ByEnergy()):
+        # Also checked before the fields are set: older jaxtyping (openpi's 0.2.36)
+        # type-checks the fields before __check_init__ runs, with a vaguer message.
+        check_selection(select, "BestOfN `select`")
         self.n = n
         self.inner = inner
         self.select = select

@@ -296,6 +296,10 @@ class NearMean(AbstractSelection):
     then: AbstractSelection
 
     def __init__(self, k: Any, then: Any = ByEnergy()):
+        # Checked here as well as in __check_init__: older jaxtyping (openpi's 0.2.36)
+        # type-checks the fields before __check_init__ runs, with a vaguer message.
+        _check_k(k, "NearMean")
+        check_selection(then, "NearMean `then`")
         self.k = k
         self.then = then
 
