@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from .._misc import shape_str
 from .._model.context import TokenContext
 from .._train.batch import Batch
-from ._pi0 import Pi0Policy, _model, _pi0
+from ._pi0 import Pi0Policy, _model, as_pi0_policy
 
 
 def _context(policy: Pi0Policy, observation: Any, pool: bool) -> Any:
@@ -88,15 +88,7 @@ def energy_batches(
                         data, key=key)
         ```
     """
-    if isinstance(model, _pi0.Pi0):
-        policy = Pi0Policy(model)
-    elif isinstance(model, Pi0Policy):
-        policy = model
-    else:
-        raise TypeError(
-            "`model` must be openpi's JAX Pi0 or a flowcorrect.openpi.Pi0Policy; got "
-            f"{type(model).__name__}."
-        )
+    policy = as_pi0_policy(model)
     if not isinstance(pool, bool):
         raise TypeError(f"`pool` must be True or False; got {pool!r}.")
     if action_dims is not None and not (

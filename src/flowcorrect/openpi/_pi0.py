@@ -191,3 +191,15 @@ class Pi0Policy(AbstractBatchedPolicy):
             state=jnp.repeat(prefix.state, n, axis=0),
         )
 
+
+
+def as_pi0_policy(model: Any) -> "Pi0Policy":
+    """openpi's JAX `Pi0` as a [`flowcorrect.openpi.Pi0Policy`][]; a `Pi0Policy` as is."""
+    if isinstance(model, _pi0.Pi0):
+        return Pi0Policy(model)
+    if isinstance(model, Pi0Policy):
+        return model
+    raise TypeError(
+        "`model` must be openpi's JAX Pi0 or a flowcorrect.openpi.Pi0Policy; got "
+        f"{type(model).__name__}."
+    )

@@ -6,7 +6,7 @@ from .._correctors.recipes import reference_recipe
 from .._energy import OnActionDims
 from .._flow.placements import AbstractPlacement, PostHoc
 from .._flow.sample import sample
-from ._pi0 import Pi0Policy, _pi0
+from ._pi0 import as_pi0_policy
 
 
 def sample_actions_with_energy_correction(
@@ -68,15 +68,7 @@ def sample_actions_with_energy_correction(
 
     The actions `(batch, action_horizon, action_dim)`, or `(actions, info)`.
     """
-    if isinstance(model, _pi0.Pi0):
-        policy = Pi0Policy(model)
-    elif isinstance(model, Pi0Policy):
-        policy = model
-    else:
-        raise TypeError(
-            "`model` must be openpi's JAX Pi0 or a flowcorrect.openpi.Pi0Policy; got "
-            f"{type(model).__name__}."
-        )
+    policy = as_pi0_policy(model)
     if not (isinstance(energy_correction_steps, int) and energy_correction_steps >= 0):
         raise ValueError(
             "`energy_correction_steps` must be an int >= 0 (0 = off, 1-3 real-time, 5-10 "
