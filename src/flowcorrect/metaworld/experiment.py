@@ -118,16 +118,23 @@ def get_energy(policy, demos, horizon, cache, tag, steps, seed, progress):
     return energy, meta
 
 
+def task_policy(args: argparse.Namespace, cache: pathlib.Path):
+    """The demonstrations and the (cached) flow policy the command-line arguments name
+    (`task`, `demos`, `demo_seed`, `horizon`, `policy_steps`, `train_seed`, `quiet`)."""
+    progress = not args.quiet
+    demos = collect_demos(args.task, args.demos, seed=args.demo_seed, cache=cache,
+                          progress=progress)  # fmt: skip
+    config = PolicyConfig(horizon=args.horizon, steps=args.policy_steps)
+    return demos, get_policy(args.task, demos, config, cache, args.train_seed, progress)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cache = pathlib.Path(args.cache) if args.cache else default_cache()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
     t0 = time.time()
-    demos = collect_demos(args.task, args.demos, seed=args.demo_seed, cache=cache,
-                          progress=progress)
-    config = PolicyConfig(horizon=args.horizon, steps=args.policy_steps)
-    policy = get_policy(args.task, demos, config, cache, args.train_seed, progress)
+    demos, policy = task_policy(args, cache)
     policy_tag = f"{args.task}-{args.demos}-h{args.horizon}-s{args.policy_steps}-{args.train_seed}"
     suite = {
         "reference": reference_suite, "demo": demo_suite,

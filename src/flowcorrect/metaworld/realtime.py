@@ -40,10 +40,9 @@ from .._executor import ActionQueue
 from .._flow.sample import sample
 from .._rtc import RealTimeChunking
 from . import stats
-from .envs import collect_demos, default_cache, expert_success, reset_env
+from .envs import default_cache, expert_success, reset_env
 from .evaluate import EnvPool
-from .experiment import EVAL_SEED0, get_policy
-from .policy import PolicyConfig
+from .experiment import EVAL_SEED0, task_policy
 
 KINDS = ("sync", "naive", "rtc", "prefix", "hard", "guided")
 
@@ -189,10 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
     t0 = time.time()
-    demos = collect_demos(args.task, args.demos, seed=args.demo_seed, cache=cache,
-                          progress=progress)
-    config = PolicyConfig(horizon=args.horizon, steps=args.policy_steps)
-    policy = get_policy(args.task, demos, config, cache, args.train_seed, progress)
+    demos, policy = task_policy(args, cache)
     seeds = EVAL_SEED0 + args.seed_offset + np.arange(args.episodes)
     expert = expert_success(args.task, seeds, max_steps=args.max_steps, cache=cache,
                             progress=progress)

@@ -31,10 +31,9 @@ import jax
 import numpy as np
 
 from . import stats
-from .envs import collect_demos, default_cache, expert_success
+from .envs import default_cache, expert_success
 from .evaluate import EnvPool, Episodes, rollout
-from .experiment import EVAL_SEED0, get_policy
-from .policy import PolicyConfig
+from .experiment import EVAL_SEED0, task_policy
 from .settings import Setting, make_act
 
 TRAIN_SEED0 = 20_000_000
@@ -103,10 +102,7 @@ class Harness:
 def harness(args: argparse.Namespace) -> Harness:
     cache = pathlib.Path(args.cache) if args.cache else default_cache()
     progress = not args.quiet
-    demos = collect_demos(args.task, args.demos, seed=args.demo_seed, cache=cache,
-                          progress=progress)
-    config = PolicyConfig(horizon=args.horizon, steps=args.policy_steps)
-    policy = get_policy(args.task, demos, config, cache, args.train_seed, progress)
+    demos, policy = task_policy(args, cache)
     tag = f"{args.task}-{args.demos}-h{args.horizon}-s{args.policy_steps}-{args.train_seed}"
     seeds = EVAL_SEED0 + np.arange(args.episodes)
     expert = expert_success(args.task, seeds, max_steps=args.max_steps, cache=cache,
