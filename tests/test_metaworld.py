@@ -211,6 +211,46 @@ def test_demos_are_reproducible_from_seeds(tmp_path):
 
 
 @needs_metaworld
+def test_via_point_demonstrations_are_bimodal_and_reproducible(tmp_path):
+    from flowcorrect.metaworld.envs import collect_demos, via_point_side
+
+    sides = np.array([via_point_side(s) for s in range(200)])
+    assert set(sides.tolist()) == {-1, 1} and 0.4 < (sides == 1).mean() < 0.6
+    assert [via_point_side(s) for s in range(10)] == sides[:10].tolist()  # deterministic
+
+    plain = collect_demos("pick-place-v3", 4, cache=tmp_path, progress=False)
+    via = collect_demos("pick-place-v3", 4, cache=tmp_path, progress=False, via_point=0.15)
+    again = collect_demos("pick-place-v3", 4, cache=tmp_path / "b", progress=False,
+                          via_point=0.15)
+    np.testing.assert_array_equal(via.actions, again.actions)
+    assert via.success.all()
+    assert (via.length > plain.length).all()  # the detour takes steps
+    seen = set()
+    start = 0
+    for seed, n, n_plain in zip(via.seeds, via.length, plain.length):
+        hand_x = via.obs[start:start + n, 0] - via.obs[start, 0]
+        side = via_point_side(seed)
+        seen.add(side)
+        # The hand heads for its side first and goes most of the 0.15 m before the
+        # task's expert takes over.
+        assert side * hand_x[10] > 0.05, (seed, side, hand_x[:12])
+        extreme = hand_x.max() if side == 1 else -hand_x.min()
+        assert extreme > 0.12, (seed, side, extreme)
+        start += n
+    assert seen == {-1, 1}, "4 layouts from seed 0 cover both sides"
+    # The plain demonstrations (the cached default) are unchanged by the option.
+    assert not np.array_equal(plain.obs[:10], via.obs[:10])
+
+
+@needs_metaworld
+def test_via_point_expert_needs_a_positive_offset():
+    from flowcorrect.metaworld.envs import ViaPointExpert, expert
+
+    with pytest.raises(ValueError, match="offset"):
+        ViaPointExpert(expert("reach-v3"), 0.0)
+
+
+@needs_metaworld
 def test_rollouts_are_paired_across_settings():
     from flowcorrect.metaworld.evaluate import EnvPool, rollout
 

@@ -97,7 +97,68 @@ class Demos:
         return self.obs, out
 
 
+class ViaPointExpert:
+    """A scripted expert sent first through a via-point left or right of its start.
+
+    Multimodal demonstrations on purpose: at the start of every episode the hand moves
+    to `start + (side * offset, 0, lift)`, `side = +1 or -1` drawn per layout seed (so
+    half the demonstrations go each way, reproducibly), then the task's own expert
+    takes over. A policy trained on them has two modes at the first observations of an
+    episode and, until the hand has clearly committed, shortly after; switching between
+    independently sampled chunks can hop between them (what real-time chunking is for).
+    The side cannot be read from the layout, only from the hand's own motion.
+
+    **Arguments:**
+
+    - `base`: the task's expert (see [`expert`][]).
+    - `offset`: the via-point's lateral (x) distance from the start, in metres.
+    - `lift`: its height above the start.
+    - `tol`: the distance at which the via-point counts as reached.
+    - `gain`: the proportional gain towards it (Meta-World's experts use 10).
+    """
+
+    def __init__(self, base: Any, offset: float, *, lift: float = 0.05, tol: float = 0.02,
+                 gain: float = 10.0):
+        if not offset > 0:
+            raise ValueError(f"`offset` must be > 0 metres (0.15 is a good start); got {offset}.")
+        self.base, self.offset, self.lift, self.tol, self.gain = base, offset, lift, tol, gain
+        self.side = 1
+        self.target: np.ndarray | None = None
+        self.reached = False
+
+    def reset(self, seed: Any) -> None:
+        """Starts an episode on layout `seed`: draws its side, forgets the via-point."""
+        self.side = via_point_side(seed)
+        self.target = None
+        self.reached = False
+
+    def get_action(self, obs: np.ndarray) -> np.ndarray:
+        hand = np.asarray(obs[HAND], np.float64)
+        if self.target is None:
+            self.target = hand + np.array([self.side * self.offset, 0.0, self.lift])
+        if not self.reached:
+            delta = self.target - hand
+            if np.linalg.norm(delta) > self.tol:
+                # Gripper open (-1), as every Meta-World expert starts.
+                return np.append(np.clip(self.gain * delta, -1, 1), -1.0).astype(np.float32)
+            self.reached = True
+        return self.base.get_action(obs)
+
+
+def via_point_side(seed: Any) -> int:
+    """The side (+1 or -1) of [`ViaPointExpert`][]'s via-point on layout `seed`."""
+    return 1 if np.random.default_rng([int(seed), 7]).random() < 0.5 else -1
+
+
+def task_expert(task: str, via_point: float = 0.0) -> Any:
+    """The task's scripted expert, through a via-point of that offset if `via_point > 0`."""
+    base = expert(task)
+    return ViaPointExpert(base, via_point) if via_point else base
+
+
 def run_expert(env: Any, policy: Any, seed: int, max_steps: int) -> tuple[list, list, bool]:
+    if hasattr(policy, "reset"):
+        policy.reset(seed)
     obs = reset_env(env, seed)
     observations, actions, success = [], [], False
     for _ in range(max_steps):
@@ -123,6 +184,7 @@ def collect_demos(
     successful_only: bool = True,
     cache: str | pathlib.Path | None = None,
     progress: bool = True,
+    via_point: float = 0.0,
 ) -> Demos:
     """Scripted demonstrations of `task` on seeded layouts, cached as npz.
 
@@ -140,18 +202,22 @@ def collect_demos(
     - `cache`: the cache directory (default [`default_cache`][]); `False`-y values of
         the string `"none"` disable it.
     - `progress`: show a progress bar.
+    - `via_point`: if `> 0`, multimodal demonstrations: the expert first passes a
+        via-point this far left or right of its start ([`ViaPointExpert`][]).
     """
     from tqdm.auto import tqdm
 
     cache_dir = default_cache() if cache is None else pathlib.Path(cache)
     key = dict(task=task, num=num, seed=seed, max_steps=max_steps, ok=successful_only, v=1)
+    if via_point:
+        key["via_point"] = via_point  # absent otherwise: earlier caches stay valid
     tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir / f"demos-{_slug(task)}-{num}-{tag}.npz"
     if path.exists():
         with np.load(path) as f:
             return Demos(**{k: f[k] for k in f.files})
     env = make_env(task)
-    pol = expert(task)
+    pol = task_expert(task, via_point)
     obs, act, ep, seeds, succ, length = [], [], [], [], [], []
     i = 0
     bar = tqdm(total=num, desc=f"demos {task}", disable=not progress)
@@ -188,19 +254,21 @@ def collect_demos(
 
 def expert_success(
     task: str, seeds: np.ndarray, *, max_steps: int = 500, cache: Any = None,
-    progress: bool = True,
+    progress: bool = True, via_point: float = 0.0,
 ) -> np.ndarray:
-    """The scripted expert's success on each evaluation seed (the ceiling), cached."""
+    """The scripted expert's success on each evaluation seed (the ceiling), cached;
+    through the via-point of [`collect_demos`][] if `via_point > 0`."""
     from tqdm.auto import tqdm
 
     cache_dir = default_cache() if cache is None else pathlib.Path(cache)
     seeds = np.asarray(seeds, np.int64)
-    tag = hashlib.sha1(seeds.tobytes() + str(max_steps).encode()).hexdigest()[:10]
+    extra = f"via{via_point}" if via_point else ""
+    tag = hashlib.sha1(seeds.tobytes() + str(max_steps).encode() + extra.encode()).hexdigest()[:10]
     path = cache_dir / f"expert-{_slug(task)}-{tag}.npy"
     if path.exists():
         return np.load(path)
     env = make_env(task)
-    pol = expert(task)
+    pol = task_expert(task, via_point)
     out = np.array(
         [run_expert(env, pol, s, max_steps)[2]
          for s in tqdm(seeds, desc=f"expert {task}", disable=not progress)]

@@ -94,8 +94,10 @@ def _tag(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def get_policy(task, demos, config: PolicyConfig, cache: pathlib.Path, seed: int, progress):
-    tag = _tag([dataclasses.asdict(config), seed, demos.seeds.tolist()])
+def get_policy(task, demos, config: PolicyConfig, cache: pathlib.Path, seed: int, progress,
+               via_point: float = 0.0):
+    tag = _tag([dataclasses.asdict(config), seed, demos.seeds.tolist()]
+               + ([f"via{via_point}"] if via_point else []))
     path = cache / f"policy-{task}-{len(demos.seeds)}-{tag}"
     if path.with_suffix(".eqx").exists():
         return load_policy(path)[0]
@@ -120,12 +122,14 @@ def get_energy(policy, demos, horizon, cache, tag, steps, seed, progress):
 
 def task_policy(args: argparse.Namespace, cache: pathlib.Path):
     """The demonstrations and the (cached) flow policy the command-line arguments name
-    (`task`, `demos`, `demo_seed`, `horizon`, `policy_steps`, `train_seed`, `quiet`)."""
+    (`task`, `demos`, `demo_seed`, `horizon`, `policy_steps`, `train_seed`, `quiet`, and
+    `via_point` where the command has it: multimodal demonstrations)."""
     progress = not args.quiet
+    via = getattr(args, "via_point", 0.0)
     demos = collect_demos(args.task, args.demos, seed=args.demo_seed, cache=cache,
-                          progress=progress)  # fmt: skip
+                          progress=progress, via_point=via)  # fmt: skip
     config = PolicyConfig(horizon=args.horizon, steps=args.policy_steps)
-    return demos, get_policy(args.task, demos, config, cache, args.train_seed, progress)
+    return demos, get_policy(args.task, demos, config, cache, args.train_seed, progress, via)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -191,14 +191,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     demos, policy = task_policy(args, cache)
     seeds = EVAL_SEED0 + args.seed_offset + np.arange(args.episodes)
     expert = expert_success(args.task, seeds, max_steps=args.max_steps, cache=cache,
-                            progress=progress)
+                            progress=progress, via_point=args.via_point)
     pool = EnvPool(args.task, args.episodes)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     for s in settings:
         parse_setting(s)
     results: dict[str, list[dict[str, Any]]] = {}
-    stem = (f"realtime-{args.task}-{args.demos}demos-h{args.horizon}-e{args.execute}"
-            + (f"-{args.tag}" if args.tag else ""))
+    stem = (f"realtime-{args.task}-{args.demos}demos"
+            + (f"-via{args.via_point:g}" if args.via_point else "")
+            + f"-h{args.horizon}-e{args.execute}" + (f"-{args.tag}" if args.tag else ""))
     report: dict[str, Any] = {}
     for name in settings:
         kind, delay = parse_setting(name)
@@ -229,7 +230,8 @@ def merge(paths: list[str], out: str | None = None) -> dict[str, Any]:
     keys and chunking (settings run in separate processes are still paired: layouts and
     noise keys are deterministic)."""
     same = ("task", "demos", "episodes", "keys", "seed_offset", "horizon", "execute",
-            "num_steps", "beta", "max_steps", "policy_steps", "train_seed", "demo_seed")
+            "num_steps", "beta", "max_steps", "policy_steps", "train_seed", "demo_seed",
+            "via_point")
     results: dict[str, list[dict[str, Any]]] = {}
     first: dict[str, Any] | None = None
     for path in paths:
@@ -259,6 +261,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="pick-place-v3")
     p.add_argument("--demos", type=int, default=10)
     p.add_argument("--demo-seed", type=int, default=0)
+    p.add_argument("--via-point", type=float, default=0.0,
+                   help="multimodal demonstrations: the expert first passes a via-point this "
+                        "far (metres) left or right of its start, by layout; 0 = off")
     p.add_argument("--settings", default="sync,naive:2,naive:4,rtc:2,rtc:4",
                    help="comma-separated kind:delay, kinds " + ", ".join(KINDS))
     p.add_argument("--episodes", type=int, default=100)
