@@ -183,17 +183,46 @@ class Flow(eqx.Module):
         )
 
     def integrate(
-        self, stepper: "AbstractInterleaved", noise: BatchChunks, keys: BatchKeys
-    ) -> tuple[BatchChunks, Any, Float[Array, "batch num_steps"] | None]:
+        self,
+        stepper: "AbstractInterleaved",
+        noise: BatchChunks,
+        keys: BatchKeys,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> tuple[BatchChunks, Any, Float[Array, "batch steps"] | None]:
         """The Euler loop from `noise`, one `lax.scan` over the flow steps, each step
         taken by `stepper.step`.
 
+        **Arguments:**
+
+        - `stepper`: takes each step ([`flowcorrect.AbstractInterleaved`][]); its
+            `init` runs on the chunks at step `start`.
+        - `noise`: the chunks at step `start`: pure noise when `start = 0`, else the
+            samples at time `t_start` of the grid.
+        - `keys`: one key per sample. Step `k` receives the same key whatever the
+            range, so running `0 ... k` and then `k ... num_steps` gives the keys of
+            one run over all steps.
+        - `start`, `stop`: static ints, `0 <= start <= stop <= num_steps`: run the
+            steps `start ... stop - 1` only (from `t_start` to `t_stop` of the
+            grid). `stop = None` means `num_steps`. Defaults: every step.
+
         **Returns:**
 
-        `(actions, state, step_energy)`: the final chunks, the stepper's final state,
-        and the energy of the denoised estimate at every step (`(batch, num_steps)`)
-        when `step_energies` is on and there is an energy, else `None`.
+        `(actions, state, step_energy)`: the chunks at step `stop`, the stepper's final
+        state, and the energy of the denoised estimate at every step run
+        (`(batch, stop - start)`) when `step_energies` is on and there is an energy,
+        else `None`.
         """
+        stop = self.num_steps if stop is None else stop
+        for name, value in (("start", start), ("stop", stop)):
+            if not (isinstance(value, int) and not isinstance(value, bool)):
+                raise TypeError(f"Flow.integrate `{name}` must be a Python int; got {value!r}.")
+        if not 0 <= start <= stop <= self.num_steps:
+            raise ValueError(
+                "Flow.integrate needs 0 <= start <= stop <= num_steps; got "
+                f"start={start}, stop={stop}, num_steps={self.num_steps}."
+            )
         dtype = noise.dtype
         grid = self.convention.times(self.num_steps, dtype)
         dt = jnp.asarray(self.convention.direction / self.num_steps, dtype)
@@ -210,6 +239,10 @@ class Flow(eqx.Module):
 
         state = stepper.init(self, noise)
         index = jnp.arange(self.num_steps, dtype=jnp.int32)
+        if (start, stop) != (0, self.num_steps):
+            # Static slices of the grid: a sub-range sees the very times of a full run.
+            grid, index = grid[start : stop + 1], index[start:stop]
+            step_keys = step_keys[start:stop]
         (x, state), energies = jax.lax.scan(body, (noise, state), (grid[:-1], index, step_keys))
         return x, state, (None if energies is None else energies.T)
 
