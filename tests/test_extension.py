@@ -234,6 +234,7 @@ def test_user_policy_prefix_runs_once_per_call_for_every_placement():
         fc.Denoised(fc.reference_recipe(), fc.LastSteps(3)),
         fc.Guided(fc.LastSteps(3)),
         fc.BestOfN(8),
+        fc.EarlyBestOfN(8, 3),
         fc.PostHoc(after=fc.BestOfN(4, fc.Guided(weight=2.0))),
     ]
     for placement in placements:

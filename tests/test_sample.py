@@ -767,6 +767,7 @@ def test_non_finite_never_reaches_the_robot(convention):
         fc.Guided(fc.LastSteps(3), 0.5),
         fc.Denoised(fc.reference_recipe(), fc.EveryNth(2), 0.5),
         fc.BestOfN(3),
+        fc.EarlyBestOfN(3, 4),
         fc.PostHoc(fc.reference_recipe(), after=fc.BestOfN(2, fc.Guided(weight=0.5))),
     ],
     ids=lambda p: type(p).__name__,

@@ -48,6 +48,8 @@ from ._flow.placements import (
     BestOfN as BestOfN,
     BestOfNInfo as BestOfNInfo,
     Denoised as Denoised,
+    EarlyBestOfN as EarlyBestOfN,
+    EarlyBestOfNInfo as EarlyBestOfNInfo,
     Guided as Guided,
     InterleavedInfo as InterleavedInfo,
     Plain as Plain,
