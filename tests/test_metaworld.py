@@ -422,3 +422,46 @@ def test_episodes_round_trip_through_json():
             assert a.dtype == b.dtype
         else:
             assert a == b
+
+
+# Trains a tiny policy and verifier and runs every command of the verifiers CLI end to
+# end on two short episodes (about a minute on 2 cores): `collect` once broke for want
+# of a helper that a refactor removed, and nothing ran it.
+@needs_metaworld
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_verifiers_cli_collects_trains_and_iterates_rounds(tmp_path):
+    from flowcorrect.metaworld import verifiers
+
+    common = ["--task", "reach-v3", "--demos", "2", "--policy-steps", "20",
+              "--max-steps", "8", "--candidates", "3", "--cluster-k", "2", "--batch", "2",
+              "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--quiet"]
+    meta = verifiers.main(["collect", "--episodes", "2", "--explore-noise", "2", *common])
+    assert meta["episodes"] == 2 and meta["info"]["explore_noise"] == 2
+    root = tmp_path / "out" / "rollouts"
+    (first,) = [p for p in root.iterdir()]
+    assert first.name.endswith("-e2")
+    import flowcorrect as fc
+
+    roll = fc.load_rollouts(first)
+    assert roll.candidates.shape[1:] == (3, 8, 4)
+    assert (roll.executed == 0).all()
+    # Candidate 0 was drawn with twice the noise: it is farther from the others.
+    spread = np.linalg.norm(roll.candidates - roll.candidates.mean(1, keepdims=True),
+                            axis=(2, 3))
+    assert spread[:, 0].mean() > spread[:, 1:].mean()
+
+    train = ["--verifier-steps", "5", "--losses", "outcome", "--explore-noise", "2"]
+    meta2 = verifiers.main(["collect", "--episodes", "2", "--round", "2", *train, *common])
+    assert meta2["info"]["round"] == 2 and "NearMean(2)" in meta2["info"]["executed"]
+    second = fc.load_rollouts(first.parent / (first.name + "-round2"))
+    assert not set(second.episode_seed) & set(roll.episode_seed)  # fresh layouts
+    assert (second.executed < 3).all()
+
+    out = verifiers.main(["verify", "--episodes", "2", "--keys", "1", "--round", "2",
+                          "--guided", "1", "--early", "4", *train, *common])
+    names = [r["name"] for r in out["rows"]["plain"]]
+    assert "guided by outcome verifier w=1" in names
+    assert "best-of-3 outcome verifier NearMean(2)" in names
+    assert "early best-of-3 outcome verifier NearMean(2) rank_at=4" in names
+    assert out["verifiers"]["rounds"] == 2 and out["verifiers"]["rollout_episodes"] == 4

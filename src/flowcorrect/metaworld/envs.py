@@ -156,7 +156,9 @@ def task_expert(task: str, via_point: float = 0.0) -> Any:
     return ViaPointExpert(base, via_point) if via_point else base
 
 
-def run_expert(env: Any, policy: Any, seed: int, max_steps: int) -> tuple[list, list, bool]:
+def run_expert(
+    env: Any, policy: Any, seed: int | np.integer, max_steps: int
+) -> tuple[list, list, bool]:
     if hasattr(policy, "reset"):
         policy.reset(seed)
     obs = reset_env(env, seed)

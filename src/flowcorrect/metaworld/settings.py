@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._flow.placements import BestOfN
 from .._flow.sample import sample
 from .policy import FlowMLPPolicy
 
@@ -67,12 +66,12 @@ def plain_euler(policy: FlowMLPPolicy, obs, noise, num_steps: int):
 
 def draw_noise(setting: Setting, key, batch: int, chunk_shape) -> jax.Array:
     """The starting noise for a query (unscaled): the same draw for every setting of one
-    shape, so settings are paired on their noise as well as on their layouts."""
+    shape, so settings are paired on their noise as well as on their layouts (every
+    best-of-8 rule ranks the same 8 candidates). The shape is the placement's own
+    (`noise_shape`), so any placement, a user's included, gets the noise it expects."""
     placement = setting.placement
-    shape = (batch, *chunk_shape)
-    if isinstance(placement, BestOfN):
-        shape = (batch, placement.n, *chunk_shape)
-    return jax.random.normal(key, shape, jnp.float32)
+    one = tuple(chunk_shape) if placement is None else placement.noise_shape(chunk_shape)
+    return jax.random.normal(key, (batch, *one), jnp.float32)
 
 
 @eqx.filter_jit

@@ -55,7 +55,9 @@ def mcnemar(wins: int, losses: int) -> float:
     return binomial_two_sided(wins, wins + losses)
 
 
-def paired_counts(baseline: Sequence[bool], setting: Sequence[bool]) -> tuple[int, int]:
+def paired_counts(
+    baseline: Sequence[bool] | np.ndarray, setting: Sequence[bool] | np.ndarray
+) -> tuple[int, int]:
     """`(wins, losses)` of `setting` against `baseline` over the same episodes."""
     b = np.asarray(baseline, bool)
     s = np.asarray(setting, bool)

@@ -14,7 +14,15 @@
 - `verify`: trains verifiers on the collected rollouts (outcome classification,
     Bradley-Terry, discounted time to success), writes their calibration reports, and
     evaluates best-of-8 by the verifier, guarded by `NearMean`, against the plain
-    policy and against the medoid, paired.
+    policy and against the medoid, paired; optionally guidance by the verifier's
+    gradient at the denoised estimate (`--guided W`).
+
+Iterated rounds (`--round R`, R >= 2): `collect` executes, at every query, the
+candidate that round R - 1's guarded verifier (`NearMean(k)` over its outcome
+verifier, trained on rounds 1 .. R - 1) chooses, and `verify` trains on rounds 1 .. R.
+`--explore-noise S` widens the executed actions: the executed chunk (candidate 0) is
+drawn with its initial noise scaled by `S`, so outcomes depend on the action more than
+the policy's own narrow spread allows.
 
 Every episode's outcome is cached per (task, policy, setting, key) under
 `<out>/episodes/`, so settings shared by two commands run once.
@@ -27,9 +35,12 @@ import pathlib
 import time
 from typing import Any
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from .._verifiers.rollouts import concatenate
 from . import stats
 from .envs import default_cache, expert_success
 from .evaluate import EnvPool, Episodes, rollout
@@ -173,47 +184,101 @@ def run_consensus(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _rollout_dir(args: argparse.Namespace, tag: str) -> pathlib.Path:
-    return pathlib.Path(args.out) / "rollouts" / f"{tag}-N{args.candidates}-x{args.execute}"
+def _rollout_dir(args: argparse.Namespace, tag: str, round_: int | None = None) -> pathlib.Path:
+    """Where round `round_` (default `args.round`) of the rollouts lives; round 1 with
+    plain exploration keeps the original name."""
+    r = args.round if round_ is None else round_
+    suffix = (f"-e{args.explore_noise:g}" if args.explore_noise != 1 else "") + (
+        f"-round{r}" if r > 1 else "")
+    return (pathlib.Path(args.out) / "rollouts"
+            / f"{tag}-N{args.candidates}-x{args.execute}{suffix}")
+
+
+@eqx.filter_jit
+def candidate_chunks(policy: Any, obs: jax.Array, key: jax.Array, num: int,
+                     explore_noise: float = 1.0) -> jax.Array:
+    """`num` plain samples of the policy per observation, `(N, num, H, D)`; candidate 0's
+    initial noise is scaled by `explore_noise` (1: all candidates are plain samples)."""
+    fc = _fc()
+    n = obs.shape[0]
+    noise = jax.random.normal(key, (n, num, *policy.chunk_shape), jnp.float32)
+    noise = noise.at[:, 0].multiply(explore_noise)
+    flat = fc.sample(policy, jnp.repeat(obs, num, axis=0), key,
+                     noise=noise.reshape(n * num, *policy.chunk_shape))[0]
+    return flat.reshape(noise.shape)
+
+
+@eqx.filter_jit
+def _guarded_choice(verifier: Any, obs: jax.Array, candidates: jax.Array, key: jax.Array,
+                    k: int) -> jax.Array:
+    """The index `fc.NearMean(k)` picks among each query's candidates by `verifier`."""
+    fc = _fc()
+    rule = fc.NearMean(k)
+
+    def one(o, cands, key):
+        energy = jax.vmap(lambda a: verifier(o, a))(cands)
+        ok = jnp.all(jnp.isfinite(cands), axis=(1, 2)) & jnp.isfinite(energy)
+        return rule.select(cands, jnp.where(ok, energy, jnp.inf), ok, key).index
+
+    keys = jax.random.split(key, obs.shape[0])
+    return jax.vmap(one)(obs, candidates, keys)
 
 
 def run_collect(args: argparse.Namespace) -> dict[str, Any]:
-    """Rolls the plain policy out on training layouts, `N` candidates per query,
-    executing candidate 0 (a plain sample), and appends the records (resumable)."""
-    import jax.numpy as jnp
-
-    from .energies import policy_samples
-
+    """Rolls the policy out on training layouts, `N` candidates per query, and appends
+    the records (resumable). Round 1 executes candidate 0 (a plain sample, or a wider
+    one with `--explore-noise`); round R >= 2 executes the guarded choice of the
+    outcome verifier trained on rounds 1 .. R - 1. Each round has its own layouts."""
     fc = _fc()
     t0 = time.time()
     eval_episodes = args.episodes
     args.episodes = args.batch  # the pool holds one batch of environments
     h = harness(args)
     args.episodes = eval_episodes
+    chooser = None
+    if args.round > 1:
+        previous = argparse.Namespace(**{**vars(args), "round": args.round - 1,
+                                         "losses": "outcome"})
+        chooser = train_verifiers(previous, h.policy_tag)[0]["outcome"]
     path = _rollout_dir(args, h.policy_tag)
-    writer = fc.RolloutWriter(path, {"task": args.task, "policy": h.policy_tag,
-                                     "candidates": args.candidates, "execute": args.execute,
-                                     "max_steps": args.max_steps})
+    info = {"task": args.task, "policy": h.policy_tag, "candidates": args.candidates,
+            "execute": args.execute, "max_steps": args.max_steps}
+    if args.explore_noise != 1 or args.round > 1:
+        info.update(explore_noise=args.explore_noise, round=args.round,
+                    executed="candidate 0" if chooser is None else
+                    f"NearMean({args.cluster_k}) by round {args.round - 1}'s outcome verifier")
+    writer = fc.RolloutWriter(path, info)
+    # Rounds draw disjoint training layouts: round r starts r - 1 blocks of 100,000 on.
+    seed0 = TRAIN_SEED0 + 100_000 * (args.round - 1)
     while writer.num_episodes < args.episodes:
         start = writer.num_episodes
         size = min(args.batch, args.episodes - start)
-        seeds = TRAIN_SEED0 + start + np.arange(size)
+        seeds = seed0 + start + np.arange(size)
         record_obs: list[np.ndarray] = []
         record_cand: list[np.ndarray] = []
+        record_exec: list[np.ndarray] = []
 
         def act(obs, key):
-            cand = np.asarray(policy_samples(h.policy, jnp.asarray(obs, jnp.float32), key,
-                                             args.candidates))
+            obs_j = jnp.asarray(obs, jnp.float32)
+            cand = candidate_chunks(h.policy, obs_j, key, args.candidates, args.explore_noise)
+            if chooser is None:
+                chosen = np.zeros(len(obs), np.int64)
+            else:
+                chosen = np.asarray(_guarded_choice(chooser, obs_j, cand,
+                                                    jax.random.fold_in(key, 1), args.cluster_k))
+            cand = np.asarray(cand)
             record_obs.append(np.array(obs))
             record_cand.append(cand)
-            return cand[:, 0], {}
+            record_exec.append(chosen.astype(np.int64))
+            return cand[np.arange(len(obs)), chosen], {}
 
-        ep = rollout(h.pool, seeds, act, jax.random.key(7_000_000 + start),
+        ep = rollout(h.pool, seeds, act, jax.random.key(7_000_000 + 100_000 * (args.round - 1)
+                                                        + start),
                      execute=args.execute, max_steps=args.max_steps,
                      progress=not args.quiet, desc=f"collect {start}")
         t = len(record_obs)
         roll = fc.Rollouts.from_episodes(
-            np.stack(record_obs), np.stack(record_cand), np.zeros((t, size), np.int64),
+            np.stack(record_obs), np.stack(record_cand), np.stack(record_exec),
             np.arange(t) * args.execute, ep.steps, ep.success, seeds,
         )
         writer.append(roll)
@@ -231,10 +296,12 @@ def train_verifiers(args: argparse.Namespace, tag: str) -> tuple[dict[str, Any],
     reports each on the other 20%; cached under the rollout directory."""
     fc = _fc()
     path = _rollout_dir(args, tag)
-    rollouts = fc.load_rollouts(path)
+    rollouts = concatenate([fc.load_rollouts(_rollout_dir(args, tag, r))
+                            for r in range(1, args.round + 1)])
     train, held = rollouts.split(0.2, seed=0)
     verifiers: dict[str, Any] = {}
-    reports: dict[str, Any] = {"rollout_episodes": rollouts.num_episodes,
+    reports: dict[str, Any] = {"rounds": args.round, "explore_noise": args.explore_noise,
+                               "rollout_episodes": rollouts.num_episodes,
                                "rollout_queries": rollouts.num_queries,
                                "train_episodes": train.num_episodes,
                                "held_out_episodes": held.num_episodes,
@@ -285,6 +352,19 @@ def run_verify(args: argparse.Namespace) -> dict[str, Any]:
                              placement=fc.BestOfN(n)))
         suite.append(Setting(f"best-of-{n} {name} verifier NearMean({k})", energy=name,
                              placement=fc.BestOfN(n, select=fc.NearMean(k))))
+    for r in [int(x) for x in args.early.split(",") if x]:
+        # FM-Steer's saving: rank the candidates' denoised estimates after r of the flow
+        # steps and finish only the chosen one, with the same guard.
+        name = args.evaluate.split(",")[0]
+        suite.append(Setting(f"early best-of-{n} {name} verifier NearMean({k}) rank_at={r}",
+                             energy=name,
+                             placement=fc.EarlyBestOfN(n, r, select=fc.NearMean(k))))
+    for w in [float(x) for x in args.guided.split(",") if x]:
+        # Guidance by the verifier's gradient at the denoised estimate, through the
+        # policy's velocity (one VJP a step), bounded by the velocity's norm (cap 1).
+        name = args.evaluate.split(",")[0]
+        suite.append(Setting(f"guided by {name} verifier w={w:g}", energy=name,
+                             placement=fc.Guided(fc.EveryStep(), weight=w)))
     if args.control:
         # The guard without the verifier: a uniform draw among the same k candidates
         # (a softmax at a temperature far above the energies' spread), to tell the
@@ -296,11 +376,15 @@ def run_verify(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, list[Episodes]] = {}
     rounds = {"verifiers": reports}
     for setting in suite:
+        data_tag = (f"-r{reports['rollout_episodes']}"
+                    + (f"-e{args.explore_noise:g}" if args.explore_noise != 1 else "")
+                    + (f"-R{args.round}" if args.round > 1 else ""))
         results[setting.name] = h.episodes(setting, verifiers,
-                                           tag="" if setting.energy is None else
-                                           f"-r{reports['rollout_episodes']}")
+                                           tag="" if setting.energy is None else data_tag)
         print(f"[{time.time() - t0:.0f}s] {paired_rows(results, 'plain')[-1]}", flush=True)
-        out = report(h, results, ["plain", f"best-of-{n} medoid"], rounds, "verify", t0)
+        stem = "verify" + (f"-e{args.explore_noise:g}" if args.explore_noise != 1 else "") + (
+            f"-round{args.round}" if args.round > 1 else "")
+        out = report(h, results, ["plain", f"best-of-{n} medoid"], rounds, stem, t0)
     for table in out["tables"].values():
         print(table)
     return out
@@ -330,6 +414,17 @@ def parser() -> argparse.ArgumentParser:
                    help="verify: comma-separated verifiers to evaluate in closed loop")
     p.add_argument("--control", action="store_true",
                    help="verify: also run the guard with a uniform choice (no verifier)")
+    p.add_argument("--guided", default="",
+                   help="verify: comma-separated guidance weights for guidance by the first "
+                        "--evaluate verifier's gradient (cap 1, every step)")
+    p.add_argument("--early", default="",
+                   help="verify: comma-separated flow steps after which fc.EarlyBestOfN ranks "
+                        "the denoised candidates by the guarded verifier")
+    p.add_argument("--round", type=int, default=1,
+                   help="collect: execute round R-1's guarded verifier choice (R >= 2); "
+                        "verify: train on rounds 1..R")
+    p.add_argument("--explore-noise", type=float, default=1.0,
+                   help="collect: the executed candidate's initial noise is scaled by this")
     p.add_argument("--verifier-steps", type=int, default=2000)
     p.add_argument("--gamma", type=float, default=0.99)
     p.add_argument("--pair-distance", type=float, default=1.0)
