@@ -23,6 +23,7 @@ from ._energy import (
     BoundEnergy as BoundEnergy,
     BoundsPenalty as BoundsPenalty,
     EnergyFn as EnergyFn,
+    Ensemble as Ensemble,
     FnEnergy as FnEnergy,
     OnActionDims as OnActionDims,
     SplitEnergyFn as SplitEnergyFn,

@@ -494,6 +494,67 @@ class SumEnergy(AbstractEnergy):
         return total
 
 
+class Ensemble(AbstractEnergy):
+    """A pessimistic ensemble: the members' mean energy plus `pessimism` times their
+    spread, `mean_i E_i + pessimism * std_i E_i`.
+
+    For ranking candidates with several learned verifiers (trained on other seeds,
+    other losses or other data): a candidate the members disagree about is one none of
+    them was trained to judge, and is scored as if it were worse, so the choice departs
+    from what every member likes only where they agree (the lower-confidence-bound
+    rule of offline RL, here on energies, where lower is better). `pessimism = 0` is
+    the plain mean. The spread is the population standard deviation; its gradient is
+    defined (zero) where all members agree, so guidance through an ensemble of one or
+    of identical members stays finite. A member that is not finite makes the ensemble
+    not finite, so [`flowcorrect.BestOfN`][] never chooses that candidate.
+
+    **Arguments:**
+
+    - `energies`: a sequence of at least one energy; each is encoded once per
+        observation.
+    - `pessimism`: the weight of the spread, a number `>= 0`; defaults to 1.
+
+    !!! example
+
+        ```python
+        verifiers = [fc.SquaredDistance(), fc.SquaredDistance(weight=2.0)]
+        energy = fc.Ensemble(verifiers, pessimism=1.0)
+        placement = fc.BestOfN(8)   # ranks by the ensemble's pessimistic energy
+        ```
+    """
+
+    energies: tuple[AbstractEnergy, ...]
+    pessimism: Float[Array, ""]
+
+    def __init__(self, energies: Sequence[EnergyFn], pessimism: Any = 1.0):
+        self.energies = tuple(as_energy(e, f"energies[{i}]") for i, e in enumerate(energies))
+        self.pessimism = float_array(pessimism)
+
+    def __check_init__(self):
+        if len(self.energies) == 0:
+            raise ValueError("`energies` is empty; give at least one energy.")
+        if self.pessimism.shape != ():
+            raise ValueError(
+                f"Ensemble `pessimism` must be a scalar; got shape {shape_str(self.pessimism)}."
+            )
+        check_nonnegative_finite("Ensemble", "pessimism", self.pessimism)
+
+    def encode(self, context: Context) -> Encoded:
+        return tuple(e.encode(context) for e in self.energies)
+
+    def score(self, encoded: Encoded, actions: Actions) -> Scalar:
+        values = jnp.stack([e.score(enc, actions).astype(actions.dtype)
+                            for e, enc in zip(self.energies, encoded, strict=True)])
+        # float32 at least, so that a float16 ensemble's variance does not underflow.
+        acc = jnp.promote_types(values.dtype, jnp.float32)
+        v = values.astype(acc)
+        mean = jnp.mean(v)
+        var = jnp.mean((v - mean) ** 2)
+        # The double `where` keeps sqrt's infinite slope at 0 out of the gradient.
+        spread = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1)), 0)
+        return (mean + self.pessimism.astype(acc) * spread).astype(actions.dtype)
+
+
 def check_nonnegative_finite(owner: str, name: str, value: Array) -> None:
     """A clear error for a negative, NaN or infinite hyperparameter known at construction."""
     v = concrete(value)
