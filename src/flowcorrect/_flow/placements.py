@@ -403,6 +403,9 @@ class PostHoc(AbstractPlacement):
 
     # Arguments typed loosely so that a wrong one gets the message of `__check_init__`.
     def __init__(self, corrector: Any = reference_recipe(), after: Any = Plain()):
+        # Checked before the fields are set too, for openpi's older jaxtyping (see BestOfN).
+        check_corrector(corrector, "PostHoc corrector")
+        check_placement(after, "PostHoc `after`")
         self.corrector = corrector
         self.after = after
 
@@ -514,6 +517,14 @@ class BestOfN(AbstractPlacement):
 def _check_n(n: Any) -> None:
     if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
         raise ValueError(f"`n` must be an int >= 1 (8 is a good start); got {n!r}.")
+
+
+def _check_rank_at(r: Any) -> None:
+    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 0):
+        raise ValueError(
+            "`rank_at` must be an int >= 0 and at most fc.sample's num_steps (the "
+            f"number of Euler steps before ranking; 0 ranks at pure noise); got {r!r}."
+        )
 
 
 def _flat_noise(noise: Array, batch: int, n: int) -> Array:
@@ -644,18 +655,15 @@ class EarlyBestOfN(AbstractPlacement):
         # Also checked before the fields are set: older jaxtyping (openpi's 0.2.36)
         # type-checks the fields before __check_init__ runs, with a vaguer message.
         check_selection(select, "EarlyBestOfN `select`")
+        _check_n(n)
+        _check_rank_at(rank_at)
         self.n = n
         self.rank_at = rank_at
         self.select = select
 
     def __check_init__(self):
         _check_n(self.n)
-        r = self.rank_at
-        if not (isinstance(r, int) and not isinstance(r, bool) and r >= 0):
-            raise ValueError(
-                "`rank_at` must be an int >= 0 and at most fc.sample's num_steps (the "
-                f"number of Euler steps before ranking; 0 ranks at pure noise); got {r!r}."
-            )
+        _check_rank_at(self.rank_at)
         check_selection(self.select, "EarlyBestOfN `select`")
 
     def noise_shape(self, chunk_shape: tuple[int, int]) -> tuple[int, ...]:
