@@ -291,9 +291,11 @@ def run_collect(args: argparse.Namespace) -> dict[str, Any]:
 LOSSES = ("outcome", "bradley-terry", "discounted")
 
 
-def train_verifiers(args: argparse.Namespace, tag: str) -> tuple[dict[str, Any], dict]:
+def train_verifiers(args: argparse.Namespace, tag: str, member: int = 0
+                    ) -> tuple[dict[str, Any], dict]:
     """Trains one verifier per loss on the collected rollouts (80% of the episodes) and
-    reports each on the other 20%; cached under the rollout directory."""
+    reports each on the other 20%; cached under the rollout directory. `member > 0`
+    trains another ensemble member: other initial weights and batch order, same data."""
     fc = _fc()
     path = _rollout_dir(args, tag)
     rollouts = concatenate([fc.load_rollouts(_rollout_dir(args, tag, r))
@@ -317,18 +319,19 @@ def train_verifiers(args: argparse.Namespace, tag: str) -> tuple[dict[str, Any],
             raise ValueError(f"Unknown loss {name!r}; choose from {LOSSES}.")
         model = fc.MLPEnergy(fc.MLPEnergyConfig(obs_dim=rollouts.observation.shape[1],
                                                 action_dim=d, horizon=h, hidden=256),
-                             key=jax.random.key(args.train_seed))
+                             key=jax.random.key(args.train_seed + 1000 * member))
         if name == "bradley-terry":
             data = fc.pair_batches(train, min(256, train.num_queries // 4),
-                                   max_distance=args.pair_distance, seed=0)
+                                   max_distance=args.pair_distance, seed=member)
             loss: Any = fc.BradleyTerryLoss()
         else:
             target = "success" if name == "outcome" else "discounted"
             data = fc.outcome_batches(train, min(256, train.num_queries), target=target,
-                                      gamma=args.gamma, seed=0)
+                                      gamma=args.gamma, seed=member)
             loss = fc.OutcomeLoss()
         result = fc.fit_verifier(model, data, loss, key=jax.random.key(1), config=config,
-                                 checkpoint_dir=(path / f"verifier-{name}").absolute(),
+                                 checkpoint_dir=(path / (f"verifier-{name}" + (
+                                     f"-m{member}" if member else ""))).absolute(),
                                  progress=not args.quiet)
         verifiers[name] = result.model
         rep = fc.verifier_report(result.model, held).to_dict()
@@ -365,6 +368,18 @@ def run_verify(args: argparse.Namespace) -> dict[str, Any]:
         name = args.evaluate.split(",")[0]
         suite.append(Setting(f"guided by {name} verifier w={w:g}", energy=name,
                              placement=fc.Guided(fc.EveryStep(), weight=w)))
+    if args.ensemble > 1:
+        # A pessimistic ensemble of outcome verifiers that differ in initial weights and
+        # batch order: fc.Ensemble scores mean + pessimism * spread.
+        members = [verifiers["outcome"]] + [
+            train_verifiers(argparse.Namespace(**{**vars(args), "losses": "outcome"}),
+                            h.policy_tag, member=i)[0]["outcome"]
+            for i in range(1, args.ensemble)]
+        name = f"ensemble{args.ensemble}"
+        verifiers[name] = fc.Ensemble(members, args.pessimism)
+        suite.append(Setting(f"best-of-{n} ensemble of {args.ensemble} outcome verifiers "
+                             f"pessimism {args.pessimism:g} argmin", energy=name,
+                             placement=fc.BestOfN(n)))
     if args.control:
         # The guard without the verifier: a uniform draw among the same k candidates
         # (a softmax at a temperature far above the energies' spread), to tell the
@@ -420,6 +435,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--early", default="",
                    help="verify: comma-separated flow steps after which fc.EarlyBestOfN ranks "
                         "the denoised candidates by the guarded verifier")
+    p.add_argument("--ensemble", type=int, default=1,
+                   help="verify: also rank by a pessimistic ensemble of this many outcome "
+                        "verifiers (fc.Ensemble)")
+    p.add_argument("--pessimism", type=float, default=1.0, help="verify: fc.Ensemble's weight")
     p.add_argument("--round", type=int, default=1,
                    help="collect: execute round R-1's guarded verifier choice (R >= 2); "
                         "verify: train on rounds 1..R")
