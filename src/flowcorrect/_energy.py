@@ -527,17 +527,16 @@ class Ensemble(AbstractEnergy):
     pessimism: Float[Array, ""]
 
     def __init__(self, energies: Sequence[EnergyFn], pessimism: Any = 1.0):
-        self.energies = tuple(as_energy(e, f"energies[{i}]") for i, e in enumerate(energies))
-        self.pessimism = float_array(pessimism)
+        members = tuple(as_energy(e, f"energies[{i}]") for i, e in enumerate(energies))
+        pessimism = float_array(pessimism)
+        # Checked before the fields are set too: openpi's jaxtyping 0.2.36 type-checks
+        # the fields first, with a vaguer message.
+        _check_ensemble(members, pessimism)
+        self.energies = members
+        self.pessimism = pessimism
 
     def __check_init__(self):
-        if len(self.energies) == 0:
-            raise ValueError("`energies` is empty; give at least one energy.")
-        if self.pessimism.shape != ():
-            raise ValueError(
-                f"Ensemble `pessimism` must be a scalar; got shape {shape_str(self.pessimism)}."
-            )
-        check_nonnegative_finite("Ensemble", "pessimism", self.pessimism)
+        _check_ensemble(self.energies, self.pessimism)
 
     def encode(self, context: Context) -> Encoded:
         return tuple(e.encode(context) for e in self.energies)
@@ -553,6 +552,16 @@ class Ensemble(AbstractEnergy):
         # The double `where` keeps sqrt's infinite slope at 0 out of the gradient.
         spread = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1)), 0)
         return (mean + self.pessimism.astype(acc) * spread).astype(actions.dtype)
+
+
+def _check_ensemble(energies: tuple, pessimism: Array) -> None:
+    if len(energies) == 0:
+        raise ValueError("`energies` is empty; give at least one energy.")
+    if pessimism.shape != ():
+        raise ValueError(
+            f"Ensemble `pessimism` must be a scalar; got shape {shape_str(pessimism)}."
+        )
+    check_nonnegative_finite("Ensemble", "pessimism", pessimism)
 
 
 def check_nonnegative_finite(owner: str, name: str, value: Array) -> None:
