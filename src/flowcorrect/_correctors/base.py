@@ -131,12 +131,18 @@ def scale_step(actions: Actions, proposal: Actions, scale) -> Actions:
     of one returns the proposal itself, not a rounded copy of it, and a scale of zero
     returns `actions` itself (even where the proposal is not finite). The arithmetic
     runs in at least float32, so a float16 difference `proposal - actions` cannot
-    overflow before it is scaled down.
+    overflow before it is scaled down. A shrunk step is rounded towards `actions`,
+    entry by entry, so that no entry moves further than the exact scaled step: in the
+    subnormal range of float16 one unit in the last place can be a third of the value,
+    and rounding to nearest would break a clip bound there.
     """
     acc = accumulation_dtype(actions.dtype)
     scale = jnp.asarray(scale).astype(acc)
     a = actions.astype(acc)
-    moved = (a + scale * (proposal.astype(acc) - a)).astype(actions.dtype)
+    exact = a + scale * (proposal.astype(acc) - a)
+    moved = exact.astype(actions.dtype)
+    overshot = jnp.abs(moved.astype(acc) - a) > jnp.abs(exact - a)
+    moved = jnp.where(overshot, jnp.nextafter(moved, actions), moved)
     moved = jnp.where(scale == 1, proposal, moved)
     moved = jnp.where(proposal == actions, actions, moved)
     return jnp.where(scale == 0, actions, moved)
