@@ -25,3 +25,14 @@ def tree_bitwise_equal(x, y) -> bool:
 enable_x64 = getattr(jax, "enable_x64", None)
 if enable_x64 is None:
     from jax.experimental import enable_x64
+
+
+class Tanh(eqx.Module):
+    """A small nonlinear velocity field that reads its context (a bias)."""
+
+    w: jax.Array
+    u: jax.Array
+    b: jax.Array
+
+    def __call__(self, context, x, t):
+        return jnp.tanh(x @ self.w + (t * self.b + context)[None, :]) @ self.u

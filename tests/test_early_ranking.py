@@ -17,7 +17,7 @@ import pytest
 
 import flowcorrect as fc
 
-from .helpers import tree_allclose, tree_bitwise_equal
+from .helpers import Tanh, tree_allclose, tree_bitwise_equal
 
 H, D = 3, 2  # one chunk shape for the file: few compiles
 N_CAND, STEPS, BATCH = 5, 8, 2
@@ -105,17 +105,6 @@ def _case(seed=0, target_seed=1001):
 def _energy_of(a, target):
     """`fc.SquaredDistance()` (the context is the target), by hand, in float64."""
     return 0.5 * np.sum((a - np.asarray(target, np.float64)[:, None]) ** 2, axis=(2, 3))
-
-
-class Tanh(eqx.Module):
-    """A small nonlinear velocity field that reads its context."""
-
-    w: jax.Array
-    u: jax.Array
-    b: jax.Array
-
-    def __call__(self, context, x, t):
-        return jnp.tanh(x @ self.w + (t * self.b + context)[None, :]) @ self.u
 
 
 def _tanh_policy(convention=fc.OpenPI(), seed=0):

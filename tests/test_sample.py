@@ -16,6 +16,8 @@ from hypothesis import given, settings
 
 import flowcorrect as fc
 
+from .helpers import Tanh
+
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-6) -> bool:
     """Same structure, types and shapes, and values within tolerance."""
@@ -91,17 +93,6 @@ class Gaussian(eqx.Module):
             return (t - (1 - t) * s2) / var * (x - (1 - t) * m) - m
         var = (1 - t) ** 2 + t**2 * s2  # E[a - eps | x_t]
         return (t * s2 - (1 - t)) / var * (x - t * m) + m
-
-
-class Tanh(eqx.Module):
-    """A small nonlinear velocity field that reads its context (a bias)."""
-
-    w: jax.Array
-    u: jax.Array
-    b: jax.Array
-
-    def __call__(self, context, x, t):
-        return jnp.tanh(x @ self.w + (t * self.b + context)[None, :]) @ self.u
 
 
 class Constant(eqx.Module):
