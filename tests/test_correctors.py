@@ -451,6 +451,24 @@ def test_clip_bound_at_extreme_magnitudes_in_every_dtype(data, dtype_name, clip_
     assert np.linalg.norm(out64 - a64) <= bound
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
+@pytest.mark.parametrize("relative_to", ["current", "initial"])
+def test_clip_holds_where_the_scaled_step_underflows(dtype, relative_to):
+    # Regression (found by the law above): a bfloat16 chunk at the smallest normal
+    # number, a 90% clip towards zero; XLA's CPU runtime flushed the scaled step's
+    # subnormal result to zero, and every entry moved the whole way (100% > 90%).
+    a = jnp.full((6, 4), jnp.finfo(dtype).tiny, dtype) * jnp.asarray([[1, -1, 2, 1]], dtype)
+    corrector = fc.ClipStep(fc.GradientStep(3.0), 0.9, relative_to=relative_to)
+    out, _ = fc.correct(_f32_square, jnp.zeros((6, 4)), a, corrector=corrector, key=KEY)
+    a64, out64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (a, out))
+    assert np.all(np.abs(out64 - a64) <= 0.9 * np.abs(a64) * (1 + 1e-5))
+    assert np.linalg.norm(out64 - a64) <= 0.9 * np.linalg.norm(a64) * (1 + 1e-5)
+    # And where the step is representable it is still taken (float16 has subnormals
+    # that float32 arithmetic does not flush): no entry is frozen without need.
+    if dtype == jnp.float16:
+        assert np.all(np.abs(out64) < np.abs(a64))
+
+
 class _Proposes(fc.AbstractCorrector):
     """Proposes a fixed chunk, whatever the energy says."""
 

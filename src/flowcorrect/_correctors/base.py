@@ -134,15 +134,30 @@ def scale_step(actions: Actions, proposal: Actions, scale) -> Actions:
     overflow before it is scaled down. A shrunk step is rounded towards `actions`,
     entry by entry, so that no entry moves further than the exact scaled step: in the
     subnormal range of float16 one unit in the last place can be a third of the value,
-    and rounding to nearest would break a clip bound there.
+    and rounding to nearest would break a clip bound there. Where the scaled step
+    underflows (subnormals flushed to zero, as on XLA's CPU runtime, in bfloat16 and
+    float32 near their smallest normal number), the entry is left unchanged rather
+    than moved the whole way.
     """
     acc = accumulation_dtype(actions.dtype)
     scale = jnp.asarray(scale).astype(acc)
     a = actions.astype(acc)
-    exact = a + scale * (proposal.astype(acc) - a)
+    delta = proposal.astype(acc) - a
+    exact = a + scale * delta
     moved = exact.astype(actions.dtype)
     overshot = jnp.abs(moved.astype(acc) - a) > jnp.abs(exact - a)
     moved = jnp.where(overshot, jnp.nextafter(moved, actions), moved)
+    # XLA's CPU runtime flushes subnormals to zero: near the smallest normal number the
+    # scaled step (and so `exact`) can itself be flushed, and the entry would jump all
+    # the way to the proposal. Measured in units of the difference, which stay normal,
+    # an entry that still moves further than `scale` of its difference (beyond the
+    # rounding of `a + step`, two ulps of the larger end) stays where it was.
+    eps = jnp.finfo(acc).eps
+    size = jnp.where(delta == 0, 1, jnp.abs(delta))
+    moved_by = jnp.abs(moved.astype(acc) - a) / size
+    rounding = 2 * eps * (jnp.abs(a) / size + jnp.abs(moved.astype(acc)) / size)
+    beyond = moved_by > scale * (1 + 4 * eps) + rounding
+    moved = jnp.where(beyond, actions, moved)
     moved = jnp.where(scale == 1, proposal, moved)
     moved = jnp.where(proposal == actions, actions, moved)
     return jnp.where(scale == 0, actions, moved)
