@@ -16,6 +16,9 @@ Rows:
 - `denoised_last3` / `denoised_all`: `Denoised(reference_recipe(1))` on the last 3 / all
   10 flow steps; `guided_last3` / `guided_all`: `Guided` on the same steps;
 - `best_of_N`: `BestOfN(N)`, N chains sharing one prefix pass, lowest energy kept;
+- `best_of_N_medoid`: `BestOfN(N, select=Medoid())`, consensus, the energy unused;
+- `early_best_of_N`: `EarlyBestOfN(N, 3)`, N chains for 3 of the 10 steps, ranked by
+  the energy of their denoised estimates, one chain finished (`--full` only);
 - `reference_kK`: the reference's "method B" on the same model: openpi's sampler, then
   a second prefix pass for `prefix_out`, then K clipped steps in a Python loop, each a
   separate compiled call whose energy re-encodes the context;
@@ -135,9 +138,11 @@ def reference_step(energy, context, actions, alpha, clip_frac):
 # Which rows run: the quick set by default, every row with --full. Explicit --steps,
 # --best-of, --batch-size or --rows override either.
 QUICK = {"steps": [1, 3], "best_of": [8], "batch_size": [1], "schedules": ["denoised_all",
-         "guided_last3"]}  # fmt: skip
+         "guided_last3"], "ranking": False}  # fmt: skip
 FULL = {"steps": [0, 1, 3, 5, 10], "best_of": [4, 8, 16], "batch_size": [1, 8],
-        "schedules": ["denoised_last3", "guided_last3", "denoised_all", "guided_all"]}  # fmt: skip
+        "schedules": ["denoised_last3", "guided_last3", "denoised_all", "guided_all"],
+        "ranking": True}  # fmt: skip
+EARLY_RANK_AT = 3  # of NUM_FLOW_STEPS: early_best_of_N's ranking point
 
 
 @dataclasses.dataclass
@@ -198,6 +203,14 @@ def placements(args) -> dict[str, tuple[str, Callable[[], Any]]]:
         )
     for n in args.best_of:
         out[f"best_of_{n}"] = (f"BestOfN({n}), one prefix pass", lambda n=n: fc.BestOfN(n))
+        out[f"best_of_{n}_medoid"] = (
+            f"BestOfN({n}, select=Medoid()), consensus, no energy",
+            lambda n=n: fc.BestOfN(n, select=fc.Medoid()),
+        )
+        out[f"early_best_of_{n}"] = (
+            f"EarlyBestOfN({n}, {EARLY_RANK_AT}): ranked at step {EARLY_RANK_AT}, one finished",
+            lambda n=n: fc.EarlyBestOfN(n, EARLY_RANK_AT),
+        )
     out["rtc"] = (
         "RealTimeChunking (delay 4, execution horizon H/2): guided every step, one VJP each",
         RTCRow,
@@ -211,7 +224,8 @@ def row_names(args) -> list[str]:
     ours = [
         name
         for name in placements(args)
-        if not name.startswith(("denoised_", "guided_")) or name in args.schedules
+        if (not name.startswith(("denoised_", "guided_")) or name in args.schedules)
+        and (args.ranking or not (name.startswith("early_") or name.endswith("_medoid")))
     ]
     return [
         "plain",
@@ -224,7 +238,8 @@ def row_names(args) -> list[str]:
 
 def known_row_names(args) -> list[str]:
     """Every row that can be asked for with these --steps and --best-of."""
-    return row_names(argparse.Namespace(**{**vars(args), "schedules": FULL["schedules"]}))
+    every = {**vars(args), "schedules": FULL["schedules"], "ranking": True}
+    return row_names(argparse.Namespace(**every))
 
 
 def build_rows(args, setup: Setup, obs, key) -> list[Row]:
@@ -508,6 +523,7 @@ def parse_args(argv: list[str] | None):
         if getattr(args, name) is None:
             setattr(args, name, list(grid[name]))
     args.schedules = list(grid["schedules"])
+    args.ranking = grid["ranking"]
     if min(args.batch_size) < 1 or min(args.best_of) < 1 or min(args.steps) < 0:
         parser.error("--batch-size and --best-of must be >= 1, --steps >= 0")
     if args.repeats < 1 or args.warmup < 1:

@@ -74,12 +74,12 @@ def test_harness_and_reference_rows(tmp_path, capsys):
     assert "| row |" in printed and all(f"| {n} |" in printed for n in names)
 
 
-@pytest.mark.slow  # one row of every kind, 8 compiles: ~30 s on 2 idle cores
+@pytest.mark.slow  # one row of every kind, 10 compiles: ~40 s on 2 idle cores
 @needs_new_api
 def test_every_kind_of_row(tmp_path):
     out = tmp_path / "r.json"
     names = ["plain", "handwritten", "posthoc_k1", "denoised_last3", "guided_all",
-             "best_of_2", "reference_k1"]  # fmt: skip
+             "best_of_2", "best_of_2_medoid", "early_best_of_2", "reference_k1"]  # fmt: skip
     result = overhead.main([*TINY, "--steps", "1", "--best-of", "2", "--out", str(out),
                             "--rows", *names])  # fmt: skip
     assert json.loads(out.read_text())["settings"]["rows"] == names
@@ -185,12 +185,15 @@ def test_full_grid_behind_a_flag():
     assert args.rows[0] == "plain"
     for name in ["posthoc_k0", "posthoc_k10", "denoised_last3", "denoised_all",
                  "guided_last3", "guided_all", "best_of_4", "best_of_16", "reference_k10",
-                 "handwritten", "openpi_sample_actions", "rtc"]:  # fmt: skip
+                 "handwritten", "openpi_sample_actions", "rtc", "best_of_8_medoid",
+                 "early_best_of_4", "early_best_of_16"]:  # fmt: skip
         assert name in args.rows
     assert "reference_k0" not in args.rows
     # Explicit choices override either set; the baseline is always run, first.
     assert overhead.parse_args(["--rows", "best_of_8"]).rows == ["plain", "best_of_8"]
     assert overhead.parse_args(["--rows", "guided_all"]).rows == ["plain", "guided_all"]
+    ranking = ["plain", "best_of_8_medoid", "early_best_of_8"]
+    assert overhead.parse_args(["--rows", *ranking[1:]]).rows == ranking
     assert overhead.parse_args(["--full", "--batch-size", "2"]).batch_size == [2]
     assert "posthoc_k5" in overhead.parse_args(["--steps", "5"]).rows
 
