@@ -18,7 +18,8 @@ Rows:
 - `best_of_N`: `BestOfN(N)`, N chains sharing one prefix pass, lowest energy kept;
 - `best_of_N_medoid`: `BestOfN(N, select=Medoid())`, consensus, the energy unused;
 - `early_best_of_N`: `EarlyBestOfN(N, 3)`, N chains for 3 of the 10 steps, ranked by
-  the energy of their denoised estimates, one chain finished (`--full` only);
+  the energy of their denoised estimates, one chain finished (these two rows run with
+  `--full` or `--rows`, not in the quick set);
 - `reference_kK`: the reference's "method B" on the same model: openpi's sampler, then
   a second prefix pass for `prefix_out`, then K clipped steps in a Python loop, each a
   separate compiled call whose energy re-encodes the context;

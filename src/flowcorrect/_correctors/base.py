@@ -151,11 +151,12 @@ def scale_step(actions: Actions, proposal: Actions, scale) -> Actions:
     # scaled step (and so `exact`) can itself be flushed, and the entry would jump all
     # the way to the proposal. Measured in units of the difference, which stay normal,
     # an entry that still moves further than `scale` of its difference (beyond the
-    # rounding of `a + step`, two ulps of the larger end) stays where it was.
+    # rounding of `a + step`, two ulps of each end) stays where it was.
     eps = jnp.finfo(acc).eps
     size = jnp.where(delta == 0, 1, jnp.abs(delta))
-    moved_by = jnp.abs(moved.astype(acc) - a) / size
-    rounding = 2 * eps * (jnp.abs(a) / size + jnp.abs(moved.astype(acc)) / size)
+    m = moved.astype(acc)
+    moved_by = jnp.abs(m - a) / size
+    rounding = 2 * eps * (jnp.abs(a) / size + jnp.abs(m) / size)
     beyond = moved_by > scale * (1 + 4 * eps) + rounding
     moved = jnp.where(beyond, actions, moved)
     moved = jnp.where(scale == 1, proposal, moved)
