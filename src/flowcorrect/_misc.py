@@ -98,23 +98,75 @@ def scalar_float(owner: str, name: str, value: Any, example: str) -> jax.Array:
         raise TypeError(f"{owner} `{name}` must be a real number; got {_describe(value)}; {fix}.")
     if array.shape != ():
         raise ValueError(
-            f"{owner} `{name}` must be a scalar; got {_describe(array)}. One corrector "
-            f"holds one value: {fix} (for several values, build several correctors)."
+            f"{owner} `{name}` must be a scalar; got {_describe(array)}. One {owner} "
+            f"holds one value: {fix} (for several values, build several {owner}s)."
         )
     return float_array(array)
 
 
-def count(owner: str, name: str, value: Any, minimum: int, example: str) -> int:
+INT32_MAX = 2**31 - 1
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (a string, a boolean, a float where an int goes).
+
+    Also a `ValueError`, so that `except ValueError` around a constructor catches every
+    refused argument, whichever check refused it.
+    """
+
+
+def count(owner: str, name: str, value: Any, minimum: int, example: str, why: str = "") -> int:
     """A count given as a Python int (or NumPy integer), or a clear error.
 
     Refuses booleans (`Repeat(True)` is a mistake, not one step), floats (`2.7` would
-    silently become 2) and anything below `minimum`.
+    silently become 2), strings, `None`, arrays, anything below `minimum` and anything
+    above `2**31 - 1` (the largest int32, which jitted code stores counts in).
+
+    **Arguments:**
+
+    - `owner`: who takes the argument, as the user writes it (`"BestOfN"`, `"fc.sample"`).
+    - `name`: the argument's name.
+    - `value`: what was passed.
+    - `minimum`: the smallest valid value.
+    - `example`: a good value, shown in the fix.
+    - `why`: what the count means, shown after the bound (`"8 is a good start"`).
+
+    **Returns:**
+
+    `value` as a Python int.
     """
-    fix = f"pass an int >= {minimum}, e.g. {owner}(..., {name}={example})"
+    what = f"{owner} `{name}` must be an int >= {minimum}" + (f" ({why})" if why else "")
+    fix = f"pass e.g. {owner}(..., {name}={example})"
     if isinstance(value, bool | np.bool_):
-        raise TypeError(f"{owner} `{name}` must be an int, not a boolean; {fix}.")
+        raise ArgumentTypeError(f"{what}, not a boolean; got {value!r}; {fix}.")
     if not isinstance(value, int | np.integer):
-        raise TypeError(f"{owner} `{name}` must be an int; got {_describe(value)}; {fix}.")
+        raise ArgumentTypeError(f"{what}; got {_describe(value)}; {fix}.")
     if value < minimum:
-        raise ValueError(f"{owner} `{name}` must be >= {minimum}; got {value}; {fix}.")
+        raise ValueError(f"{what}; got {int(value)}; {fix}.")
+    if value > INT32_MAX:
+        raise ValueError(
+            f"{what} and at most 2**31 - 1 = {INT32_MAX}; got {int(value)}; {fix}."
+        )
     return int(value)
+
+
+def flag(owner: str, name: str, value: Any, example: str) -> jax.Array:
+    """A switch given as a bool (Python, NumPy or a scalar bool array, possibly traced) as
+    a bool array, or a clear error.
+
+    Refuses strings (`"no"` is truthy), numbers and `None`: none of them says which way
+    the switch was meant to go.
+    """
+    if isinstance(value, bool | np.bool_):
+        return jnp.asarray(value)
+    if isinstance(value, jax.Array | np.ndarray) and value.dtype == np.bool_:
+        if value.shape != ():
+            raise ValueError(
+                f"{owner} `{name}` must be one bool; got {_describe(value)}; pass e.g. "
+                f"{owner}(..., {name}={example})."
+            )
+        return jnp.asarray(value)
+    raise ArgumentTypeError(
+        f"{owner} `{name}` must be True or False; got {_describe(value)}, which is not read "
+        f"as a bool; pass e.g. {owner}(..., {name}={example})."
+    )

@@ -103,7 +103,8 @@ def _axis_spec(name: str, value: Any, example: str) -> Array | None:
     if isinstance(value, bool | np.bool_):
         raise TypeError(f"Mask `{name}` got the boolean {value}, not a count: {fix}.")
     if isinstance(value, int | np.integer):
-        return jnp.asarray(value, dtype=jnp.int32)
+        k = count("Mask", name, value, 1, example, "the first k entries may change")
+        return jnp.asarray(k, dtype=jnp.int32)
     try:
         array = jnp.asarray(value)
     except (TypeError, ValueError):

@@ -28,7 +28,7 @@ from .._correct import CorrectionInfo, check_corrector
 from .._correctors.base import AbstractCorrector
 from .._correctors.recipes import reference_recipe
 from .._custom_types import Scalar
-from .._misc import concrete, float_array, shape_str
+from .._misc import concrete, count, float_array, shape_str
 from .flow import BatchChunks, BatchKeys, Flow, all_finite, per_sample, sample_norms, split_keys
 from .schedules import AbstractSchedule, AbstractWeight, EveryStep, as_weight
 from .selection import AbstractSelection, ByEnergy, Selected, check_selection
@@ -45,7 +45,14 @@ class AbstractPlacement(eqx.Module):
     @abc.abstractmethod
     def noise_shape(self, chunk_shape: tuple[int, int]) -> tuple[int, ...]:
         """The shape of one sample's noise, given the policy's chunk shape (best-of-N
-        draws `(n, horizon, action_dim)`)."""
+        draws `(n, horizon, action_dim)`).
+
+        Also where a placement checks itself against the chunk shape: raise a
+        `ValueError` here for chunks it cannot run on. [`flowcorrect.sample`][] calls it
+        once before tracing, where the placement's arrays still hold their values (a
+        check may read them, e.g. `inference_delay <= horizon - execution_horizon`), and
+        again under the trace, where they may be tracers. A wrapper forwards the call
+        to the placement it wraps."""
 
     @abc.abstractmethod
     def sample(self, flow: Flow, noise: Array, keys: BatchKeys) -> tuple[BatchChunks, Any]:
@@ -478,12 +485,12 @@ class BestOfN(AbstractPlacement):
         # Also checked before the fields are set: older jaxtyping (openpi's 0.2.36)
         # type-checks the fields before __check_init__ runs, with a vaguer message.
         check_selection(select, "BestOfN `select`")
-        self.n = n
+        self.n = _check_n(n, "BestOfN")
         self.inner = inner
         self.select = select
 
     def __check_init__(self):
-        _check_n(self.n)
+        _check_n(self.n, "BestOfN")
         check_placement(self.inner, "BestOfN `inner`")
         check_selection(self.select, "BestOfN `select`")
 
@@ -514,17 +521,15 @@ class BestOfN(AbstractPlacement):
         return chosen.actions.astype(candidates.dtype), info
 
 
-def _check_n(n: Any) -> None:
-    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-        raise ValueError(f"`n` must be an int >= 1 (8 is a good start); got {n!r}.")
+def _check_n(n: Any, owner: str) -> int:
+    return count(owner, "n", n, 1, "8", "8 is a good start")
 
 
-def _check_rank_at(r: Any) -> None:
-    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 0):
-        raise ValueError(
-            "`rank_at` must be an int >= 0 and at most fc.sample's num_steps (the "
-            f"number of Euler steps before ranking; 0 ranks at pure noise); got {r!r}."
-        )
+def _check_rank_at(r: Any) -> int:
+    return count(
+        "EarlyBestOfN", "rank_at", r, 0, "3", "and at most fc.sample's num_steps: the number "
+        "of Euler steps before ranking; 0 ranks at pure noise",
+    )
 
 
 def _flat_noise(noise: Array, batch: int, n: int) -> Array:
@@ -655,14 +660,12 @@ class EarlyBestOfN(AbstractPlacement):
         # Also checked before the fields are set: older jaxtyping (openpi's 0.2.36)
         # type-checks the fields before __check_init__ runs, with a vaguer message.
         check_selection(select, "EarlyBestOfN `select`")
-        _check_n(n)
-        _check_rank_at(rank_at)
-        self.n = n
-        self.rank_at = rank_at
+        self.n = _check_n(n, "EarlyBestOfN")
+        self.rank_at = _check_rank_at(rank_at)
         self.select = select
 
     def __check_init__(self):
-        _check_n(self.n)
+        _check_n(self.n, "EarlyBestOfN")
         _check_rank_at(self.rank_at)
         check_selection(self.select, "EarlyBestOfN `select`")
 

@@ -11,7 +11,7 @@ from jaxtyping import Array, Bool, Float
 from .._correct import check_batched_context, check_key
 from .._custom_types import Key
 from .._energy import EnergyFn, as_energy
-from .._misc import float_array, shape_str
+from .._misc import count, float_array, shape_str
 from .._policy import AbstractBatchedPolicy, AbstractPolicy
 from .flow import Flow, VmappedPolicy, all_finite, per_sample, sample_norms
 from .placements import AbstractPlacement, Plain, check_placement
@@ -89,8 +89,7 @@ def _policy_and_batch(
         batched = batch_size is not None
         size = batch_size if batched else 1
     if batched:
-        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
-            raise ValueError(f"`batch_size` must be an int >= 1; got {size!r}.")
+        size = count("fc.sample", "batch_size", size, 1, "8", "samples to draw")
         check_batched_context(observation, size, "observation")
     vmapped = VmappedPolicy(policy, size, 0 if batched else None)
     return vmapped, vmapped.prefix(observation), batched
@@ -193,8 +192,7 @@ def sample(
         print(info.final_energy, info.placement.selected)
         ```
     """
-    if not (isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 1):
-        raise ValueError(f"`num_steps` must be an int >= 1 (openpi uses 10); got {num_steps!r}.")
+    num_steps = count("fc.sample", "num_steps", num_steps, 1, "10", "openpi uses 10")
     if placement is None and energy is not None:
         raise ValueError(
             "`energy` was given without a `placement`, so nothing would use it. Choose "
@@ -202,6 +200,10 @@ def sample(
         )
     if placement is not None:
         check_placement(placement)
+        if isinstance(policy, AbstractPolicy | AbstractBatchedPolicy):
+            # Once before tracing, so that a placement's checks of values it holds as
+            # arrays raise plain errors here; under the trace those values are unknown.
+            placement.noise_shape(tuple(policy.chunk_shape))
     if noise is not None and not isinstance(noise, jax.Array | np.ndarray):
         raise TypeError(
             "`noise` must be a JAX or NumPy array of shape (horizon, action_dim), with a "

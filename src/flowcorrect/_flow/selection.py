@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .._misc import concrete, float_array
+from .._misc import concrete, count, float_array
 
 Candidates = Float[Array, "n horizon action_dim"]
 
@@ -174,12 +174,8 @@ class Medoid(AbstractSelection):
         return Selected(candidates[index], index, score)
 
 
-def _check_k(k: Any, name: str) -> None:
-    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
-        raise ValueError(
-            f"{name} `k` must be an int >= 1 (about half of BestOfN's n is a good start); "
-            f"got {k!r}."
-        )
+def _check_k(k: Any, name: str) -> int:
+    return count(name, "k", k, 1, "4", "about half of BestOfN's n is a good start")
 
 
 def _nearest_mask(x: Array, ok: Array, k: int, who: str) -> tuple[Array, Array]:
@@ -216,6 +212,11 @@ class ClusterMean(AbstractSelection):
 
     k: int = eqx.field(static=True)
     needs_energy = False
+
+    def __init__(self, k: Any):
+        # Converted here: older jaxtyping (openpi's 0.2.36) type-checks the fields before
+        # __check_init__ runs, and a NumPy integer is not an `int`.
+        self.k = _check_k(k, "ClusterMean")
 
     def __check_init__(self):
         _check_k(self.k, "ClusterMean")
@@ -298,9 +299,8 @@ class NearMean(AbstractSelection):
     def __init__(self, k: Any, then: Any = ByEnergy()):
         # Checked here as well as in __check_init__: older jaxtyping (openpi's 0.2.36)
         # type-checks the fields before __check_init__ runs, with a vaguer message.
-        _check_k(k, "NearMean")
         check_selection(then, "NearMean `then`")
-        self.k = k
+        self.k = _check_k(k, "NearMean")
         self.then = then
 
     def __check_init__(self):
