@@ -19,7 +19,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._custom_types import Actions, Context, Encoded, Scalar
-from ._misc import concrete, float_array, shape_str
+from ._misc import concrete, float_array, scalar_float, shape_str
 
 
 @runtime_checkable
@@ -528,7 +528,7 @@ class Ensemble(AbstractEnergy):
 
     def __init__(self, energies: Sequence[EnergyFn], pessimism: Any = 1.0):
         members = tuple(as_energy(e, f"energies[{i}]") for i, e in enumerate(energies))
-        pessimism = float_array(pessimism)
+        pessimism = scalar_float("Ensemble", "pessimism", pessimism, "1.0")
         # Checked before the fields are set too: openpi's jaxtyping 0.2.36 type-checks
         # the fields first, with a vaguer message.
         _check_ensemble(members, pessimism)

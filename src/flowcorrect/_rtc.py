@@ -27,7 +27,7 @@ from ._flow.conventions import AbstractConvention
 from ._flow.flow import BatchChunks, BatchKeys, Flow
 from ._flow.placements import AbstractPlacement, Guided, Plain, StepCounts
 from ._flow.schedules import AbstractWeight, EveryStep
-from ._misc import concrete, float_array, shape_str
+from ._misc import INT32_MAX, concrete, count, flag, scalar_float, shape_str
 
 # The paper's prefix-attention schedules (its Figure / eq. 5 and the reference code).
 SCHEDULES = ("ones", "zeros", "linear", "exp")
@@ -43,19 +43,66 @@ def _schedule_index(schedule: Any) -> int:
     return SCHEDULES.index(name)
 
 
-def _int_scalar(name: str, value: Any, low: int, hint: str) -> Int[Array, ""]:
-    if isinstance(value, bool | np.bool_):
-        raise TypeError(f"`{name}` must be an int ({hint}), not a boolean.")
-    array = jnp.asarray(value)
-    if array.shape != () or not jnp.issubdtype(array.dtype, jnp.integer):
+def _int_scalar(
+    owner: str, name: str, value: Any, low: int, example: str, hint: str
+) -> Int[Array, ""]:
+    """A Python or NumPy int, or a scalar int array (possibly traced: new values do not
+    recompile), as an int32 array; checked before it is converted, so that a string,
+    `None` or an int too large for int32 gets an error naming the argument."""
+    if not isinstance(value, jax.Array | np.ndarray):
+        return jnp.asarray(count(owner, name, value, low, example, hint), jnp.int32)
+    if value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
         raise ValueError(
-            f"`{name}` must be a scalar int ({hint}); got {shape_str(array)} of dtype "
-            f"{array.dtype}."
+            f"{owner} `{name}` must be a scalar int ({hint}); got {shape_str(value)} of dtype "
+            f"{value.dtype}; pass e.g. {owner}(..., {name}={example})."
         )
-    v = concrete(array)
-    if v is not None and v < low:
-        raise ValueError(f"`{name}` must be >= {low} ({hint}); got {int(v)}.")
-    return array.astype(jnp.int32)
+    v = concrete(value)
+    if v is not None and not low <= v <= INT32_MAX:
+        raise ValueError(
+            f"{owner} `{name}` must be an int from {low} to 2**31 - 1 ({hint}); got {int(v)}; "
+            f"pass e.g. {owner}(..., {name}={example})."
+        )
+    return jnp.asarray(value).astype(jnp.int32)
+
+
+def _check_known_timing(owner: str, d: Array, s: Array, horizon: int) -> None:
+    """The checks of `_check_timing` for the values known now, as `ValueError`s."""
+    sv, dv = concrete(s), concrete(d)
+    if sv is not None and sv > horizon:
+        raise ValueError(
+            f"{owner} `execution_horizon` {int(sv)} exceeds the chunk's horizon {horizon}; "
+            f"use execution_horizon <= {horizon}."
+        )
+    if sv is not None and dv is not None and dv > horizon - sv:
+        raise ValueError(
+            f"{owner} `inference_delay` {int(dv)} exceeds horizon - execution_horizon = "
+            f"{horizon} - {int(sv)}: the previous chunk has only {horizon - int(sv)} actions "
+            f"left when inference starts. Use execution_horizon <= {horizon - int(dv)}."
+        )
+
+
+def _check_timing(
+    owner: str, d: Int[Array, ""], s: Int[Array, ""], horizon: int
+) -> Int[Array, ""]:
+    """Checks `1 <= s <= horizon` and `0 <= d <= horizon - s`: a `ValueError` for values
+    known now, `eqx.error_if` for traced ones.
+
+    Returns `d` carrying the run-time checks: the caller must compute with it, or XLA
+    drops the checks along with the unused value.
+    """
+    _check_known_timing(owner, d, s, horizon)
+    if concrete(s) is not None and concrete(d) is not None:
+        return d
+    d = eqx.error_if(
+        d, (s < 1) | (s > horizon),
+        f"{owner}: `execution_horizon` must be from 1 to the chunk's horizon {horizon}.",
+    )
+    return eqx.error_if(
+        d, (d < 0) | (d > horizon - s),
+        f"{owner}: `inference_delay` must be from 0 to horizon - `execution_horizon` "
+        f"(horizon {horizon}): the previous chunk has no actions left for the whole delay. "
+        "Use a shorter execution horizon or start inference earlier.",
+    )
 
 
 def _weights(
@@ -80,7 +127,7 @@ def _weights(
 
 
 def rtc_prefix_weights(
-    horizon: int,
+    horizon: Any,
     inference_delay: Any,
     execution_horizon: Any,
     prefix_attention_schedule: str = "exp",
@@ -94,22 +141,26 @@ def rtc_prefix_weights(
 
     **Arguments:**
 
-    - `horizon`: the chunk length `H` (a Python int).
+    - `horizon`: the chunk length `H`, a Python int `>= 1`.
     - `inference_delay`: `d`, in control steps (an int, or an int array: traced values
-        do not recompile).
+        do not recompile), with `0 <= d <= H - s`.
     - `execution_horizon`: `s`, the actions executed from a chunk before the next
-        inference starts.
+        inference starts, with `1 <= s <= H`.
     - `prefix_attention_schedule`: `'exp'` (the paper's), `'linear'`, `'ones'` (1 on the
         whole overlap) or `'zeros'` (1 on the first `d` actions only: the committed
         prefix, nothing else).
 
     **Returns:**
 
-    An array of shape `(horizon,)` with values in `[0, 1]`.
+    An array of shape `(horizon,)` with values in `[0, 1]`. Values out of range raise a
+    `ValueError`; traced ones an error at run time (`eqx.error_if`).
     """
-    d = _int_scalar("inference_delay", inference_delay, 0, "control steps")
-    s = _int_scalar("execution_horizon", execution_horizon, 1, "actions per chunk")
+    owner = "rtc_prefix_weights"
+    horizon = count(owner, "horizon", horizon, 1, "8", "the chunk length")
+    d = _int_scalar(owner, "inference_delay", inference_delay, 0, "2", "control steps")
+    s = _int_scalar(owner, "execution_horizon", execution_horizon, 1, "4", "actions per chunk")
     schedule = jnp.asarray(_schedule_index(prefix_attention_schedule))
+    d = _check_timing(owner, d, s, horizon)
     return _weights(horizon, d, horizon - s, schedule)
 
 
@@ -164,14 +215,19 @@ class PiGDMWeight(AbstractWeight):
 
     **Arguments:**
 
-    - `max_guidance_weight`: the clip `beta` (the paper uses 5), `>= 0`; 0 switches
-        guidance off. Stored as an array: a new value does not recompile.
+    - `max_guidance_weight`: the clip `beta` (the paper uses 5), a finite number `>= 0`;
+        0 switches guidance off. Stored as an array: a new value does not recompile. A
+        traced value that is negative or not finite gives a NaN weight, so a placement
+        takes the plain step and counts it as skipped (as for any guidance that is not
+        finite) instead of guiding away from the target.
     """
 
     max_guidance_weight: Float[Array, ""]
 
     def __init__(self, max_guidance_weight: Any = 5.0):
-        self.max_guidance_weight = float_array(max_guidance_weight)
+        self.max_guidance_weight = scalar_float(
+            "PiGDMWeight", "max_guidance_weight", max_guidance_weight, "5.0"
+        )
 
     def __check_init__(self):
         beta = self.max_guidance_weight
@@ -191,6 +247,8 @@ class PiGDMWeight(AbstractWeight):
         r2 = (1 - safe) ** 2 / (safe**2 + (1 - safe) ** 2)
         w = (1 - safe) / (safe * r2)
         beta = self.max_guidance_weight.astype(dtype)
+        # Only a traced beta can be bad here (a known one is refused at construction).
+        beta = jnp.where(jnp.isfinite(beta) & (beta >= 0), beta, jnp.nan)
         return jnp.where(inside, jnp.minimum(beta, w), beta).astype(t.dtype)
 
 
@@ -201,7 +259,9 @@ class RealTimeChunkingInfo(eqx.Module):
 
     - `weights`: `(batch, horizon)`, the prefix weights used.
     - `guidance`: a [`flowcorrect.StepCounts`][]: guided flow steps, and steps whose
-        guidance was not finite (the plain step was taken).
+        guidance was not finite (the plain step was taken): every step, for a leftover
+        that is not finite or a traced `max_guidance_weight` that is negative or not
+        finite.
     - `step_energy`: `(batch, num_steps)`, the RTC energy of the denoised estimate at
         each step, with `fc.sample(..., step_energies=True)`; else `None`.
     - `rtc_energy`: `(batch,)`, the RTC energy of the sampled chunk (before the hard
@@ -244,13 +304,20 @@ class RealTimeChunking(AbstractPlacement):
         executed and are pulled onto the leftover with weight 1. `0 <= d <= leftover`
         and `d <= horizon - execution_horizon`.
     - `execution_horizon`: `s`, the actions executed from each chunk before the next
-        inference starts; the weights vanish from `horizon - s` on.
+        inference starts, `1 <= s <= horizon`; the weights vanish from `horizon - s` on.
     - `prefix_attention_schedule`: `'exp'` (default, the paper's), `'linear'`,
         `'ones'` or `'zeros'` (guide towards the first `d` actions only); see
         [`flowcorrect.rtc_prefix_weights`][].
-    - `max_guidance_weight`: the paper's `beta`, default 5.
-    - `hard_prefix`: after sampling, copy the first `d` actions from the leftover, so the
-        chunk agrees with the committed actions exactly. Default `False`.
+    - `max_guidance_weight`: the paper's `beta`, a finite number `>= 0`, default 5 (see
+        [`flowcorrect.PiGDMWeight`][] for a bad traced value).
+    - `hard_prefix`: `True` or `False` (or a scalar bool array): after sampling, copy
+        the first `d` actions from the leftover, so the chunk agrees with the committed
+        actions exactly. Default `False`.
+
+    `inference_delay` and `execution_horizon` may be ints or scalar int arrays. Values
+    known when [`flowcorrect.sample`][] is called are checked against the policy's
+    horizon before it compiles (a `ValueError`); traced ones inside the compiled
+    function (`eqx.error_if`, an error at run time).
 
     !!! example
 
@@ -283,20 +350,22 @@ class RealTimeChunking(AbstractPlacement):
                 "`prev_chunk_left_over` must be a JAX or NumPy array of shape (leftover, "
                 f"action_dim); got {type(prev_chunk_left_over).__name__}."
             )
+        owner = "RealTimeChunking"
         self.prev_chunk_left_over = jnp.asarray(prev_chunk_left_over)
         self.inference_delay = _int_scalar(
-            "inference_delay", inference_delay, 0, "control steps executed from the previous "
-            "chunk while the policy thinks",
+            owner, "inference_delay", inference_delay, 0, "2", "control steps executed from "
+            "the previous chunk while the policy thinks",
         )
         self.execution_horizon = _int_scalar(
-            "execution_horizon", execution_horizon, 1, "actions executed from each chunk "
-            "before the next inference starts",
+            owner, "execution_horizon", execution_horizon, 1, "4", "actions executed from "
+            "each chunk before the next inference starts",
         )
-        self.max_guidance_weight = PiGDMWeight(max_guidance_weight).max_guidance_weight
+        beta = scalar_float(owner, "max_guidance_weight", max_guidance_weight, "5.0")
+        self.max_guidance_weight = PiGDMWeight(beta).max_guidance_weight
         self.prefix_attention_schedule = jnp.asarray(
             _schedule_index(prefix_attention_schedule), jnp.int32
         )
-        self.hard_prefix = jnp.asarray(hard_prefix, bool)
+        self.hard_prefix = flag(owner, "hard_prefix", hard_prefix, "True")
 
     def __check_init__(self):
         left = self.prev_chunk_left_over
@@ -328,17 +397,8 @@ class RealTimeChunking(AbstractPlacement):
                 f"{horizon} rows (the previous chunk's actions from the time this inference "
                 "starts)."
             )
-        s, d = concrete(self.execution_horizon), concrete(self.inference_delay)
-        if s is not None and s > horizon:
-            raise ValueError(
-                f"`execution_horizon` {int(s)} exceeds the chunk's horizon {horizon}."
-            )
-        if s is not None and d is not None and d > horizon - s:
-            raise ValueError(
-                f"`inference_delay` {int(d)} exceeds horizon - execution_horizon = "
-                f"{horizon} - {int(s)}: the previous chunk has only {horizon - int(s)} actions "
-                f"left when inference starts. Use execution_horizon <= {horizon - int(d)}."
-            )
+        _check_known_timing("RealTimeChunking", self.inference_delay, self.execution_horizon,
+                            horizon)
 
     def noise_shape(self, chunk_shape: tuple[int, int]) -> tuple[int, ...]:
         self._check(chunk_shape)
@@ -362,9 +422,19 @@ class RealTimeChunking(AbstractPlacement):
         )
 
     def weights(self, horizon: int) -> Float[Array, " horizon"]:
-        """The prefix weights over a chunk of `horizon` actions."""
-        end = jnp.minimum(horizon - self.execution_horizon, self.prev_chunk_left_over.shape[-2])
-        return _weights(horizon, self.inference_delay, end, self.prefix_attention_schedule)
+        """The prefix weights over a chunk of `horizon` actions (checking the delay and
+        the execution horizon against it)."""
+        rows = self.prev_chunk_left_over.shape[-2]
+        d = _check_timing("RealTimeChunking", self.inference_delay, self.execution_horizon,
+                          horizon)
+        if concrete(d) is None:
+            d = eqx.error_if(
+                d, d > rows,
+                f"RealTimeChunking: `inference_delay` exceeds the {rows} actions left in "
+                "`prev_chunk_left_over`: start inference earlier or pass the whole leftover.",
+            )
+        end = jnp.minimum(horizon - self.execution_horizon, rows)
+        return _weights(horizon, d, end, self.prefix_attention_schedule)
 
     def sample(
         self, flow: Flow, noise: Array, keys: BatchKeys
@@ -372,17 +442,7 @@ class RealTimeChunking(AbstractPlacement):
         self._check(noise.shape)
         batch, horizon = flow.batch_size, noise.shape[1]
         target = self._target(batch, horizon, noise.dtype)
-        end = horizon - self.execution_horizon
-        # Values known only here (traced) are checked at run time.
-        d = eqx.error_if(
-            self.inference_delay, self.execution_horizon > horizon,
-            f"RealTimeChunking: `execution_horizon` exceeds the chunk's horizon {horizon}.",
-        )
-        d = eqx.error_if(
-            d, d > end,
-            "RealTimeChunking: `inference_delay` > horizon - `execution_horizon`: the "
-            "previous chunk has no actions left for the whole delay.",
-        )
+        # Carries the run-time checks of traced values: every output depends on it.
         w = self.weights(horizon)
         weights = jnp.broadcast_to(w, (batch, horizon))
         # The RTC energy replaces the sampler's: the guidance reads only this one.
@@ -403,7 +463,7 @@ class RealTimeChunking(AbstractPlacement):
         off = jnp.all(w == 0) | (self.max_guidance_weight == 0)
         x, counts, step_energy = jax.lax.cond(off, plain, rtc, None)
         rtc_energy = rtc_flow.energies(x)
-        committed = (jnp.arange(horizon) < d) & self.hard_prefix
+        committed = (jnp.arange(horizon) < self.inference_delay) & self.hard_prefix
         x = jnp.where(committed[None, :, None], target, x)
         return x, RealTimeChunkingInfo(weights, counts, step_energy, rtc_energy)
 
