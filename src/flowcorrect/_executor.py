@@ -118,13 +118,41 @@ class ActionQueue:
                                      self.steps)
         return self._request
 
-    def submit(self, chunk: Any) -> None:
-        """Hands in the chunk of the running inference."""
+    def submit(self, chunk: Any, *, replace: bool = False) -> None:
+        """Hands in the chunk of the running inference.
+
+        The chunk is copied: reusing its array afterwards does not change what the robot
+        executes.
+
+        **Arguments:**
+
+        - `chunk`: `(..., horizon, action_dim)`, real numbers, every entry finite (a NaN
+            or inf would be executed, so it is refused), of the previous chunk's shape.
+        - `replace`: `True` to hand in another chunk for the same request, replacing one
+            handed in before that has not taken over yet (with `simulate_delay=True`,
+            before `d` steps have passed). Without it a second chunk for one request is
+            an error: a loop that submits twice usually has a bug. A chunk that has taken
+            over is being executed and is never replaced; `request()` the next one.
+        """
+        if not isinstance(replace, bool):
+            raise TypeError(f"`replace` must be True or False; got {replace!r}.")
+        self._arrive()
         if self._request is None:
+            if self.chunk is not None:
+                raise RuntimeError(
+                    "No inference is running: the last request's chunk has taken over and is "
+                    "being executed, so it cannot be replaced. Call request() (when "
+                    "inference_due) before submitting the next chunk."
+                )
             raise RuntimeError("No inference is running: call request() before submit().")
-        chunk = np.asarray(chunk)
-        if chunk.ndim < 2:
-            raise ValueError(f"`chunk` must be (..., horizon, action_dim); got {chunk.shape}.")
+        if self._pending is not None and not replace:
+            raise RuntimeError(
+                "This request's chunk was already submitted and takes over "
+                f"{self.inference_delay} steps after the request; a second submit() would "
+                "silently replace it. Pass submit(chunk, replace=True) to replace it, or "
+                "request() the next inference once inference_due."
+            )
+        chunk = _checked_chunk(chunk)
         horizon = chunk.shape[-2]
         if self.chunk is not None and chunk.shape != self.chunk.shape:
             raise ValueError(
@@ -176,10 +204,43 @@ class ActionQueue:
                 f"The chunk ran out after {self.index} actions while the next one was not "
                 "in: the inference took longer than horizon - execution_horizon steps."
             )
-        action = self.chunk[..., self.index, :]
+        # A copy: a caller editing the action in place must not edit the chunk.
+        action = np.array(self.chunk[..., self.index, :])
         self.index += 1
         self.steps += 1
         return action, switched
+
+
+def _checked_chunk(chunk: Any) -> np.ndarray:
+    """A copy of `chunk` as a real NumPy array with every entry finite, or a clear error."""
+    fix = (
+        "submit the policy's chunk as a float array of shape (..., horizon, action_dim), "
+        "e.g. np.asarray(actions, np.float32)"
+    )
+    try:
+        array = np.array(chunk)  # a copy, whatever the caller does with its buffer later
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`chunk` is not an array of numbers ({e}); {fix}.") from None
+    if array.dtype == np.bool_ or not (
+        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    ):
+        raise TypeError(
+            f"`chunk` must hold real numbers; got dtype {array.dtype} (of shape "
+            f"{array.shape}); {fix}."
+        )
+    if array.ndim < 2:
+        raise ValueError(f"`chunk` must be (..., horizon, action_dim); got {array.shape}.")
+    bad = ~np.isfinite(array)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"`chunk` has {int(bad.sum())} non-finite entries of {array.size} (the first, "
+            f"{array[first]}, at index {first}); the robot would execute them. Replace the "
+            "chunk before submitting it (fc.sample falls back to the plain chunk by itself "
+            "and flags it in info.fell_back; only a policy that returns non-finite chunks "
+            "gets them through)."
+        )
+    return array
 
 
 __all__ = ["ActionQueue", "ChunkRequest"]
