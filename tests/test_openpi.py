@@ -348,10 +348,10 @@ def test_openpi_policy_with_correction_per_request(serving, monkeypatch):
         policy.infer({**obs, "flowcorrect": {"placement": "post_hoc", "alpah": 0.1}})
     with pytest.raises(ValueError, match="one of \\['off'"):
         policy.infer({**obs, "flowcorrect": {"placement": "sideways"}})
-    with pytest.raises(ValueError, match="'n' must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"'n' must be an int in \[1, 64\].*got 2.5"):
         policy.infer({**obs, "flowcorrect": {"placement": "best_of_n", "n": 2.5}})
     no_energy = CorrectedPolicy(model)
-    with pytest.raises(ValueError, match="has no energy"):
+    with pytest.raises(ValueError, match="this server has none"):
         no_energy.infer({**obs, "flowcorrect": {"placement": "guided"}})
     with pytest.raises(ValueError, match="in `sample_kwargs`"):
         no_energy._model.sample_actions(jax.random.key(0), None, num_steps=10)
@@ -370,15 +370,17 @@ def test_openpi_policy_real_time_chunking_per_request(serving):
     policy = CorrectedPolicy.from_policy(plain)  # no energy: RTC needs none
     assert "rtc" in policy.metadata["flowcorrect"]["placements"]
     d, s = 3, 10
-    rtc = {"placement": "rtc", "inference_delay": d, "execution_horizon": s}
+    rtc = {"placement": "rtc", "inference_delay": d, "execution_horizon": s, "episode": "e1"}
     keys = jax.random.split(jax.random.key(21), 2)
     noise = [np.asarray(jax.random.normal(k, policy_chunk(config))) for k in keys]
     out = policy.infer({**obs, "flowcorrect": rtc}, noise=noise[0])
-    assert out["flowcorrect"] == {"placement": "off"}  # the first chunk continues nothing
+    # The first chunk of an episode continues nothing.
+    assert out["flowcorrect"] == {"placement": "off", "episode": "e1", "request": 0}
     assert tree_bitwise_equal(out["actions"], plain.infer(obs, noise=noise[0])["actions"])
     previous = np.asarray(out["actions"])  # no output transforms: the model's space
     guided = policy.infer({**obs, "flowcorrect": rtc}, noise=noise[1])
-    assert guided["flowcorrect"] == {"placement": "RealTimeChunking"}
+    assert guided["flowcorrect"] == {"placement": "RealTimeChunking", "episode": "e1",
+                                     "request": 1}
     free = policy.infer({**obs, "flowcorrect": {"placement": "off"}}, noise=noise[1])
     target = previous[s : s + d]
     gap_guided = float(np.abs(guided["actions"][:d] - target).mean())
@@ -387,8 +389,15 @@ def test_openpi_policy_real_time_chunking_per_request(serving):
     assert bool(np.all(np.isfinite(guided["actions"])))
     with pytest.raises(ValueError, match="needs 'inference_delay' and 'execution_horizon'"):
         policy.infer({**obs, "flowcorrect": {"placement": "rtc", "inference_delay": 2}})
-    with pytest.raises(ValueError, match="has no energy"):
+    with pytest.raises(ValueError, match="this server has none"):
         policy.infer({**obs, "flowcorrect": {"placement": "post_hoc"}})
+    # The leftover is the episode's, never the process's: without an id RTC is refused,
+    # and another episode's first request is plain, not pulled onto e1's chunk.
+    with pytest.raises(ValueError, match="name the episode with 'episode'"):
+        policy.infer({**obs, "flowcorrect": {**rtc, "episode": None}})
+    other = policy.infer({**obs, "flowcorrect": {**rtc, "episode": "e2"}}, noise=noise[1])
+    assert other["flowcorrect"]["placement"] == "off"
+    assert tree_bitwise_equal(other["actions"], free["actions"])
 
 
 def policy_chunk(config):

@@ -1,19 +1,29 @@
 """Serving: correction inside openpi's own `Policy`, so its websocket server and the
 `openpi-client` package work unchanged, with settings per server or per request."""
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from .._correctors.recipes import reference_recipe
 from .._energy import OnActionDims, as_energy
-from .._flow.placements import AbstractPlacement, BestOfN, Denoised, Guided, PostHoc
+from .._flow.placements import AbstractPlacement
 from .._flow.sample import sample
-from .._flow.schedules import EveryStep, LastSteps
 from .._rtc import RealTimeChunking
+from ._episodes import Episodes
 from ._pi0 import Pi0Policy, _pi0, nnx  # ._pi0 checks for openpi first
+from ._requests import (
+    ENERGY_FREE,
+    OPTIONS_KEY,
+    PLACEMENTS,
+    RequestError,
+    ServerLimits,
+    check_observation,
+    parse_request,
+    placement_from_request,
+)
 
 try:
     from openpi.policies import policy as _policy
@@ -22,24 +32,6 @@ except ImportError as e:  # openpi's policy module also needs openpi-client
 
     raise ImportError(f"{INSTALL_HINT} (The import failed with: {e})") from e
 
-#: The key of an observation dict that carries per-request correction settings.
-OPTIONS_KEY = "flowcorrect"
-
-_KINDS = ("off", "post_hoc", "denoised", "guided", "best_of_n", "rtc")
-_KEYS = {
-    "off": set(),
-    "post_hoc": {"steps", "alpha", "clip_frac", "first_only"},
-    "denoised": {"steps", "alpha", "clip_frac", "first_only", "weight", "last"},
-    "guided": {"weight", "last", "cap"},
-    "best_of_n": {"n"},
-    "rtc": {
-        "inference_delay",
-        "execution_horizon",
-        "prefix_attention_schedule",
-        "max_guidance_weight",
-        "hard_prefix",
-    },
-}
 # Placements that need no energy.
 _NO_ENERGY = (RealTimeChunking,)
 
@@ -128,129 +120,6 @@ class CorrectedPi0(nnx.Module):
         return actions
 
 
-def placement_from_options(
-    options: Mapping[str, Any], action_dims: int | None = None, previous: Any = None
-):
-    """Builds a placement from plain settings (what a client can send in a request).
-
-    **Arguments:**
-
-    - `options`: a dict with `"placement"`, one of `"off"`, `"post_hoc"`,
-        `"denoised"`, `"guided"`, `"best_of_n"`, and that placement's settings:
-        - `post_hoc`: `steps` (K, default 3), `alpha` (0.1), `clip_frac` (0.2),
-          `first_only` (False): [`flowcorrect.reference_recipe`][];
-        - `denoised`: the same, plus `weight` (1.0) and `last` (correct the last
-          `last` flow steps; default every step);
-        - `guided`: `weight` (1.0), `last` (default every step), `cap` (1.0);
-        - `best_of_n`: `n` (8).
-        - `rtc`: real-time chunking ([`flowcorrect.RealTimeChunking`][], needs no
-          energy): `inference_delay` (`d`, control steps the robot executes from the
-          previous chunk while this one is computed), `execution_horizon` (`s`,
-          actions executed from each chunk before the next request), and optionally
-          `prefix_attention_schedule` ("exp"), `max_guidance_weight` (5.0),
-          `hard_prefix` (False). The names are LeRobot's. The previous chunk's
-          leftover is `previous[:, s:]` (zero-padded to the horizon, so the shapes
-          never change), in the model's own action space.
-    - `action_dims`: the post-hoc and denoised recipes change only the first
-        `action_dims` dims.
-    - `previous`: for `rtc`, the previous call's chunks `(batch, horizon, action_dim)`
-        in the model's action space; `None` (the first call) gives `None` (plain).
-
-    **Returns:**
-
-    An [`flowcorrect.AbstractPlacement`][], or `None` for `"off"`.
-    """
-    if not isinstance(options, Mapping):
-        raise TypeError(
-            f"Correction options must be a dict such as {{'placement': 'best_of_n', 'n': 8}}; "
-            f"got {type(options).__name__}."
-        )
-    kind = options.get("placement")
-    if kind not in _KINDS:
-        raise ValueError(
-            f"Correction options need 'placement', one of {list(_KINDS)}; got {kind!r}."
-        )
-    unknown = set(options) - {"placement"} - _KEYS[kind]
-    if unknown:
-        raise ValueError(
-            f"Unknown correction options for placement {kind!r}: {sorted(unknown)}; it takes "
-            f"{sorted(_KEYS[kind]) or 'no other options'}."
-        )
-
-    def count(name: str, default: int) -> int:
-        value = options.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-            raise ValueError(f"Correction option {name!r} must be an int >= 0; got {value!r}.")
-        return int(value)
-
-    def number(name: str, default: float) -> float:
-        value = options.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-            raise ValueError(f"Correction option {name!r} must be a number; got {value!r}.")
-        return float(value)
-
-    def recipe():
-        first_only = options.get("first_only", False)
-        if not isinstance(first_only, bool | np.bool_):
-            raise ValueError(
-                f"Correction option 'first_only' must be true or false; got {first_only!r}."
-            )
-        return reference_recipe(
-            count("steps", 3),
-            number("alpha", 0.1),
-            number("clip_frac", 0.2),
-            first_only=bool(first_only),
-            action_dims=action_dims,
-        )
-
-    def schedule():
-        if "last" not in options:
-            return EveryStep()
-        return LastSteps(count("last", 0))
-
-    if kind == "off":
-        return None
-    if kind == "rtc":
-        if "execution_horizon" not in options or "inference_delay" not in options:
-            raise ValueError(
-                "Correction option 'rtc' needs 'inference_delay' and 'execution_horizon' "
-                f"(control steps); got {sorted(options)}."
-            )
-        if previous is None:
-            return None
-        previous = np.asarray(previous)
-        s = count("execution_horizon", 1)
-        horizon = previous.shape[1]
-        if not 1 <= s <= horizon:
-            raise ValueError(
-                f"Correction option 'execution_horizon' must be in [1, {horizon}] (the "
-                f"chunk's horizon); got {s}."
-            )
-        leftover = np.zeros_like(previous)
-        leftover[:, : horizon - s] = previous[:, s:]
-        hard = options.get("hard_prefix", False)
-        if not isinstance(hard, bool | np.bool_):
-            raise ValueError(
-                f"Correction option 'hard_prefix' must be true or false; got {hard!r}."
-            )
-        schedule = options.get("prefix_attention_schedule", "exp")
-        return RealTimeChunking(
-            leftover,
-            count("inference_delay", 0),
-            s,
-            prefix_attention_schedule=schedule,
-            max_guidance_weight=number("max_guidance_weight", 5.0),
-            hard_prefix=bool(hard),
-        )
-    if kind == "post_hoc":
-        return PostHoc(recipe())
-    if kind == "denoised":
-        return Denoised(recipe(), schedule=schedule(), weight=number("weight", 1.0))
-    if kind == "guided":
-        return Guided(schedule=schedule(), weight=number("weight", 1.0), cap=number("cap", 1.0))
-    return BestOfN(count("n", 8))
-
-
 class CorrectedPolicy(_policy.Policy):
     """openpi's `Policy` with a placed correction: serve it with openpi's
     `WebsocketPolicyServer`, query it with the `openpi-client` package, unchanged.
@@ -264,7 +133,26 @@ class CorrectedPolicy(_policy.Policy):
     input transforms and overrides the server's placement for that call. New numbers
     (step size, clip, guidance weight) do not recompile; each new kind of placement
     or count compiles once. The output dict gains `"flowcorrect": {"placement": ...}`,
-    which placement ran.
+    which placement ran (and the episode and its request index, when one is named).
+
+    A request is checked completely before any work, the same way on the first
+    request as on the thousandth: its options against the server's
+    [`flowcorrect.openpi.ServerLimits`][] (counts that set compiled sizes are bounded),
+    its observation for type, size and finiteness, and, after openpi's input
+    transforms, for the shapes the model takes. A refused request raises
+    [`flowcorrect.openpi.RequestError`][] with one message naming the option or key,
+    the value and what is allowed, and changes no state; through openpi's server the
+    client receives that message and the server keeps serving.
+
+    State belongs to episodes the client names (`obs["flowcorrect"]["episode"]`, any
+    string id), never to the server process: real-time chunking continues the
+    episode's own previous chunk (the first request of an episode is plain), and an
+    episode's noise comes from its own key, so two clients interleaving requests on one
+    server get exactly the chunks each would get alone. `"reset": true` starts the
+    episode afresh; `{"episode": id, "done": true}` ends it without running the model.
+    Episodes never ended are dropped after `limits.episode_idle_s` idle, or when more
+    than `limits.max_episodes` are open. A request without an episode uses the
+    server's own key, exactly as openpi's `Policy` does.
 
     Build it from the policy openpi builds for the checkpoint,
     [`flowcorrect.openpi.CorrectedPolicy.from_policy`][], or directly like openpi's
@@ -276,12 +164,13 @@ class CorrectedPolicy(_policy.Policy):
     - `energy`: any [`flowcorrect.EnergyFn`][] over
         `fc.TokenContext(prefix_out, prefix_mask)` and one chunk in the model's
         normalised action space, e.g. `fc.load_model(energy_dir)`; `None` serves
-        the plain policy (then only `"off"` is accepted).
+        the plain policy (then only `"off"` and `"rtc"` are accepted).
     - `placement`: the server's default placement; `None` is no correction.
     - `action_dims`: the energy sees, and the recipes change, only the first
         `action_dims` of the model's action dims (LIBERO: 7 of 32): the energy is
         wrapped in [`flowcorrect.OnActionDims`][].
     - `num_steps`: flow steps (openpi's default 10).
+    - `limits`: what one request may ask, [`flowcorrect.openpi.ServerLimits`][].
     - `rng`, `transforms`, `output_transforms`, `metadata`: as for openpi's `Policy`.
     """
 
@@ -293,6 +182,7 @@ class CorrectedPolicy(_policy.Policy):
         placement: AbstractPlacement | None = None,
         action_dims: int | None = None,
         num_steps: int = 10,
+        limits: ServerLimits | None = None,
         rng: Any = None,
         transforms: Sequence[Any] = (),
         output_transforms: Sequence[Any] = (),
@@ -306,6 +196,12 @@ class CorrectedPolicy(_policy.Policy):
             )
         if placement is not None and energy is None:
             raise ValueError(f"The placement {type(placement).__name__} needs an `energy`.")
+        if limits is None:
+            limits = ServerLimits()
+        if not isinstance(limits, ServerLimits):
+            raise TypeError(
+                f"`limits` must be a flowcorrect.openpi.ServerLimits; got {type(limits).__name__}."
+            )
         if energy is not None:
             energy = as_energy(energy)
             if action_dims is not None:
@@ -313,6 +209,7 @@ class CorrectedPolicy(_policy.Policy):
         self.energy = energy
         self.placement = placement
         self.action_dims = action_dims
+        self.limits = limits
         _policy.Policy.__init__(
             self,
             CorrectedPi0(model, num_steps=num_steps),
@@ -321,16 +218,31 @@ class CorrectedPolicy(_policy.Policy):
             output_transforms=output_transforms,
             metadata=metadata,
         )
-        # The last chunk in the model's action space, for real-time chunking's leftover.
-        self._previous = None
+        self._episodes = Episodes(jax.random.fold_in(self._rng, 0x5EED), limits)
+        self._lock = threading.Lock()
+        self._last_actions = None
         jitted = self._sample_actions
 
         def sample_and_keep(*args: Any, **kwargs: Any) -> Any:
             actions = jitted(*args, **kwargs)
-            self._previous = actions
+            self._last_actions = actions
             return actions
 
         self._sample_actions = sample_and_keep
+        transform = self._input_transform
+
+        def checked_transform(inputs: Any) -> Any:
+            try:
+                out = transform(inputs)
+            except Exception as e:
+                raise RequestError(
+                    "The policy's input transforms could not read this observation "
+                    f"({_describe(inputs)}): {type(e).__name__}: {e}. Send the keys and "
+                    "shapes this policy's data config expects."
+                ) from e
+            return self._check_model_inputs(out)
+
+        self._input_transform = checked_transform
 
     @classmethod
     def from_policy(
@@ -341,6 +253,7 @@ class CorrectedPolicy(_policy.Policy):
         placement: AbstractPlacement | None = None,
         action_dims: int | None = None,
         num_steps: int | None = None,
+        limits: ServerLimits | None = None,
     ) -> "CorrectedPolicy":
         """The same policy (model, transforms, metadata) with correction.
 
@@ -353,7 +266,7 @@ class CorrectedPolicy(_policy.Policy):
         **Arguments:**
 
         - `policy`: an openpi `Policy` of a JAX Pi0 / Pi0.5.
-        - `energy`, `placement`, `action_dims`: as for the class.
+        - `energy`, `placement`, `action_dims`, `limits`: as for the class.
         - `num_steps`: defaults to the policy's `sample_kwargs["num_steps"]`, else 10.
         """
         if not isinstance(policy, _policy.Policy):
@@ -382,40 +295,172 @@ class CorrectedPolicy(_policy.Policy):
             placement=placement,
             action_dims=action_dims,
             num_steps=int(steps),
+            limits=limits,
             transforms=[policy._input_transform],
             output_transforms=[policy._output_transform],
             metadata=dict(policy._metadata),
         )
 
+    @property
+    def _pi0(self) -> Any:
+        return self._model.model
+
+    def _check_model_inputs(self, inputs: Any) -> Any:
+        """After openpi's input transforms: the arrays the model takes, at its sizes."""
+        from openpi.models import model as _model
+
+        model = self._pi0
+        if not isinstance(inputs, Mapping) or not {"image", "image_mask", "state"} <= set(inputs):
+            raise RequestError(
+                "After the policy's input transforms the observation must give 'image', "
+                f"'image_mask' and 'state'; got {_keys(inputs)}. Check the observation's keys "
+                "against the policy's transforms (its train config's data config)."
+            )
+        images, masks = inputs["image"], inputs["image_mask"]
+        missing = [k for k in _model.IMAGE_KEYS if k not in images or k not in masks]
+        if missing:
+            raise RequestError(
+                f"After the input transforms the images lack {missing} (the model takes "
+                f"{list(_model.IMAGE_KEYS)}); got images {_keys(images)}, masks {_keys(masks)}."
+            )
+        size = (*_model.IMAGE_RESOLUTION, 3)
+        for key in _model.IMAGE_KEYS:
+            image = np.asarray(images[key])
+            if image.shape != size or image.dtype.kind not in "uf":
+                raise RequestError(
+                    f"Image {key!r} is {image.dtype}{list(image.shape)} after the input "
+                    f"transforms; the model takes {list(size)} (uint8, or float in [-1, 1]). "
+                    "Resize on the client (openpi_client.image_tools.resize_with_pad(image, "
+                    f"{size[0]}, {size[1]})), as openpi's examples do."
+                )
+            if image.dtype.kind == "f" and not np.isfinite(image).all():
+                raise RequestError(f"Image {key!r} has non-finite values.")
+            if np.shape(masks[key]) != ():
+                raise RequestError(
+                    f"Image mask {key!r} must be one bool; got shape {np.shape(masks[key])}."
+                )
+        state = np.asarray(inputs["state"])
+        if state.shape != (model.action_dim,) or state.dtype.kind not in "fiu":
+            raise RequestError(
+                f"The state is {state.dtype}{list(state.shape)} after the input transforms; "
+                f"the model takes a float vector of {model.action_dim}. Send the state the "
+                "policy's transforms expect (its length for this robot)."
+            )
+        if not np.isfinite(state).all():
+            raise RequestError("The state has non-finite values after the input transforms.")
+        if "tokenized_prompt" in inputs:
+            tokens = np.asarray(inputs["tokenized_prompt"])
+            if tokens.shape != (model.max_token_len,):
+                raise RequestError(
+                    f"The tokenized prompt has shape {tokens.shape}; the model takes "
+                    f"({model.max_token_len},)."
+                )
+        return inputs
+
     def infer(self, obs: dict, *, noise: np.ndarray | None = None) -> dict:  # type: ignore[override]
-        """openpi's `Policy.infer`, with `obs["flowcorrect"]` settings for this call."""
+        """openpi's `Policy.infer`, with `obs["flowcorrect"]` settings for this call.
+
+        Raises [`flowcorrect.openpi.RequestError`][] (and changes no state) for a request
+        the server refuses."""
+        with self._lock:
+            return self._infer(obs, noise)
+
+    def _infer(self, obs: Any, noise: Any) -> dict:
+        if not isinstance(obs, Mapping):
+            raise RequestError(f"The observation must be a dict; got {type(obs).__name__}.")
         obs = dict(obs)
-        options = obs.pop(OPTIONS_KEY, None)
-        if options is None:
+        request = parse_request(
+            obs.pop(OPTIONS_KEY, None),
+            limits=self.limits,
+            horizon=self._pi0.action_horizon,
+            num_steps=self._model.num_steps,
+            has_energy=self.energy is not None,
+        )
+        if request.done:
+            self._episodes.close(request.episode)
+            return {OPTIONS_KEY: {"episode": request.episode, "done": True}}
+        if request.placement == "rtc" and request.episode is None:
+            raise RequestError(
+                "Placement 'rtc' continues the previous chunk of an episode: name the "
+                "episode with 'episode' (any string id, the same for every request of one "
+                "episode), so that its leftover is never another client's chunk."
+            )
+        check_observation(obs, self.limits)
+        if noise is not None:
+            noise = _checked_noise(noise)
+        episode = None
+        if request.episode is not None:
+            episode = self._episodes.peek(request.episode, reset=request.reset)
+        previous = None if episode is None else episode.previous
+        if request.placement is None:
             placement = self.placement
         else:
-            placement = placement_from_options(options, self.action_dims, self._previous)
-        if placement is not None and self.energy is None and not isinstance(placement, _NO_ENERGY):
-            raise ValueError(
-                "This CorrectedPolicy has no energy, so it serves only "
-                f"{{'placement': 'off'}} and {{'placement': 'rtc', ...}}; got {options!r}."
-            )
+            placement = placement_from_request(request, self.action_dims, previous)
         self._sample_kwargs = (
             {} if placement is None else {"energy": self.energy, "placement": placement}
         )
-        outputs = _policy.Policy.infer(self, obs, noise=noise)
-        outputs[OPTIONS_KEY] = {"placement": _name(placement)}
+        server_rng = self._rng
+        if episode is not None:
+            self._rng = episode.next_rng()
+        self._last_actions = None
+        try:
+            outputs = _policy.Policy.infer(self, obs, noise=noise)
+        except Exception:
+            self._rng = server_rng  # a failed request changes no state
+            raise
+        finally:
+            chunk, self._last_actions = self._last_actions, None
+        if episode is not None:
+            self._rng = server_rng
+        actions = outputs.get("actions")
+        if actions is None or not np.all(np.isfinite(np.asarray(actions, float))):
+            raise RequestError(
+                "The policy produced non-finite actions for this observation; none are "
+                "sent. Check the observation's values (state scale, images)."
+            )
+        info: dict[str, Any] = {"placement": _name(placement)}
+        if episode is not None:
+            info["episode"] = request.episode
+            info["request"] = episode.requests
+            self._episodes.commit(request.episode, episode, np.asarray(chunk))
+        outputs[OPTIONS_KEY] = info
         return outputs
 
     @property
     def metadata(self) -> dict[str, Any]:
         meta = dict(self._metadata)
         meta[OPTIONS_KEY] = {
-            "placements": list(_KINDS) if self.energy is not None else ["off", "rtc"],
+            "placements": list(PLACEMENTS) if self.energy is not None else list(ENERGY_FREE),
             "default": _name(self.placement),
             "action_dims": self.action_dims,
+            "limits": self.limits.as_dict(),
+            "num_steps": self._model.num_steps,
+            "action_horizon": self._pi0.action_horizon,
         }
         return meta
+
+
+def _checked_noise(noise: Any) -> np.ndarray:
+    noise = np.asarray(noise)
+    if noise.dtype.kind != "f" or not np.isfinite(noise).all():
+        raise RequestError(
+            f"`noise` must be a finite float array; got {noise.dtype}{list(noise.shape)}."
+        )
+    return noise
+
+
+def _describe(tree: Any) -> str:
+    def one(x: Any) -> str:
+        return repr(x)[:40] if isinstance(x, str) else f"{np.asarray(x).dtype}{list(np.shape(x))}"
+
+    return ", ".join(
+        f"{'/'.join(str(getattr(k, 'key', k)) for k in path)}: {one(x)}"
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    )
+
+
+def _keys(tree: Any) -> Any:
+    return sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
 
 
 def _name(placement: AbstractPlacement | None) -> str:

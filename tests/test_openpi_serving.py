@@ -1,0 +1,294 @@
+"""A served openpi policy left running: validated requests, state per episode, fuzzed.
+
+Against a real test-size openpi Pi0 through openpi's own `Policy` (and, where
+`websockets` is installed, its `WebsocketPolicyServer` and `openpi-client`); skipped,
+saying why, where openpi is absent. The option checks themselves run everywhere, in
+tests/test_requests.py.
+"""
+
+import collections
+import importlib.util
+import os
+
+import hypothesis.strategies as st
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from .helpers import tree_bitwise_equal
+from .test_openpi import _energy, _make_model, _obs_dict, _run_until_cancelled
+from .test_requests import _NEAR_VALID
+
+HAS_OPENPI = importlib.util.find_spec("openpi") is not None
+pytestmark = [
+    pytest.mark.skipif(
+        not HAS_OPENPI,
+        reason="openpi is not installed (it is not on PyPI); see docs/openpi.md for the "
+        "environment these tests run in",
+    ),
+    pytest.mark.filterwarnings(
+        "ignore:linear_util.wrap_init is missing a DebugInfo:DeprecationWarning"
+    ),
+    pytest.mark.filterwarnings(
+        "ignore:shape requires ndarray or scalar arguments:DeprecationWarning"
+    ),
+]
+EXAMPLES = int(os.environ.get("FLOWCORRECT_FUZZ_EXAMPLES", "12"))
+COUNTS: collections.Counter = collections.Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _rank_promotion(request):
+    # openpi's Gemma relies on implicit rank promotion (see tests/test_openpi.py).
+    with jax.numpy_rank_promotion("allow"):
+        yield
+    if COUNTS:
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled():
+            print("\nserved fuzz: " + ", ".join(f"{k} {v}" for k, v in sorted(COUNTS.items())))
+
+
+@pytest.fixture(scope="module")
+def served():
+    from openpi.policies import policy as _policy
+
+    config, model = _make_model(False, "float32")
+    obs = _obs_dict(config, jax.random.key(11))
+    plain = _policy.Policy(model)
+    return config, model, obs, plain
+
+
+def _fresh(served, **kwargs):
+    from flowcorrect.openpi import CorrectedPolicy
+
+    config, model, obs, plain = served
+    return CorrectedPolicy.from_policy(plain, _energy(), action_dims=7, **kwargs)
+
+
+def test_every_request_is_checked_before_any_work(served, monkeypatch):
+    from flowcorrect.openpi import RequestError, _serving
+
+    config, model, obs, plain = served
+    reference = _fresh(served).infer(obs)["actions"]
+    policy = _fresh(served)
+    calls = []
+    original = _serving.sample
+    monkeypatch.setattr(_serving, "sample", lambda *a, **k: calls.append(1) or original(*a, **k))
+    rtc = {"placement": "rtc", "episode": "e", "inference_delay": 45, "execution_horizon": 10}
+    bad = [
+        ({"placement": "post_hoc", "steps": 10**9}, r"'steps' must be an int in \[0, 20\]"),
+        ({"placement": "guided", "last": 10**10}, r"'last' must be an int in \[1, 10\]"),
+        ({"placement": "best_of_n", "n": 10**9}, r"'n' must be an int in \[1, 64\]"),
+        ({"placement": "guided", "weight": float("inf")}, r"'weight' must be a finite"),
+        ({"placement": "guided", "weight": float("nan")}, r"'weight' must be a finite"),
+        (rtc, r"'inference_delay' must be an int in \[0, 40\]"),  # on the first request
+        ({"episode": "nobody", "done": True}, r"Episode 'nobody' is not open"),
+    ]
+    for options, match in bad:
+        with pytest.raises(RequestError, match=match):
+            policy.infer({**obs, "flowcorrect": options})
+    state = {**obs, "state": np.ones(5, np.float32)}
+    with pytest.raises(RequestError, match=r"state is float32\[5\].*vector of 32"):
+        policy.infer(state)
+    with pytest.raises(RequestError, match=r"obs\['state'\] .* non-finite"):
+        policy.infer({**obs, "state": np.full(32, np.nan, np.float32)})
+    small = {**obs, "image": {**obs["image"], "base_0_rgb": np.zeros((96, 96, 3), np.uint8)}}
+    with pytest.raises(RequestError, match=r"Image 'base_0_rgb' is uint8\[96, 96, 3\].*resize"):
+        policy.infer(small)
+    missing = {k: v for k, v in obs.items() if k != "image_mask"}
+    with pytest.raises(RequestError, match=r"must give 'image', 'image_mask' and 'state'"):
+        policy.infer(missing)
+    assert calls == []  # nothing was sampled for any of them
+    # ... and no state changed: the next request is a fresh server's first, bit for bit.
+    assert tree_bitwise_equal(policy.infer(obs)["actions"], reference)
+    meta = policy.metadata["flowcorrect"]
+    assert meta["limits"]["max_steps"] == 20 and meta["limits"]["max_candidates"] == 64
+    assert meta["num_steps"] == 10 and meta["action_horizon"] == config.action_horizon
+
+
+def test_episodes_own_their_state_and_noise(served):
+    """Two clients interleaving on one server get exactly what each gets alone, and
+    real-time chunking continues each episode's own chunk."""
+    config, model, obs, plain = served
+    other_obs = _obs_dict(config, jax.random.key(12))
+    rtc = {"placement": "rtc", "inference_delay": 2, "execution_horizon": 8}
+
+    def request(episode, observation, i):
+        options = {**rtc, "episode": episode} if i else {"placement": "off", "episode": episode}
+        return {**observation, "flowcorrect": options}
+
+    alone_a, alone_b = _fresh(served), _fresh(served)
+    a = [alone_a.infer(request("a", obs, i))["actions"] for i in range(3)]
+    b = [alone_b.infer(request("b", other_obs, i))["actions"] for i in range(3)]
+    shared = _fresh(served)
+    shared.infer(obs)  # other traffic without an episode: must change nothing below
+    got_a, got_b = [], []
+    for i in range(3):
+        got_b.append(shared.infer(request("b", other_obs, i))["actions"])
+        got_a.append(shared.infer(request("a", obs, i))["actions"])
+    assert tree_bitwise_equal(got_a, a) and tree_bitwise_equal(got_b, b)
+    assert not tree_bitwise_equal(a[1], b[1])
+    out = shared.infer(request("a", obs, 3))
+    assert out["flowcorrect"] == {"placement": "RealTimeChunking", "episode": "a", "request": 3}
+    # A reset starts the episode afresh: its first chunk again, plain.
+    again = shared.infer({**obs, "flowcorrect": {"placement": "off", "episode": "a",
+                                                 "reset": True}})
+    assert tree_bitwise_equal(again["actions"], a[0])
+    assert shared.infer({**obs, "flowcorrect": {"episode": "a", "done": True}}) == {
+        "flowcorrect": {"episode": "a", "done": True}}
+    first = shared.infer(request("a", obs, 1))  # a new 'a': nothing to continue
+    assert first["flowcorrect"]["placement"] == "off"
+
+
+def test_idle_and_surplus_episodes_are_dropped(served):
+    from flowcorrect.openpi import ServerLimits
+
+    config, model, obs, plain = served
+    policy = _fresh(served, limits=ServerLimits(max_episodes=2))
+    for name in "xyz":
+        policy.infer({**obs, "flowcorrect": {"placement": "off", "episode": name}})
+    assert len(policy._episodes) == 2 and "x" not in policy._episodes
+    assert policy._episodes.dropped == 1
+
+
+_MUTATIONS = st.one_of(*[st.just("none")] * 4, st.sampled_from([
+    "none", "drop_state", "extra_key", "state_shape", "state_nan", "state_int", "image_dtype",
+    "image_shape", "huge_array", "image_object", "prompt_shape", "options_not_dict",
+]))
+
+
+def _mutate(obs, how):
+    obs = dict(obs)
+    if how == "drop_state":
+        del obs["state"]
+    elif how == "extra_key":
+        obs["surplus"] = np.arange(3)
+    elif how == "state_shape":
+        obs["state"] = np.ones((2, 32), np.float32)
+    elif how == "state_nan":
+        obs["state"] = np.where(np.arange(32) == 3, np.inf, obs["state"]).astype(np.float32)
+    elif how == "state_int":
+        obs["state"] = np.arange(32)
+    elif how == "image_dtype":
+        obs["image"] = {**obs["image"], "base_0_rgb": np.zeros((224, 224, 3), np.complex64)}
+    elif how == "image_shape":
+        obs["image"] = {**obs["image"], "left_wrist_0_rgb": np.zeros((224, 224), np.uint8)}
+    elif how == "huge_array":
+        obs["big"] = np.zeros(2**24, np.float32)  # 64 MB > 32 MB per array
+    elif how == "image_object":
+        obs["image"] = {**obs["image"], "base_0_rgb": np.array([None], object)}
+    elif how == "prompt_shape":
+        obs["tokenized_prompt"] = obs["tokenized_prompt"][:5]
+    return obs
+
+
+@settings(max_examples=max(8, EXAMPLES), derandomize=True, database=None, deadline=None)
+@given(options=_NEAR_VALID, mutation=_MUTATIONS)
+def test_fuzz_served_requests(served, options, mutation):
+    """Every request gets a finite chunk of the model's shape or a clear refusal, and
+    the next valid request gets exactly what it would on a fresh server."""
+    from flowcorrect.openpi import RequestError
+
+    config, model, obs, plain = served
+    policy, probe = _fuzz_policy(served)
+    COUNTS["requests tried"] += 1
+    options = {k: v for k, v in options.items() if k != "episode"}
+    if options.get("placement") == "rtc":
+        options["episode"] = "fuzz"
+    request = _mutate(obs, mutation)
+    request["flowcorrect"] = "post_hoc" if mutation == "options_not_dict" else options
+    try:
+        out = policy.infer(request)
+    except RequestError as e:
+        COUNTS["requests refused"] += 1
+        assert str(e)
+    else:
+        COUNTS["requests served"] += 1
+        assert out["actions"].shape == (config.action_horizon, config.action_dim)
+        assert np.isfinite(out["actions"]).all()
+    check = policy.infer({**obs, "flowcorrect": {"placement": "off", "episode": "probe",
+                                                 "reset": True}})
+    assert tree_bitwise_equal(check["actions"], probe)
+
+
+_FUZZ_POLICY = {}
+
+
+def _fuzz_policy(served):
+    # One served policy for every example (so compiled functions are reused), and the
+    # probe's chunk from a fresh one.
+    if not _FUZZ_POLICY:
+        probe = _fresh(served).infer({**served[2], "flowcorrect": {"placement": "off",
+                                                                   "episode": "probe"}})
+        _FUZZ_POLICY["policy"] = (_fresh(served), probe["actions"])
+    return _FUZZ_POLICY["policy"]
+
+
+def test_two_openpi_clients_interleaved_through_the_server(served):
+    pytest.importorskip("websockets", reason="openpi's websocket server needs `websockets`")
+    import asyncio
+    import socket
+    import threading
+
+    from openpi.serving.websocket_policy_server import WebsocketPolicyServer
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    config, model, obs, plain = served
+    other_obs = _obs_dict(config, jax.random.key(13))
+    rtc = {"placement": "rtc", "inference_delay": 3, "execution_horizon": 10}
+    steps = [{"placement": "off"}, {"placement": "guided", "last": 2}, rtc, rtc]
+
+    def request(episode, observation, i):
+        return {**observation, "flowcorrect": {**steps[i], "episode": episode}}
+
+    alone = {}
+    for name, o in (("one", obs), ("two", other_obs)):
+        policy = _fresh(served)
+        alone[name] = [policy.infer(request(name, o, i))["actions"] for i in range(4)]
+
+    policy = _fresh(served)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = WebsocketPolicyServer(policy, host="127.0.0.1", port=port, metadata=policy.metadata)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=lambda: _run_until_cancelled(loop, server.run()),
+                              daemon=True)
+    thread.start()
+    clients = {name: WebsocketClientPolicy("127.0.0.1", port) for name in ("one", "two")}
+    got = collections.defaultdict(list)
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def run(name, o):
+        try:
+            for i in range(4):
+                barrier.wait(30)  # both clients' requests interleave at every step
+                got[name].append(clients[name].infer(request(name, o, i))["actions"])
+            bad = clients[name]
+            # A refused request: the client is told why; the server keeps serving.
+            with pytest.raises(RuntimeError, match=r"'steps' must be an int in \[0, 20\]"):
+                bad.infer({**o, "flowcorrect": {"placement": "post_hoc", "steps": 10**9}})
+        except BaseException as e:  # noqa: BLE001  (re-raised in the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=a) for a in (("one", obs), ("two", other_obs))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors, errors
+        for name in ("one", "two"):
+            for a, b in zip(got[name], alone[name], strict=True):
+                np.testing.assert_array_equal(a, b)
+        fresh = WebsocketClientPolicy("127.0.0.1", port)  # the server still serves
+        assert fresh.infer(request("three", obs, 0))["actions"].shape == alone["one"][0].shape
+        fresh._ws.close()
+    finally:
+        for c in clients.values():
+            c._ws.close()
+        loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
+        thread.join(30)
+        loop.close()
