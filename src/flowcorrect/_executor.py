@@ -57,7 +57,10 @@ class ActionQueue:
     starts at its row 0 whenever it arrives.
 
     Chunks may carry leading batch axes `(..., H, action_dim)` (several environments
-    stepped in lockstep); the bookkeeping is shared by the batch.
+    stepped in lockstep); the bookkeeping is shared by the batch. Every chunk is checked
+    and copied by `submit` (a NaN, an inf or a non-number is refused) and `pop` hands out
+    copies: nothing a caller does with its arrays afterwards changes what the robot
+    executes.
 
     **Arguments:**
 
