@@ -1,15 +1,18 @@
-"""Rollout records: what a verifier learns from (issue 11 section 1).
+"""Rollout records: what a verifier learns from.
 
 One record per control query of the policy's own rollouts: the observation, the `N`
 candidate chunks the policy proposed, which one was executed, and the episode's
 outcome. Stored as NumPy arrays in numbered `.npz` parts plus a `meta.json` index,
 each written to a temporary name and renamed, so a collector killed at any point
 leaves a readable directory and a second run appends (resumes) after what is there.
+Every part of a directory has the same layout (candidates per query, observation and
+chunk shapes), recorded in `meta.json`, so that the parts always concatenate.
 """
 
 import dataclasses
 import json
 import pathlib
+import warnings
 from typing import Any
 
 import numpy as np
@@ -48,14 +51,18 @@ class Rollouts:
     episode_seed: np.ndarray
 
     def __post_init__(self):
-        q = len(self.observation)
-        for name in _FIELDS:
+        q = len(self.observation) if isinstance(self.observation, np.ndarray) else None
+        for name in _FIELDS + ("episode_seed",):
             value = getattr(self, name)
-            if not isinstance(value, np.ndarray) or len(value) != q:
+            if not isinstance(value, np.ndarray) or (
+                name != "episode_seed" and (value.ndim == 0 or len(value) != q)
+            ):
+                rows = f"one row per query ({q}, from `observation`)" if q is not None else "rows"
                 raise ValueError(
-                    f"Rollouts `{name}` must be a NumPy array with one row per query ({q}, "
-                    f"from `observation`); got {_describe(value)}."
+                    f"Rollouts `{name}` must be a NumPy array with {rows}; got "
+                    f"{_describe(value)}."
                 )
+            _check_dtype(name, value)
         if self.observation.ndim != 2:
             raise ValueError(
                 f"Rollouts `observation` must be (queries, obs_dim); got {self.observation.shape}."
@@ -65,6 +72,12 @@ class Rollouts:
                 "Rollouts `candidates` must be (queries, N, horizon, action_dim); got "
                 f"{self.candidates.shape}."
             )
+        for name in _FIELDS[2:] + ("episode_seed",):
+            if getattr(self, name).ndim != 1:
+                raise ValueError(
+                    f"Rollouts `{name}` must be one value per row, shape (rows,); got shape "
+                    f"{getattr(self, name).shape}."
+                )
         n = self.candidates.shape[1]
         if q and (self.executed.min() < 0 or self.executed.max() >= n):
             raise ValueError(
@@ -76,6 +89,27 @@ class Rollouts:
                 f"Rollouts `episode` must index the {len(self.episode_seed)} episodes of "
                 f"`episode_seed`; got values up to {self.episode.max()}."
             )
+        # `discounted` reads `steps_to_success` where `success` holds: a success needs a
+        # count >= 0, and a failure is marked -1, so a value cannot pass for the other.
+        bad = np.flatnonzero(np.where(self.success, self.steps_to_success < 0,
+                                      self.steps_to_success != -1))
+        if len(bad):
+            i = bad[0]
+            raise ValueError(
+                f"Rollouts `steps_to_success` must be >= 0 where `success` is True and -1 "
+                f"where it is False; row {i} has success={bool(self.success[i])} and "
+                f"steps_to_success={int(self.steps_to_success[i])} ({len(bad)} such rows)."
+            )
+        if q:
+            # One outcome per episode: queries of one episode cannot disagree on it.
+            first = np.full(len(self.episode_seed), -1, np.int8)
+            first[self.episode[::-1]] = self.success[::-1]
+            mixed = np.flatnonzero(first[self.episode] != self.success)
+            if len(mixed):
+                raise ValueError(
+                    "Rollouts `success` must be the same for every query of an episode; "
+                    f"episode {int(self.episode[mixed[0]])} has both outcomes."
+                )
 
     @property
     def num_queries(self) -> int:
@@ -170,6 +204,10 @@ def concatenate(parts: list[Rollouts]) -> Rollouts:
     """Joins records; episodes are renumbered so that each part's follow the last's."""
     if not parts:
         raise ValueError("Nothing to concatenate: no rollout parts.")
+    for i, p in enumerate(parts[1:], 1):
+        _check_layout(
+            _layout(parts[0]), _layout(p), f"The rollouts of part {i} (of 0 ... {len(parts) - 1})"
+        )
     offsets = np.cumsum([0] + [p.num_episodes for p in parts[:-1]])
     return Rollouts(
         **{name: np.concatenate([getattr(p, name) for p in parts]) for name in _FIELDS
@@ -200,12 +238,16 @@ class RolloutWriter:
         info = json.loads(json.dumps(info or {}))
         meta_path = self.directory / "meta.json"
         if meta_path.exists():
-            self.meta = json.loads(meta_path.read_text())
+            self.meta = _read_meta(self.directory)
             if self.meta.get("info") != info:
                 raise ValueError(
                     f"{self.directory} holds rollouts collected with {self.meta.get('info')}, "
                     f"not {info}. Use another directory, or the same settings to append."
                 )
+            if "layout" not in self.meta and self.meta["parts"]:
+                # A directory written before layouts were recorded: its first part's.
+                first = self.meta["parts"][0]
+                self.meta["layout"] = _layout(_read_part(self.directory, first))
         else:
             self.meta = {"info": info, "parts": [], "episodes": 0, "queries": 0}
 
@@ -215,15 +257,25 @@ class RolloutWriter:
         return int(self.meta["episodes"])
 
     def append(self, rollouts: Rollouts) -> None:
-        """Writes `rollouts` as the next part."""
+        """Writes `rollouts` as the next part.
+
+        A part must have the layout of those already written: the same number of
+        candidates `N`, observation size and `(horizon, action_dim)`, and the same kinds
+        of dtype. A mismatched part is refused before anything is written, so the
+        directory stays readable as it was.
+        """
         if not isinstance(rollouts, Rollouts):
             raise TypeError(f"append takes Rollouts; got {type(rollouts).__name__}.")
+        layout = _layout(rollouts)
+        if self.meta.get("layout") is not None:
+            _check_layout(self.meta["layout"], layout, "The rollouts given to append")
         name = f"part-{len(self.meta['parts']):05d}.npz"
         tmp = self.directory / (name + ".tmp.npz")
         np.savez(tmp, **dataclasses.asdict(rollouts))
         tmp.replace(self.directory / name)
         meta = dict(self.meta)
         meta["parts"] = self.meta["parts"] + [name]
+        meta["layout"] = self.meta.get("layout") or layout
         meta["episodes"] = self.num_episodes + rollouts.num_episodes
         meta["queries"] = int(self.meta["queries"]) + rollouts.num_queries
         tmp_meta = self.directory / "meta.json.tmp"
@@ -232,8 +284,22 @@ class RolloutWriter:
         self.meta = meta
 
 
-def load_rollouts(directory: str | pathlib.Path) -> Rollouts:
-    """Reads every part listed in `<directory>/meta.json` as one [`flowcorrect.Rollouts`][]."""
+def load_rollouts(directory: str | pathlib.Path, *, skip_corrupt: bool = False) -> Rollouts:
+    """Reads every part listed in `<directory>/meta.json` as one [`flowcorrect.Rollouts`][].
+
+    **Arguments:**
+
+    - `directory`: a directory written by [`flowcorrect.RolloutWriter`][].
+    - `skip_corrupt`: `False` (default): a part that cannot be read (truncated, edited,
+        deleted, or of another layout) is an error naming it. `True`: such parts are
+        left out and named in a warning, and the intact ones are returned; if
+        `meta.json` itself cannot be read, every `part-*.npz` of the directory is read
+        instead, in order.
+
+    **Returns:**
+
+    The records of all (intact) parts, episodes renumbered from 0 in part order.
+    """
     directory = pathlib.Path(directory)
     meta_path = directory / "meta.json"
     if not meta_path.exists():
@@ -241,12 +307,164 @@ def load_rollouts(directory: str | pathlib.Path) -> Rollouts:
             f"No rollouts in {directory}: meta.json is missing (write them with "
             "fc.RolloutWriter)."
         )
-    meta = json.loads(meta_path.read_text())
-    parts = []
-    for name in meta["parts"]:
-        with np.load(directory / name) as f:
-            parts.append(Rollouts(**{k: f[k] for k in f.files}))
+    skipped: list[str] = []
+    try:
+        meta = _read_meta(directory)
+        names = meta["parts"]
+    except RolloutFileError as e:
+        if not skip_corrupt:
+            raise
+        names = sorted(p.name for p in directory.glob("part-[0-9][0-9][0-9][0-9][0-9].npz"))
+        skipped.append(f"meta.json ({e.reason}; read the {len(names)} part files instead)")
+        meta = {}
+    parts: list[Rollouts] = []
+    layout = meta.get("layout")
+    for name in names:
+        try:
+            part = _read_part(directory, name)
+            if layout is None:
+                layout = _layout(part)
+            _check_layout(layout, _layout(part), f"The rollouts in {directory / name}")
+        except (RolloutFileError, ValueError) as e:
+            if not skip_corrupt:
+                raise
+            skipped.append(f"{name} ({getattr(e, 'reason', e)})")
+            continue
+        parts.append(part)
+    if skipped:
+        warnings.warn(
+            f"load_rollouts({str(directory)!r}, skip_corrupt=True) left out "
+            f"{len(skipped)} unreadable file(s): " + "; ".join(skipped) + ". Move them "
+            "out of the directory (or delete them) to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if not parts:
+        raise RolloutFileError(
+            f"No readable rollout part in {directory}"
+            + (f": left out {', '.join(skipped)}." if skipped else ".")
+        )
     return concatenate(parts)
+
+
+class RolloutFileError(ValueError):
+    """A rollout directory's `meta.json` or one of its parts cannot be read."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+_FOREIGN = (
+    "fc.RolloutWriter replaces its files atomically, so a truncated or unreadable file "
+    "was cut short or edited by something else (a copy, a sync, a full disk)."
+)
+
+
+def _read_meta(directory: pathlib.Path) -> dict[str, Any]:
+    path = directory / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+        if not (isinstance(meta, dict) and isinstance(meta.get("parts"), list)
+                and all(isinstance(n, str) for n in meta["parts"])):
+            raise ValueError("it does not list the parts")
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is one
+        reason = f"{type(e).__name__}: {e}"
+        raise RolloutFileError(
+            f"{path} cannot be read ({reason}). {_FOREIGN} The parts may be intact: "
+            "load them with fc.load_rollouts(directory, skip_corrupt=True), which then "
+            "reads every part-*.npz; to append again, restore meta.json from a backup or "
+            "move the parts to a fresh directory with its own writer.",
+            reason,
+        ) from None
+    return meta
+
+
+def _read_part(directory: pathlib.Path, name: str) -> Rollouts:
+    path = directory / name
+    if pathlib.Path(name).name != name or not name.endswith(".npz"):
+        raise RolloutFileError(
+            f"{directory / 'meta.json'} lists the part {name!r}, which is not a file name "
+            "of this directory; meta.json was edited. Restore it from a backup.",
+            f"{name!r} is not a part of this directory",
+        )
+    try:
+        # Opened here, so that the file is closed when NumPy fails to read the archive.
+        with open(path, "rb") as raw, np.load(raw, allow_pickle=False) as f:
+            fields = {k: f[k] for k in f.files}
+        return Rollouts(**fields)
+    # A damaged zip raises many kinds (BadZipFile, EOFError, zlib.error, struct.error,
+    # NotImplementedError for a garbled compression method...): all mean "unreadable".
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}"
+        raise RolloutFileError(
+            f"The rollout part {path} cannot be read ({reason}). {_FOREIGN} Delete or move "
+            f"{name} out of the directory and load the rest with "
+            f"fc.load_rollouts({str(directory)!r}, skip_corrupt=True).",
+            reason,
+        ) from None
+
+
+def _layout(rollouts: Rollouts) -> dict[str, list]:
+    """Per field, the shape of one row and the dtype's kind: what parts must share to
+    concatenate. Written per array, so that it applies leaf by leaf to a pytree."""
+    return {
+        name: [list(getattr(rollouts, name).shape[1:]), getattr(rollouts, name).dtype.kind]
+        for name in _FIELDS
+    }
+
+
+def _check_layout(want: dict[str, list], got: dict[str, list], what: str) -> None:
+    rows = {"observation": "(obs_dim,)", "candidates": "(N, horizon, action_dim)"}
+    for name in _FIELDS:
+        w, g = want.get(name), got.get(name)
+        if w is not None and [list(w[0]), w[1]] != [list(g[0]), g[1]]:
+            raise ValueError(
+                f"{what} do not fit the directory's layout: `{name}` rows have shape "
+                f"{tuple(g[0])} (dtype kind {g[1]!r}) {rows.get(name, '')}, but the parts "
+                f"already written have {tuple(w[0])} (dtype kind {w[1]!r}). Parts of one "
+                "directory must concatenate: write these to another directory (or collect "
+                "them with the same settings)."
+            )
+
+
+def _check_dtype(name: str, value: np.ndarray) -> None:
+    """Each field's kind of dtype, and finite values where they are floats."""
+    if value.dtype.hasobject or value.dtype.kind not in "biuf":
+        raise ValueError(
+            f"Rollouts `{name}` must be a numeric NumPy array; got dtype {value.dtype} (an "
+            "object or string array would be pickled on saving and could not be loaded). "
+            "Convert it, e.g. np.asarray(x, np.float32)."
+        )
+    if name in ("observation", "candidates"):
+        if value.dtype.kind != "f":
+            raise ValueError(
+                f"Rollouts `{name}` must be a float array; got dtype {value.dtype}. Convert "
+                "it with .astype(np.float32)."
+            )
+        finite = np.isfinite(value)
+        if not finite.all():
+            bad = np.argwhere(~finite)
+            raise ValueError(
+                f"Rollouts `{name}` must be finite; got {int((~finite).sum())} NaN or inf "
+                f"entries, the first at index {tuple(int(i) for i in bad[0])} "
+                f"({value[tuple(bad[0])]}). Drop those queries or fix the recording."
+            )
+    elif name == "success":
+        if value.dtype.kind != "b":
+            raise ValueError(
+                f"Rollouts `success` must be a bool array; got dtype {value.dtype}. Convert "
+                "it with np.asarray(x, bool) (after checking what its values mean)."
+            )
+    elif value.dtype.kind not in "iu":
+        extra = ""
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            extra = " with NaN or inf entries"
+        raise ValueError(
+            f"Rollouts `{name}` must be an integer array; got dtype {value.dtype}{extra}. "
+            "Convert it with .astype(np.int64) (steps_to_success is -1 for a failed "
+            "episode, never NaN)."
+        )
 
 
 def _describe(value: Any) -> str:
