@@ -3,6 +3,7 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .batch import Batch, take
@@ -18,7 +19,9 @@ class ShuffledBatches:
 
     **Arguments:**
 
-    - `data`: a [`flowcorrect.Batch`][] holding the whole data set (any number of rows).
+    - `data`: a [`flowcorrect.Batch`][] holding the whole data set (any number of rows);
+        every float array in it must be finite (a NaN or inf row is refused here, once,
+        rather than skipped by [`flowcorrect.fit`][] at every epoch).
     - `batch_size`: rows per batch, at most the number of rows.
     - `seed`: the shuffling seed.
     """
@@ -31,6 +34,7 @@ class ShuffledBatches:
                 f"`batch_size` must be an int in [1, {data.size}] (the rows of `data`); "
                 f"got {batch_size!r}."
             )
+        check_finite_rows(data)
         self.data = data
         self.batch_size = batch_size
         self.seed = seed
@@ -46,6 +50,39 @@ class ShuffledBatches:
             f"ShuffledBatches(rows={self.data.size}, batch_size={self.batch_size}, "
             f"seed={self.seed})"
         )
+
+
+def check_finite_rows(data: Batch) -> None:
+    """Refuses a data set with a NaN or inf in any float array, naming the array and
+    the first bad row."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(data):
+        if not (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)):
+            continue
+        rows = _finite_rows(leaf)
+        if not rows.all():
+            bad = np.flatnonzero(~rows)
+            raise ValueError(
+                f"The data set has NaN or inf values in `Batch{jax.tree_util.keystr(path)}` "
+                f"(shape {tuple(leaf.shape)}): {len(bad)} rows, the first {bad[:5].tolist()}. "
+                "Drop those rows from every array of the Batch before training (or fix "
+                "how they were recorded)."
+            )
+
+
+def _finite_rows(x: Any) -> np.ndarray:
+    """Per row, whether all its values are finite; NumPy data in blocks of rows, so no
+    temporary of the data set's size is made."""
+    if x.ndim == 0:
+        return np.asarray([bool(np.isfinite(x))])
+    if isinstance(x, jax.Array):
+        return np.asarray(jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1))
+    x = np.asarray(x)
+    out = np.ones(len(x), bool)
+    block = max(1, (1 << 22) // max(1, x[0].size)) if len(x) else 1
+    for i in range(0, len(x), block):
+        rows = x[i : i + block]
+        out[i : i + len(rows)] = np.isfinite(rows.reshape(len(rows), -1)).all(1)
+    return out
 
 
 def to_host(tree: Any) -> Any:

@@ -6,6 +6,7 @@ import itertools
 import logging
 import math
 import pathlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -207,9 +208,11 @@ class FitResult(NamedTuple):
 
     - `model`: the trained model (same class as given to `fit`), in inference mode.
     - `ema_model`: the moving average of its weights (inference mode), or `None`.
-    - `history`: one dict per logging interval: `step` and the mean of each metric of
-        [`flowcorrect.info_nce`][] over the interval (plus `lr`, and `held_out/...`
-        entries when evaluated).
+    - `history`: one dict per logging interval: `step`, the mean of each metric of
+        [`flowcorrect.info_nce`][] over the interval's applied steps, `skipped_steps`
+        (the steps of the interval whose loss, gradients or updates were not finite,
+        and which therefore changed nothing), plus `lr`, and `held_out/...` entries
+        when evaluated.
     - `report`: the [`flowcorrect.EvalReport`][] on the held-out data, or `None`.
     """
 
@@ -308,20 +311,55 @@ def _train_step(
             key=k_loss,
         )
 
-    (_, metrics), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(state.model)
+    (loss, metrics), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(state.model)
+    grad_leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
+    metrics["grad_global_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in grad_leaves))
+    new, skipped = guarded_update(state, loss, grads, optimizer, config.ema_decay)
+    metrics["skipped_steps"] = skipped
+    return _constrain(new, mesh), metrics
+
+
+def _all_finite(tree: Any) -> Array:
+    arrays = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    leaves = [jnp.all(jnp.isfinite(x)) for x in arrays]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def guarded_update(
+    state: TrainState,
+    loss: Array,
+    grads: Any,
+    optimizer: optax.GradientTransformation,
+    ema_decay: float | None,
+) -> tuple[TrainState, Array]:
+    """One optimiser step, or none where the loss, the gradients or the updates are not
+    finite: then the model, optimiser state and moving average stay as they were (one
+    bad batch must not turn every parameter into NaN), and only the step advances, so
+    the run goes on with the next batch. Returns `(state, skipped)`, `skipped` a float
+    0/1 for the metrics."""
     params = eqx.filter(state.model, eqx.is_inexact_array)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(updates)
     model = eqx.apply_updates(state.model, updates)
     ema = state.ema
     if ema is not None:
-        d = config.ema_decay
+        d = ema_decay
         ema = jax.tree.map(
             lambda e, p: d * e + (1 - d) * p if eqx.is_inexact_array(e) else e, ema, model
         )
-    grad_leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
-    metrics["grad_global_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in grad_leaves))
-    new = TrainState(model, opt_state, ema, state.step + 1)
-    return _constrain(new, mesh), metrics
+
+    def keep(new: Any, old: Any) -> Any:
+        return jax.tree.map(
+            lambda n, o: jnp.where(ok, n, o) if eqx.is_array(n) else n, new, old
+        )
+
+    new = TrainState(
+        keep(model, state.model),
+        keep(opt_state, state.opt_state),
+        None if ema is None else keep(ema, state.ema),
+        state.step + 1,
+    )
+    return new, jnp.where(ok, 0.0, 1.0).astype(jnp.float32)
 
 
 def _initial_state(
@@ -364,8 +402,35 @@ def _batches(data: Any, start: int) -> Iterator[Batch]:
     )
 
 
-def _mean(window: list[dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+def _mean(window: list[dict[str, float]]) -> dict[str, Any]:
+    """The interval's metrics: means over the steps that were applied (a skipped step's
+    loss is NaN and says nothing), and the count of skipped steps."""
+    applied = [w for w in window if not w.get("skipped_steps", 0.0)]
+    out: dict[str, Any] = {
+        k: float(np.mean([w[k] for w in applied])) if applied else math.nan
+        for k in window[0]
+        if k != "skipped_steps"
+    }
+    out["skipped_steps"] = int(sum(w.get("skipped_steps", 0.0) for w in window))
+    return out
+
+
+def warn_skipped(who: str, history: list[dict[str, Any]], num_steps: int) -> None:
+    """One warning at the end of a run that skipped non-finite steps (resumed runs
+    count the steps skipped before the interruption too: they are in the history)."""
+    total = int(sum(h.get("skipped_steps", 0) for h in history))
+    if total:
+        where = [int(h["step"]) for h in history if h.get("skipped_steps", 0)]
+        warnings.warn(
+            f"{who} skipped {total} of {num_steps} steps because their loss, gradients or "
+            "updates were not finite (NaN or inf); those steps left the model and the "
+            "optimiser state unchanged. The `skipped_steps` entries of the history count "
+            f"them per logging interval (intervals ending at steps {where[:10]}"
+            f"{'...' if len(where) > 10 else ''}). Look for NaN or inf in the batches "
+            "of those steps, or lower the learning rate if the model diverged.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _check_resume(
@@ -407,6 +472,7 @@ def _resume(
     custom: bool,
     on_corrupt: str,
     existed: bool,
+    who: str = "fit",
 ) -> tuple[int, TrainState, Any, dict[str, Any] | None]:
     """Restores the newest checkpoint (or, with `on_corrupt="fallback"`, the newest
     intact one). Returns `(start, state, key, meta)`; `meta` is None when starting anew."""
@@ -415,12 +481,13 @@ def _resume(
     if not steps:
         if existed:
             logger.warning(
-                "fit: checkpoint_dir %s exists but holds no checkpoint: training starts from "
+                "%s: checkpoint_dir %s exists but holds no checkpoint: training starts from "
                 "step 0. (If checkpoints were there before, they were deleted.)",
+                who,
                 where,
             )
         else:
-            logger.info("fit: no checkpoint in %s; training starts from step 0.", where)
+            logger.info("%s: no checkpoint in %s; training starts from step 0.", who, where)
         return 0, state, key, None
     broken: list[tuple[int, CheckpointError]] = []
     for step in steps:
@@ -435,7 +502,7 @@ def _resume(
                 older = sorted(s for s in steps if s < step)
                 raise CheckpointError(
                     f"{e} To go on from the newest intact older checkpoint "
-                    f"(steps {older} remain), call fit(..., on_corrupt='fallback'); or "
+                    f"(steps {older} remain), call {who}(..., on_corrupt='fallback'); or "
                     f"delete {checkpointer.step_path(step)}; or use a fresh checkpoint_dir "
                     "to start over."
                     if older
@@ -444,20 +511,21 @@ def _resume(
                     "start over from step 0."
                 ) from e.__cause__
             broken.append((step, e))
-            logger.warning("fit: %s Falling back to an older checkpoint.", e)
+            logger.warning("%s: %s Falling back to an older checkpoint.", who, e)
             continue
         if broken:
             checkpointer.set_aside([s for s, _ in broken])
             logger.warning(
-                "fit: resuming from step %d, the newest intact checkpoint in %s; the broken "
+                "%s: resuming from step %d, the newest intact checkpoint in %s; the broken "
                 "checkpoint(s) at step(s) %s were moved aside to %s.",
+                who,
                 step,
                 where,
                 [s for s, _ in broken],
                 checkpointer.aside_dir,
             )
         else:
-            logger.info("fit: resuming from the checkpoint at step %d in %s.", step, where)
+            logger.info("%s: resuming from the checkpoint at step %d in %s.", who, step, where)
         return step, state, key, meta
     raise CheckpointError(
         f"Every checkpoint in {where} (steps {steps}) is broken; the newest: {broken[0][1]} "
@@ -495,10 +563,14 @@ def fit(
     [`flowcorrect.ShuffledBatches`][]), which makes resuming exact: the run continues
     with the very batch it would have seen; or an iterable of batches, of which a
     resumed run skips the ones already used (exact only if iterating it again replays
-    the same batches). Dropout and negatives draw from `fold_in(key, step)`. With
-    `checkpoint_dir`, a run killed at any point and started again with the same
-    arguments resumes from its newest checkpoint and ends with the same parameters as
-    an uninterrupted run (the PRNG key stored in the checkpoint is used).
+    the same batches). Dropout and negatives draw from `fold_in(key, step)`. A step whose
+    loss, gradients or updates are not finite (a NaN or inf row in its batch) is skipped:
+    the parameters and optimiser state stay as they were, the history counts it in
+    `skipped_steps`, and one warning at the end gives the total;
+    [`flowcorrect.ShuffledBatches`][] refuses a data set with non-finite values up
+    front. With `checkpoint_dir`, a run killed at any point and started again with the
+    same arguments resumes from its newest checkpoint and ends with the same parameters
+    as an uninterrupted run (the PRNG key stored in the checkpoint is used).
 
     **Several devices.** With `mesh` (see [`flowcorrect.data_parallel_mesh`][]) each
     batch is split along its first axis over the mesh's `"batch"` axis and the
@@ -668,6 +740,7 @@ def fit(
         report = _held_out(
             state, held_out, held_out_policy_samples, eval_corrector, config, to_context, mesh
         )
+    warn_skipped("fit", history, config.num_steps)
     trained = eqx.nn.inference_mode(state.model)
     ema = None if state.ema is None else eqx.nn.inference_mode(state.ema)
     return FitResult(trained, ema, history, report)

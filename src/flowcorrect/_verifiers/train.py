@@ -1,7 +1,7 @@
 """Verifiers: learned energies trained on the outcomes of the policy's own rollouts.
 
-Low energy means "this chunk leads to success from here". Three losses (issue 11
-section 2), all on the same model classes as InfoNCE ([`flowcorrect.MLPEnergy`][],
+Low energy means "this chunk leads to success from here". Three losses, all on the
+same model classes as InfoNCE ([`flowcorrect.MLPEnergy`][],
 [`flowcorrect.EnergyModel`][], your own [`flowcorrect.AbstractLearnedEnergy`][]):
 
 - [`flowcorrect.OutcomeLoss`][]: logistic regression of the outcome on `-E(s, a)`, so
@@ -41,7 +41,9 @@ from .._train.fit import (
     _optimizer,
     _resume,
     _save,
+    guarded_update,
     make_schedule,
+    warn_skipped,
 )
 from .._train.infonce import check_learned, typed_key
 from .rollouts import Rollouts
@@ -227,13 +229,11 @@ def _shuffled(arrays: tuple, batch_size: int, seed: int, make: Callable) -> Call
 def _step(state: TrainState, batch: Any, key: Any, optimizer: Any, loss: AbstractVerifierLoss):
     # Keys are a function of the step: a resumed run draws what the uninterrupted one did.
     k = jax.random.fold_in(key, state.step)
-    (_, metrics), grads = eqx.filter_value_and_grad(
+    (value, metrics), grads = eqx.filter_value_and_grad(
         lambda m: loss(m, batch, k), has_aux=True
     )(state.model)
-    params = eqx.filter(state.model, eqx.is_inexact_array)
-    updates, opt_state = optimizer.update(grads, state.opt_state, params)
-    return TrainState(eqx.apply_updates(state.model, updates), opt_state, None,
-                      state.step + 1), metrics
+    state, skipped = guarded_update(state, value, grads, optimizer, None)
+    return state, {**metrics, "skipped_steps": skipped}
 
 
 # `model`, `data` and `loss` are typed loosely so that a wrong one gets the messages below.
@@ -245,6 +245,7 @@ def fit_verifier(
     key: PRNGKeyArray,
     config: TrainConfig = TrainConfig(),
     checkpoint_dir: str | pathlib.Path | None = None,
+    on_corrupt: str = "raise",
     callback: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
 ) -> FitResult:
@@ -264,8 +265,16 @@ def fit_verifier(
         `num_steps`, `log_every`, `checkpoint_every`, `keep_checkpoints` are used (not
         `tau`, the gradient penalty or `ema_decay`).
     - `checkpoint_dir`: save orbax checkpoints there and resume from the newest.
+    - `on_corrupt`: when the newest checkpoint cannot be read, `"raise"` (default) a
+        `CheckpointError` naming it, or `"fallback"`: resume from the newest intact
+        older one and move the broken ones to `<checkpoint_dir>/corrupt/`, as
+        [`flowcorrect.fit`][] does.
     - `callback`: `callback(step, metrics)` at every logging step.
     - `progress`: a tqdm bar with the loss and accuracy.
+
+    A step whose loss, gradients or updates are not finite is skipped (the model and
+    optimiser state stay as they were), counted in the history's `skipped_steps` and
+    reported in one warning at the end, as in [`flowcorrect.fit`][].
 
     **Returns:**
 
@@ -287,6 +296,8 @@ def fit_verifier(
         )
     if config.ema_decay is not None:
         raise ValueError("fit_verifier keeps no moving average: use ema_decay=None.")
+    if on_corrupt not in ("raise", "fallback"):
+        raise ValueError(f"`on_corrupt` must be 'raise' or 'fallback'; got {on_corrupt!r}.")
     key = typed_key(jnp.asarray(key) if not isinstance(key, jax.Array) else key)
     optimizer = _optimizer(**{f: getattr(config, f) for f in _OPTIMIZER_FIELDS})
     schedule = make_schedule(config)
@@ -301,7 +312,8 @@ def fit_verifier(
     try:
         if checkpointer is not None:
             start, state, key, meta = _resume(
-                checkpointer, state, key, model, config, False, "raise", existed
+                checkpointer, state, key, model, config, False, on_corrupt, existed,
+                "fit_verifier",
             )
             if meta is not None:
                 if meta.get("loss") != repr(loss):
@@ -346,4 +358,5 @@ def fit_verifier(
     finally:
         if checkpointer is not None:
             checkpointer.close()
+    warn_skipped("fit_verifier", history, config.num_steps)
     return FitResult(eqx.nn.inference_mode(state.model), None, history, None)
