@@ -6,11 +6,21 @@ every name, shape and dtype checked. A SHA-256 of the weights file and a SHA-256
 the model's class, configuration and weight list are compared, so a mismatched,
 truncated or edited file (weights or config) is an error, never a silent partial load.
 
+A model file is untrusted input, so its size is checked before any work that grows
+with it: the archive's members (names, declared sizes, and the shapes and dtypes in
+their `.npy` headers) are read from the zip's directory and headers, without
+decompressing any data, and must be exactly the weights the config lists, within a
+limit on the total number of parameters; the config's sizes are bounded by those
+weights before the architecture is built; the weights file must lie inside the
+model's folder.
+
 This module depends on the models, never the other way round.
 """
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import pathlib
 import zipfile
@@ -35,6 +45,17 @@ BUILT_IN: dict[str, type[AbstractLearnedEnergy]] = {
 }
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.npz"
+# The most arrays a saved model may hold: the reference architecture has about 200.
+MAX_ARRAYS = 100_000
+# The default bound on a model's parameters (1 GiB of float32): the reference
+# architecture has about 2 million.
+MAX_PARAMETERS = 2**28
+# Fields that count layers, per built-in class: each layer holds at least one array,
+# so together they cannot exceed the number of arrays in the file.
+_LAYER_FIELDS: dict[type, tuple[str, ...]] = {
+    EnergyModel: ("context_blocks", "action_blocks", "head_blocks"),
+    MLPEnergy: ("depth",),
+}
 
 
 class ModelFileError(ValueError):
@@ -171,10 +192,151 @@ def read_config(
     return cls, config, meta
 
 
+def _weights_path(path: pathlib.Path, meta: dict[str, Any]) -> pathlib.Path:
+    """The weights file named in the config, which must lie inside the model's folder
+    (after resolving symbolic links)."""
+    name = meta["weights"].get("file", WEIGHTS_FILE)
+    config_file = path / CONFIG_FILE
+    if not isinstance(name, str) or not name:
+        raise ModelFileError(f"{config_file} names the weights file {name!r}, not a file name.")
+    given = pathlib.PurePath(name)
+    if given.is_absolute() or ".." in given.parts or pathlib.PureWindowsPath(name).drive:
+        raise ModelFileError(
+            f"{config_file} names the weights file {name!r}, which is outside the model's "
+            f"folder {path}; a saved model's weights are always a file in its own folder "
+            f"({WEIGHTS_FILE}). Save the model again instead of editing config.json."
+        )
+    weights = path / given
+    root = path.resolve()
+    resolved = weights.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise ModelFileError(
+            f"{config_file} names the weights file {name!r}, which resolves to {resolved}, "
+            f"outside the model's folder {root} (through a symbolic link). Copy the weights "
+            "into the folder instead."
+        )
+    return weights
+
+
+def _archive_arrays(
+    weights: pathlib.Path, declared: dict[str, Any], max_parameters: int
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The shape and dtype of every array in the `.npz`, from the zip's central directory
+    and each member's `.npy` header, decompressing no data: each must be an array the
+    config declares, of the declared shape and dtype, and of exactly the size its header
+    implies, so that reading the data later can allocate no more than the weights."""
+    try:
+        zf = zipfile.ZipFile(weights)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ModelFileError(f"{weights} cannot be read as .npz weights: {e}") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_ARRAYS:
+            raise ModelFileError(
+                f"{weights} holds {len(infos)} members, more than the {MAX_ARRAYS} arrays a "
+                "saved model may have: it is not a saved flowcorrect model."
+            )
+        names = [i.filename for i in infos]
+        keys = [n[: -len(".npy")] if n.endswith(".npy") else n for n in names]
+        seen: set[str] = set()
+        duplicates = sorted({k for k in keys if k in seen or seen.add(k)})
+        missing = [n for n in declared if n not in set(keys)]
+        extra = [n for n, k in zip(names, keys) if k not in declared or not n.endswith(".npy")]
+        if missing or extra or duplicates:
+            raise ModelFileError(
+                f"The weights in {weights} do not fit the config in {CONFIG_FILE}: missing "
+                f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                f"{extra[:5]}{'...' if len(extra) > 5 else ''}"
+                + (f", duplicated {duplicates[:5]}" if duplicates else "")
+                + "."
+            )
+        total = 0
+        out = {}
+        for info, key in zip(infos, keys):
+            shape, dtype, header = _npy_header(zf, info, weights)
+            want_shape, want_dtype = declared[key]
+            if list(shape) != list(want_shape) or str(dtype) != str(want_dtype):
+                raise ModelFileError(
+                    f"Weight `{key}` in {weights} has shape {shape} and dtype {dtype}, but "
+                    f"the config in {CONFIG_FILE} declares {tuple(want_shape)} and "
+                    f"{want_dtype}: the config and the weights come from different models."
+                )
+            count = math.prod(shape)
+            if info.file_size != header + count * dtype.itemsize:
+                raise ModelFileError(
+                    f"Weight `{key}` in {weights} declares {info.file_size} bytes "
+                    f"uncompressed, but its header says {shape} {dtype} "
+                    f"({header + count * dtype.itemsize} bytes): the archive was edited."
+                )
+            total += count
+            if total > max_parameters:
+                raise ModelFileError(
+                    f"{weights} declares more than {max_parameters:,} parameters (the limit "
+                    f"`max_parameters`); it was refused before reading any data. If you "
+                    "trust this file and it is that large, pass a higher max_parameters."
+                )
+            out[key] = (tuple(shape), dtype)
+        return out
+
+
+def _npy_header(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, weights: pathlib.Path
+) -> tuple[tuple[int, ...], np.dtype, int]:
+    """A member's shape, dtype and header length, read from its first bytes only."""
+    fmt = np.lib.format
+    try:
+        with zf.open(info) as f:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = fmt.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            header = f.tell()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError) as e:
+        raise ModelFileError(
+            f"{weights} cannot be read as .npz weights: member {info.filename!r}: {e}"
+        ) from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise ModelFileError(
+            f"{weights} cannot be read as .npz weights: member {info.filename!r} holds "
+            f"dtype {dtype}; a saved model holds numeric arrays only (object arrays would "
+            "need pickle, which is never used)."
+        )
+    return tuple(int(n) for n in shape), dtype, header
+
+
+def _check_config_sizes(
+    config: LearnedEnergyConfig, cls: type, arrays: dict[str, Any], config_file: pathlib.Path
+) -> None:
+    """Bounds the config's sizes by the weights before the architecture is built, so that
+    an edited size cannot make building the template take unbounded time or memory: a
+    width or count is at most the number of parameters, and the layer counts of a
+    built-in model at most the number of arrays."""
+    parameters = sum(math.prod(shape) for shape, _ in arrays.values())
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for field, value in fields.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value > max(parameters, 1):
+            raise ModelFileError(
+                f"{config_file} sets {field}={value}, more than the {parameters} parameters "
+                "its weights hold: the config was edited. Save the model again."
+            )
+    layer_fields = _LAYER_FIELDS.get(cls, ())
+    layers = sum(fields.get(f, 0) or 0 for f in layer_fields)
+    if layers > len(arrays):
+        raise ModelFileError(
+            f"{config_file} asks for {layers} layers "
+            f"({', '.join(f'{f}={fields[f]}' for f in layer_fields)}), but its weights "
+            f"hold only {len(arrays)} arrays: the config was edited. Save the model again."
+        )
+
+
 def load_model(
     path: str | pathlib.Path,
     *,
     cls: type[AbstractLearnedEnergy] | None = None,
+    max_parameters: int = MAX_PARAMETERS,
     **expected: Any,
 ) -> Any:
     """Loads a learned energy saved by [`flowcorrect.save_model`][], in inference mode.
@@ -191,6 +353,8 @@ def load_model(
     - `path`: the folder given to `save_model`.
     - `cls`: your own [`flowcorrect.AbstractLearnedEnergy`][] subclass, when the file
         holds one; `None` (default) for flowcorrect's.
+    - `max_parameters`: refuse a file that declares more parameters than this, before
+        reading its data. Default `2**28`.
     - `**expected`: config fields the model must have, e.g. `action_dim=7` or
         `context_dim=2048`; a different saved value is an error.
 
@@ -202,8 +366,12 @@ def load_model(
 
     `ModelFileError` (a `ValueError`) naming what is wrong when a file is missing,
     truncated or edited, when the config has unknown or missing fields, when the
-    weights do not fit the config, or when the config differs from `expected`.
+    weights do not fit the config, when the weights file lies outside `path`, when the
+    model is larger than `max_parameters`, or when the config differs from `expected`.
     """
+    if not (isinstance(max_parameters, int) and not isinstance(max_parameters, bool)
+            and max_parameters >= 1):
+        raise ValueError(f"`max_parameters` must be an int >= 1; got {max_parameters!r}.")
     path = pathlib.Path(path).absolute()
     cls, config, meta = read_config(path, cls)
     known = set(config.to_dict())
@@ -219,7 +387,17 @@ def load_model(
     weights_meta = meta.get("weights")
     if not isinstance(weights_meta, dict):
         raise ModelFileError(f"{path / CONFIG_FILE} has no `weights` entry.")
-    weights = path / str(weights_meta.get("file", WEIGHTS_FILE))
+    declared = weights_meta.get("leaves")
+    if not (isinstance(declared, dict) and all(
+        isinstance(v, list) and len(v) == 2 and isinstance(v[0], list)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v[0])
+        and isinstance(v[1], str) for v in declared.values()
+    )):
+        raise ModelFileError(
+            f"{path / CONFIG_FILE} has no valid weight list (`weights.leaves`: name -> "
+            "[shape, dtype]). Save the model again."
+        )
+    weights = _weights_path(path, meta)
     if not weights.is_file():
         raise ModelFileError(f"The weights file {weights} is missing.")
     if _sha256(weights) != weights_meta.get("sha256"):
@@ -228,10 +406,29 @@ def load_model(
             "corrupted, or from another save. Save the model again."
         )
 
+    # Everything before the template is built and any data is read: its cost is
+    # bounded by the size of the weights, which is bounded by `max_parameters`.
+    archive = _archive_arrays(weights, declared, max_parameters)
+    _check_config_sizes(config, cls, archive, path / CONFIG_FILE)
     template = eqx.filter_eval_shape(cls, config, key=jax.random.key(0))
     names, shapes, treedef = _named_leaves(template)
+    missing = [n for n in names if n not in archive]
+    extra = [n for n in archive if n not in set(names)]
+    if missing or extra:
+        raise ModelFileError(
+            f"The weights in {weights} do not fit the config in {CONFIG_FILE}: missing "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+            f"{extra[:5]}{'...' if len(extra) > 5 else ''}."
+        )
+    for name, like in zip(names, shapes):
+        if archive[name] != (tuple(like.shape), like.dtype):
+            raise ModelFileError(
+                f"Weight `{name}` in {weights} has shape {archive[name][0]} and dtype "
+                f"{archive[name][1]}, but the config in {CONFIG_FILE} needs {like.shape} "
+                f"and {like.dtype}: the config and the weights come from different models."
+            )
     try:
-        with np.load(weights, allow_pickle=False) as data:
+        with open(weights, "rb") as raw, np.load(raw, allow_pickle=False) as data:
             stored = {name: data[name] for name in data.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise ModelFileError(f"{weights} cannot be read as .npz weights: {e}") from None
