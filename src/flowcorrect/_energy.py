@@ -506,7 +506,9 @@ class Ensemble(AbstractEnergy):
     the plain mean. The spread is the population standard deviation; its gradient is
     defined (zero) where all members agree, so guidance through an ensemble of one or
     of identical members stays finite. A member that is not finite makes the ensemble
-    not finite, so [`flowcorrect.BestOfN`][] never chooses that candidate.
+    not finite, so [`flowcorrect.BestOfN`][] never chooses that candidate. The energy
+    is computed and returned in float32 at least (float64 when a member returns
+    float64), whatever the chunk's dtype, so that candidates are compared unrounded.
 
     **Arguments:**
 
@@ -542,16 +544,20 @@ class Ensemble(AbstractEnergy):
         return tuple(e.encode(context) for e in self.energies)
 
     def score(self, encoded: Encoded, actions: Actions) -> Scalar:
-        values = jnp.stack([e.score(enc, actions).astype(actions.dtype)
-                            for e, enc in zip(self.energies, encoded, strict=True)])
-        # float32 at least, so that a float16 ensemble's variance does not underflow.
-        acc = jnp.promote_types(values.dtype, jnp.float32)
-        v = values.astype(acc)
+        # Each member's energy is kept in its own dtype, and they are combined in float32
+        # at least (float64 if a member is): rounded to a bfloat16 chunk's dtype, energies
+        # near 1000 that differ in the fourth digit all become 1000.0 and every
+        # candidate ties; rounded to float16, an energy of 1e6 becomes inf. The result
+        # stays in that dtype, so that ranking compares the unrounded values.
+        values = [jnp.asarray(e.score(enc, actions))
+                  for e, enc in zip(self.energies, encoded, strict=True)]
+        acc = jnp.result_type(jnp.float32, *(v.dtype for v in values))
+        v = jnp.stack([x.astype(acc) for x in values])
         mean = jnp.mean(v)
         var = jnp.mean((v - mean) ** 2)
         # The double `where` keeps sqrt's infinite slope at 0 out of the gradient.
         spread = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1)), 0)
-        return (mean + self.pessimism.astype(acc) * spread).astype(actions.dtype)
+        return mean + self.pessimism.astype(acc) * spread
 
 
 def _check_ensemble(energies: tuple, pessimism: Array) -> None:
