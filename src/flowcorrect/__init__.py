@@ -86,6 +86,7 @@ from ._model.base import (
 )
 from ._model.config import EnergyModelConfig as EnergyModelConfig
 from ._model.context import TokenContext as TokenContext
+from ._model.pooled import PooledContext as PooledContext, pool_tokens as pool_tokens
 from ._model.energy_model import (
     EmbeddedActions as EmbeddedActions,
     EncodedContext as EncodedContext,

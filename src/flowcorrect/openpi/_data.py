@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from .._misc import shape_str
 from .._model.context import TokenContext
+from .._model.pooled import pool_tokens
 from .._train.batch import Batch
 from ._pi0 import Pi0Policy, _model, as_pi0_policy
 
@@ -18,12 +19,10 @@ def _context(policy: Pi0Policy, observation: Any, pool: bool) -> Any:
     prefix = policy.prefix(observation)
     tokens = jax.lax.stop_gradient(prefix.prefix_out).astype(jnp.float32)
     mask = prefix.prefix_mask
-    if not pool:
-        return TokenContext(tokens, mask)
-    # The mean over real tokens (mask True); a row with none has no context to pool.
-    weights = mask.astype(jnp.float32)[..., None]
-    count = jnp.sum(weights, axis=1)
-    return jnp.sum(tokens * weights, axis=1) / jnp.maximum(count, 1.0)
+    context = TokenContext(tokens, mask)
+    # The pooling a served verifier reads (fc.PooledContext), so training and serving
+    # see the same vector.
+    return pool_tokens(context) if pool else context
 
 
 _context_jit = eqx.filter_jit(_context)
