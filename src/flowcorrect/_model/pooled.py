@@ -12,7 +12,9 @@ from .._misc import shape_str
 from .context import TokenContext
 
 
-def pool_tokens(context: TokenContext) -> Float[Array, "*batch context_dim"]:
+# `context` is annotated loosely so that a wrong type gets the message below, not a
+# runtime type checker's.
+def pool_tokens(context: Any) -> Float[Array, "*batch context_dim"]:
     """The mean of a context's real tokens (`mask` True), in float32.
 
     Padding tokens never enter, whatever their values (NaN included); a context with no
