@@ -22,6 +22,7 @@ import flowcorrect as fc
 from flowcorrect.openpi import (
     RequestError,
     ServerLimits,
+    _requests,
     check_observation,
     parse_request,
     placement_from_options,
@@ -231,15 +232,9 @@ _PLAUSIBLE = {
     "episode": st.sampled_from(["a", "ep-2", 7]),
     "reset": st.booleans(),
 }
-_OWN = {
-    "off": (),
-    "post_hoc": ("steps", "alpha", "clip_frac", "first_only"),
-    "denoised": ("steps", "alpha", "clip_frac", "first_only", "weight", "last"),
-    "guided": ("weight", "last", "cap"),
-    "best_of_n": ("n", "select", "k"),
-    "rtc": ("inference_delay", "execution_horizon", "prefix_attention_schedule",
-            "max_guidance_weight", "hard_prefix"),
-}
+# Each placement's own options, as the server declares them (a new option without a
+# near-valid strategy above fails here, so the fuzz keeps up).
+_OWN = _requests._OPTIONS
 _NEAR_VALID = st.sampled_from(sorted(_OWN)).flatmap(
     lambda kind: st.fixed_dictionaries(
         {"placement": st.just(kind)},
@@ -424,3 +419,63 @@ def test_episode_keys_depend_on_the_id_only():
     first = data(ep.next_rng())
     one.commit("a", ep, None)
     assert not np.array_equal(first, data(one.peek("a").next_rng()))
+
+
+# -- recording ---------------------------------------------------------------------------
+
+
+def _query(i, n=3):
+    rng = np.random.default_rng(i)
+    return rng.normal(size=8).astype(np.float32), rng.normal(size=(n, 5, 2)).astype(np.float32)
+
+
+def test_recorder_writes_only_episodes_with_an_outcome(tmp_path):
+    from flowcorrect.openpi._recording import Recorder
+
+    recorder = Recorder(tmp_path / "r", {"model_fingerprint": "abc"}, max_bytes=2**20)
+    for i in range(4):
+        recorder.add("win", *_query(i))
+        recorder.add("lost", *_query(10 + i))
+        recorder.add("open", *_query(20 + i))
+    assert recorder.finish("win", True) == 4
+    assert recorder.finish("lost", False) == 4
+    assert recorder.finish("open", None) == 0  # done without an outcome: not written
+    rollouts = fc.load_rollouts(tmp_path / "r")
+    assert rollouts.num_episodes == 2 and rollouts.num_queries == 8
+    np.testing.assert_array_equal(rollouts.observation[1], _query(1)[0])
+    np.testing.assert_array_equal(rollouts.candidates[5], _query(11)[1])
+    assert list(rollouts.steps_to_success) == [4, 3, 2, 1, -1, -1, -1, -1]
+    assert not rollouts.executed.any()
+    assert rollouts.episode_seed[0] != rollouts.episode_seed[1]
+    assert recorder.status()["episodes_written"] == 2
+    # A server started later on the same directory appends, with the same source only.
+    again = Recorder(tmp_path / "r", {"model_fingerprint": "abc"}, max_bytes=2**20)
+    again.add("next", *_query(30))
+    again.finish("next", True)
+    assert fc.load_rollouts(tmp_path / "r").num_episodes == 3
+    with pytest.raises(ValueError, match="collected with"):
+        Recorder(tmp_path / "r", {"model_fingerprint": "other"}, max_bytes=2**20)
+
+
+def test_recorder_memory_bound_and_failing_disk(tmp_path):
+    from flowcorrect.openpi._recording import Recorder
+
+    one = sum(a.nbytes for a in _query(0))
+    recorder = Recorder(tmp_path / "r", {}, max_bytes=5 * one)
+    for i in range(4):
+        recorder.add("a", *_query(i))
+    for i in range(2):
+        recorder.add("b", *_query(i))  # the second would pass the bound: b is dropped
+    assert recorder.finish("b", True) == 0
+    recorder.add("c", *_query(0))  # b's memory was freed
+    assert recorder.finish("a", True) == 4
+
+    def full(_):
+        raise OSError(28, "No space left on device")
+
+    recorder.writer.append = full
+    assert recorder.finish("c", True) == 0
+    assert "No space left" in recorder.status()["error"]
+    recorder.add("d", *_query(0))  # recording has stopped; nothing is held
+    assert recorder.status()["episodes_in_flight"] == 0
+    assert fc.load_rollouts(tmp_path / "r").num_episodes == 1

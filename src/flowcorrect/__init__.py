@@ -86,13 +86,13 @@ from ._model.base import (
 )
 from ._model.config import EnergyModelConfig as EnergyModelConfig
 from ._model.context import TokenContext as TokenContext
-from ._model.pooled import PooledContext as PooledContext, pool_tokens as pool_tokens
 from ._model.energy_model import (
     EmbeddedActions as EmbeddedActions,
     EncodedContext as EncodedContext,
     EnergyModel as EnergyModel,
 )
 from ._model.mlp_energy import MLPEnergy as MLPEnergy, MLPEnergyConfig as MLPEnergyConfig
+from ._model.pooled import PooledContext as PooledContext, pool_tokens as pool_tokens
 from ._model.serialise import (
     ModelFileError as ModelFileError,
     load_model as load_model,
