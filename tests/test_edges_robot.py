@@ -433,9 +433,8 @@ def test_fuzz_prefix_weights_untraced(args, schedule):
     """Valid arguments give the paper's weights' invariants; every invalid one a clear
     error naming an argument."""
     horizon, d, s = args
-    is_int = _is_int
-    valid = (all(is_int(v) and v < 2**31 for v in (horizon, d, s)) and horizon >= 1 and d >= 0 and s >= 1
-             and s <= horizon and d <= horizon - s)
+    valid = (all(_is_int(v) and v < 2**31 for v in (horizon, d, s)) and horizon >= 1
+             and d >= 0 and 1 <= s <= horizon and d <= horizon - s)
     COUNTS[f"weights {'valid' if valid else 'refused'}"] += 1
     if not valid:
         with pytest.raises(ValueError, match="`(horizon|inference_delay|execution_horizon)`"):
