@@ -292,3 +292,136 @@ def test_two_openpi_clients_interleaved_through_the_server(served):
         loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
         thread.join(30)
         loop.close()
+
+
+def test_recording_training_and_serving_a_verifier(served, tmp_path, monkeypatch):
+    """The loop an openpi user runs: serve with recording, report outcomes, train a
+    verifier on the recorded prefix features, serve ranked and guided by it."""
+    import equinox as eqx
+
+    import flowcorrect as fc
+    from flowcorrect.openpi import (
+        CorrectedPolicy,
+        Pi0Policy,
+        RequestError,
+        recorded_rollouts,
+    )
+
+    config, model, obs, plain = served
+    record = tmp_path / "recording"
+    policy = CorrectedPolicy.from_policy(plain, record_dir=record, record_candidates=2)
+    observations = [_obs_dict(config, jax.random.key(40 + i)) for i in range(3)]
+    returned = {}
+    for name, o in zip(("win", "loss", "unknown"), observations, strict=True):
+        returned[name] = [
+            policy.infer({**o, "flowcorrect": {"placement": "off", "episode": name}})["actions"]
+            for _ in range(3)
+        ]
+    reply = policy.infer({"flowcorrect": {"episode": "win", "done": True, "success": True}})
+    assert reply["flowcorrect"]["recorded_queries"] == 3
+    reply = policy.infer({"flowcorrect": {"episode": "loss", "done": True, "success": False}})
+    assert reply["flowcorrect"]["recorded_queries"] == 3
+    reply = policy.infer({"flowcorrect": {"episode": "unknown", "done": True}})
+    assert reply["flowcorrect"]["recorded_queries"] == 0  # no outcome: never trained on
+    for bad, match in (({"episode": "win", "done": True, "success": True}, "not open"),
+                       ({"episode": "never", "done": True, "success": True}, "not open"),
+                       ({"done": True, "success": True}, "must name its 'episode'")):
+        with pytest.raises(RequestError, match=match):
+            policy.infer({"flowcorrect": bad})
+    # Recording changes no action: a server without it gives the same chunks.
+    quiet = _fresh_plain(served)
+    same = [quiet.infer({**observations[0], "flowcorrect": {"placement": "off",
+                                                            "episode": "win"}})["actions"]
+            for _ in range(3)]
+    np.testing.assert_allclose(np.stack(same), np.stack(returned["win"]), rtol=1e-6, atol=1e-6)
+
+    rollouts = recorded_rollouts(record, model)
+    assert rollouts.num_episodes == 2 and rollouts.num_queries == 6
+    assert list(rollouts.success) == [True] * 3 + [False] * 3
+    assert list(rollouts.steps_to_success[:3]) == [3, 2, 1]
+    assert rollouts.candidates.shape == (6, 3, config.action_horizon, config.action_dim)
+    # Candidate 0 is the executed chunk, exactly what the client got (model space here).
+    np.testing.assert_array_equal(rollouts.candidates[:3, 0], np.stack(returned["win"]))
+    assert not np.array_equal(rollouts.candidates[:, 1], rollouts.candidates[:, 0])
+    # The observation is the pooled prefix features of the request's own prefix pass.
+    pi0 = Pi0Policy(model)
+    batch = jax.tree.map(lambda x: np.asarray(x)[None], observations[0])
+    from openpi.models import model as _model
+
+    prefix = eqx.filter_jit(type(pi0).prefix)(pi0, _model.Observation.from_dict(batch))
+    pooled = fc.pool_tokens(pi0.energy_context(prefix))[0]
+    np.testing.assert_allclose(rollouts.observation[0], pooled, rtol=1e-5, atol=1e-5)
+
+    # Another checkpoint's features are refused.
+    other = _make_model_seed(config, 1)
+    with pytest.raises(ValueError, match="recorded from a model with fingerprint"):
+        recorded_rollouts(record, other)
+
+    # Train, save with its report, serve with it.
+    width = rollouts.observation.shape[1]
+    verifier = fc.MLPEnergy(fc.MLPEnergyConfig(obs_dim=width, action_dim=config.action_dim,
+                                               horizon=config.action_horizon, hidden=32),
+                            key=jax.random.key(0))
+    result = fc.fit_verifier(verifier, fc.outcome_batches(rollouts, 4), fc.OutcomeLoss(),
+                             key=jax.random.key(1), progress=False,
+                             config=fc.TrainConfig(num_steps=5, warmup_steps=1, log_every=1))
+    trained = eqx.nn.inference_mode(result.model)
+    path = fc.save_model(trained, tmp_path / "verifier")
+    report = fc.verifier_report(trained, rollouts)
+    (path / "report.json").write_text(__import__("json").dumps(report.to_dict()))
+    served_policy = CorrectedPolicy.from_policy(plain, verifier=path)
+    meta = served_policy.metadata["flowcorrect"]["verifier"]
+    assert meta["path"] == str(path.absolute()) and len(meta["hash"]) == 32
+    assert meta["report"]["num_episodes"] == 2
+    for options in ({"placement": "best_of_n", "n": 4},
+                    {"placement": "best_of_n", "n": 4, "select": "near_mean", "k": 2},
+                    {"placement": "guided", "last": 2, "weight": 0.5}):
+        out = served_policy.infer({**obs, "flowcorrect": options})
+        assert np.isfinite(out["actions"]).all()
+        assert out["actions"].shape == (config.action_horizon, config.action_dim)
+    # Ranking reads the verifier: best-of-4 returns the candidate it scores lowest.
+    ranked = served_policy.infer({**obs, "flowcorrect": {"placement": "best_of_n", "n": 4}})
+    assert ranked["flowcorrect"]["placement"] == "BestOfN"
+    # A verifier that cannot read this model's features is refused at start.
+    wrong = fc.MLPEnergy(fc.MLPEnergyConfig(obs_dim=width + 1, action_dim=config.action_dim,
+                                            horizon=config.action_horizon, hidden=8),
+                         key=jax.random.key(2))
+    with pytest.raises(ValueError, match=r"verifier cannot score this model's contexts"):
+        CorrectedPolicy.from_policy(plain, verifier=wrong)
+    with pytest.raises(ValueError, match="an `energy` or a `verifier`, not both"):
+        CorrectedPolicy.from_policy(plain, _energy(), verifier=wrong)
+
+
+def test_a_failing_disk_stops_recording_not_serving(served, tmp_path, caplog):
+    from flowcorrect.openpi import CorrectedPolicy
+
+    config, model, obs, plain = served
+    policy = CorrectedPolicy.from_policy(plain, record_dir=tmp_path / "r", record_candidates=0)
+    policy.infer({**obs, "flowcorrect": {"placement": "off", "episode": "a"}})
+
+    def full(_):
+        raise OSError(28, "No space left on device")
+
+    policy._recorder.writer.append = full
+    with caplog.at_level("ERROR", logger="flowcorrect.openpi"):
+        reply = policy.infer({"flowcorrect": {"episode": "a", "done": True, "success": True}})
+    assert reply["flowcorrect"]["recorded_queries"] == 0
+    assert reply["flowcorrect"]["recording"]["recording"] is False
+    assert "No space left" in reply["flowcorrect"]["recording"]["error"]
+    assert sum("Recording to" in r.message for r in caplog.records) == 1
+    out = policy.infer({**obs, "flowcorrect": {"placement": "off", "episode": "b"}})
+    assert np.isfinite(out["actions"]).all()  # still serving
+    assert policy.metadata["flowcorrect"]["recording"]["recording"] is False
+
+
+def _fresh_plain(served):
+    from flowcorrect.openpi import CorrectedPolicy
+
+    return CorrectedPolicy.from_policy(served[3])
+
+
+def _make_model_seed(config, seed):
+    from flowcorrect.openpi import tiny_siglip
+
+    with tiny_siglip():
+        return config.create(jax.random.key(seed))

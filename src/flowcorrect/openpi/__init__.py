@@ -22,6 +22,7 @@ __all__ = [
     "CorrectedPolicy",
     "Pi0Policy",
     "Pi0Prefix",
+    "Record",
     "Request",
     "RequestError",
     "ServerLimits",
@@ -30,6 +31,8 @@ __all__ = [
     "parse_request",
     "placement_from_options",
     "placement_from_request",
+    "model_fingerprint",
+    "recorded_rollouts",
     "sample_actions_with_energy_correction",
     "tiny_siglip",
 ]
@@ -40,6 +43,9 @@ _LAZY = {
     "CorrectedPolicy": "._serving",
     "placement_from_options": "._requests",
     "placement_from_request": "._requests",
+    "Record": "._serving",
+    "model_fingerprint": "._serving",
+    "recorded_rollouts": "._serving",
     # Request checks import no openpi: they run (and are tested) without it.
     "Request": "._requests",
     "RequestError": "._requests",

@@ -74,6 +74,8 @@ class ServerLimits:
     - `max_array_bytes`: the largest single array in an observation.
     - `max_observation_bytes`: the largest observation, all arrays together.
     - `max_string_chars`: the longest string in an observation (a prompt).
+    - `max_recording_bytes`: the most memory a recording server holds for episodes not
+        yet ended; an episode that would pass it is not recorded.
     """
 
     max_steps: int = 20
@@ -85,6 +87,7 @@ class ServerLimits:
     max_array_bytes: int = 32 * 2**20
     max_observation_bytes: int = 128 * 2**20
     max_string_chars: int = 10_000
+    max_recording_bytes: int = 2**30
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

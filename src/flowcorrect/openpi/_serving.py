@@ -1,19 +1,28 @@
 """Serving: correction inside openpi's own `Policy`, so its websocket server and the
 `openpi-client` package work unchanged, with settings per server or per request."""
 
+import hashlib
+import json
+import pathlib
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .._energy import OnActionDims, as_energy
 from .._flow.placements import AbstractPlacement
 from .._flow.sample import sample
+from .._model.context import TokenContext
+from .._model.pooled import PooledContext, pool_tokens
+from .._policy import AbstractBatchedPolicy
 from .._rtc import RealTimeChunking
 from ._episodes import Episodes
 from ._pi0 import Pi0Policy, _pi0, nnx  # ._pi0 checks for openpi first
+from ._recording import Recorder
 from ._requests import (
     ENERGY_FREE,
     OPTIONS_KEY,
@@ -81,8 +90,12 @@ class CorrectedPi0(nnx.Module):
         noise: Any = None,
         energy: Any = None,
         placement: AbstractPlacement | None = None,
+        record: "Record | None" = None,
     ) -> Any:
-        """openpi's `sample_actions`, with `placement` and `energy` as in `fc.sample`."""
+        """openpi's `sample_actions`, with `placement` and `energy` as in `fc.sample`.
+
+        With `record` (a [`flowcorrect.openpi.Record`][]) it returns `(actions,
+        extras)`: the pooled prefix features and the candidate chunks of each sample."""
         if num_steps is not None:
             raise ValueError(
                 "Set the number of flow steps on the model, CorrectedPi0(model, "
@@ -98,6 +111,9 @@ class CorrectedPi0(nnx.Module):
                 "CorrectedPolicy an `energy`."
             )
         policy = Pi0Policy(self.model)
+        if record is not None:
+            # One prefix pass for the sample, its extra candidates and the context.
+            policy = _FixedPrefix(policy, policy.prefix(observation))
         batch = observation.state.shape[0]
         if noise is None:
             shape = (
@@ -117,7 +133,81 @@ class CorrectedPi0(nnx.Module):
             placement=placement,
             energy=energy,
         )
-        return actions
+        if record is None:
+            return actions
+        return actions, record.extras(policy, actions, rng, self.num_steps)
+
+
+class Record(eqx.Module):
+    """What a recording server keeps of each request, computed in the same compiled
+    call as the actions and from the same prefix pass.
+
+    - `candidates`: extra plain chunks drawn per request (beside the executed one,
+        which is candidate 0), for the verifier's report of within-state spread.
+    - `action_dims`: the chunk dims recorded (what the energy reads); `None`, all.
+    """
+
+    candidates: int = eqx.field(static=True)
+    action_dims: int | None = eqx.field(static=True)
+
+    def extras(self, policy: "_FixedPrefix", actions: Any, rng: Any, num_steps: int) -> dict:
+        context = pool_tokens(policy.energy_context(policy.value))
+        chunks = actions[:, None]
+        if self.candidates:
+            noise = jax.random.normal(
+                jax.random.fold_in(rng, 2), (actions.shape[0], self.candidates, *actions.shape[1:])
+            )
+
+            def plain(z):
+                return sample(policy, None, None, noise=z, num_steps=num_steps)[0]
+
+            extra = jax.vmap(plain, in_axes=1, out_axes=1)(noise)
+            chunks = jnp.concatenate([chunks, extra.astype(actions.dtype)], axis=1)
+        if self.action_dims is not None:
+            chunks = chunks[..., : self.action_dims]
+        return {"context": context, "candidates": chunks.astype(jnp.float32)}
+
+
+class _FixedPrefix(AbstractBatchedPolicy):
+    """A batched policy whose prefix pass has already run: `prefix` returns it."""
+
+    policy: AbstractBatchedPolicy
+    value: Any
+
+    @property
+    def chunk_shape(self) -> tuple[int, int]:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.policy.chunk_shape
+
+    @property
+    def convention(self) -> Any:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.policy.convention
+
+    def prefix(self, observations: Any) -> Any:
+        return self.value
+
+    def batch_size(self, prefix: Any) -> int:
+        return self.policy.batch_size(prefix)
+
+    def velocity(self, prefix: Any, x_t: Any, t: Any) -> Any:
+        return self.policy.velocity(prefix, x_t, t)
+
+    def energy_context(self, prefix: Any) -> Any:
+        return self.policy.energy_context(prefix)
+
+    def repeat(self, prefix: Any, n: int) -> Any:
+        return self.policy.repeat(prefix, n)
+
+
+def model_fingerprint(model: Any) -> str:
+    """A hash of a model's weights (every array of its `nnx.state`, with its path, dtype
+    and shape): recorded contexts name the checkpoint that produced them."""
+    digest = hashlib.blake2b(digest_size=16)
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]
+    for path, leaf in leaves:
+        array = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 class CorrectedPolicy(_policy.Policy):
@@ -171,6 +261,24 @@ class CorrectedPolicy(_policy.Policy):
         wrapped in [`flowcorrect.OnActionDims`][].
     - `num_steps`: flow steps (openpi's default 10).
     - `limits`: what one request may ask, [`flowcorrect.openpi.ServerLimits`][].
+    - `verifier`: instead of `energy`, a verifier over the policy's pooled prefix
+        features (one vector per observation, e.g. an [`flowcorrect.MLPEnergy`][]
+        trained by [`flowcorrect.fit_verifier`][] on this server's recording), or the
+        directory [`flowcorrect.save_model`][] wrote it to. It is served as
+        `fc.PooledContext(verifier)` (so ranking and guidance read it through the same
+        pooling as the recording), checked against the model's sizes here, at start,
+        and named in the metadata (its directory, a hash of its files, and the
+        headline numbers of a `report.json` beside it).
+    - `record_dir`: record every request that names an episode, and write the episode
+        to this [`flowcorrect.RolloutWriter`][] directory when the client reports its
+        outcome (`{"episode": id, "done": true, "success": ...}`): the pooled prefix
+        features (`observation`), the executed chunk in the model's action space (its
+        first `action_dims` dims) as candidate 0, and `record_candidates` more plain
+        chunks from other noise, all from the request's own prefix pass. The
+        directory's `meta.json` names the model's fingerprint, so that training on a
+        recording made by another checkpoint is refused
+        ([`flowcorrect.openpi.recorded_rollouts`][]).
+    - `record_candidates`: extra plain candidates recorded per request (default 7).
     - `rng`, `transforms`, `output_transforms`, `metadata`: as for openpi's `Policy`.
     """
 
@@ -183,11 +291,22 @@ class CorrectedPolicy(_policy.Policy):
         action_dims: int | None = None,
         num_steps: int = 10,
         limits: ServerLimits | None = None,
+        verifier: Any = None,
+        record_dir: Any = None,
+        record_candidates: int = 7,
         rng: Any = None,
         transforms: Sequence[Any] = (),
         output_transforms: Sequence[Any] = (),
         metadata: dict[str, Any] | None = None,
     ):
+        self._verifier_info = None
+        if verifier is not None:
+            if energy is not None:
+                raise ValueError(
+                    "Give CorrectedPolicy an `energy` or a `verifier`, not both: both are "
+                    "what the placements read."
+                )
+            energy, self._verifier_info = _load_verifier(verifier)
         if placement is not None and not isinstance(placement, AbstractPlacement):
             raise TypeError(
                 "`placement` must be a flowcorrect placement such as fc.BestOfN(8) or None; "
@@ -218,13 +337,34 @@ class CorrectedPolicy(_policy.Policy):
             output_transforms=output_transforms,
             metadata=metadata,
         )
-        self._episodes = Episodes(jax.random.fold_in(self._rng, 0x5EED), limits)
+        if self.energy is not None:
+            self._check_energy_fits(verifier is not None)
+        self._recorder = None
+        self._record = None
+        if record_dir is not None:
+            if isinstance(record_candidates, bool) or not isinstance(
+                record_candidates, int | np.integer
+            ) or not 0 <= record_candidates <= limits.max_candidates:
+                raise ValueError(
+                    f"`record_candidates` must be an int in [0, {limits.max_candidates}] "
+                    f"(ServerLimits.max_candidates); got {record_candidates!r}."
+                )
+            self._record = Record(int(record_candidates), action_dims)
+            self._recorder = Recorder(
+                record_dir, self._record_info(), limits.max_recording_bytes
+            )
+        self._episodes = Episodes(
+            jax.random.fold_in(self._rng, 0x5EED), limits, on_drop=self._dropped
+        )
         self._lock = threading.Lock()
         self._last_actions = None
+        self._last_extras = None
         jitted = self._sample_actions
 
         def sample_and_keep(*args: Any, **kwargs: Any) -> Any:
             actions = jitted(*args, **kwargs)
+            if "record" in kwargs:
+                actions, self._last_extras = actions
             self._last_actions = actions
             return actions
 
@@ -254,6 +394,9 @@ class CorrectedPolicy(_policy.Policy):
         action_dims: int | None = None,
         num_steps: int | None = None,
         limits: ServerLimits | None = None,
+        verifier: Any = None,
+        record_dir: Any = None,
+        record_candidates: int = 7,
     ) -> "CorrectedPolicy":
         """The same policy (model, transforms, metadata) with correction.
 
@@ -266,7 +409,8 @@ class CorrectedPolicy(_policy.Policy):
         **Arguments:**
 
         - `policy`: an openpi `Policy` of a JAX Pi0 / Pi0.5.
-        - `energy`, `placement`, `action_dims`, `limits`: as for the class.
+        - `energy`, `placement`, `action_dims`, `limits`, `verifier`, `record_dir`,
+            `record_candidates`: as for the class.
         - `num_steps`: defaults to the policy's `sample_kwargs["num_steps"]`, else 10.
         """
         if not isinstance(policy, _policy.Policy):
@@ -296,6 +440,9 @@ class CorrectedPolicy(_policy.Policy):
             action_dims=action_dims,
             num_steps=int(steps),
             limits=limits,
+            verifier=verifier,
+            record_dir=record_dir,
+            record_candidates=record_candidates,
             transforms=[policy._input_transform],
             output_transforms=[policy._output_transform],
             metadata=dict(policy._metadata),
@@ -378,7 +525,15 @@ class CorrectedPolicy(_policy.Policy):
         )
         if request.done:
             self._episodes.close(request.episode)
-            return {OPTIONS_KEY: {"episode": request.episode, "done": True}}
+            reply: dict[str, Any] = {"episode": request.episode, "done": True}
+            if self._recorder is not None:
+                reply["recorded_queries"] = self._recorder.finish(
+                    request.episode, request.success
+                )
+                if request.success is None:
+                    reply["note"] = "no 'success' given: the episode was not recorded"
+                reply["recording"] = self._recorder.status()
+            return {OPTIONS_KEY: reply}
         if request.placement == "rtc" and request.episode is None:
             raise RequestError(
                 "Placement 'rtc' continues the previous chunk of an episode: name the "
@@ -399,6 +554,13 @@ class CorrectedPolicy(_policy.Policy):
         self._sample_kwargs = (
             {} if placement is None else {"energy": self.energy, "placement": placement}
         )
+        recording = (
+            self._recorder is not None
+            and self._recorder.error is None
+            and request.episode is not None
+        )
+        if recording:
+            self._sample_kwargs["record"] = self._record
         server_rng = self._rng
         if episode is not None:
             self._rng = episode.next_rng()
@@ -410,6 +572,7 @@ class CorrectedPolicy(_policy.Policy):
             raise
         finally:
             chunk, self._last_actions = self._last_actions, None
+            extras, self._last_extras = self._last_extras, None
         if episode is not None:
             self._rng = server_rng
         actions = outputs.get("actions")
@@ -422,7 +585,15 @@ class CorrectedPolicy(_policy.Policy):
         if episode is not None:
             info["episode"] = request.episode
             info["request"] = episode.requests
+            if request.reset:
+                self._dropped(request.episode, None)
             self._episodes.commit(request.episode, episode, np.asarray(chunk))
+            if recording:
+                self._recorder.add(
+                    request.episode,
+                    np.asarray(extras["context"][0]),
+                    np.asarray(extras["candidates"][0]),
+                )
         outputs[OPTIONS_KEY] = info
         return outputs
 
@@ -436,8 +607,128 @@ class CorrectedPolicy(_policy.Policy):
             "limits": self.limits.as_dict(),
             "num_steps": self._model.num_steps,
             "action_horizon": self._pi0.action_horizon,
+            "verifier": self._verifier_info,
+            "recording": None if self._recorder is None else self._recorder.status(),
         }
         return meta
+
+    def _dropped(self, episode: str, _: Any) -> None:
+        if self._recorder is not None:
+            self._recorder.discard(episode)
+
+    def _record_info(self) -> dict[str, Any]:
+        model = self._pi0
+        return {
+            "source": "flowcorrect.openpi.CorrectedPolicy",
+            "observation": "pooled prefix features (fc.pool_tokens of prefix_out)",
+            "model_fingerprint": model_fingerprint(model),
+            "action_horizon": int(model.action_horizon),
+            "action_dims": int(self.action_dims or model.action_dim),
+            "record_candidates": self._record.candidates,
+        }
+
+    def _check_energy_fits(self, is_verifier: bool) -> None:
+        """Runs the energy on the model's context and chunk shapes, abstractly, so that
+        one that cannot read them is refused now, not at the first request."""
+        model = self._pi0
+        policy = Pi0Policy(model)
+        spec = jax.eval_shape(
+            lambda: policy.energy_context(policy.prefix(_fake_observation(model)))
+        )
+        context = TokenContext(
+            jnp.zeros(spec.tokens.shape[1:], jnp.float32), jnp.ones(spec.mask.shape[1:], bool)
+        )
+        try:
+            out = jax.eval_shape(self.energy, context, jnp.zeros(policy.chunk_shape, jnp.float32))
+        except Exception as e:
+            what = "verifier" if is_verifier else "energy"
+            raise ValueError(
+                f"The {what} cannot score this model's contexts and chunks (contexts of "
+                f"{spec.tokens.shape[-1]} features, chunks of {policy.chunk_shape}, of which "
+                f"it reads the first {self.action_dims or model.action_dim} dims): "
+                f"{type(e).__name__}: {e}. Train it on this model's features (a recording "
+                "of this server) or give `action_dims`."
+            ) from e
+        if out.shape != ():
+            raise ValueError(f"The energy must return a scalar; it returns shape {out.shape}.")
+
+
+def recorded_rollouts(directory: Any, model: Any) -> Any:
+    """The rollouts a [`flowcorrect.openpi.CorrectedPolicy`][] recorded, for training a
+    verifier of `model`: refused when they were recorded from another checkpoint.
+
+    **Arguments:**
+
+    - `directory`: the server's `record_dir`.
+    - `model`: the openpi `Pi0` the verifier will serve with (its weights'
+        fingerprint must be the recording's).
+
+    **Returns:**
+
+    [`flowcorrect.Rollouts`][] whose `observation` is the pooled prefix features: train
+    an [`flowcorrect.MLPEnergy`][] on them with [`flowcorrect.fit_verifier`][].
+    """
+    from .._verifiers.rollouts import load_rollouts
+
+    directory = pathlib.Path(directory).absolute()
+    meta = directory / "meta.json"
+    if not meta.exists():
+        raise FileNotFoundError(
+            f"{directory} holds no recording (no meta.json): serve with "
+            "CorrectedPolicy(..., record_dir=...) and report episodes' outcomes first."
+        )
+    info = json.loads(meta.read_text()).get("info", {})
+    if isinstance(model, CorrectedPi0):
+        model = model.model
+    expected = model_fingerprint(model)
+    if info.get("model_fingerprint") != expected:
+        raise ValueError(
+            f"{directory} was recorded from a model with fingerprint "
+            f"{info.get('model_fingerprint')!r}, not this one ({expected}): its contexts are "
+            "another checkpoint's features, so a verifier trained on them would read the "
+            "wrong ones. Record again with this checkpoint, or load the one that recorded."
+        )
+    return load_rollouts(directory)
+
+
+def _fake_observation(model: Any) -> Any:
+    """An abstract batch of one in the model's input shapes (for `eval_shape`)."""
+    from openpi.models import model as _model
+
+    h, w = _model.IMAGE_RESOLUTION
+    images = {k: jnp.zeros((1, h, w, 3), jnp.float32) for k in _model.IMAGE_KEYS}
+    return _model.Observation(
+        images=images,
+        image_masks={k: jnp.ones((1,), bool) for k in _model.IMAGE_KEYS},
+        state=jnp.zeros((1, model.action_dim), jnp.float32),
+        tokenized_prompt=jnp.zeros((1, model.max_token_len), jnp.int32),
+        tokenized_prompt_mask=jnp.ones((1, model.max_token_len), bool),
+    )
+
+
+def _load_verifier(verifier: Any) -> tuple[Any, dict[str, Any]]:
+    """The served verifier (pooled) and what the metadata says of it."""
+    from .._model.serialise import load_model
+
+    info: dict[str, Any] = {"path": None, "hash": None, "report": None}
+    if isinstance(verifier, str | pathlib.Path):
+        directory = pathlib.Path(verifier).absolute()
+        model = load_model(directory)
+        digest = hashlib.blake2b(digest_size=16)
+        for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+            digest.update(str(file.relative_to(directory)).encode())
+            digest.update(file.read_bytes())
+        info.update(path=str(directory), hash=digest.hexdigest())
+        report = directory / "report.json"
+        if report.exists():
+            text = json.loads(report.read_text())
+            info["report"] = {k: text[k] for k in _REPORT_HEADLINE if k in text}
+        verifier = model
+    info["class"] = type(verifier).__name__
+    return PooledContext(verifier), info
+
+
+_REPORT_HEADLINE = ("success_auc", "action_advantage_auc", "spread_ratio", "num_episodes")
 
 
 def _checked_noise(noise: Any) -> np.ndarray:
