@@ -5,20 +5,33 @@ candidate chunks the policy proposed, which one was executed, and the episode's
 outcome. Stored as NumPy arrays in numbered `.npz` parts plus a `meta.json` index,
 each written to a temporary name and renamed, so a collector killed at any point
 leaves a readable directory and a second run appends (resumes) after what is there.
-Every part of a directory has the same layout (candidates per query, observation and
-chunk shapes), recorded in `meta.json`, so that the parts always concatenate.
+Every part of a directory has the same layout (candidates per query, each observation
+leaf's row shape and kind of dtype, chunk shapes), recorded in `meta.json`, so that
+the parts always concatenate.
+
+The observation is an array or a pytree of arrays (nested dicts with string keys,
+lists and tuples), every leaf with the query axis first. A part stores it leaf by
+leaf, each leaf as the member named by its path: `observation` for an array,
+`observation/image/base_0_rgb` for `{"image": {"base_0_rgb": ...}}`, `observation/[0]`
+and `observation/(0)` for the items of a list and of a tuple. The names alone rebuild
+the pytree, so a part is readable without `meta.json` and nothing is pickled.
 """
 
 import dataclasses
 import json
 import pathlib
+import re
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 _FIELDS = ("observation", "candidates", "executed", "episode", "step", "success",
            "steps_to_success")  # fmt: skip
+_ROWS = _FIELDS[1:]  # the fields that are always one array
+# Path segments of list and tuple items; a dict key of this form would read back as one.
+_INDEX = re.compile(r"\[(0|[1-9][0-9]*)\]|\((0|[1-9][0-9]*)\)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +40,11 @@ class Rollouts:
 
     **Attributes:**
 
-    - `observation`: `(Q, obs_dim)`, the observation at the query.
+    - `observation`: the observation at the query: an array `(Q, ...)`, e.g.
+        `(Q, obs_dim)`, or a pytree of them (nested dicts with string keys, lists,
+        tuples), e.g. `{"image": {"base_0_rgb": uint8 (Q, 224, 224, 3)}, "state":
+        float (Q, 32), "tokens": int (Q, 48)}`. Each leaf is a NumPy array of bools,
+        integers or (finite) floats with the query axis first.
     - `candidates`: `(Q, N, horizon, action_dim)`, the chunks the policy proposed.
     - `executed`: `(Q,)` int, the index of the candidate that was executed.
     - `episode`: `(Q,)` int, the episode of the query (`0 ... E - 1`).
@@ -41,7 +58,7 @@ class Rollouts:
     a directory with [`flowcorrect.load_rollouts`][].
     """
 
-    observation: np.ndarray
+    observation: Any
     candidates: np.ndarray
     executed: np.ndarray
     episode: np.ndarray
@@ -51,22 +68,35 @@ class Rollouts:
     episode_seed: np.ndarray
 
     def __post_init__(self):
-        q = len(self.observation) if isinstance(self.observation, np.ndarray) else None
-        for name in _FIELDS + ("episode_seed",):
+        q, source = None, "observation"
+        for path, leaf in observation_leaves(self.observation):
+            if not isinstance(leaf, np.ndarray) or leaf.ndim == 0 or (
+                q is not None and len(leaf) != q
+            ):
+                rows = (f"one row per query ({q}, from `{source}`)" if q is not None
+                        else "the query axis first")
+                hint = ""
+                if not isinstance(leaf, np.ndarray):
+                    hint = (" (the leaves of an observation pytree are NumPy arrays, in "
+                            "dicts, lists and tuples; convert with np.asarray)")
+                raise ValueError(
+                    f"Rollouts `{path}` must be a NumPy array with {rows}; got "
+                    f"{_describe(leaf)}{hint}."
+                )
+            if q is None:
+                q, source = len(leaf), path
+            _check_dtype(path, leaf, observation=True)
+        for name in _ROWS + ("episode_seed",):
             value = getattr(self, name)
             if not isinstance(value, np.ndarray) or (
                 name != "episode_seed" and (value.ndim == 0 or len(value) != q)
             ):
-                rows = f"one row per query ({q}, from `observation`)" if q is not None else "rows"
+                rows = f"one row per query ({q}, from `{source}`)" if q is not None else "rows"
                 raise ValueError(
                     f"Rollouts `{name}` must be a NumPy array with {rows}; got "
                     f"{_describe(value)}."
                 )
             _check_dtype(name, value)
-        if self.observation.ndim != 2:
-            raise ValueError(
-                f"Rollouts `observation` must be (queries, obs_dim); got {self.observation.shape}."
-            )
         if self.candidates.ndim != 4:
             raise ValueError(
                 "Rollouts `candidates` must be (queries, N, horizon, action_dim); got "
@@ -113,7 +143,7 @@ class Rollouts:
 
     @property
     def num_queries(self) -> int:
-        return len(self.observation)
+        return len(self.candidates)
 
     @property
     def num_episodes(self) -> int:
@@ -139,7 +169,8 @@ class Rollouts:
         new[which] = np.arange(len(which))
         rows = np.flatnonzero(np.isin(self.episode, which))
         return Rollouts(
-            **{name: getattr(self, name)[rows] for name in _FIELDS if name != "episode"},
+            observation=tree_map(lambda x: x[rows], self.observation),
+            **{name: getattr(self, name)[rows] for name in _ROWS if name != "episode"},
             episode=new[self.episode[rows]],
             episode_seed=self.episode_seed[which],
         )
@@ -166,8 +197,11 @@ class Rollouts:
 
         **Arguments:**
 
-        - `observation`: `(T, E, obs_dim)`, the observation of every environment at
-            every query (also for environments already done; they are dropped).
+        - `observation`: `(T, E, ...)`, the observation of every environment at
+            every query (also for environments already done; they are dropped): an
+            array, or nested dicts of them (each leaf `(T, E, ...)`; anything that is
+            not a dict is one array, as `np.asarray` makes it). Float leaves are stored
+            as float32; integer and bool leaves (uint8 images, tokens) as they are.
         - `candidates`: `(T, E, N, horizon, action_dim)`.
         - `executed`: `(T, E)` int.
         - `query_step`: `(T,)` int, the environment step of each query.
@@ -177,19 +211,29 @@ class Rollouts:
 
         A query is kept when its step is before its episode's end.
         """
-        obs = np.asarray(observation)
+        obs = _dict_tree(observation)
         cand = np.asarray(candidates)
         step = np.asarray(query_step, np.int64)
         length = np.asarray(length, np.int64)
         success = np.asarray(success, bool)
-        t, e = obs.shape[:2]
+        leaves = observation_leaves(obs)
+        t, e = _leading(leaves[0][1], leaves[0][0])
+        for path, leaf in leaves[1:]:
+            if _leading(leaf, path) != (t, e):
+                raise ValueError(
+                    f"from_episodes: `{path}` must be (T, E, ...) = ({t}, {e}, ...) like "
+                    f"`{leaves[0][0]}`; got shape {leaf.shape}."
+                )
         live = step[:, None] < length[None, :]  # (T, E)
         ti, ei = np.nonzero(live)
         order = np.lexsort((ti, ei))  # episode-major, then time
         ti, ei = ti[order], ei[order]
         to_go = np.where(success[ei], length[ei] - step[ti], -1)
         return Rollouts(
-            observation=obs[ti, ei].astype(np.float32),
+            observation=tree_map(
+                lambda x: x[ti, ei].astype(np.float32) if x.dtype.kind == "f" else x[ti, ei],
+                obs,
+            ),
             candidates=cand[ti, ei].astype(np.float32),
             executed=np.asarray(executed, np.int64)[ti, ei],
             episode=ei.astype(np.int64),
@@ -210,7 +254,8 @@ def concatenate(parts: list[Rollouts]) -> Rollouts:
         )
     offsets = np.cumsum([0] + [p.num_episodes for p in parts[:-1]])
     return Rollouts(
-        **{name: np.concatenate([getattr(p, name) for p in parts]) for name in _FIELDS
+        observation=tree_map(lambda *xs: np.concatenate(xs), *[p.observation for p in parts]),
+        **{name: np.concatenate([getattr(p, name) for p in parts]) for name in _ROWS
            if name != "episode"},
         episode=np.concatenate([p.episode + o for p, o in zip(parts, offsets)]),
         episode_seed=np.concatenate([p.episode_seed for p in parts]),
@@ -260,9 +305,9 @@ class RolloutWriter:
         """Writes `rollouts` as the next part.
 
         A part must have the layout of those already written: the same number of
-        candidates `N`, observation size and `(horizon, action_dim)`, and the same kinds
-        of dtype. A mismatched part is refused before anything is written, so the
-        directory stays readable as it was.
+        candidates `N` and `(horizon, action_dim)`, the same observation leaves (paths)
+        with the same row shapes, and the same kinds of dtype. A mismatched part is
+        refused before anything is written, so the directory stays readable as it was.
         """
         if not isinstance(rollouts, Rollouts):
             raise TypeError(f"append takes Rollouts; got {type(rollouts).__name__}.")
@@ -271,7 +316,7 @@ class RolloutWriter:
             _check_layout(self.meta["layout"], layout, "The rollouts given to append")
         name = f"part-{len(self.meta['parts']):05d}.npz"
         tmp = self.directory / (name + ".tmp.npz")
-        np.savez(tmp, **dataclasses.asdict(rollouts))
+        np.savez(tmp, **_members(rollouts))
         tmp.replace(self.directory / name)
         meta = dict(self.meta)
         meta["parts"] = self.meta["parts"] + [name]
@@ -392,7 +437,8 @@ def _read_part(directory: pathlib.Path, name: str) -> Rollouts:
         # Opened here, so that the file is closed when NumPy fails to read the archive.
         with open(path, "rb") as raw, np.load(raw, allow_pickle=False) as f:
             fields = {k: f[k] for k in f.files}
-        return Rollouts(**fields)
+        leaves = {k: fields.pop(k) for k in list(fields) if _is_observation(k)}
+        return Rollouts(observation=_unflatten(leaves), **fields)
     # A damaged zip raises many kinds (BadZipFile, EOFError, zlib.error, struct.error,
     # NotImplementedError for a garbled compression method...): all mean "unreadable".
     except Exception as e:
@@ -405,18 +451,37 @@ def _read_part(directory: pathlib.Path, name: str) -> Rollouts:
         ) from None
 
 
+def _members(rollouts: Rollouts) -> dict[str, np.ndarray]:
+    """The arrays of a part, by member name: observation leaves by path, then fields."""
+    return {**dict(observation_leaves(rollouts.observation)),
+            **{name: getattr(rollouts, name) for name in _ROWS + ("episode_seed",)}}
+
+
 def _layout(rollouts: Rollouts) -> dict[str, list]:
-    """Per field, the shape of one row and the dtype's kind: what parts must share to
-    concatenate. Written per array, so that it applies leaf by leaf to a pytree."""
-    return {
-        name: [list(getattr(rollouts, name).shape[1:]), getattr(rollouts, name).dtype.kind]
-        for name in _FIELDS
-    }
+    """Per observation leaf (by path) and per field, the shape of one row and the
+    dtype's kind: what parts must share to concatenate."""
+    arrays = [*observation_leaves(rollouts.observation),
+              *((name, getattr(rollouts, name)) for name in _ROWS)]
+    return {name: [list(x.shape[1:]), x.dtype.kind] for name, x in arrays}
 
 
 def _check_layout(want: dict[str, list], got: dict[str, list], what: str) -> None:
     rows = {"observation": "(obs_dim,)", "candidates": "(N, horizon, action_dim)"}
-    for name in _FIELDS:
+    want_obs = [k for k in want if _is_observation(k)]
+    got_obs = [k for k in got if _is_observation(k)]
+    missing = [k for k in want_obs if k not in got]
+    extra = [k for k in got_obs if k not in want]
+    if want_obs and (missing or extra):
+        which = (f"`{missing[0]}` is missing (rows of shape {tuple(want[missing[0]][0])}, "
+                 f"dtype kind {want[missing[0]][1]!r} in the parts already written)"
+                 if missing else f"`{extra[0]}` is not in the parts already written")
+        raise ValueError(
+            f"{what} do not fit the directory's layout: {which}. Their observation has "
+            f"the leaves {got_obs}; the parts already written have {want_obs}. Parts of "
+            "one directory must concatenate: write these to another directory (or record "
+            "the same observation leaves)."
+        )
+    for name in [*want_obs, *_ROWS]:
         w, g = want.get(name), got.get(name)
         if w is not None and [list(w[0]), w[1]] != [list(g[0]), g[1]]:
             raise ValueError(
@@ -428,21 +493,23 @@ def _check_layout(want: dict[str, list], got: dict[str, list], what: str) -> Non
             )
 
 
-def _check_dtype(name: str, value: np.ndarray) -> None:
-    """Each field's kind of dtype, and finite values where they are floats."""
+def _check_dtype(name: str, value: np.ndarray, observation: bool = False) -> None:
+    """Each field's kind of dtype, and finite values where they are floats. An
+    observation leaf may be of any numeric kind (uint8 images, int tokens, bool masks)."""
     if value.dtype.hasobject or value.dtype.kind not in "biuf":
         raise ValueError(
-            f"Rollouts `{name}` must be a numeric NumPy array; got dtype {value.dtype} (an "
-            "object or string array would be pickled on saving and could not be loaded). "
-            "Convert it, e.g. np.asarray(x, np.float32)."
+            f"Rollouts `{name}` must be a numeric NumPy array (bool, integer or float); got "
+            f"dtype {value.dtype} (an object or string array would be pickled on saving and "
+            "could not be loaded). Convert it, e.g. np.asarray(x, np.float32), or leave it "
+            "out of the observation."
         )
-    if name in ("observation", "candidates"):
-        if value.dtype.kind != "f":
+    if observation or name == "candidates":
+        if value.dtype.kind != "f" and not observation:
             raise ValueError(
                 f"Rollouts `{name}` must be a float array; got dtype {value.dtype}. Convert "
                 "it with .astype(np.float32)."
             )
-        finite = np.isfinite(value)
+        finite = np.isfinite(value) if value.dtype.kind == "f" else np.ones((), bool)
         if not finite.all():
             bad = np.argwhere(~finite)
             raise ValueError(
@@ -470,3 +537,106 @@ def _check_dtype(name: str, value: np.ndarray) -> None:
 def _describe(value: Any) -> str:
     shape = getattr(value, "shape", None)
     return f"shape {tuple(shape)}" if shape is not None else type(value).__name__
+
+
+def observation_leaves(observation: Any, path: str = "observation") -> list[tuple[str, Any]]:
+    """`(path, leaf)` of every leaf of an observation pytree, dict keys sorted (the
+    order of `jax.tree.leaves`); the path names each dict key, `[i]` each list item and
+    `(i)` each tuple item. Containers other than plain dicts, lists and tuples are
+    leaves (and refused by `Rollouts` for not being arrays)."""
+    kind = type(observation)
+    if kind is dict:
+        if not observation:
+            raise ValueError(
+                f"Rollouts `{path}` is an empty dict: an observation needs at least one "
+                "array. Leave the key out."
+            )
+        bad = [k for k in observation if not isinstance(k, str) or not k or "/" in k
+               or _INDEX.fullmatch(k)]
+        if bad:
+            raise ValueError(
+                f"Rollouts `{path}` has the key {bad[0]!r}: the keys of an observation dict "
+                "are non-empty strings without '/' (they name the members of the .npz "
+                "parts), and not of the form '[0]' or '(0)' (the names of list and tuple "
+                "items). Rename it."
+            )
+        return [leaf for k in sorted(observation)
+                for leaf in observation_leaves(observation[k], f"{path}/{k}")]
+    if kind is list or kind is tuple:
+        if not observation:
+            raise ValueError(
+                f"Rollouts `{path}` is an empty {kind.__name__}: an observation needs at "
+                "least one array. Leave it out."
+            )
+        form = "[{}]" if kind is list else "({})"
+        return [leaf for i, x in enumerate(observation)
+                for leaf in observation_leaves(x, f"{path}/{form.format(i)}")]
+    return [(path, observation)]
+
+
+def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
+    """`fn` applied leaf by leaf to observation pytrees of one structure."""
+    if type(tree) is dict:
+        return {k: tree_map(fn, tree[k], *(r[k] for r in rest)) for k in tree}
+    if type(tree) is list or type(tree) is tuple:
+        return type(tree)(tree_map(fn, *xs) for xs in zip(tree, *rest, strict=True))
+    return fn(tree, *rest)
+
+
+def _is_observation(name: str) -> bool:
+    return name == "observation" or name.startswith("observation/")
+
+
+def _unflatten(leaves: dict[str, np.ndarray]) -> Any:
+    """The observation pytree whose `observation_leaves` are `leaves` (member names)."""
+    if not leaves:
+        raise ValueError("the part has no observation (no member named observation...)")
+    if "observation" in leaves:
+        if len(leaves) > 1:
+            raise ValueError("the part has both an `observation` array and observation leaves")
+        return leaves["observation"]
+    root: dict[str, Any] = {}
+    for name, value in leaves.items():
+        *parents, last = name.split("/")[1:]
+        node = root
+        for segment in parents:
+            node = node.setdefault(segment, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"the member {name!r} is inside the array of another member")
+        if last in node:
+            raise ValueError(f"the member {name!r} is also a container of other members")
+        node[last] = value
+    return _build(root, "observation")
+
+
+def _build(node: Any, path: str) -> Any:
+    if not isinstance(node, dict):
+        return node
+    forms = {k[0] if _INDEX.fullmatch(k) else "" for k in node}
+    if len(forms) > 1:
+        raise ValueError(f"`{path}` mixes dict keys and list or tuple items")
+    form = forms.pop()
+    if not form:
+        return {k: _build(v, f"{path}/{k}") for k, v in node.items()}
+    close = "]" if form == "[" else ")"
+    names = [f"{form}{i}{close}" for i in range(len(node))]
+    if set(names) != set(node):
+        raise ValueError(f"the items of `{path}` are not numbered 0 ... {len(node) - 1}")
+    items = [_build(node[n], f"{path}/{n}") for n in names]
+    return items if form == "[" else tuple(items)
+
+
+def _dict_tree(observation: Any) -> Any:
+    """Nested dicts of `np.asarray` leaves (a list or tuple is one array here)."""
+    if type(observation) is dict:
+        return {k: _dict_tree(v) for k, v in observation.items()}
+    return np.asarray(observation)
+
+
+def _leading(leaf: np.ndarray, path: str) -> tuple[int, int]:
+    if leaf.ndim < 2:
+        raise ValueError(
+            f"from_episodes: `{path}` must be (T, E, ...), one row per query time and "
+            f"environment; got shape {leaf.shape}."
+        )
+    return leaf.shape[0], leaf.shape[1]
