@@ -41,7 +41,7 @@ def auc(score: Any, label: Any) -> float:
 
 
 @eqx.filter_jit
-def _score_block(energy: Any, obs: jax.Array, candidates: jax.Array) -> jax.Array:
+def _score_block(energy: Any, obs: Any, candidates: jax.Array) -> jax.Array:
     def per_query(o, cs):
         enc = energy.encode(o)
         return jax.vmap(lambda a: energy.score(enc, a))(cs)
@@ -50,13 +50,20 @@ def _score_block(energy: Any, obs: jax.Array, candidates: jax.Array) -> jax.Arra
 
 
 def candidate_energies(energy: Any, rollouts: Rollouts, block: int = 1024) -> np.ndarray:
-    """`(Q, N)`: the energy of every candidate at its query's observation."""
+    """`(Q, N)`: the energy of every candidate at its query's observation.
+
+    The energy's context is one query's observation, of the observation's structure
+    (an array, or the pytree with each leaf's row), scored `block` queries at a time.
+    """
+    if not isinstance(rollouts, Rollouts):
+        raise TypeError(f"`rollouts` must be fc.Rollouts; got {type(rollouts).__name__}.")
     energy = as_energy(energy)
     out = []
     for i in range(0, rollouts.num_queries, block):
+        rows = slice(i, i + block)
         out.append(np.asarray(_score_block(
-            energy, jnp.asarray(rollouts.observation[i : i + block]),
-            jnp.asarray(rollouts.candidates[i : i + block]),
+            energy, jax.tree.map(lambda x: jnp.asarray(x[rows]), rollouts.observation),
+            jnp.asarray(rollouts.candidates[rows]),
         )))
     return np.concatenate(out) if out else np.zeros((0, rollouts.candidates.shape[1]), np.float32)
 

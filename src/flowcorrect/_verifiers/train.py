@@ -46,12 +46,13 @@ from .._train.fit import (
     warn_skipped,
 )
 from .._train.infonce import check_learned, typed_key
-from .rollouts import Rollouts
+from .rollouts import Rollouts, observation_leaves
 
 
 class LabelledBatch(eqx.Module):
-    """Queries with a target in `[0, 1]`: `context` `(B, ...)`, `actions`
-    `(B, horizon, action_dim)`, `target` `(B,)` (1 = success, or a discounted value)."""
+    """Queries with a target in `[0, 1]`: `context` (the rows' observations: an array
+    `(B, ...)` or a pytree of them), `actions` `(B, horizon, action_dim)`, `target`
+    `(B,)` (1 = success, or a discounted value)."""
 
     context: Any
     actions: Float[Array, "B horizon action_dim"]
@@ -60,7 +61,7 @@ class LabelledBatch(eqx.Module):
 
 class PairBatch(eqx.Module):
     """Pairs of queries: the `win` chunk's episode succeeded, the `lose` chunk's failed,
-    at similar states."""
+    at similar states. The contexts are the rows' observations (arrays or pytrees)."""
 
     context_win: Any
     actions_win: Float[Array, "B horizon action_dim"]
@@ -153,23 +154,34 @@ def outcome_batches(
          else rollouts.discounted(gamma))
     return _shuffled(
         (rollouts.observation, rollouts.executed_actions, y), batch_size, seed,
-        lambda c, a, t: LabelledBatch(jnp.asarray(c), jnp.asarray(a), jnp.asarray(t)),
+        lambda c, a, t: LabelledBatch(_device(c), jnp.asarray(a), jnp.asarray(t)),
     )
 
 
 def similar_state_pairs(
     rollouts: Rollouts, *, max_distance: float = 1.0, scale: Any = None, seed: int = 0,
+    compare_by: str | Callable[[Any], Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs `(win, lose)` of query indices at similar states: for each query of a
     succeeding episode, a query of a failing episode drawn at random among those within
-    `max_distance` (Euclidean, after dividing each observation dimension by `scale`;
-    default its standard deviation over the queries). Queries with no failing query
-    that close are left out.
+    `max_distance` (Euclidean, after dividing each dimension of the state vector by
+    `scale`; default its standard deviation over the queries). Queries with no failing
+    query that close are left out.
+
+    **Arguments:**
+
+    - `rollouts`: [`flowcorrect.Rollouts`][].
+    - `max_distance`, `scale`, `seed`: as above.
+    - `compare_by`: what state vector to compare queries by. `None` (default): the
+        observation, which must then be an array (flattened per query). For a pytree
+        observation, the path of one leaf (`"state"`, or `"observation/state"`, as in
+        the rollouts' layout), or a function of the observation of all queries (each
+        leaf `(Q, ...)`) returning `(Q, d)`, e.g. `lambda o: o["state"][:, :3]`.
 
     **Returns:** two int arrays of equal length; empty when no episode failed or
     succeeded, or no pair is close enough.
     """
-    obs = rollouts.observation.astype(np.float64)
+    obs = _state_vectors(rollouts, compare_by, "similar_state_pairs")
     if scale is None:
         scale = obs.std(0) + 1e-6
     z = obs / np.asarray(scale, np.float64)
@@ -192,11 +204,61 @@ def similar_state_pairs(
     return win[keep], chosen[keep]
 
 
+def _state_vectors(rollouts: Rollouts, compare_by: Any, owner: str) -> np.ndarray:
+    """`(Q, d)` float64: the state of each query that `compare_by` names."""
+    if not isinstance(rollouts, Rollouts):
+        raise TypeError(f"`rollouts` must be fc.Rollouts; got {type(rollouts).__name__}.")
+    q = rollouts.num_queries
+    leaves = dict(observation_leaves(rollouts.observation))
+    if compare_by is None:
+        if isinstance(rollouts.observation, np.ndarray):
+            return rollouts.observation.reshape(q, -1).astype(np.float64)
+        raise ValueError(
+            f"{owner} compares states by one vector per query, and `rollouts.observation` "
+            f"is a pytree with the leaves {list(leaves)}: pass compare_by= the path of the "
+            "leaf to compare by (e.g. compare_by='state'), or a function of the observation "
+            "returning (queries, d), e.g. compare_by=lambda o: o['state']."
+        )
+    if isinstance(compare_by, str):
+        path = (compare_by if compare_by == "observation" or compare_by.startswith("observation/")
+                else "observation/" + compare_by)
+        if path not in leaves:
+            raise ValueError(
+                f"{owner}: compare_by={compare_by!r} names no leaf of the observation; its "
+                f"leaves are {list(leaves)} (give one of them, with or without the leading "
+                "'observation/')."
+            )
+        value, what = leaves[path], f"the leaf `{path}`"
+    elif callable(compare_by):
+        value, what = np.asarray(compare_by(rollouts.observation)), "compare_by(observation)"
+    else:
+        raise TypeError(
+            f"{owner}: `compare_by` must be a leaf path (str) or a function of the "
+            f"observation; got {type(compare_by).__name__}."
+        )
+    if value.ndim == 0 or len(value) != q or value.dtype.kind not in "biuf":
+        raise ValueError(
+            f"{owner}: {what} must be a numeric array with one row per query ({q}); got "
+            f"shape {value.shape}, dtype {value.dtype}."
+        )
+    value = value.reshape(q, -1).astype(np.float64)
+    if not np.isfinite(value).all():
+        raise ValueError(
+            f"{owner}: {what} has NaN or inf entries, which are at no distance from any "
+            "state; compare by finite values."
+        )
+    return value
+
+
 def pair_batches(
     rollouts: Rollouts, batch_size: int, *, max_distance: float = 1.0, seed: int = 0,
+    compare_by: str | Callable[[Any], Any] | None = None,
 ) -> Callable[[int], PairBatch]:
-    """A batch source `step -> PairBatch` over [`flowcorrect.similar_state_pairs`][]."""
-    win, lose = similar_state_pairs(rollouts, max_distance=max_distance, seed=seed)
+    """A batch source `step -> PairBatch` over [`flowcorrect.similar_state_pairs`][]
+    (`compare_by` as there: needed for a pytree observation). The contexts are the
+    pairs' observations, of the observation's structure."""
+    win, lose = similar_state_pairs(rollouts, max_distance=max_distance, seed=seed,
+                                    compare_by=compare_by)
     if len(win) < batch_size:
         raise ValueError(
             f"Only {len(win)} pairs of similar states (succeeding vs failing, within "
@@ -204,14 +266,20 @@ def pair_batches(
             "max_distance, lower batch_size, or collect rollouts with both outcomes."
         )
     obs, act = rollouts.observation, rollouts.executed_actions
+    rows = lambda tree, idx: jax.tree.map(lambda x: x[idx], tree)  # noqa: E731
     return _shuffled(
-        (obs[win], act[win], obs[lose], act[lose]), batch_size, seed,
-        lambda a, b, c, d: PairBatch(*(jnp.asarray(x) for x in (a, b, c, d))),
+        (rows(obs, win), act[win], rows(obs, lose), act[lose]), batch_size, seed,
+        lambda a, b, c, d: PairBatch(*(_device(x) for x in (a, b, c, d))),
     )
 
 
+def _device(tree: Any) -> Any:
+    return jax.tree.map(jnp.asarray, tree)
+
+
 def _shuffled(arrays: tuple, batch_size: int, seed: int, make: Callable) -> Callable:
-    n = len(arrays[0])
+    """`arrays`: a tuple of arrays or pytrees of them, one row per item on every leaf."""
+    n = len(jax.tree.leaves(arrays[0])[0])
     if not (isinstance(batch_size, int) and 1 <= batch_size <= n):
         raise ValueError(f"`batch_size` must be an int in [1, {n}] (the rows); got {batch_size!r}.")
     per_epoch = n // batch_size
@@ -220,7 +288,7 @@ def _shuffled(arrays: tuple, batch_size: int, seed: int, make: Callable) -> Call
         epoch, i = divmod(int(step), per_epoch)
         order = np.random.default_rng([seed, epoch]).permutation(n)
         idx = order[i * batch_size : (i + 1) * batch_size]
-        return make(*(a[idx] for a in arrays))
+        return make(*(jax.tree.map(lambda x: x[idx], a) for a in arrays))
 
     return batch
 
@@ -255,7 +323,8 @@ def fit_verifier(
     **Arguments:**
 
     - `model`: any [`flowcorrect.AbstractLearnedEnergy`][], e.g. a fresh
-        [`flowcorrect.MLPEnergy`][] for state vectors.
+        [`flowcorrect.MLPEnergy`][] for state vectors, or your own whose `encode` reads
+        one query's observation pytree (a small CNN over an image plus the state).
     - `data`: a function `step -> batch` ([`flowcorrect.outcome_batches`][],
         [`flowcorrect.pair_batches`][]); batch `n` must not depend on the run, so that a
         resumed run is exact.
