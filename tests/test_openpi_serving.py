@@ -425,3 +425,65 @@ def _make_model_seed(config, seed):
 
     with tiny_siglip():
         return config.create(jax.random.key(seed))
+
+
+def test_serve_command_end_to_end(tmp_path):
+    """`python -m flowcorrect.openpi.serve` on the test-size Pi0, queried by
+    openpi-client, stopped with Ctrl-C."""
+    pytest.importorskip("websockets", reason="openpi's websocket server needs `websockets`")
+    pytest.importorskip("tyro", reason="the serve command reads its arguments with tyro")
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rtc = '{"placement": "rtc", "inference_delay": 2, "execution_horizon": 10}'
+    command = [sys.executable, "-m", "flowcorrect.openpi.serve", "--host", "127.0.0.1",
+               "--port", str(port), "--default-options", rtc, "--limits.max-steps", "5",
+               "--record-dir", str(tmp_path / "rec"), "--record-candidates", "1",
+               "policy:test-size"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            line = server.stdout.readline()
+            assert line or server.poll() is None, "".join(lines)
+            lines.append(line)
+            if "serving on" in line:
+                break
+        banner = "".join(lines)
+        assert f"ws://127.0.0.1:{port}" in banner
+        client = WebsocketClientPolicy("127.0.0.1", port)
+        meta = client.get_server_metadata()["flowcorrect"]
+        assert meta["limits"]["max_steps"] == 5
+        assert meta["default"]["placement"] == "rtc"
+        config, _ = _make_model(False, "float32")
+        obs = _obs_dict(config, jax.random.key(5))
+        first = client.infer({**obs, "flowcorrect": {"episode": "run"}})
+        assert first["flowcorrect"]["placement"] == "off"  # the episode's first chunk
+        second = client.infer({**obs, "flowcorrect": {"episode": "run"}})
+        assert second["flowcorrect"]["placement"] == "RealTimeChunking"
+        done = client.infer({"flowcorrect": {"episode": "run", "done": True, "success": True}})
+        assert done["flowcorrect"]["recorded_queries"] == 2
+        client._ws.close()
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=120)
+        out = server.stdout.read()  # through the same buffer readline filled
+        assert server.returncode == 0, banner + out
+        assert "recorded 1 episodes (2 requests)" in out and "server stopped" in out
+        printed = banner + out
+        assert "limits: max_steps=5" in printed and "default: {'placement': 'rtc'" in printed
+        assert "model: openpi test-size Pi0 (random weights)" in printed
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(30)
+        server.stdout.close()

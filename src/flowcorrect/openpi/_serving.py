@@ -256,6 +256,11 @@ class CorrectedPolicy(_policy.Policy):
         normalised action space, e.g. `fc.load_model(energy_dir)`; `None` serves
         the plain policy (then only `"off"` and `"rtc"` are accepted).
     - `placement`: the server's default placement; `None` is no correction.
+    - `default_options`: instead of `placement`, the server's default as the options a
+        client would send (`{"placement": "best_of_n", "n": 8}`, or
+        `{"placement": "rtc", ...}`, which needs no energy), checked like a request's
+        when the policy is built and applied to every request that names no
+        placement of its own (a request's `episode` and other keys still apply).
     - `action_dims`: the energy sees, and the recipes change, only the first
         `action_dims` of the model's action dims (LIBERO: 7 of 32): the energy is
         wrapped in [`flowcorrect.OnActionDims`][].
@@ -288,6 +293,7 @@ class CorrectedPolicy(_policy.Policy):
         energy: Any = None,
         *,
         placement: AbstractPlacement | None = None,
+        default_options: Mapping[str, Any] | None = None,
         action_dims: int | None = None,
         num_steps: int = 10,
         limits: ServerLimits | None = None,
@@ -339,6 +345,26 @@ class CorrectedPolicy(_policy.Policy):
         )
         if self.energy is not None:
             self._check_energy_fits(verifier is not None)
+        self.default_options = None
+        if default_options is not None:
+            if placement is not None:
+                raise ValueError(
+                    "Give CorrectedPolicy a `placement` or `default_options`, not both."
+                )
+            request = parse_request(
+                default_options,
+                limits=limits,
+                horizon=self._pi0.action_horizon,
+                num_steps=num_steps,
+                has_energy=self.energy is not None,
+            )
+            extra = sorted(set(default_options) & {"episode", "reset", "done", "success"})
+            if request.placement is None or extra:
+                raise ValueError(
+                    "`default_options` must name a 'placement' and no episode keys "
+                    f"(those are each client's); got {dict(default_options)!r}."
+                )
+            self.default_options = dict(default_options)
         self._recorder = None
         self._record = None
         if record_dir is not None:
@@ -391,6 +417,7 @@ class CorrectedPolicy(_policy.Policy):
         energy: Any = None,
         *,
         placement: AbstractPlacement | None = None,
+        default_options: Mapping[str, Any] | None = None,
         action_dims: int | None = None,
         num_steps: int | None = None,
         limits: ServerLimits | None = None,
@@ -409,8 +436,8 @@ class CorrectedPolicy(_policy.Policy):
         **Arguments:**
 
         - `policy`: an openpi `Policy` of a JAX Pi0 / Pi0.5.
-        - `energy`, `placement`, `action_dims`, `limits`, `verifier`, `record_dir`,
-            `record_candidates`: as for the class.
+        - `energy`, `placement`, `default_options`, `action_dims`, `limits`,
+            `verifier`, `record_dir`, `record_candidates`: as for the class.
         - `num_steps`: defaults to the policy's `sample_kwargs["num_steps"]`, else 10.
         """
         if not isinstance(policy, _policy.Policy):
@@ -437,6 +464,7 @@ class CorrectedPolicy(_policy.Policy):
             model,
             energy,
             placement=placement,
+            default_options=default_options,
             action_dims=action_dims,
             num_steps=int(steps),
             limits=limits,
@@ -516,8 +544,14 @@ class CorrectedPolicy(_policy.Policy):
         if not isinstance(obs, Mapping):
             raise RequestError(f"The observation must be a dict; got {type(obs).__name__}.")
         obs = dict(obs)
+        options = obs.pop(OPTIONS_KEY, None)
+        if self.default_options is not None and (
+            options is None
+            or (isinstance(options, Mapping) and not {"placement", "done"} & set(options))
+        ):
+            options = {**self.default_options, **(options or {})}
         request = parse_request(
-            obs.pop(OPTIONS_KEY, None),
+            options,
             limits=self.limits,
             horizon=self._pi0.action_horizon,
             num_steps=self._model.num_steps,
@@ -602,7 +636,7 @@ class CorrectedPolicy(_policy.Policy):
         meta = dict(self._metadata)
         meta[OPTIONS_KEY] = {
             "placements": list(PLACEMENTS) if self.energy is not None else list(ENERGY_FREE),
-            "default": _name(self.placement),
+            "default": self.default_options or _name(self.placement),
             "action_dims": self.action_dims,
             "limits": self.limits.as_dict(),
             "num_steps": self._model.num_steps,
