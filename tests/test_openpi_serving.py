@@ -487,3 +487,24 @@ def test_serve_command_end_to_end(tmp_path):
             server.kill()
             server.wait(30)
         server.stdout.close()
+
+
+def test_recording_the_model_inputs(served, tmp_path):
+    import flowcorrect as fc
+    from flowcorrect.openpi import CorrectedPolicy
+
+    config, model, obs, plain = served
+    policy = CorrectedPolicy.from_policy(plain, record_dir=tmp_path / "r", record_candidates=0,
+                                         record_observation="inputs")
+    for _ in range(2):
+        policy.infer({**obs, "flowcorrect": {"placement": "off", "episode": "a"}})
+    policy.infer({"flowcorrect": {"episode": "a", "done": True, "success": False}})
+    rollouts = fc.load_rollouts(tmp_path / "r")
+    assert set(rollouts.observation) == set(obs)
+    for name, image in obs["image"].items():
+        np.testing.assert_array_equal(rollouts.observation["image"][name][1], image)
+    np.testing.assert_array_equal(rollouts.observation["state"][0], obs["state"])
+    assert rollouts.observation["tokenized_prompt"].dtype == obs["tokenized_prompt"].dtype
+    assert rollouts.candidates.shape == (2, 1, config.action_horizon, config.action_dim)
+    with pytest.raises(ValueError, match="`record_observation` must be 'context'"):
+        CorrectedPolicy.from_policy(plain, record_dir=tmp_path / "s", record_observation="x")

@@ -6,11 +6,16 @@ import logging
 import pathlib
 from typing import Any
 
+import jax
 import numpy as np
 
 from .._verifiers.rollouts import Rollouts, RolloutWriter
 
 logger = logging.getLogger("flowcorrect.openpi")
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree))
 
 
 def episode_number(episode: str) -> int:
@@ -50,12 +55,13 @@ class Recorder:
         self.written_episodes = 0
         self.written_queries = 0
 
-    def add(self, episode: str, context: np.ndarray, candidates: np.ndarray) -> None:
-        """One query: `context` `(context_dim,)`, `candidates` `(N, horizon, dims)` with
+    def add(self, episode: str, observation: Any, candidates: np.ndarray) -> None:
+        """One query: `observation` (the pooled context `(context_dim,)`, or a pytree of
+        NumPy arrays such as the model's inputs), `candidates` `(N, horizon, dims)` with
         the executed chunk first."""
         if self.error is not None or episode in self._overflowed:
             return
-        size = context.nbytes + candidates.nbytes
+        size = _nbytes(observation) + candidates.nbytes
         if self._bytes + size > self.max_bytes:
             self.discard(episode)
             self._overflowed.add(episode)
@@ -65,12 +71,12 @@ class Recorder:
                 episode, self.max_bytes,
             )
             return
-        self._open.setdefault(episode, []).append((context, candidates))
+        self._open.setdefault(episode, []).append((observation, candidates))
         self._bytes += size
 
     def discard(self, episode: str) -> None:
         records = self._open.pop(episode, [])
-        self._bytes -= sum(c.nbytes + k.nbytes for c, k in records)
+        self._bytes -= sum(_nbytes(o) + k.nbytes for o, k in records)
         self._overflowed.discard(episode)
 
     def finish(self, episode: str, success: bool | None) -> int:
@@ -84,7 +90,7 @@ class Recorder:
         q = len(records)
         steps = np.arange(q, dtype=np.int64)
         part = Rollouts(
-            observation=np.stack([c for c, _ in records]).astype(np.float32),
+            observation=jax.tree.map(lambda *rows: np.stack(rows), *[o for o, _ in records]),
             candidates=np.stack([k for _, k in records]).astype(np.float32),
             executed=np.zeros(q, np.int64),
             episode=np.zeros(q, np.int64),

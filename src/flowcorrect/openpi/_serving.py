@@ -284,6 +284,11 @@ class CorrectedPolicy(_policy.Policy):
         recording made by another checkpoint is refused
         ([`flowcorrect.openpi.recorded_rollouts`][]).
     - `record_candidates`: extra plain candidates recorded per request (default 7).
+    - `record_observation`: what each recorded request's `observation` is:
+        `"context"` (default: the pooled prefix features, one vector, tied to this
+        checkpoint) or `"inputs"` (the model's inputs after openpi's transforms, as a
+        pytree: the three images, their masks, the state and the prompt tokens; about
+        20 to 50 times larger, and usable with any later checkpoint or encoder).
     - `rng`, `transforms`, `output_transforms`, `metadata`: as for openpi's `Policy`.
     """
 
@@ -300,6 +305,7 @@ class CorrectedPolicy(_policy.Policy):
         verifier: Any = None,
         record_dir: Any = None,
         record_candidates: int = 7,
+        record_observation: str = "context",
         rng: Any = None,
         transforms: Sequence[Any] = (),
         output_transforms: Sequence[Any] = (),
@@ -375,6 +381,13 @@ class CorrectedPolicy(_policy.Policy):
                     f"`record_candidates` must be an int in [0, {limits.max_candidates}] "
                     f"(ServerLimits.max_candidates); got {record_candidates!r}."
                 )
+            if record_observation not in ("context", "inputs"):
+                raise ValueError(
+                    "`record_observation` must be 'context' (pooled prefix features) or "
+                    f"'inputs' (the model's inputs after the transforms); got "
+                    f"{record_observation!r}."
+                )
+            self._record_observation = record_observation
             self._record = Record(int(record_candidates), action_dims)
             self._recorder = Recorder(
                 record_dir, self._record_info(), limits.max_recording_bytes
@@ -385,6 +398,7 @@ class CorrectedPolicy(_policy.Policy):
         self._lock = threading.Lock()
         self._last_actions = None
         self._last_extras = None
+        self._last_inputs = None
         jitted = self._sample_actions
 
         def sample_and_keep(*args: Any, **kwargs: Any) -> Any:
@@ -406,7 +420,8 @@ class CorrectedPolicy(_policy.Policy):
                     f"({_describe(inputs)}): {type(e).__name__}: {e}. Send the keys and "
                     "shapes this policy's data config expects."
                 ) from e
-            return self._check_model_inputs(out)
+            self._last_inputs = self._check_model_inputs(out)
+            return self._last_inputs
 
         self._input_transform = checked_transform
 
@@ -424,6 +439,7 @@ class CorrectedPolicy(_policy.Policy):
         verifier: Any = None,
         record_dir: Any = None,
         record_candidates: int = 7,
+        record_observation: str = "context",
     ) -> "CorrectedPolicy":
         """The same policy (model, transforms, metadata) with correction.
 
@@ -437,7 +453,8 @@ class CorrectedPolicy(_policy.Policy):
 
         - `policy`: an openpi `Policy` of a JAX Pi0 / Pi0.5.
         - `energy`, `placement`, `default_options`, `action_dims`, `limits`,
-            `verifier`, `record_dir`, `record_candidates`: as for the class.
+            `verifier`, `record_dir`, `record_candidates`, `record_observation`: as for
+            the class.
         - `num_steps`: defaults to the policy's `sample_kwargs["num_steps"]`, else 10.
         """
         if not isinstance(policy, _policy.Policy):
@@ -471,6 +488,7 @@ class CorrectedPolicy(_policy.Policy):
             verifier=verifier,
             record_dir=record_dir,
             record_candidates=record_candidates,
+            record_observation=record_observation,
             transforms=[policy._input_transform],
             output_transforms=[policy._output_transform],
             metadata=dict(policy._metadata),
@@ -623,10 +641,12 @@ class CorrectedPolicy(_policy.Policy):
                 self._dropped(request.episode, None)
             self._episodes.commit(request.episode, episode, np.asarray(chunk))
             if recording:
+                if self._record_observation == "context":
+                    observation = np.asarray(extras["context"][0])
+                else:
+                    observation = _numeric_arrays(self._last_inputs)
                 self._recorder.add(
-                    request.episode,
-                    np.asarray(extras["context"][0]),
-                    np.asarray(extras["candidates"][0]),
+                    request.episode, observation, np.asarray(extras["candidates"][0])
                 )
         outputs[OPTIONS_KEY] = info
         return outputs
@@ -654,7 +674,11 @@ class CorrectedPolicy(_policy.Policy):
         model = self._pi0
         return {
             "source": "flowcorrect.openpi.CorrectedPolicy",
-            "observation": "pooled prefix features (fc.pool_tokens of prefix_out)",
+            "observation": (
+                "pooled prefix features (fc.pool_tokens of prefix_out)"
+                if self._record_observation == "context"
+                else "the model's inputs after the policy's input transforms"
+            ),
             "model_fingerprint": model_fingerprint(model),
             "action_horizon": int(model.action_horizon),
             "action_dims": int(self.action_dims or model.action_dim),
@@ -763,6 +787,16 @@ def _load_verifier(verifier: Any) -> tuple[Any, dict[str, Any]]:
 
 
 _REPORT_HEADLINE = ("success_auc", "action_advantage_auc", "spread_ratio", "num_episodes")
+
+
+def _numeric_arrays(tree: Any) -> Any:
+    """The numeric and boolean arrays of a nested dict (strings such as a raw prompt,
+    which the tokenized prompt already holds, are left out)."""
+    if isinstance(tree, Mapping):
+        out = {str(k): _numeric_arrays(v) for k, v in tree.items()}
+        return {k: v for k, v in out.items() if not (v is None or isinstance(v, dict) and not v)}
+    array = np.asarray(tree)
+    return array if array.dtype.kind in "biuf" else None
 
 
 def _checked_noise(noise: Any) -> np.ndarray:
