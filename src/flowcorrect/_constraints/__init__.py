@@ -1,0 +1,2 @@
+"""Hard constraints on action chunks: projections, violations and the placements that
+use them."""
