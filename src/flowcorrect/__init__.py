@@ -2,6 +2,19 @@
 
 import importlib.metadata
 
+# -- hard constraints on chunks: projections, violations, placements --
+from ._constraints.all_of import AllOf as AllOf
+from ._constraints.ball import Ball as Ball, OutsideBall as OutsideBall
+from ._constraints.base import AbstractConstraint as AbstractConstraint
+from ._constraints.box import Box as Box
+from ._constraints.energy import ViolationEnergy as ViolationEnergy
+from ._constraints.fn import FnConstraint as FnConstraint
+from ._constraints.halfspace import HalfSpace as HalfSpace
+from ._constraints.jerk import MaxJerk as MaxJerk
+from ._constraints.placement import Project as Project, ProjectInfo as ProjectInfo
+from ._constraints.robot import InRobotSpace as InRobotSpace
+from ._constraints.selection import FeasibleFirst as FeasibleFirst
+from ._constraints.step import MaxStepChange as MaxStepChange
 from ._correct import CorrectionInfo as CorrectionInfo, correct as correct
 from ._correctors.base import AbstractCorrector as AbstractCorrector
 from ._correctors.recipes import reference_recipe as reference_recipe
