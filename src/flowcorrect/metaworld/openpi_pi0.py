@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seconds_per_query": per_query, "batch": len(seeds),
             "first_query_seconds": timing["first"], "queries": timing["queries"] + 1,
         }
-    stem = f"pi0-{args.task}-{args.demos}demos-{trained.path.name if trained.path else 'nocache'}"
+    stem = trained.path.name if trained.path else f"pi0-{args.task}-{args.demos}demos"
     path = out / f"{stem}-key{args.key}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
