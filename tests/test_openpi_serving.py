@@ -508,3 +508,18 @@ def test_recording_the_model_inputs(served, tmp_path):
     assert rollouts.candidates.shape == (2, 1, config.action_horizon, config.action_dim)
     with pytest.raises(ValueError, match="`record_observation` must be 'context'"):
         CorrectedPolicy.from_policy(plain, record_dir=tmp_path / "s", record_observation="x")
+
+
+def test_a_server_without_an_energy_serves_what_needs_none(served):
+    import flowcorrect as fc
+    from flowcorrect.openpi import CorrectedPolicy, RequestError
+
+    config, model, obs, plain = served
+    policy = CorrectedPolicy.from_policy(plain, placement=fc.BestOfN(3, select=fc.Medoid()))
+    out = policy.infer(obs)
+    assert out["flowcorrect"]["placement"] == "BestOfN" and np.isfinite(out["actions"]).all()
+    assert "best_of_n" in policy.metadata["flowcorrect"]["placements"]
+    with pytest.raises(RequestError, match="needs an energy or verifier"):
+        policy.infer({**obs, "flowcorrect": {"placement": "best_of_n", "n": 3}})
+    with pytest.raises(ValueError, match=r"PostHoc cannot run on this server without an energy"):
+        CorrectedPolicy.from_policy(plain, placement=fc.PostHoc(fc.reference_recipe()))

@@ -137,6 +137,10 @@ def test_energy_placements_need_an_energy():
     rtc = {"placement": "rtc", "inference_delay": 2, "execution_horizon": 5}
     assert parse(rtc, has_energy=False).placement == "rtc"
     assert parse({"placement": "off"}, has_energy=False).placement == "off"
+    consensus = parse({"placement": "best_of_n", "select": "medoid"}, has_energy=False)
+    assert consensus.settings["select"] == "medoid"  # consensus reads no energy
+    with pytest.raises(RequestError, match=r"'best_of_n' needs an energy"):
+        parse({"placement": "best_of_n", "select": "near_mean"}, has_energy=False)
 
 
 def test_defaults_and_numpy_scalars_are_accepted():
@@ -282,7 +286,7 @@ def test_fuzz_options_refused_clearly_or_valid_and_buildable(options, has_energy
     COUNTS["options valid"] += 1
     _within_limits(request)
     if request.placement is not None and not has_energy:
-        assert request.placement in ("off", "rtc")
+        assert request.placement in ("off", "rtc") or request.settings["select"] == "medoid"
     if request.done:
         assert request.episode is not None
         return

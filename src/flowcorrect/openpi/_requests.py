@@ -269,12 +269,13 @@ def parse_request(
             f"Unknown correction options for placement {kind!r}: {unknown}; it takes "
             f"{sorted(_OPTIONS[kind]) or 'no other options'}."
         )
-    if not has_energy and kind not in ENERGY_FREE:
+    settings = _settings(kind, options, limits, horizon, num_steps)
+    consensus = kind == "best_of_n" and settings["select"] == "medoid"
+    if not has_energy and kind not in ENERGY_FREE and not consensus:
         raise RequestError(
             f"Placement {kind!r} needs an energy or verifier, and this server has none; it "
-            f"serves {list(ENERGY_FREE)}."
+            f"serves {list(ENERGY_FREE)} and 'best_of_n' with select='medoid' (consensus)."
         )
-    settings = _settings(kind, options, limits, horizon, num_steps)
     return Request(placement=kind, settings=settings, episode=episode, reset=reset)
 
 

@@ -19,7 +19,6 @@ from .._flow.sample import sample
 from .._model.context import TokenContext
 from .._model.pooled import PooledContext, pool_tokens
 from .._policy import AbstractBatchedPolicy
-from .._rtc import RealTimeChunking
 from ._episodes import Episodes
 from ._pi0 import Pi0Policy, _pi0, nnx  # ._pi0 checks for openpi first
 from ._recording import Recorder
@@ -41,8 +40,6 @@ except ImportError as e:  # openpi's policy module also needs openpi-client
 
     raise ImportError(f"{INSTALL_HINT} (The import failed with: {e})") from e
 
-# Placements that need no energy.
-_NO_ENERGY = (RealTimeChunking,)
 
 
 class CorrectedPi0(nnx.Module):
@@ -103,13 +100,11 @@ class CorrectedPi0(nnx.Module):
                 "`sample_kwargs`: there it would reach the jitted function as a traced "
                 "value."
             )
+        # A placement that needs an energy and has none is refused by fc.sample itself,
+        # at trace time, naming the placement; energy-free ones (real-time chunking,
+        # consensus ranking) need none.
         if placement is None:
             energy = None
-        elif energy is None and not isinstance(placement, _NO_ENERGY):
-            raise ValueError(
-                f"The placement {type(placement).__name__} needs an energy; give "
-                "CorrectedPolicy an `energy`."
-            )
         policy = Pi0Policy(self.model)
         if record is not None:
             # One prefix pass for the sample, its extra candidates and the context.
@@ -325,8 +320,6 @@ class CorrectedPolicy(_policy.Policy):
                 f"got {type(placement).__name__}. Per-request settings go in the "
                 f"observation dict under {OPTIONS_KEY!r}."
             )
-        if placement is not None and energy is None:
-            raise ValueError(f"The placement {type(placement).__name__} needs an `energy`.")
         if limits is None:
             limits = ServerLimits()
         if not isinstance(limits, ServerLimits):
@@ -351,6 +344,8 @@ class CorrectedPolicy(_policy.Policy):
         )
         if self.energy is not None:
             self._check_energy_fits(verifier is not None)
+        elif placement is not None:
+            self._check_placement_runs(placement)
         self.default_options = None
         if default_options is not None:
             if placement is not None:
@@ -655,7 +650,11 @@ class CorrectedPolicy(_policy.Policy):
     def metadata(self) -> dict[str, Any]:
         meta = dict(self._metadata)
         meta[OPTIONS_KEY] = {
-            "placements": list(PLACEMENTS) if self.energy is not None else list(ENERGY_FREE),
+            # Without an energy: the energy-free ones, and best_of_n by consensus only.
+            "placements": (
+                list(PLACEMENTS) if self.energy is not None else [*ENERGY_FREE, "best_of_n"]
+            ),
+            "energy": self.energy is not None,
             "default": self.default_options or _name(self.placement),
             "action_dims": self.action_dims,
             "limits": self.limits.as_dict(),
@@ -684,6 +683,23 @@ class CorrectedPolicy(_policy.Policy):
             "action_dims": int(self.action_dims or model.action_dim),
             "record_candidates": self._record.candidates,
         }
+
+    def _check_placement_runs(self, placement: AbstractPlacement) -> None:
+        """Traces the default placement abstractly (no compile, no model run), so one that
+        needs an energy the server lacks is refused now, not at the first request."""
+        model = self._pi0
+        try:
+            jax.eval_shape(
+                lambda: sample(
+                    Pi0Policy(model), _fake_observation(model), jax.random.key(0),
+                    num_steps=self._model.num_steps, placement=placement,
+                )
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"The default placement {type(placement).__name__} cannot run on this "
+                f"server without an energy: {e}"
+            ) from e
 
     def _check_energy_fits(self, is_verifier: bool) -> None:
         """Runs the energy on the model's context and chunk shapes, abstractly, so that
