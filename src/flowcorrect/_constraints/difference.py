@@ -9,20 +9,18 @@ per dimension, the quadratic programme
 `min ||x - y||^2  subject to  -limit <= D x + c <= limit`,
 
 where `D` holds the rows of the `k`-th difference over the chunk prefixed by the given
-previous actions and `c` their contribution, by a primal-dual active-set method
-(Hintermüller, Ito and Kunisch 2002, "The primal-dual active set strategy as a
-semismooth Newton method"): with multipliers `mu`, `x = y - D^T mu`; each iteration
-guesses the active rows from `mu + r -/+ limit` (`r = D x + c`) and solves the
-equality-constrained problem on them exactly. When the guess repeats, the KKT
-conditions hold exactly and `x` is the projection (to the rounding of the linear
-solve). For first differences `D D^T` is an M-matrix and the method converges in
-finitely many steps; for higher differences it converges in a few steps in practice.
-It also stops when the iterate satisfies the KKT conditions to `tol` (every row within
-`limit + tol * scale`, multipliers of the right sign to `tol * scale`), which avoids
-cycling between active sets that rounding alone tells apart. If neither happens within
-`max_steps`, the iterate is made feasible by clamping each action in turn against the
-ones before it (feasible, no longer the nearest point), so the result is feasible
-whatever happens.
+previous actions and `c` their contribution, in the dual: with multipliers `mu`,
+`x = y - D^T mu`. Each round runs 20 accelerated proximal-gradient steps on the dual
+(FISTA with adaptive restart, O'Donoghue and Candès 2015), then up to 3 primal-dual
+active-set steps (Hintermüller, Ito and Kunisch 2002, a semismooth Newton method): each
+guesses the active rows from the proximal step and solves the equality-constrained
+problem on them exactly. The first-order steps bring the iterate near the solution,
+where the active-set steps converge fast and cannot cycle. It stops when the KKT
+conditions hold to `tol` (every row within `limit + tol * scale`, multipliers of the
+right sign to `tol * scale`, plus the rounding of the linear solve), or after
+`max_steps` rounds; then the iterate is made feasible by clamping each action in turn
+against the ones before it (feasible, no longer the nearest point), so the result is
+feasible whatever happens.
 """
 
 import math

@@ -37,9 +37,10 @@ class MaxJerk(AbstractConstraint):
     chunk given, the differences that reach back into them are bounded too, so the
     chunk joins the motion smoothly.
 
-    Projection: the primal-dual active-set method of [`flowcorrect.MaxStepChange`][]
-    on the differences of this order, with the same tolerance, cap and feasible
-    fallback. Violation: the Euclidean norm of the excess over every difference.
+    Projection: the method of [`flowcorrect.MaxStepChange`][] (proximal-gradient
+    rounds with exact active-set solves) on the differences of this order, with the
+    same tolerance, cap and feasible fallback. Violation: the Euclidean norm of the
+    excess over every difference.
 
     **Arguments:**
 
@@ -52,7 +53,7 @@ class MaxJerk(AbstractConstraint):
         `(num_previous, action_dim)` with `num_previous >= 1` (the last `order` rows are
         used), or `None` (the default).
     - `tol`: the relative tolerance of the projection (default `1e-5`).
-    - `max_steps`: the iteration cap of the active-set method (default 50). Static.
+    - `max_steps`: the cap on rounds of the method (default 50). Static.
     """
 
     max_jerk: Float[Array, "*limit_shape"]

@@ -35,10 +35,11 @@ class MaxStepChange(AbstractConstraint):
     `|a[0, d] - previous[d]| <= max_change` when the action executed before the chunk
     is given.
 
-    Projection: a primal-dual active-set method (see the module
-    `flowcorrect._constraints.difference`), exact when it converges (to the rounding of
-    a linear solve); it stops at `max_steps` iterations or when the KKT conditions hold
-    to `tol` relative to the chunk's magnitude, and an unconverged result is made
+    Projection: accelerated proximal-gradient rounds on the dual, each followed by a
+    few exact active-set solves (see the module `flowcorrect._constraints.difference`),
+    exact when it converges (to the rounding of a linear solve); it stops after
+    `max_steps` rounds or when the KKT conditions hold to `tol` relative to the
+    chunk's magnitude, and an unconverged result is made
     feasible by clamping each action against the one before it. Violation: the
     Euclidean norm of the excess `relu(|Δa| - max_change)` over every pair.
 
@@ -51,7 +52,7 @@ class MaxStepChange(AbstractConstraint):
         action; `dims` selects from it), or `None` (the default: the first action is
         free). An array, so a new previous action does not recompile.
     - `tol`: the relative tolerance of the projection (default `1e-5`).
-    - `max_steps`: the iteration cap of the active-set method (default 50). Static.
+    - `max_steps`: the cap on rounds of the method (default 50). Static.
     """
 
     max_change: Float[Array, "*limit_shape"]
