@@ -131,6 +131,19 @@ from ._rtc import (
     RTCEnergy as RTCEnergy,
     rtc_prefix_weights as rtc_prefix_weights,
 )
+from ._rtc_training import (
+    AbstractDelays as AbstractDelays,
+    ConditionedExample as ConditionedExample,
+    ExponentialDelays as ExponentialDelays,
+    PrefixConditioned as PrefixConditioned,
+    PrefixConditioning as PrefixConditioning,
+    UniformDelays as UniformDelays,
+    accepts_token_time as accepts_token_time,
+    clean_time as clean_time,
+    masked_flow_loss as masked_flow_loss,
+    prefix_conditioned_loss as prefix_conditioned_loss,
+    token_times as token_times,
+)
 from ._train.batch import Batch as Batch
 from ._train.checkpoint import CheckpointError as CheckpointError
 from ._train.data import ShuffledBatches as ShuffledBatches

@@ -53,7 +53,11 @@ class VmappedPolicy(AbstractBatchedPolicy):
     def batch_size(self, prefix: Prefix) -> int:
         return self.size
 
-    def velocity(self, prefix: Prefix, x_t: BatchChunks, t: Scalar) -> BatchChunks:
+    # `t` may hold one time per action token for a policy that declares
+    # `accepts_token_time` (training-time real-time chunking); it is shared by the batch.
+    def velocity(
+        self, prefix: Prefix, x_t: BatchChunks, t: Scalar | Float[Array, " horizon"]
+    ) -> BatchChunks:
         def one(prefix, x, t):
             return check_velocity_output(self.policy.velocity(prefix, x, t), x)
 
@@ -127,8 +131,9 @@ class Flow(eqx.Module):
         """The policy's time convention."""
         return self.policy.convention
 
-    def velocity(self, x: BatchChunks, t: Scalar) -> BatchChunks:
-        """The policy's velocity for every chunk of the batch at flow time `t`."""
+    def velocity(self, x: BatchChunks, t: Scalar | Float[Array, " horizon"]) -> BatchChunks:
+        """The policy's velocity for every chunk of the batch at flow time `t` (a scalar,
+        or one time per action token for a policy with `accepts_token_time`)."""
         return check_velocity_output(self.policy.velocity(self.prefix, x, t), x)
 
     def denoised(self, x: BatchChunks, v: BatchChunks, t: Scalar) -> BatchChunks:

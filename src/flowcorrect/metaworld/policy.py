@@ -21,6 +21,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._flow.conventions import AbstractConvention, OpenPI
 from .._policy import AbstractPolicy
+from .._rtc_training import AbstractDelays, prefix_conditioned_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,12 @@ class FlowMLPPolicy(AbstractPolicy):
     - `velocity(prefix, x_t, t)`: the velocity of the noisy chunk at flow time `t`.
     - `energy_context(prefix)`: the raw observation vector (what a vector-observation
         energy or a hand-written constraint reads).
+
+    With `token_time=True` the velocity takes a flow time per action token (`t` of shape
+    `(horizon,)`, or a scalar shared by all rows): the head reads one time embedding
+    per row instead of one per chunk, which training-time real-time chunking needs
+    ([`flowcorrect.PrefixConditioning`][]). [`with_token_time`][] turns a trained
+    scalar-time policy into one with the same velocity at equal times.
     """
 
     encoder: eqx.nn.MLP
@@ -69,18 +76,24 @@ class FlowMLPPolicy(AbstractPolicy):
     obs_std: Float[Array, " obs_dim"]
     chunk_shape: tuple[int, int] = eqx.field(static=True)
     time_features: int = eqx.field(static=True)
+    accepts_token_time: bool = eqx.field(static=True)
     convention: AbstractConvention
 
-    def __init__(self, config: PolicyConfig, obs_mean: Any, obs_std: Any, *, key: PRNGKeyArray):
+    def __init__(self, config: PolicyConfig, obs_mean: Any, obs_std: Any, *, key: PRNGKeyArray,
+                 token_time: bool = False):
+        if not isinstance(token_time, bool):
+            raise TypeError(f"`token_time` must be True or False; got {token_time!r}.")
         k1, k2 = jax.random.split(key)
         h, d = config.horizon, config.action_dim
         self.encoder = eqx.nn.MLP(
             config.obs_dim, config.width, config.width, config.depth - 1, jax.nn.gelu, key=k1
         )
+        times = h * config.time_features if token_time else config.time_features
         self.head = eqx.nn.MLP(
-            config.width + h * d + config.time_features, h * d, config.width, config.depth,
+            config.width + h * d + times, h * d, config.width, config.depth,
             jax.nn.gelu, key=k2,
         )
+        self.accepts_token_time = token_time
         self.obs_mean = jnp.asarray(obs_mean, jnp.float32)
         self.obs_std = jnp.asarray(obs_std, jnp.float32)
         self.chunk_shape = (h, d)
@@ -94,11 +107,64 @@ class FlowMLPPolicy(AbstractPolicy):
     def velocity(self, prefix: Any, x_t: Float[Array, "horizon action_dim"], t: Any):
         _, h = prefix
         t = jnp.asarray(t, x_t.dtype)
-        inp = jnp.concatenate([h, x_t.reshape(-1), _time_embedding(t, self.time_features)])
+        horizon = x_t.shape[0]
+        if self.accepts_token_time:
+            if t.shape not in ((), (horizon,)):
+                raise ValueError(
+                    f"`t` must be a scalar or one time per row, ({horizon},); got {t.shape}."
+                )
+            t = jnp.broadcast_to(t, (horizon,))
+            emb = jax.vmap(lambda s: _time_embedding(s, self.time_features))(t).reshape(-1)
+        else:
+            if t.shape != ():
+                raise ValueError(
+                    f"This policy takes one flow time per chunk (a scalar `t`); got {t.shape}. "
+                    "For a time per action token use `with_token_time(policy)`."
+                )
+            emb = _time_embedding(t, self.time_features)
+        inp = jnp.concatenate([h, x_t.reshape(-1), emb])
         return self.head(inp).reshape(x_t.shape)
 
     def energy_context(self, prefix: Any) -> Float[Array, " obs_dim"]:
         return prefix[0]
+
+
+def _config_of(policy: FlowMLPPolicy) -> PolicyConfig:
+    """The architecture fields of the config `policy` was built from (read off shapes)."""
+    horizon, action_dim = policy.chunk_shape
+    return PolicyConfig(
+        obs_dim=policy.encoder.in_size, action_dim=action_dim, horizon=horizon,
+        width=policy.encoder.out_size, depth=policy.encoder.depth + 1,
+        time_features=policy.time_features,
+    )
+
+
+def with_token_time(policy: FlowMLPPolicy) -> FlowMLPPolicy:
+    """A scalar-time [`FlowMLPPolicy`][] as one whose velocity takes a time per action
+    token, with the same velocity whenever all tokens share one time.
+
+    The head's first layer reads `horizon` time embeddings instead of one; its weights
+    on each are the scalar policy's weights on the one embedding, divided by `horizon`,
+    so equal times sum back to the scalar policy's input (equal up to float rounding).
+    The starting point for fine-tuning with training-time real-time chunking
+    ([`train_policy`][] with `rtc=`); the other weights are shared unchanged.
+    """
+    if policy.accepts_token_time:
+        return policy
+    config = _config_of(policy)
+    horizon, tf = config.horizon, config.time_features
+    fresh = FlowMLPPolicy(config, policy.obs_mean, policy.obs_std, key=jax.random.key(0),
+                          token_time=True)
+    first = policy.head.layers[0]
+    split = first.weight.shape[1] - tf
+    w_time = first.weight[:, split:]
+    weight = jnp.concatenate([first.weight[:, :split]] + [w_time / horizon] * horizon, axis=1)
+    head = eqx.tree_at(lambda m: m.layers[0].weight, fresh.head, weight)
+    head = eqx.tree_at(lambda m: [layer.bias for layer in m.layers], head,
+                       [layer.bias for layer in policy.head.layers])
+    head = eqx.tree_at(lambda m: [layer.weight for layer in m.layers[1:]], head,
+                       [layer.weight for layer in policy.head.layers[1:]])
+    return eqx.tree_at(lambda p: (p.encoder, p.head), fresh, (policy.encoder, head))
 
 
 def flow_matching_loss(policy: FlowMLPPolicy, obs, chunks, key) -> Array:
@@ -119,19 +185,56 @@ def flow_matching_loss(policy: FlowMLPPolicy, obs, chunks, key) -> Array:
 
 def train_policy(
     obs: np.ndarray, chunks: np.ndarray, config: PolicyConfig, *, seed: int = 0,
-    progress: bool = True,
+    progress: bool = True, init: FlowMLPPolicy | None = None, rtc: AbstractDelays | None = None,
 ) -> tuple[FlowMLPPolicy, list[float]]:
     """Trains a [`FlowMLPPolicy`][] by flow matching on `(obs, chunks)` with optax Adam.
 
+    **Arguments:**
+
+    - `obs`, `chunks`: `(n, obs_dim)` and `(n, horizon, action_dim)`.
+    - `config`: the architecture (ignored with `init`) and `steps`, `batch_size`,
+        `learning_rate` (warm-up then cosine decay).
+    - `seed`, `progress`: the seed of the initialisation and batches; a progress bar.
+    - `init`: a policy to fine-tune instead of a fresh one (its observation
+        normalisation is kept).
+    - `rtc`: a delay distribution ([`flowcorrect.ExponentialDelays`][],
+        [`flowcorrect.UniformDelays`][]) to train with training-time real-time chunking
+        ([`flowcorrect.prefix_conditioned_loss`][]: the first `d` actions clean at the
+        clean flow time, the loss on the rest). The policy is made per-token-time first
+        ([`with_token_time`][]); a fresh policy is built with per-token time.
+
     **Returns:** the policy and the loss every 100 steps.
+
+    !!! example "Fine-tuning a trained policy for training-time RTC"
+
+        ```python
+        policy, config = load_policy("policy")
+        tuned, losses = train_policy(obs, chunks, dataclasses.replace(config, steps=1000),
+                                     init=policy, rtc=fc.ExponentialDelays(max_delay=4))
+        ```
     """
     from tqdm.auto import tqdm
 
     key = jax.random.key(seed)
     k_init, k_train = jax.random.split(key)
-    mean = obs.mean(0)
-    std = obs.std(0) + 1e-3
-    policy = FlowMLPPolicy(config, mean, std, key=k_init)
+    if init is not None:
+        policy = init
+    else:
+        mean = obs.mean(0)
+        std = obs.std(0) + 1e-3
+        policy = FlowMLPPolicy(config, mean, std, key=k_init, token_time=rtc is not None)
+    if rtc is not None:
+        if not isinstance(rtc, AbstractDelays):
+            raise TypeError(
+                "`rtc` must be a delay distribution such as fc.ExponentialDelays(4); got "
+                f"{type(rtc).__name__}."
+            )
+        policy = with_token_time(policy)
+
+        def loss_fn(policy, o, c, k):
+            return prefix_conditioned_loss(policy, o, c, k, rtc)
+    else:
+        loss_fn = flow_matching_loss
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, min(200, config.steps // 10), config.steps, 1e-5
     )
@@ -145,7 +248,7 @@ def train_policy(
     def step(policy, state, key):
         k_idx, k_loss = jax.random.split(key)
         idx = jax.random.randint(k_idx, (config.batch_size,), 0, n)
-        loss, grads = eqx.filter_value_and_grad(flow_matching_loss)(
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(
             policy, obs_j[idx], chunks_j[idx], k_loss
         )
         updates, state = opt.update(grads, state, eqx.filter(policy, eqx.is_inexact_array))
@@ -168,14 +271,20 @@ def save_policy(path: str | pathlib.Path, policy: FlowMLPPolicy, config: PolicyC
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     eqx.tree_serialise_leaves(path.with_suffix(".eqx"), policy)
-    path.with_suffix(".json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+    meta = dataclasses.asdict(config)
+    if policy.accepts_token_time:  # absent for scalar-time policies: older files read alike
+        meta["token_time"] = True
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
 
 
 def load_policy(path: str | pathlib.Path) -> tuple[FlowMLPPolicy, PolicyConfig]:
     """Reads what [`save_policy`][] wrote."""
     path = pathlib.Path(path)
-    config = PolicyConfig(**json.loads(path.with_suffix(".json").read_text()))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    token_time = bool(meta.pop("token_time", False))
+    config = PolicyConfig(**meta)
     like = FlowMLPPolicy(
-        config, np.zeros(config.obs_dim), np.ones(config.obs_dim), key=jax.random.key(0)
+        config, np.zeros(config.obs_dim), np.ones(config.obs_dim), key=jax.random.key(0),
+        token_time=token_time,
     )
     return eqx.tree_deserialise_leaves(path.with_suffix(".eqx"), like), config

@@ -15,7 +15,12 @@ its row `d`. Settings, each `kind:d`:
 - `prefix:d`: real-time chunking towards the committed `d` actions only ('zeros');
 - `hard:d`: plain sampling but the first `d` actions copied from the leftover (never
   executed: a control that must equal `naive:d`), kept for completeness;
-- `guided:0` is `rtc:0`: guidance over the overlap with no delay at all.
+- `guided:0` is `rtc:0`: guidance over the overlap with no delay at all;
+- `trt:d`: training-time real-time chunking ([`flowcorrect.PrefixConditioned`][]): the
+  policy fine-tuned from the plain one with [`flowcorrect.PrefixConditioning`][]
+  (`--trt-steps`, `--trt-delays`; cached), the committed `d` actions given clean at the
+  clean flow time, plain Euler steps. `trt:0` is that fine-tuned policy sampled plainly
+  (a control for the fine-tuning itself).
 
 All settings run on the same layouts (seeds) and, at query `q`, on the same noise
 `normal(fold_in(key, q))`, so comparisons are paired. Reported: success (pooled over the
@@ -39,12 +44,13 @@ import numpy as np
 from .._executor import ActionQueue
 from .._flow.sample import sample
 from .._rtc import RealTimeChunking
+from .._rtc_training import ExponentialDelays, PrefixConditioned, UniformDelays
 from . import stats
 from .envs import default_cache, expert_success, reset_env
 from .evaluate import EnvPool
 from .experiment import EVAL_SEED0, task_policy
 
-KINDS = ("sync", "naive", "rtc", "prefix", "hard", "guided")
+KINDS = ("sync", "naive", "rtc", "prefix", "hard", "guided", "trt")
 
 
 def parse_setting(text: str) -> tuple[str, int]:
@@ -77,7 +83,10 @@ def make_act(policy, kind: str, *, num_steps: int, beta: float):
         obs_j = jnp.asarray(obs, jnp.float32)
         noise = jax.random.normal(key, (len(obs), *shape), jnp.float32)
         left = request.prev_chunk_left_over
-        if left is None or kind in ("sync", "naive", "hard"):
+        if kind == "trt" and left is not None:
+            placement = PrefixConditioned(jnp.asarray(left, jnp.float32), request.inference_delay)
+            return np.asarray(_rtc(policy, obs_j, noise, placement, num_steps))
+        if left is None or kind in ("sync", "naive", "hard", "trt"):
             chunks = np.array(_plain(policy, obs_j, noise, num_steps))
             if kind == "hard" and left is not None:
                 chunks[:, :request.inference_delay] = left[:, :request.inference_delay]
@@ -173,13 +182,49 @@ def table(results: dict[str, list[dict[str, Any]]], episodes: int) -> tuple[str,
     pairs = []
     for name in names:
         kind, d = parse_setting(name)
-        for other in (f"naive:{d}",) if kind in ("rtc", "prefix") else ():
+        others = {"rtc": ("naive",), "prefix": ("naive",), "trt": ("naive", "rtc")}
+        for other in (f"{o}:{d}" for o in others.get(kind, ()) if d):
             if other in results:
                 w, l_ = stats.paired_counts(succ(other), succ(name))
                 pairs.append(f"{name} vs {other}: +{w}/-{l_}, p = {stats.mcnemar(w, l_):.2g}")
     if pairs:
         text += "\n" + "\n".join(pairs)
     return text, rows
+
+
+def trt_policy(args: argparse.Namespace, cache: pathlib.Path, demos, policy) -> tuple[Any, dict]:
+    """The plain policy fine-tuned with training-time RTC (cached next to it), and what the
+    fine-tuning cost (steps and seconds of the run that trained it)."""
+    import dataclasses
+    import hashlib
+
+    from .policy import PolicyConfig, load_policy, save_policy, train_policy
+
+    max_delay = args.trt_max_delay if args.trt_max_delay >= 0 else args.horizon - args.execute
+    delays = (ExponentialDelays(max_delay, args.trt_rate) if args.trt_delays == "exp"
+              else UniformDelays(max_delay))
+    key = {k: getattr(args, k, None) for k in (
+        "task", "demos", "demo_seed", "via_point", "horizon", "policy_steps", "train_seed",
+        "trt_steps", "trt_lr", "trt_delays", "trt_rate")}
+    key["max_delay"] = max_delay
+    tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    path = cache / f"trt-policy-{args.task}-{args.demos}-{tag}"
+    meta_path = path.with_name(path.name + "-cost.json")
+    if path.with_suffix(".eqx").exists() and meta_path.exists():
+        return load_policy(path)[0], json.loads(meta_path.read_text())
+    obs, chunks = demos.chunks(args.horizon)
+    config = dataclasses.replace(PolicyConfig(horizon=args.horizon), steps=args.trt_steps,
+                                 learning_rate=args.trt_lr)
+    t0 = time.time()
+    tuned, losses = train_policy(obs, chunks, config, seed=args.train_seed + 1,
+                                 progress=not args.quiet, init=policy, rtc=delays)
+    jax.block_until_ready(eqx.filter(tuned, eqx.is_array))
+    meta = {"fine_tune_steps": args.trt_steps, "base_steps": args.policy_steps,
+            "seconds": time.time() - t0, "delays": repr(delays), "learning_rate": args.trt_lr,
+            "batch_size": config.batch_size, "losses": losses, **key}
+    save_policy(path, tuned, config)
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return tuned, meta
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -201,9 +246,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             + (f"-via{args.via_point:g}" if args.via_point else "")
             + f"-h{args.horizon}-e{args.execute}" + (f"-{args.tag}" if args.tag else ""))
     report: dict[str, Any] = {}
+    tuned, trt_cost = None, None
+    if any(parse_setting(s)[0] == "trt" for s in settings):
+        tuned, trt_cost = trt_policy(args, cache, demos, policy)
     for name in settings:
         kind, delay = parse_setting(name)
-        act = make_act(policy, kind, num_steps=args.num_steps, beta=args.beta)
+        act = make_act(tuned if kind == "trt" else policy, kind, num_steps=args.num_steps,
+                       beta=args.beta)
         results[name] = [
             rollout(pool, seeds, act, jax.random.key(1000 + k), execute=args.execute,
                     delay=delay, max_steps=args.max_steps, progress=progress,
@@ -215,6 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report = {
             "args": vars(args), "expert_success": int(expert.sum()), "table": text,
             "rows": rows, "settings": results, "seconds": time.time() - t0,
+            "trt_training": trt_cost,
             "partial": name != settings[-1],
         }
         (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
@@ -274,6 +324,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--execute", type=int, default=4)
     p.add_argument("--num-steps", type=int, default=10, help="flow steps")
     p.add_argument("--beta", type=float, default=5.0, help="RTC max_guidance_weight")
+    p.add_argument("--trt-steps", type=int, default=1000,
+                   help="fine-tuning steps of the training-time RTC policy (trt:d)")
+    p.add_argument("--trt-lr", type=float, default=3e-4, help="its peak learning rate")
+    p.add_argument("--trt-delays", choices=("exp", "uniform"), default="exp",
+                   help="its delay distribution over 0 .. max delay")
+    p.add_argument("--trt-rate", type=float, default=0.5, help="decay rate of 'exp'")
+    p.add_argument("--trt-max-delay", type=int, default=-1,
+                   help="the largest training delay; -1 = horizon - execute")
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--policy-steps", type=int, default=3000)
     p.add_argument("--train-seed", type=int, default=0)
