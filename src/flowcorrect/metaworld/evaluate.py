@@ -58,7 +58,10 @@ class Episodes:
     - `success`: solved within the step limit; `steps`: steps taken (to success or limit);
     - `speed_violations`: executed steps whose translation command `||a[:3]||` exceeded
         `speed_limit` (when one was given), `max_speed`: the largest such norm;
-    - `diagnostics`: the mean over queries of each diagnostic the sampler returned.
+    - `diagnostics`: the mean over queries of each diagnostic the sampler returned;
+    - `violations`, `max_violation`: with a `violation` function given to
+        [`rollout`][], the executed steps whose action violated it (by more than its
+        tolerance) and the largest violation seen; `None` otherwise.
     """
 
     seeds: np.ndarray
@@ -67,6 +70,8 @@ class Episodes:
     speed_violations: np.ndarray
     max_speed: np.ndarray
     diagnostics: dict[str, float]
+    violations: np.ndarray | None = None
+    max_violation: np.ndarray | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +81,10 @@ class Episodes:
             "speed_violations": self.speed_violations.tolist(),
             "max_speed": np.round(self.max_speed, 4).tolist(),
             "diagnostics": self.diagnostics,
+            **({} if self.violations is None else {
+                "violations": self.violations.tolist(),
+                "max_violation": [float(v) for v in self.max_violation],
+            }),
         }
 
     @classmethod
@@ -88,6 +97,10 @@ class Episodes:
             speed_violations=np.asarray(data["speed_violations"], np.int32),
             max_speed=np.asarray(data["max_speed"], np.float32),
             diagnostics={k: float(v) for k, v in data["diagnostics"].items()},
+            violations=(np.asarray(data["violations"], np.int32)
+                        if "violations" in data else None),
+            max_violation=(np.asarray(data["max_violation"], np.float64)
+                           if "max_violation" in data else None),
         )
 
 
@@ -100,6 +113,8 @@ def rollout(
     execute: int,
     max_steps: int = 500,
     speed_limit: float | None = None,
+    violation: Callable[[np.ndarray], float] | None = None,
+    tolerance: float = 1e-6,
     progress: bool = True,
     desc: str = "",
 ) -> Episodes:
@@ -109,6 +124,10 @@ def rollout(
     `execute` actions are executed (the chunk's horizon must be at least `execute`).
     An environment that has succeeded stops (its observation is still sent, so the
     batch keeps its shape and the sampler compiles once).
+
+    With `violation` (a function of one executed action, `(action_dim,)` after the
+    environment's clip to [-1, 1], returning how far it is from a constraint's feasible
+    set), every executed step whose violation exceeds `tolerance` is counted.
     """
     from tqdm.auto import tqdm
 
@@ -123,6 +142,8 @@ def rollout(
     steps = np.zeros(n, np.int32)
     violations = np.zeros(n, np.int32)
     max_speed = np.zeros(n, np.float32)
+    broken = np.zeros(n, np.int32)
+    worst = np.zeros(n, np.float64)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     bar = tqdm(total=max_steps, desc=desc or "rollout", disable=not progress, mininterval=2)
@@ -151,6 +172,11 @@ def rollout(
                 max_speed[i] = max(max_speed[i], speed)
                 if speed_limit is not None and speed > speed_limit + 1e-6:
                     violations[i] += 1
+                if violation is not None:
+                    v = float(violation(a))
+                    worst[i] = max(worst[i], v)
+                    if not v <= tolerance:
+                        broken[i] += 1
                 o, _, _, truncated, info = envs[i].step(a)
                 obs[i] = o
                 steps[i] += 1
@@ -164,4 +190,8 @@ def rollout(
         bar.set_postfix(success=int(success.sum()), live=int((~done).sum()))
     bar.close()
     diagnostics = {k: sums[k] / counts[k] for k in sums}
-    return Episodes(seeds, success, steps, violations, max_speed, diagnostics)
+    return Episodes(
+        seeds, success, steps, violations, max_speed, diagnostics,
+        violations=None if violation is None else broken,
+        max_violation=None if violation is None else worst,
+    )
