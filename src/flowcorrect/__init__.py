@@ -47,7 +47,12 @@ from ._energy import (
 )
 
 # -- real-time chunking (issue 12) --
-from ._executor import ActionQueue as ActionQueue, ChunkRequest as ChunkRequest
+from ._executor import (
+    ActionQueue as ActionQueue,
+    ChunkArrival as ChunkArrival,
+    ChunkRequest as ChunkRequest,
+    LatencyTracker as LatencyTracker,
+)
 
 # -- flow sampler (issue 3) --
 from ._flow.conventions import (

@@ -8,7 +8,11 @@ after a simulated delay of `d` control steps, or whenever it is handed in (a rea
 where the delay is measured). NumPy only, so it runs in any sim or robot loop.
 """
 
+import collections
 import dataclasses
+import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,6 +34,106 @@ class ChunkRequest:
     inference_delay: int
     execution_horizon: int
     step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkArrival:
+    """How a submitted chunk arrived, returned by [`flowcorrect.ActionQueue.submit`][].
+
+    - `conditioned_delay`: the delay `d` its request reported (what the policy was
+        conditioned on: the committed prefix it was given).
+    - `measured_delay`: the control steps executed between the request and the
+        chunk's arrival `d'` (equal to `d` when the delay is simulated; `None` for the
+        first chunk, which replaces nothing).
+    - `late`: `d' > d`. The queue still switches at row `d'` of the new chunk, its
+        action for that step; rows `d ... d'-1`, planned for steps the old chunk ran,
+        are skipped. Count late arrivals to see whether the latency estimate is too low.
+    - `seconds`: the wall-clock time from request to submit.
+    """
+
+    conditioned_delay: int
+    measured_delay: int | None
+    late: bool
+    seconds: float
+
+
+class LatencyTracker:
+    """The delay to condition the next inference on, from measured inference times.
+
+    A real robot's inference delay varies (network, batching, a busy GPU). The tracker
+    keeps the last `window` measured inference times and estimates the delay of the next
+    request, in control steps, as `ceil(quantile(times, q) / control_period)`: a high
+    quantile, so that a chunk rarely arrives later than the delay it was conditioned on
+    (see [`flowcorrect.ChunkArrival`][]). Before the first measurement it returns
+    `initial_delay`. Give it to an [`flowcorrect.ActionQueue`][] with
+    `simulate_delay=False`, which times every request and feeds the tracker; or call
+    `record` yourself.
+
+    **Arguments:**
+
+    - `control_period`: seconds per control step (`1 / control_hz`), a number `> 0`.
+    - `window`: how many recent inference times to keep, an int `>= 1`. Default 32.
+    - `quantile`: `q` in `[0, 1]`. Default 0.9.
+    - `initial_delay`: the delay before any measurement, an int `>= 0`. Default 0.
+    - `max_delay`: an upper bound on the estimate (an int, or `None`). The queue also
+        caps it at what the chunking allows (`min(s, horizon - s)`).
+
+    !!! example
+
+        ```python
+        tracker = fc.LatencyTracker(control_period=1 / 50, quantile=0.9)
+        queue = fc.ActionQueue(execution_horizon=25, latency=tracker, simulate_delay=False)
+        request = queue.request()                  # request.inference_delay from the tracker
+        arrival = queue.submit(policy(observation, request))
+        if arrival.late:
+            print("arrived after", arrival.measured_delay, "steps; conditioned on",
+                  arrival.conditioned_delay)
+        ```
+    """
+
+    def __init__(self, control_period: float, *, window: int = 32, quantile: float = 0.9,
+                 initial_delay: int = 0, max_delay: int | None = None):
+        if isinstance(control_period, bool) or not isinstance(control_period, int | float) \
+                or not math.isfinite(control_period) or control_period <= 0:
+            raise ValueError(
+                f"`control_period` must be a number of seconds > 0 (1 / control rate); got "
+                f"{control_period!r}; e.g. LatencyTracker(control_period=1 / 50)."
+            )
+        for name, value, low in (("window", window, 1), ("initial_delay", initial_delay, 0)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+                raise ValueError(f"`{name}` must be an int >= {low}; got {value!r}.")
+        if isinstance(quantile, bool) or not isinstance(quantile, int | float) \
+                or not 0 <= quantile <= 1:
+            raise ValueError(f"`quantile` must be a number in [0, 1]; got {quantile!r}.")
+        if max_delay is not None and (isinstance(max_delay, bool) or not isinstance(
+                max_delay, int | np.integer) or max_delay < 0):
+            raise ValueError(f"`max_delay` must be None or an int >= 0; got {max_delay!r}.")
+        self.control_period = float(control_period)
+        self.quantile = float(quantile)
+        self.initial_delay = int(initial_delay)
+        self.max_delay = None if max_delay is None else int(max_delay)
+        self.times: collections.deque[float] = collections.deque(maxlen=int(window))
+
+    def record(self, seconds: float) -> None:
+        """Adds one measured inference time, in seconds (finite, `>= 0`)."""
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float | np.floating) \
+                or not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"`seconds` must be a finite number >= 0; got {seconds!r}.")
+        self.times.append(float(seconds))
+
+    def steps(self, seconds: float) -> int:
+        """Control steps that pass during `seconds` of inference (rounded up: a chunk that
+        arrives during a step is first used at the next one)."""
+        # A hair of tolerance: 0.06 s at 50 Hz is 3 steps, not 4 by rounding.
+        return max(0, math.ceil(seconds / self.control_period - 1e-9))
+
+    def delay(self) -> int:
+        """The delay, in control steps, to condition the next inference on."""
+        if not self.times:
+            d = self.initial_delay
+        else:
+            d = self.steps(float(np.quantile(np.asarray(self.times), self.quantile)))
+        return d if self.max_delay is None else min(d, self.max_delay)
 
 
 class ActionQueue:
@@ -72,10 +176,17 @@ class ActionQueue:
         `False` (a real robot): it takes over at the next `pop`, at the row equal to
         the steps executed since the request (the measured delay, recorded in
         `measured_delays`).
+    - `latency`: a [`flowcorrect.LatencyTracker`][] (needs `simulate_delay=False`):
+        every request reports the tracker's estimate as its `inference_delay` (capped at
+        `min(s, horizon - s)`), and every submit feeds the tracker the measured
+        inference time. `submit` returns a [`flowcorrect.ChunkArrival`][] saying whether
+        the chunk arrived later than the delay it was conditioned on.
+    - `clock`: seconds as a float, `time.monotonic` by default (a test can pass a fake).
     """
 
     def __init__(self, execution_horizon: int, inference_delay: int = 0, *,
-                 simulate_delay: bool = True):
+                 simulate_delay: bool = True, latency: LatencyTracker | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         for name, value, low in (("execution_horizon", execution_horizon, 1),
                                  ("inference_delay", inference_delay, 0)):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
@@ -86,9 +197,22 @@ class ActionQueue:
                 f"{execution_horizon}: the next inference would be due before this one "
                 "returns. Execute at least d actions per chunk."
             )
+        if latency is not None and not isinstance(latency, LatencyTracker):
+            raise TypeError(
+                f"`latency` must be a fc.LatencyTracker or None; got {type(latency).__name__}."
+            )
+        if latency is not None and simulate_delay:
+            raise ValueError(
+                "`latency` measures a real delay, but `simulate_delay=True` fixes it at "
+                "`inference_delay`. Pass simulate_delay=False with a tracker."
+            )
+        if not callable(clock):
+            raise TypeError(f"`clock` must be callable; got {type(clock).__name__}.")
         self.execution_horizon = int(execution_horizon)
         self.inference_delay = int(inference_delay)
         self.simulate_delay = bool(simulate_delay)
+        self.latency = latency
+        self.clock = clock
         self.reset()
 
     def reset(self) -> None:
@@ -100,6 +224,8 @@ class ActionQueue:
         self._pending: np.ndarray | None = None
         self._request: ChunkRequest | None = None
         self.measured_delays: list[int] = []
+        self.arrivals: list[ChunkArrival] = []
+        self._requested_at = 0.0
         self._switched = False  # a chunk took over and its first action is not popped yet
 
     @property
@@ -117,15 +243,27 @@ class ActionQueue:
         if self._request is not None:
             raise RuntimeError("An inference is already running; submit its chunk first.")
         left = None if self.chunk is None else np.array(self.chunk[..., self.index:, :])
-        self._request = ChunkRequest(left, self.inference_delay, self.execution_horizon,
+        self._request = ChunkRequest(left, self._next_delay(), self.execution_horizon,
                                      self.steps)
+        self._requested_at = float(self.clock())
         return self._request
 
-    def submit(self, chunk: Any, *, replace: bool = False) -> None:
+    def _next_delay(self) -> int:
+        if self.latency is None:
+            return self.inference_delay
+        cap = self.execution_horizon
+        if self.chunk is not None:
+            cap = min(cap, self.chunk.shape[-2] - self.execution_horizon)
+        return min(self.latency.delay(), cap)
+
+    def submit(self, chunk: Any, *, replace: bool = False) -> ChunkArrival:
         """Hands in the chunk of the running inference.
 
         The chunk is copied: reusing its array afterwards does not change what the robot
         executes.
+
+        **Returns:** a [`flowcorrect.ChunkArrival`][]: the delay the request reported,
+        the measured one and whether the chunk is late (also kept in `arrivals`).
 
         **Arguments:**
 
@@ -172,14 +310,28 @@ class ActionQueue:
                 f"`execution_horizon` {self.execution_horizon} exceeds the chunk's horizon "
                 f"{horizon}."
             )
+        request = self._request
+        seconds = float(self.clock()) - self._requested_at
+        if self.latency is not None and not replace:
+            self.latency.record(max(seconds, 0.0))
         self._pending = chunk
+        measured: int | None
         if self.chunk is None:
+            measured = None
             self._take_over(0)
             self._switched = False  # the first chunk replaces nothing
         elif not self.simulate_delay:
-            elapsed = self.steps - self._request.step
-            self.measured_delays.append(elapsed)
-            self._take_over(elapsed)
+            measured = self.steps - request.step
+            self.measured_delays.append(measured)
+            self._take_over(measured)
+        else:
+            measured = request.inference_delay
+        arrival = ChunkArrival(
+            request.inference_delay, measured,
+            measured is not None and measured > request.inference_delay, seconds,
+        )
+        self.arrivals.append(arrival)
+        return arrival
 
     def _arrive(self) -> None:
         # A simulated inference returns exactly `d` steps after its request, before that
@@ -246,4 +398,4 @@ def _checked_chunk(chunk: Any) -> np.ndarray:
     return array
 
 
-__all__ = ["ActionQueue", "ChunkRequest"]
+__all__ = ["ActionQueue", "ChunkArrival", "ChunkRequest", "LatencyTracker"]

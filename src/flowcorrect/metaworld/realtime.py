@@ -16,6 +16,8 @@ its row `d`. Settings, each `kind:d`:
 - `hard:d`: plain sampling but the first `d` actions copied from the leftover (never
   executed: a control that must equal `naive:d`), kept for completeness;
 - `guided:0` is `rtc:0`: guidance over the overlap with no delay at all;
+- `rtc:d@c`, `trt:d@c`: conditioned on delay `c` but arriving after `d >= c` steps (a
+  late chunk: the queue switches at its row `d`);
 - `trt:d`: training-time real-time chunking ([`flowcorrect.PrefixConditioned`][]): the
   policy fine-tuned from the plain one with [`flowcorrect.PrefixConditioning`][]
   (`--trt-steps`, `--trt-delays`; cached), the committed `d` actions given clean at the
@@ -31,6 +33,7 @@ second difference), all on the clipped executed actions.
 """
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import time
@@ -57,7 +60,13 @@ def parse_setting(text: str) -> tuple[str, int]:
     kind, _, d = text.partition(":")
     if kind not in KINDS:
         raise ValueError(f"Unknown setting kind {kind!r} in {text!r}; use one of {KINDS}.")
+    d, at, cond = d.partition("@")
     delay = int(d) if d else 0
+    if at and (kind not in ("rtc", "trt") or not 0 <= int(cond) <= delay):
+        raise ValueError(
+            f"{text!r}: `kind:d@c` (a chunk conditioned on delay c that arrives after d >= c "
+            "steps) is for rtc and trt only."
+        )
     if kind == "sync" and delay:
         raise ValueError("`sync` has no delay.")
     if kind == "guided":
@@ -75,14 +84,23 @@ def _rtc(policy, obs, noise, placement, num_steps):
     return sample(policy, obs, noise=noise, num_steps=num_steps, placement=placement)[0]
 
 
-def make_act(policy, kind: str, *, num_steps: int, beta: float):
-    """`act(obs [N, 39], key, request) -> chunks [N, H, 4]` for one setting kind."""
+def conditioned_delay(text: str) -> int | None:
+    """`c` of a setting `kind:d@c` (conditioned on delay `c`, arriving after `d`), else None."""
+    _, at, cond = text.partition("@")
+    return int(cond) if at else None
+
+
+def make_act(policy, kind: str, *, num_steps: int, beta: float, conditioned: int | None = None):
+    """`act(obs [N, 39], key, request) -> chunks [N, H, 4]` for one setting kind; with
+    `conditioned`, the chunk is conditioned on that delay instead of the request's."""
     shape = policy.chunk_shape
 
     def act(obs: np.ndarray, key: Any, request) -> np.ndarray:
         obs_j = jnp.asarray(obs, jnp.float32)
         noise = jax.random.normal(key, (len(obs), *shape), jnp.float32)
         left = request.prev_chunk_left_over
+        if conditioned is not None:
+            request = dataclasses.replace(request, inference_delay=conditioned)
         if kind == "trt" and left is not None:
             placement = PrefixConditioned(jnp.asarray(left, jnp.float32), request.inference_delay)
             return np.asarray(_rtc(policy, obs_j, noise, placement, num_steps))
@@ -195,7 +213,6 @@ def table(results: dict[str, list[dict[str, Any]]], episodes: int) -> tuple[str,
 def trt_policy(args: argparse.Namespace, cache: pathlib.Path, demos, policy) -> tuple[Any, dict]:
     """The plain policy fine-tuned with training-time RTC (cached next to it), and what the
     fine-tuning cost (steps and seconds of the run that trained it)."""
-    import dataclasses
     import hashlib
 
     from .policy import PolicyConfig, load_policy, save_policy, train_policy
@@ -252,7 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in settings:
         kind, delay = parse_setting(name)
         act = make_act(tuned if kind == "trt" else policy, kind, num_steps=args.num_steps,
-                       beta=args.beta)
+                       beta=args.beta, conditioned=conditioned_delay(name))
         results[name] = [
             rollout(pool, seeds, act, jax.random.key(1000 + k), execute=args.execute,
                     delay=delay, max_steps=args.max_steps, progress=progress,
