@@ -523,3 +523,79 @@ def test_a_server_without_an_energy_serves_what_needs_none(served):
         policy.infer({**obs, "flowcorrect": {"placement": "best_of_n", "n": 3}})
     with pytest.raises(ValueError, match=r"PostHoc cannot run on this server without an energy"):
         CorrectedPolicy.from_policy(plain, placement=fc.PostHoc(fc.reference_recipe()))
+
+
+def _with_unnormalize(served, use_quantiles):
+    from openpi import transforms
+    from openpi.policies import policy as _policy
+    from openpi.shared import normalize
+
+    config, model, obs, plain = served
+    rng = np.random.default_rng(3)
+    # Statistics for 7 of the model's 32 action dims, as LIBERO's are: openpi pads the
+    # rest (quantiles pass them through; z-scores pad with mean 0, std 1).
+    q01 = rng.uniform(-2.0, -0.5, 7)
+    stats = normalize.NormStats(mean=rng.normal(size=7), std=rng.uniform(0.2, 3.0, 7),
+                                q01=q01, q99=q01 + rng.uniform(0.5, 4.0, 7))
+    unnormalize = transforms.Unnormalize({"actions": stats}, use_quantiles=use_quantiles)
+    return _policy.Policy(model, output_transforms=[unnormalize]), stats
+
+
+@pytest.mark.parametrize("use_quantiles", [True, False])
+def test_a_servers_constraint_holds_for_every_request(served, use_quantiles):
+    import flowcorrect as fc
+    from flowcorrect.openpi import CorrectedPolicy, RequestError
+
+    config, model, obs, _ = served
+    policy, stats = _with_unnormalize(served, use_quantiles)
+    # Robot-unit limits on the first 7 dims, tight enough that plain chunks cross them.
+    centre = stats.mean if not use_quantiles else (stats.q01 + stats.q99) / 2
+    low, high = centre - 0.1, centre + 0.1
+    box = fc.Box(low.astype(np.float32), high.astype(np.float32), dims=7)
+    served_policy = CorrectedPolicy.from_policy(policy, constraint=box)
+    noise = np.asarray(jax.random.normal(jax.random.key(5), (model.action_horizon,
+                                                             model.action_dim)))
+    plain = policy.infer(dict(obs), noise=noise)["actions"]
+    assert np.mean((plain[:, :7] < low) | (plain[:, :7] > high)) > 0.3
+    out = served_policy.infer(dict(obs), noise=noise)
+    # A box in robot units is a clip in robot units: exactly what projection must give,
+    # and the other dims are untouched.
+    np.testing.assert_allclose(out["actions"][:, :7], np.clip(plain[:, :7], low, high),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["actions"][:, 7:], plain[:, 7:], rtol=1e-5, atol=1e-6)
+    reply = out["flowcorrect"]["constraint"]
+    assert reply["changed"] and reply["feasible"] and not reply["fell_back"]
+    assert reply["violation_before"] > 0.05 and reply["violation_after"] <= 1e-5
+    assert reply["distance"] > 0 and out["flowcorrect"]["placement"] == "Project(Plain)"
+    # Whatever a client asks for, the chunk leaves feasible; none can switch it off.
+    for options in ({"placement": "off"},
+                    {"placement": "feasible", "weight": 5.0},
+                    {"placement": "best_of_n", "n": 3, "select": "medoid",
+                     "feasible_first": True}):
+        got = served_policy.infer({**obs, "flowcorrect": options})
+        a = got["actions"][:, :7]
+        assert np.all((a >= low - 1e-5) & (a <= high + 1e-5)), options
+        assert got["flowcorrect"]["constraint"]["feasible"], options
+    for loosen in ({"placement": "off", "constraint": None}, {"constraint": "off"}):
+        with pytest.raises(RequestError, match="constraint"):
+            served_policy.infer({**obs, "flowcorrect": loosen})
+    meta = served_policy.metadata["flowcorrect"]
+    assert meta["constraint"]["fixed"] and meta["constraint"]["units"] == "robot"
+    assert "feasible" in meta["placements"]
+
+
+def test_a_constraint_that_cannot_apply_is_refused_at_start(served):
+    import flowcorrect as fc
+    from flowcorrect.openpi import CorrectedPolicy, RequestError
+
+    config, model, obs, plain = served
+    with pytest.raises(ValueError, match=r"Unnormalize.*constraint_units='model'"):
+        CorrectedPolicy.from_policy(plain, constraint=fc.Box(-1.0, 1.0))
+    with pytest.raises(ValueError, match=r"cannot act on this model's chunks \(50, 32\)"):
+        CorrectedPolicy.from_policy(plain, constraint=fc.Box(-1.0, 1.0, dims=[40]),
+                                    constraint_units="model")
+    with pytest.raises(TypeError, match="flowcorrect constraint"):
+        CorrectedPolicy.from_policy(plain, constraint=(-1.0, 1.0), constraint_units="model")
+    without = CorrectedPolicy.from_policy(plain)
+    with pytest.raises(RequestError, match="server's constraint"):
+        without.infer({**obs, "flowcorrect": {"placement": "feasible"}})

@@ -49,9 +49,10 @@ def _report_counts(request):
             print("\nrequest fuzz: " + ", ".join(f"{k} {v}" for k, v in sorted(COUNTS.items())))
 
 
-def parse(options, *, has_energy=True, limits=LIMITS):
+def parse(options, *, has_energy=True, limits=LIMITS, has_constraint=False):
     return parse_request(
-        options, limits=limits, horizon=HORIZON, num_steps=NUM_STEPS, has_energy=has_energy
+        options, limits=limits, horizon=HORIZON, num_steps=NUM_STEPS, has_energy=has_energy,
+        has_constraint=has_constraint,
     )
 
 
@@ -149,7 +150,7 @@ def test_defaults_and_numpy_scalars_are_accepted():
     assert type(request.settings["steps"]) is int and type(request.settings["alpha"]) is float
     assert parse({"placement": "guided"}).settings == {"weight": 1.0, "last": 10, "cap": 1.0}
     near = parse({"placement": "best_of_n", "n": 8, "select": "near_mean"}).settings
-    assert near == {"n": 8, "select": "near_mean", "k": 4}
+    assert near == {"n": 8, "select": "near_mean", "k": 4, "feasible_first": False}
     assert parse(None).placement is None
     assert parse({"episode": 7}).episode == "7"  # an int id is a string id
     done = parse({"episode": "a", "done": True, "success": False})
@@ -233,6 +234,7 @@ _PLAUSIBLE = {
     "prefix_attention_schedule": st.sampled_from(["exp", "linear", "ones", "zeros"]),
     "max_guidance_weight": st.floats(-1.0, 101.0),
     "hard_prefix": st.booleans(),
+    "feasible_first": st.booleans(),
     "episode": st.sampled_from(["a", "ep-2", 7]),
     "reset": st.booleans(),
 }
@@ -274,11 +276,13 @@ def _within_limits(request):
 
 
 @REQUEST_FUZZ
-@given(options=_OPTIONS, has_energy=st.booleans())
-def test_fuzz_options_refused_clearly_or_valid_and_buildable(options, has_energy):
+@given(options=_OPTIONS, has_energy=st.booleans(), has_constraint=st.booleans())
+def test_fuzz_options_refused_clearly_or_valid_and_buildable(
+    options, has_energy, has_constraint
+):
     COUNTS["options tried"] += 1
     try:
-        request = parse(options, has_energy=has_energy)
+        request = parse(options, has_energy=has_energy, has_constraint=has_constraint)
     except RequestError as e:
         COUNTS["options refused"] += 1
         assert str(e) and len(str(e)) < 600
@@ -286,12 +290,16 @@ def test_fuzz_options_refused_clearly_or_valid_and_buildable(options, has_energy
     COUNTS["options valid"] += 1
     _within_limits(request)
     if request.placement is not None and not has_energy:
-        assert request.placement in ("off", "rtc") or request.settings["select"] == "medoid"
+        assert request.placement in ("off", "rtc", "feasible") or (
+            request.settings["select"] == "medoid")
+    if not has_constraint:
+        assert request.placement != "feasible" and not request.settings.get("feasible_first")
     if request.done:
         assert request.episode is not None
         return
     previous = np.full((1, HORIZON, 3), 0.5, np.float32)
-    placement = placement_from_request(request, previous=previous)  # must not raise
+    constraint = fc.Box(-1.0, 1.0) if has_constraint else None
+    placement = placement_from_request(request, previous=previous, constraint=constraint)
     assert placement is None or isinstance(placement, fc.AbstractPlacement)
     if placement is not None:
         placement.noise_shape((HORIZON, 3))  # the placement accepts the model's chunks
@@ -483,3 +491,33 @@ def test_recorder_memory_bound_and_failing_disk(tmp_path):
     recorder.add("d", *_query(0))  # recording has stopped; nothing is held
     assert recorder.status()["episodes_in_flight"] == 0
     assert fc.load_rollouts(tmp_path / "r").num_episodes == 1
+
+
+# -- the server's constraint -------------------------------------------------------------
+
+
+def test_constraint_options_need_the_servers_constraint():
+    with pytest.raises(RequestError, match=r"'feasible'.*server's constraint.*none"):
+        parse({"placement": "feasible"})
+    with pytest.raises(RequestError, match=r"'feasible_first'.*server's constraint"):
+        parse({"placement": "best_of_n", "select": "medoid", "feasible_first": True})
+    # Guidance by the violation needs no energy: a server with only a constraint serves it.
+    feasible = parse({"placement": "feasible"}, has_energy=False, has_constraint=True)
+    assert feasible.settings == {"weight": 10.0, "last": NUM_STEPS, "cap": 1e3}
+    with pytest.raises(RequestError, match=r"'weight'.*\[0.0, 100.0\]; got 1000"):
+        parse({"placement": "feasible", "weight": 1e3}, has_constraint=True)
+    with pytest.raises(RequestError, match=r"Unknown correction options.*'feasible'"):
+        parse({"placement": "feasible", "steps": 2}, has_constraint=True)
+
+
+def test_feasible_requests_build_their_placements():
+    box = fc.Box(-0.5, 0.5)
+    options = {"placement": "best_of_n", "n": 4, "select": "medoid", "feasible_first": True}
+    best = placement_from_options(options, constraint=box)
+    assert isinstance(best, fc.BestOfN) and isinstance(best.select, fc.FeasibleFirst)
+    assert isinstance(best.select.then, fc.Medoid) and best.select.constraint is box
+    guided = placement_from_options({"placement": "feasible", "weight": 3.0, "last": 4},
+                                    constraint=box)
+    assert isinstance(guided, fc.Guided)
+    with pytest.raises(RequestError, match="server's constraint"):
+        placement_from_options({"placement": "feasible"})

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .._constraints.base import AbstractConstraint
+from .._constraints.selection import FeasibleFirst
 from .._correctors.recipes import reference_recipe
 from .._flow.placements import AbstractPlacement, BestOfN, Denoised, Guided, PostHoc
 from .._flow.schedules import LastSteps
@@ -23,9 +25,11 @@ from .._rtc import RealTimeChunking
 #: The key of an observation dict that carries per-request correction settings.
 OPTIONS_KEY = "flowcorrect"
 
-PLACEMENTS = ("off", "post_hoc", "denoised", "guided", "best_of_n", "rtc")
+PLACEMENTS = ("off", "post_hoc", "denoised", "guided", "best_of_n", "rtc", "feasible")
 #: Placements that read no energy.
 ENERGY_FREE = ("off", "rtc")
+#: Placements that read the server's constraint (guidance by its violation).
+CONSTRAINED = ("feasible",)
 SELECTIONS = ("energy", "medoid", "near_mean")
 RTC_SCHEDULES = ("ones", "zeros", "linear", "exp")
 #: Keys of `obs["flowcorrect"]` that are about the episode, not the placement.
@@ -36,7 +40,7 @@ _OPTIONS = {
     "post_hoc": ("steps", "alpha", "clip_frac", "first_only"),
     "denoised": ("steps", "alpha", "clip_frac", "first_only", "weight", "last"),
     "guided": ("weight", "last", "cap"),
-    "best_of_n": ("n", "select", "k"),
+    "best_of_n": ("n", "select", "k", "feasible_first"),
     "rtc": (
         "inference_delay",
         "execution_horizon",
@@ -44,6 +48,7 @@ _OPTIONS = {
         "max_guidance_weight",
         "hard_prefix",
     ),
+    "feasible": ("weight", "last", "cap"),
 }
 _MAX_EPISODE_ID = 128
 
@@ -189,6 +194,7 @@ def parse_request(
     horizon: int,
     num_steps: int,
     has_energy: bool,
+    has_constraint: bool = False,
 ) -> Request:
     """Validates `obs["flowcorrect"]` completely, in plain Python, before any work.
 
@@ -201,6 +207,8 @@ def parse_request(
     - `num_steps`: the flow steps (bounds `last`).
     - `has_energy`: whether the server has an energy or verifier; without one only the
         placements in `ENERGY_FREE` are served.
+    - `has_constraint`: whether the server has a constraint; `"feasible"` (guidance by
+        its violation) and best-of-N's `feasible_first` need one.
 
     **Returns:**
 
@@ -270,11 +278,18 @@ def parse_request(
             f"{sorted(_OPTIONS[kind]) or 'no other options'}."
         )
     settings = _settings(kind, options, limits, horizon, num_steps)
+    if not has_constraint and (kind in CONSTRAINED or settings.get("feasible_first")):
+        what = "Placement 'feasible'" if kind in CONSTRAINED else "'feasible_first'"
+        raise RequestError(
+            f"{what} reads the server's constraint, and this server has none; its owner "
+            "sets one (CorrectedPolicy(..., constraint=...))."
+        )
     consensus = kind == "best_of_n" and settings["select"] == "medoid"
-    if not has_energy and kind not in ENERGY_FREE and not consensus:
+    if not has_energy and kind not in (*ENERGY_FREE, *CONSTRAINED) and not consensus:
         raise RequestError(
             f"Placement {kind!r} needs an energy or verifier, and this server has none; it "
-            f"serves {list(ENERGY_FREE)} and 'best_of_n' with select='medoid' (consensus)."
+            f"serves {list(ENERGY_FREE)} and 'best_of_n' with select='medoid' (consensus)"
+            + (" and 'feasible'." if has_constraint else ".")
         )
     return Request(placement=kind, settings=settings, episode=episode, reset=reset)
 
@@ -288,13 +303,18 @@ def _settings(
         out["alpha"] = _number(options, "alpha", 0.1, 0.0, limits.max_alpha)
         out["clip_frac"] = _number(options, "clip_frac", 0.2, 0.0, 1.0, open_low=True)
         out["first_only"] = _flag(options, "first_only", False)
-    if kind in ("denoised", "guided"):
+    if kind in ("denoised", "guided", "feasible"):
         out["weight"] = _number(options, "weight", 1.0, 0.0, limits.max_weight)
         out["last"] = _count(
             options, "last", num_steps, 1, num_steps, "the final flow steps to correct"
         )
     if kind == "guided":
         out["cap"] = _number(options, "cap", 1.0, 0.0, 1e6, open_low=True)
+    if kind == "feasible":
+        # The violation's gradient is zero inside the feasible set and of order one
+        # outside it: a larger default weight and cap than an energy's.
+        out["weight"] = _number(options, "weight", 10.0, 0.0, limits.max_weight)
+        out["cap"] = _number(options, "cap", 1e3, 0.0, 1e6, open_low=True)
     if kind == "best_of_n":
         out["n"] = _count(options, "n", 8, 1, limits.max_candidates, "candidates")
         out["select"] = _choice(options, "select", "energy", SELECTIONS)
@@ -308,6 +328,7 @@ def _settings(
                 "Correction option 'k' belongs to select='near_mean'; got select="
                 f"{out['select']!r}."
             )
+        out["feasible_first"] = _flag(options, "feasible_first", False)
     if kind == "rtc":
         for name in ("inference_delay", "execution_horizon"):
             if name not in options:
@@ -336,7 +357,10 @@ def _settings(
 
 
 def placement_from_request(
-    request: Request, action_dims: int | None = None, previous: Any = None
+    request: Request,
+    action_dims: int | None = None,
+    previous: Any = None,
+    constraint: AbstractConstraint | None = None,
 ) -> AbstractPlacement | None:
     """The placement a validated [`flowcorrect.openpi.Request`][] asks for.
 
@@ -349,6 +373,9 @@ def placement_from_request(
     - `previous`: for `rtc`, the episode's previous chunks `(batch, horizon,
         action_dim)` in the model's action space; `None` (the episode's first request)
         gives `None`: the first chunk of an episode continues nothing and is plain.
+    - `constraint`: the server's constraint, which best-of-N's `feasible_first` reads
+        (`"feasible"` guides by its violation, which the server passes as the energy).
+        The server projects every chunk onto it around whatever this returns.
 
     **Returns:**
 
@@ -384,10 +411,15 @@ def placement_from_request(
         if kind == "post_hoc":
             return PostHoc(recipe)
         return Denoised(recipe, schedule=LastSteps(o["last"]), weight=o["weight"])
-    if kind == "guided":
+    if kind in ("guided", "feasible"):
         return Guided(schedule=LastSteps(o["last"]), weight=o["weight"], cap=o["cap"])
     select = {"energy": ByEnergy, "medoid": Medoid}.get(o["select"])
-    return BestOfN(o["n"], select=select() if select else NearMean(o["k"]))
+    rule = select() if select else NearMean(o["k"])
+    if o["feasible_first"]:
+        if constraint is None:
+            raise RequestError("'feasible_first' needs the server's constraint; it has none.")
+        rule = FeasibleFirst(constraint, then=rule)
+    return BestOfN(o["n"], select=rule)
 
 
 def placement_from_options(
@@ -398,6 +430,7 @@ def placement_from_options(
     horizon: int = 50,
     num_steps: int = 10,
     limits: ServerLimits | None = None,
+    constraint: AbstractConstraint | None = None,
 ) -> AbstractPlacement | None:
     """Builds a placement from plain settings (what a client can send in a request).
 
@@ -414,7 +447,9 @@ def placement_from_options(
         - `best_of_n`: `n` (8, at most `limits.max_candidates`) and `select`:
           `"energy"` (the lowest energy, default), `"medoid"` (consensus, reads no
           energy) or `"near_mean"` with `k` (the lowest energy among the `k`
-          candidates nearest the candidates' mean);
+          candidates nearest the candidates' mean); `feasible_first` (False) keeps only
+          candidates feasible for `constraint` before that rule
+          ([`flowcorrect.FeasibleFirst`][]);
         - `rtc`: real-time chunking ([`flowcorrect.RealTimeChunking`][], needs no
           energy): `inference_delay` (`d`, control steps the robot executes from the
           previous chunk while this one is computed), `execution_horizon` (`s`, actions
@@ -423,7 +458,11 @@ def placement_from_options(
           `prefix_attention_schedule` ("exp"), `max_guidance_weight` (5.0),
           `hard_prefix` (False). The names are LeRobot's. The previous chunk's
           leftover is `previous[:, s:]` (zero-padded to the horizon, so the shapes
-          never change), in the model's own action space.
+          never change), in the model's own action space;
+        - `feasible`: guidance by `constraint`'s violation inside the flow steps
+          (needs no energy; pass `fc.ViolationEnergy(constraint)` as the energy):
+          `weight` (10.0), `last` (default every step), `cap` (1000.0). A server
+          projects every chunk onto its constraint as well, whatever the placement.
     - `action_dims`: the post-hoc and denoised recipes change only the first
         `action_dims` dims.
     - `previous`: for `rtc`, the previous call's chunks `(batch, horizon, action_dim)`
@@ -432,6 +471,8 @@ def placement_from_options(
         RTC's options and `last`; `horizon` is read from `previous` when given.
     - `limits`: the bounds on counts and weights, default
         [`flowcorrect.openpi.ServerLimits`][]`()`.
+    - `constraint`: an [`flowcorrect.AbstractConstraint`][] for `feasible` and
+        `feasible_first`; `None` refuses them.
 
     Every option is checked before anything is built; a bad one raises
     [`flowcorrect.openpi.RequestError`][] (a `ValueError`) naming it, the value seen and
@@ -449,13 +490,14 @@ def placement_from_options(
         horizon=horizon,
         num_steps=num_steps,
         has_energy=True,
+        has_constraint=constraint is not None,
     )
     if request.placement is None:
         raise RequestError(
             f"Correction options need 'placement', one of {list(PLACEMENTS)}; got "
             f"{sorted(options)}."
         )
-    return placement_from_request(request, action_dims, previous)
+    return placement_from_request(request, action_dims, previous, constraint)
 
 
 def _shown(value: Any) -> str:

@@ -13,8 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._constraints.base import AbstractConstraint
+from .._constraints.energy import ViolationEnergy
+from .._constraints.placement import Project, ProjectInfo
+from .._constraints.robot import InRobotSpace
 from .._energy import OnActionDims, as_energy
-from .._flow.placements import AbstractPlacement
+from .._flow.placements import AbstractPlacement, Plain
 from .._flow.sample import sample
 from .._model.context import TokenContext
 from .._model.pooled import PooledContext, pool_tokens
@@ -23,6 +27,7 @@ from ._episodes import Episodes
 from ._pi0 import Pi0Policy, _pi0, nnx  # ._pi0 checks for openpi first
 from ._recording import Recorder
 from ._requests import (
+    CONSTRAINED,
     ENERGY_FREE,
     OPTIONS_KEY,
     PLACEMENTS,
@@ -88,11 +93,16 @@ class CorrectedPi0(nnx.Module):
         energy: Any = None,
         placement: AbstractPlacement | None = None,
         record: "Record | None" = None,
+        report: "Report | None" = None,
     ) -> Any:
         """openpi's `sample_actions`, with `placement` and `energy` as in `fc.sample`.
 
-        With `record` (a [`flowcorrect.openpi.Record`][]) it returns `(actions,
-        extras)`: the pooled prefix features and the candidate chunks of each sample."""
+        With `record` (a [`flowcorrect.openpi.Record`][]) or `report` (a `Report()`,
+        a marker with no arrays, so that it passes openpi's `jit` unchanged) it returns
+        `(actions, extras)`: with `record`, the pooled prefix features (`"context"`)
+        and the candidate chunks of each sample (`"candidates"`); with `report` and a
+        [`flowcorrect.Project`][] placement, its diagnostics per sample
+        (`"constraint"`: violation before and after, distance moved, feasible)."""
         if num_steps is not None:
             raise ValueError(
                 "Set the number of flow steps on the model, CorrectedPi0(model, "
@@ -119,7 +129,7 @@ class CorrectedPi0(nnx.Module):
             noise = jax.random.normal(rng, (batch, *shape))
         # A key for stochastic correctors, not the one the noise came from.
         key = jax.random.fold_in(rng, 1)
-        actions, _ = sample(
+        actions, info = sample(
             policy,
             observation,
             key,
@@ -128,9 +138,24 @@ class CorrectedPi0(nnx.Module):
             placement=placement,
             energy=energy,
         )
-        if record is None:
+        if record is None and report is None:
             return actions
-        return actions, record.extras(policy, actions, rng, self.num_steps)
+        extras = {} if record is None else record.extras(policy, actions, rng, self.num_steps)
+        if report is not None and isinstance(info.placement, ProjectInfo):
+            project = info.placement
+            extras["constraint"] = {
+                "violation_before": project.violation_before,
+                "violation_after": project.violation_after,
+                "distance": project.distance,
+                "feasible": project.feasible,
+                "fell_back": project.fell_back | project.kept,
+            }
+        return actions, extras
+
+
+class Report(eqx.Module):
+    """Asks [`flowcorrect.openpi.CorrectedPi0.sample_actions`][] for the projection's
+    diagnostics beside the actions."""
 
 
 class Record(eqx.Module):
@@ -284,6 +309,24 @@ class CorrectedPolicy(_policy.Policy):
         checkpoint) or `"inputs"` (the model's inputs after openpi's transforms, as a
         pytree: the three images, their masks, the state and the prompt tokens; about
         20 to 50 times larger, and usable with any later checkpoint or encoder).
+    - `constraint`: limits every chunk the server sends must satisfy, an
+        [`flowcorrect.AbstractConstraint`][] (`fc.AllOf(fc.Box(...),
+        fc.MaxStepChange(...))`). Fixed by the server's owner: every chunk, whatever
+        placement the request asks for, is projected onto it
+        ([`flowcorrect.Project`][] around the placement), and no request option can
+        loosen or remove it. The reply's `obs["flowcorrect"]["constraint"]` says
+        whether and how much the chunk was changed (`changed`, `distance`,
+        `violation_before`, `violation_after`, `feasible`). Requests may also ask for
+        guidance by its violation (`{"placement": "feasible"}`, so that the projection
+        has less to do) or best-of-N among feasible candidates (`"feasible_first":
+        true`).
+    - `constraint_units`: `"robot"` (the default): the constraint is in the units of
+        the actions after the output transforms' `Unnormalize` (openpi's own
+        normalisation statistics, quantile or z-score, padded as openpi pads them), and
+        is applied through [`flowcorrect.InRobotSpace`][]; `"model"`: in the model's
+        normalised action space, as given. Output transforms after `Unnormalize`
+        (absolute-action conversions, a robot's own dims) are not modelled: state
+        limits in the units `Unnormalize` produces.
     - `rng`, `transforms`, `output_transforms`, `metadata`: as for openpi's `Policy`.
     """
 
@@ -301,6 +344,8 @@ class CorrectedPolicy(_policy.Policy):
         record_dir: Any = None,
         record_candidates: int = 7,
         record_observation: str = "context",
+        constraint: Any = None,
+        constraint_units: str = "robot",
         rng: Any = None,
         transforms: Sequence[Any] = (),
         output_transforms: Sequence[Any] = (),
@@ -342,6 +387,15 @@ class CorrectedPolicy(_policy.Policy):
             output_transforms=output_transforms,
             metadata=metadata,
         )
+        self.constraint = None
+        self._constraint_info = None
+        if constraint is not None:
+            self.constraint = self._served_constraint(constraint, constraint_units)
+            self._constraint_info = {
+                "constraint": repr(constraint),
+                "units": constraint_units,
+                "fixed": True,
+            }
         if self.energy is not None:
             self._check_energy_fits(verifier is not None)
         elif placement is not None:
@@ -358,6 +412,7 @@ class CorrectedPolicy(_policy.Policy):
                 horizon=self._pi0.action_horizon,
                 num_steps=num_steps,
                 has_energy=self.energy is not None,
+                has_constraint=self.constraint is not None,
             )
             extra = sorted(set(default_options) & {"episode", "reset", "done", "success"})
             if request.placement is None or extra:
@@ -398,7 +453,7 @@ class CorrectedPolicy(_policy.Policy):
 
         def sample_and_keep(*args: Any, **kwargs: Any) -> Any:
             actions = jitted(*args, **kwargs)
-            if "record" in kwargs:
+            if "record" in kwargs or "report" in kwargs:
                 actions, self._last_extras = actions
             self._last_actions = actions
             return actions
@@ -435,6 +490,8 @@ class CorrectedPolicy(_policy.Policy):
         record_dir: Any = None,
         record_candidates: int = 7,
         record_observation: str = "context",
+        constraint: Any = None,
+        constraint_units: str = "robot",
     ) -> "CorrectedPolicy":
         """The same policy (model, transforms, metadata) with correction.
 
@@ -448,8 +505,8 @@ class CorrectedPolicy(_policy.Policy):
 
         - `policy`: an openpi `Policy` of a JAX Pi0 / Pi0.5.
         - `energy`, `placement`, `default_options`, `action_dims`, `limits`,
-            `verifier`, `record_dir`, `record_candidates`, `record_observation`: as for
-            the class.
+            `verifier`, `record_dir`, `record_candidates`, `record_observation`,
+            `constraint`, `constraint_units`: as for the class.
         - `num_steps`: defaults to the policy's `sample_kwargs["num_steps"]`, else 10.
         """
         if not isinstance(policy, _policy.Policy):
@@ -484,6 +541,8 @@ class CorrectedPolicy(_policy.Policy):
             record_dir=record_dir,
             record_candidates=record_candidates,
             record_observation=record_observation,
+            constraint=constraint,
+            constraint_units=constraint_units,
             transforms=[policy._input_transform],
             output_transforms=[policy._output_transform],
             metadata=dict(policy._metadata),
@@ -569,6 +628,7 @@ class CorrectedPolicy(_policy.Policy):
             horizon=self._pi0.action_horizon,
             num_steps=self._model.num_steps,
             has_energy=self.energy is not None,
+            has_constraint=self.constraint is not None,
         )
         if request.done:
             self._episodes.close(request.episode)
@@ -597,10 +657,20 @@ class CorrectedPolicy(_policy.Policy):
         if request.placement is None:
             placement = self.placement
         else:
-            placement = placement_from_request(request, self.action_dims, previous)
+            placement = placement_from_request(
+                request, self.action_dims, previous, self.constraint
+            )
+        energy = self.energy
+        if request.placement in CONSTRAINED:
+            energy = ViolationEnergy(self.constraint)
+        if self.constraint is not None:
+            # The server's guarantee, around whatever the request asked for.
+            placement = Project(self.constraint, Plain() if placement is None else placement)
         self._sample_kwargs = (
-            {} if placement is None else {"energy": self.energy, "placement": placement}
+            {} if placement is None else {"energy": energy, "placement": placement}
         )
+        if self.constraint is not None:
+            self._sample_kwargs["report"] = Report()
         recording = (
             self._recorder is not None
             and self._recorder.error is None
@@ -629,6 +699,8 @@ class CorrectedPolicy(_policy.Policy):
                 "sent. Check the observation's values (state scale, images)."
             )
         info: dict[str, Any] = {"placement": _name(placement)}
+        if self.constraint is not None:
+            info["constraint"] = _constraint_reply(extras["constraint"])
         if episode is not None:
             info["episode"] = request.episode
             info["request"] = episode.requests
@@ -662,7 +734,12 @@ class CorrectedPolicy(_policy.Policy):
             "action_horizon": self._pi0.action_horizon,
             "verifier": self._verifier_info,
             "recording": None if self._recorder is None else self._recorder.status(),
+            "constraint": self._constraint_info,
         }
+        if self.constraint is not None:
+            meta[OPTIONS_KEY]["placements"] = [
+                *meta[OPTIONS_KEY]["placements"], *CONSTRAINED
+            ]
         return meta
 
     def _dropped(self, episode: str, _: Any) -> None:
@@ -683,6 +760,35 @@ class CorrectedPolicy(_policy.Policy):
             "action_dims": int(self.action_dims or model.action_dim),
             "record_candidates": self._record.candidates,
         }
+
+    def _served_constraint(self, constraint: Any, units: str) -> AbstractConstraint:
+        """The constraint in the model's action space: `InRobotSpace` of the output
+        transforms' normalisation for `units="robot"`; checked on the model's chunk
+        shape here, at start."""
+        if not isinstance(constraint, AbstractConstraint):
+            raise TypeError(
+                "`constraint` must be a flowcorrect constraint such as fc.Box(-1.0, 1.0) or "
+                f"fc.AllOf(...); got {type(constraint).__name__}."
+            )
+        if units not in ("robot", "model"):
+            raise ValueError(
+                "`constraint_units` must be 'robot' (after the output transforms' "
+                f"Unnormalize) or 'model' (the normalised action space); got {units!r}."
+            )
+        model = self._pi0
+        if units == "robot":
+            constraint = robot_space(constraint, self._output_transform, model.action_dim)
+        chunk = jnp.zeros((model.action_horizon, model.action_dim), jnp.float32)
+        try:
+            jax.eval_shape(constraint.project, chunk)
+            jax.eval_shape(constraint.violation, chunk)
+        except Exception as e:
+            raise ValueError(
+                f"The constraint cannot act on this model's chunks {tuple(chunk.shape)} "
+                f"(horizon, action_dim): {type(e).__name__}: {e}. State its dims within "
+                f"the model's {model.action_dim} action dims."
+            ) from e
+        return constraint
 
     def _check_placement_runs(self, placement: AbstractPlacement) -> None:
         """Traces the default placement abstractly (no compile, no model run), so one that
@@ -838,5 +944,72 @@ def _keys(tree: Any) -> Any:
     return sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
 
 
+def robot_space(constraint: Any, output_transform: Any, action_dim: int) -> InRobotSpace:
+    """`constraint`, stated in the units the output transforms' `Unnormalize` gives,
+    as an [`flowcorrect.InRobotSpace`][] over the model's normalised chunks.
+
+    The affine map is openpi's own: for quantile statistics `robot = (a + 1) / 2 *
+    (q99 - q01 + 1e-6) + q01` on the first `len(q01)` dims (the rest pass through), for
+    z-score statistics `robot = a * (std + 1e-6) + mean` (padded with mean 0, std 1).
+
+    **Arguments:**
+
+    - `constraint`: in robot units.
+    - `output_transform`: the policy's output transform (a `CompositeTransform` holding
+        an `Unnormalize` whose statistics include `"actions"`).
+    - `action_dim`: the model's action dim.
+    """
+    from openpi import transforms as _transforms
+
+    found = []
+
+    def walk(t: Any) -> None:
+        if isinstance(t, _transforms.Unnormalize):
+            found.append(t)
+        for inner in getattr(t, "transforms", ()) or ():
+            walk(inner)
+
+    walk(output_transform)
+    found = [t for t in found if t.norm_stats and "actions" in t.norm_stats]
+    if not found:
+        raise ValueError(
+            "`constraint_units='robot'` reads the output transforms' Unnormalize statistics "
+            "for 'actions', and this policy's output transforms have none; state the "
+            "constraint in the model's normalised units with constraint_units='model' (or "
+            "wrap it in fc.InRobotSpace yourself)."
+        )
+    unnormalize = found[0]
+    stats = unnormalize.norm_stats["actions"]
+    scale = np.ones(action_dim, np.float64)
+    offset = np.zeros(action_dim, np.float64)
+    if unnormalize.use_quantiles:
+        q01, q99 = np.asarray(stats.q01, np.float64), np.asarray(stats.q99, np.float64)
+        k = min(len(q01), action_dim)
+        scale[:k] = (q99[:k] - q01[:k] + 1e-6) / 2
+        offset[:k] = q01[:k] + scale[:k]
+    else:
+        mean, std = np.asarray(stats.mean, np.float64), np.asarray(stats.std, np.float64)
+        k = min(len(mean), action_dim)
+        offset[:k] = mean[:k]
+        scale[:k] = std[:k]
+        scale += 1e-6
+    return InRobotSpace(constraint, scale.astype(np.float32), offset.astype(np.float32))
+
+
+def _constraint_reply(extras: Mapping[str, Any]) -> dict[str, Any]:
+    """The first sample's projection diagnostics as plain Python (a batch of one)."""
+    distance = float(np.asarray(extras["distance"])[0])
+    return {
+        "changed": distance > 0,
+        "distance": distance,
+        "violation_before": float(np.asarray(extras["violation_before"])[0]),
+        "violation_after": float(np.asarray(extras["violation_after"])[0]),
+        "feasible": bool(np.asarray(extras["feasible"])[0]),
+        "fell_back": bool(np.asarray(extras["fell_back"])[0]),
+    }
+
+
 def _name(placement: AbstractPlacement | None) -> str:
+    if isinstance(placement, Project):
+        return f"Project({_name(placement.inner)})"
     return "off" if placement is None else type(placement).__name__
