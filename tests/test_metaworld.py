@@ -6,6 +6,8 @@ import importlib
 import importlib.util
 import json
 import math
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ import pytest
 import flowcorrect as fc
 from flowcorrect.metaworld import stats
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 HAVE_METAWORLD = importlib.util.find_spec("metaworld") is not None
 # Meta-World's scripted experts warn when their gains saturate the action bounds; the
 # environment clips the actions, as the message says.
@@ -47,13 +50,64 @@ def test_binomial_two_sided_known_values(k, n, p):
     assert stats.binomial_two_sided(k, n) == pytest.approx(p, rel=1e-12)
 
 
+def _exact_two_sided(k, n):
+    """The definition in integers: outcomes at most as likely as `k`, one division."""
+    counts = [math.comb(n, i) for i in range(n + 1)]
+    return min(1.0, sum(c for c in counts if c <= counts[k]) / 2**n)
+
+
 def test_binomial_matches_direct_sum_for_all_small_cases():
     for n in range(0, 30):
         for k in range(n + 1):
-            probs = [math.comb(n, i) / 2**n for i in range(n + 1)]
-            direct = min(1.0, sum(q for q in probs if q <= probs[k] * (1 + 1e-12)))
-            assert stats.binomial_two_sided(k, n) == pytest.approx(direct, rel=1e-9)
+            assert stats.binomial_two_sided(k, n) == pytest.approx(
+                _exact_two_sided(k, n), rel=1e-9
+            )
             assert stats.binomial_two_sided(k, n) == stats.binomial_two_sided(n - k, n)
+
+
+@pytest.mark.parametrize("n", [73, 150, 300])
+def test_binomial_matches_exact_integers_at_harness_sizes(n):
+    # Discordant pairs of 300 paired episodes reach n = 300; tails reach 1e-90.
+    for k in range(n + 1):
+        assert stats.binomial_two_sided(k, n) == pytest.approx(
+            _exact_two_sided(k, n), rel=1e-12
+        )
+
+
+def test_stored_results_p_values_are_reproduced():
+    # Every p-value in the committed results (written by the harness, and quoted in the
+    # docs) is what the test gives today for the row's wins and losses.
+    checked = 0
+    for path in sorted((ROOT / "benchmarks" / "results" / "metaworld").glob("*.json")):
+        rows = json.loads(path.read_text())["rows"]
+        # One table, or one table per baseline.
+        for table in rows.values() if isinstance(rows, dict) else [rows]:
+            for r in table:
+                p = stats.mcnemar(r["wins"], r["losses"])
+                assert p == pytest.approx(r["p"], rel=1e-12), (path.name, r["name"])
+                checked += 1
+    assert checked >= 60
+
+
+# "+13/-42 0.00011", "+29/-14, p = 0.032", "| +9/-0 | 0.0039 |": wins, losses and the
+# p-value as the docs print it.
+_NUMBER = r"(\d[\d.]*(?:e[+-]?\d+)?)"
+_QUOTED_P = [rf"\+(\d+)/-(\d+)\s+{_NUMBER}\s", rf"\+(\d+)/-(\d+), p = {_NUMBER}",
+             rf"\| \+(\d+)/-(\d+) \| {_NUMBER} \|"]  # fmt: skip
+
+
+def test_docs_p_values_are_reproduced():
+    checked = 0
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        text = page.read_text()
+        for pattern in _QUOTED_P:
+            for m in re.finditer(pattern, text):
+                quoted = m[3]
+                digits = max(1, len(quoted.split("e")[0].replace(".", "").lstrip("0")))
+                p = stats.mcnemar(int(m[1]), int(m[2]))
+                assert float(f"{p:.{digits}g}") == float(quoted), (page.name, m[0], p)
+                checked += 1
+    assert checked >= 100
 
 
 def test_binomial_large_n_is_finite_and_tiny():
