@@ -20,6 +20,10 @@ Rows:
 - `early_best_of_N`: `EarlyBestOfN(N, 3)`, N chains for 3 of the 10 steps, ranked by
   the energy of their denoised estimates, one chain finished (these two rows run with
   `--full` or `--rows`, not in the quick set);
+- `project_box`, `project_step`, `project_box_step`: `Project` of the plain chunk onto
+  `Box(-0.5, 0.5)` (closed form), `MaxStepChange(0.05)` (iterative) and both
+  (`AllOf`, Dykstra); `feasible_project`: guidance by the box's violation on every flow
+  step, then the projection (these four run with `--full` or `--rows`);
 - `reference_kK`: the reference's "method B" on the same model: openpi's sampler, then
   a second prefix pass for `prefix_out`, then K clipped steps in a Python loop, each a
   separate compiled call whose energy re-encodes the context;
@@ -216,6 +220,25 @@ def placements(args) -> dict[str, tuple[str, Callable[[], Any]]]:
         "RealTimeChunking (delay 4, execution horizon H/2): guided every step, one VJP each",
         RTCRow,
     )
+    # Hard constraints: the projection after the flow (closed form, iterative, and both
+    # by Dykstra's method), and guidance by the violation then projection. A factory may
+    # return (placement, energy) for a row that reads its own energy.
+    box = lambda: fc.Box(-0.5, 0.5)  # noqa: E731
+    steps = lambda: fc.MaxStepChange(0.05)  # noqa: E731
+    out["project_box"] = ("Project(Box): closed form", lambda: fc.Project(box()))
+    out["project_step"] = (
+        "Project(MaxStepChange): dual proximal-gradient rounds",
+        lambda: fc.Project(steps()),
+    )
+    out["project_box_step"] = (
+        "Project(AllOf(Box, MaxStepChange)): Dykstra's alternating projections",
+        lambda: fc.Project(fc.AllOf(box(), steps())),
+    )
+    out["feasible_project"] = (
+        f"Project(Box, Guided by its violation, all {NUM_FLOW_STEPS} flow steps)",
+        lambda: (fc.Project(box(), fc.Guided(weight=10.0, cap=1e3)),
+                 fc.ViolationEnergy(box())),
+    )
     return out
 
 
@@ -226,7 +249,8 @@ def row_names(args) -> list[str]:
         name
         for name in placements(args)
         if (not name.startswith(("denoised_", "guided_")) or name in args.schedules)
-        and (args.ranking or not (name.startswith("early_") or name.endswith("_medoid")))
+        and (args.ranking or not (name.startswith(("early_", "project_", "feasible_"))
+                                  or name.endswith("_medoid")))
     ]
     return [
         "plain",
@@ -266,7 +290,8 @@ def build_rows(args, setup: Setup, obs, key) -> list[Row]:
         every[name] = Row(
             name,
             description,
-            lambda p=placement: harness.compile_fn(sample_placed, policy, obs, key, energy, p()),
+            lambda p=placement: harness.compile_fn(sample_placed, policy, obs, key,
+                                                   *_energy_and_placement(energy, p())),
             k,
         )
     pieces = functools.cache(lambda: reference_pieces(handwritten(), policy, energy, obs))
@@ -278,6 +303,14 @@ def build_rows(args, setup: Setup, obs, key) -> list[Row]:
             k,
         )
     return [every[name] for name in rows_to_run(args, setup) if name in every]
+
+
+def _energy_and_placement(energy, made):
+    """A placement factory's result as (energy, placement): its own energy if it gave one."""
+    if isinstance(made, tuple):
+        placement, own = made
+        return own, placement
+    return energy, made
 
 
 def rows_to_run(args, setup: Setup) -> list[str]:

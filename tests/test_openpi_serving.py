@@ -447,7 +447,8 @@ def test_serve_command_end_to_end(tmp_path):
     command = [sys.executable, "-m", "flowcorrect.openpi.serve", "--host", "127.0.0.1",
                "--port", str(port), "--default-options", rtc, "--limits.max-steps", "5",
                "--record-dir", str(tmp_path / "rec"), "--record-candidates", "1",
-               "policy:test-size"]
+               "--constraint", '{"box": {"low": -0.5, "high": 0.5}}',
+               "--constraint-units", "model", "policy:test-size"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     lines = []
@@ -461,6 +462,10 @@ def test_serve_command_end_to_end(tmp_path):
                 break
         banner = "".join(lines)
         assert f"ws://127.0.0.1:{port}" in banner
+        # Compiled before listening: the first requests compile nothing, so no client
+        # waits on a compile past its keep-alive.
+        assert ("compiled Project(Plain), Project(Plain) (recording), "
+                "Project(RealTimeChunking), Project(RealTimeChunking) (recording)") in banner
         client = WebsocketClientPolicy("127.0.0.1", port)
         meta = client.get_server_metadata()["flowcorrect"]
         assert meta["limits"]["max_steps"] == 5
@@ -468,9 +473,14 @@ def test_serve_command_end_to_end(tmp_path):
         config, _ = _make_model(False, "float32")
         obs = _obs_dict(config, jax.random.key(5))
         first = client.infer({**obs, "flowcorrect": {"episode": "run"}})
-        assert first["flowcorrect"]["placement"] == "off"  # the episode's first chunk
+        # The episode's first chunk continues nothing: plain, projected on the box.
+        assert first["flowcorrect"]["placement"] == "Project(Plain)"
         second = client.infer({**obs, "flowcorrect": {"episode": "run"}})
-        assert second["flowcorrect"]["placement"] == "RealTimeChunking"
+        assert second["flowcorrect"]["placement"] == "Project(RealTimeChunking)"
+        for reply in (first, second):
+            assert np.abs(reply["actions"]).max() <= 0.5 + 1e-5
+            assert reply["flowcorrect"]["constraint"]["feasible"]
+        assert meta["constraint"]["fixed"] and "Box" in meta["constraint"]["constraint"]
         done = client.infer({"flowcorrect": {"episode": "run", "done": True, "success": True}})
         assert done["flowcorrect"]["recorded_queries"] == 2
         client._ws.close()
@@ -599,3 +609,28 @@ def test_a_constraint_that_cannot_apply_is_refused_at_start(served):
     without = CorrectedPolicy.from_policy(plain)
     with pytest.raises(RequestError, match="server's constraint"):
         without.infer({**obs, "flowcorrect": {"placement": "feasible"}})
+
+
+def test_warm_up_leaves_the_first_requests_nothing_to_compile(served):
+    import jax.monitoring
+
+    import flowcorrect as fc
+    from flowcorrect.openpi import CorrectedPolicy
+
+    config, model, obs, plain = served
+    policy = CorrectedPolicy.from_policy(
+        plain, constraint=fc.Box(-0.5, 0.5), constraint_units="model",
+        default_options={"placement": "best_of_n", "n": 2, "select": "medoid"},
+    )
+    assert policy.warm_up() == ["Project(BestOfN)"]
+    plain.infer(dict(obs))  # openpi's own small array ops, compiled once per process
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiles.append(event)
+        if event == "/jax/core/compile/backend_compile_duration" else None
+    )
+    out = policy.infer(dict(obs))
+    assert np.abs(out["actions"]).max() <= 0.5 + 1e-5
+    n = len(compiles)
+    policy.infer({**obs, "flowcorrect": {"placement": "off"}})  # Project(Plain): new
+    assert n == 0 and len(compiles) > 0

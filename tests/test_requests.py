@@ -521,3 +521,28 @@ def test_feasible_requests_build_their_placements():
     assert isinstance(guided, fc.Guided)
     with pytest.raises(RequestError, match="server's constraint"):
         placement_from_options({"placement": "feasible"})
+
+
+def test_constraint_specs_build_the_constraints_they_name():
+    from flowcorrect.openpi import constraint_from_spec
+
+    one = constraint_from_spec({"box": {"low": -1.0, "high": 1.0, "dims": 7}})
+    assert isinstance(one, fc.Box) and one.dims == tuple(range(7))
+    both = constraint_from_spec({
+        "box": [{"low": -1.0, "high": 1.0}, {"low": 0.0, "high": 0.5, "dims": [3]}],
+        "max_step_change": {"max_change": 0.1, "dims": 2},
+        "half_space": {"normal": [0.0, 1.0], "offset": 0.2, "dims": [0, 1]},
+    })
+    assert isinstance(both, fc.AllOf) and len(both.constraints) == 4
+    chunk = jax.random.normal(jax.random.key(0), (6, 4)) * 2
+    out = both.project(chunk)
+    assert bool(both.is_feasible(out)) and not bool(both.is_feasible(chunk))
+    for bad, match in (
+        ({}, "non-empty dict of kinds"),
+        ({"speed": {}}, r"Unknown constraint kind 'speed'.*'box'"),
+        ({"box": {"low": -1.0}}, r"'box' needs \['low', 'high'\].*got \['low'\]"),
+        ({"ball": {"centre": [0.0], "radius": 1.0, "size": 2}}, r"may take \['dims'\]"),
+        ({"box": 3}, r"'box' takes a dict"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            constraint_from_spec(bad)

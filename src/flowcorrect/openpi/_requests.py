@@ -571,3 +571,57 @@ def check_observation(obs: Any, limits: ServerLimits) -> None:
                 f"{path} (shape {leaf.shape}) has {bad} non-finite value(s) (NaN or inf); "
                 "no action is computed from it."
             )
+
+
+_CONSTRAINT_KINDS = {
+    "box": ("Box", ("low", "high"), ("dims",)),
+    "ball": ("Ball", ("centre", "radius"), ("dims",)),
+    "outside_ball": ("OutsideBall", ("centre", "radius"), ("dims",)),
+    "half_space": ("HalfSpace", ("normal", "offset"), ("dims",)),
+    "max_step_change": ("MaxStepChange", ("max_change",), ("dims",)),
+    "max_jerk": ("MaxJerk", ("max_jerk",), ("order", "dims")),
+}
+
+
+def constraint_from_spec(spec: Any) -> AbstractConstraint:
+    """A server's constraint from plain data (a serve command's JSON): a dict of kinds,
+    each the keyword arguments of one constraint, all of which must hold.
+
+    Kinds: `box` ([`flowcorrect.Box`][]: `low`, `high`, `dims`), `ball` and
+    `outside_ball` (`centre`, `radius`, `dims`), `half_space` (`normal`, `offset`,
+    `dims`), `max_step_change` (`max_change`, `dims`), `max_jerk` (`max_jerk`, `order`,
+    `dims`). For example `{"box": {"low": -1.0, "high": 1.0, "dims": 7},
+    "max_step_change": {"max_change": 0.05, "dims": 7}}`; a kind may also be a list
+    of such dicts. One constraint is returned as itself, several as
+    [`flowcorrect.AllOf`][].
+    """
+    import flowcorrect as fc
+
+    example = '{"box": {"low": -1.0, "high": 1.0, "dims": 7}}'
+    if not isinstance(spec, Mapping) or not spec:
+        raise ValueError(
+            f"A constraint spec is a non-empty dict of kinds, e.g. {example}; got "
+            f"{_shown(spec)}."
+        )
+    parts = []
+    for kind, value in spec.items():
+        if kind not in _CONSTRAINT_KINDS:
+            raise ValueError(
+                f"Unknown constraint kind {kind!r}; the kinds are {sorted(_CONSTRAINT_KINDS)}."
+            )
+        name, required, optional = _CONSTRAINT_KINDS[kind]
+        for args in value if isinstance(value, list) else [value]:
+            if not isinstance(args, Mapping):
+                raise ValueError(
+                    f"Constraint {kind!r} takes a dict of {list(required + optional)}; got "
+                    f"{_shown(args)}."
+                )
+            missing = [k for k in required if k not in args]
+            unknown = sorted(set(args) - set(required) - set(optional))
+            if missing or unknown:
+                raise ValueError(
+                    f"Constraint {kind!r} needs {list(required)} (and may take "
+                    f"{list(optional)}); got {sorted(args)}."
+                )
+            parts.append(getattr(fc, name)(**args))
+    return parts[0] if len(parts) == 1 else fc.AllOf(*parts)

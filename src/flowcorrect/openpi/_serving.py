@@ -654,30 +654,12 @@ class CorrectedPolicy(_policy.Policy):
         if request.episode is not None:
             episode = self._episodes.peek(request.episode, reset=request.reset)
         previous = None if episode is None else episode.previous
-        if request.placement is None:
-            placement = self.placement
-        else:
-            placement = placement_from_request(
-                request, self.action_dims, previous, self.constraint
-            )
-        energy = self.energy
-        if request.placement in CONSTRAINED:
-            energy = ViolationEnergy(self.constraint)
-        if self.constraint is not None:
-            # The server's guarantee, around whatever the request asked for.
-            placement = Project(self.constraint, Plain() if placement is None else placement)
-        self._sample_kwargs = (
-            {} if placement is None else {"energy": energy, "placement": placement}
-        )
-        if self.constraint is not None:
-            self._sample_kwargs["report"] = Report()
         recording = (
             self._recorder is not None
             and self._recorder.error is None
             and request.episode is not None
         )
-        if recording:
-            self._sample_kwargs["record"] = self._record
+        placement, self._sample_kwargs = self._sample_kwargs_for(request, previous, recording)
         server_rng = self._rng
         if episode is not None:
             self._rng = episode.next_rng()
@@ -717,6 +699,67 @@ class CorrectedPolicy(_policy.Policy):
                 )
         outputs[OPTIONS_KEY] = info
         return outputs
+
+    def _sample_kwargs_for(
+        self, request: Any, previous: Any, recording: bool
+    ) -> tuple[AbstractPlacement | None, dict[str, Any]]:
+        """The placement a request runs and the keyword arguments of `sample_actions`."""
+        if request.placement is None:
+            placement = self.placement
+        else:
+            placement = placement_from_request(
+                request, self.action_dims, previous, self.constraint
+            )
+        energy = self.energy
+        if request.placement in CONSTRAINED:
+            energy = ViolationEnergy(self.constraint)
+        if self.constraint is not None:
+            # The server's guarantee, around whatever the request asked for.
+            placement = Project(self.constraint, Plain() if placement is None else placement)
+        kwargs: dict[str, Any] = (
+            {} if placement is None else {"energy": energy, "placement": placement}
+        )
+        if self.constraint is not None:
+            kwargs["report"] = Report()
+        if recording:
+            kwargs["record"] = self._record
+        return placement, kwargs
+
+    def warm_up(self) -> list[str]:
+        """Compiles what the server's default requests run, before the first client
+        connects: a request that compiles for a minute would block openpi's server
+        loop, and its client's keep-alive would time out. The default placement (for
+        real-time chunking, both an episode's first, plain, chunk and a continuing
+        one), with the projection and the recording the server applies, on an
+        observation of the model's input shapes. Returns the placements compiled.
+        Requests for other placements compile at their first use."""
+        from openpi.models import model as _model
+
+        model = self._pi0
+        fake = _fake_observation(model)
+        observation = _model.Observation(
+            images={k: jnp.zeros(v.shape, jnp.float32) for k, v in fake.images.items()},
+            image_masks={k: jnp.ones(v.shape, bool) for k, v in fake.image_masks.items()},
+            state=jnp.zeros(fake.state.shape, jnp.float32),
+            tokenized_prompt=jnp.zeros(fake.tokenized_prompt.shape, jnp.int32),
+            tokenized_prompt_mask=jnp.ones(fake.tokenized_prompt_mask.shape, bool),
+        )
+        request = parse_request(
+            self.default_options, limits=self.limits, horizon=model.action_horizon,
+            num_steps=self._model.num_steps, has_energy=self.energy is not None,
+            has_constraint=self.constraint is not None,
+        )
+        previous = [None]
+        if request.placement == "rtc":
+            previous.append(np.zeros((1, model.action_horizon, model.action_dim), np.float32))
+        compiled = []
+        for prev in previous:
+            for recording in {False, self._recorder is not None}:
+                placement, kwargs = self._sample_kwargs_for(request, prev, recording)
+                self._sample_actions(jax.random.key(0), observation, **kwargs)
+                compiled.append(_name(placement) + (" (recording)" if recording else ""))
+        self._last_actions = self._last_extras = None
+        return compiled
 
     @property
     def metadata(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import json
 import logging
 import pathlib
 import socket
+import time
 from typing import Any
 
 from ._requests import ServerLimits
@@ -76,6 +77,13 @@ class Args:
     record_dir: str | None = None
     # Extra plain candidates recorded per request.
     record_candidates: int = 7
+    # Limits every chunk must satisfy, fixed at the server, as JSON: a dict of kinds
+    # ("box", "ball", "outside_ball", "half_space", "max_step_change", "max_jerk"),
+    # e.g. '{"box": {"low": -1.0, "high": 1.0, "dims": 7}}'.
+    constraint: str | None = None
+    # "robot": the constraint is in the units after the output transforms' Unnormalize;
+    # "model": in the model's normalised action space.
+    constraint_units: str = "robot"
     # Flow steps (default: the checkpoint's, else 10).
     num_steps: int | None = None
     # What one request may ask of the server.
@@ -95,6 +103,18 @@ def build_policy(args: Args) -> Any:
                 f"--default-options must be JSON such as '{{\"placement\": \"best_of_n\", "
                 f"\"n\": 8}}'; got {args.default_options!r} ({e})."
             ) from e
+    constraint = None
+    if args.constraint is not None:
+        from ._requests import constraint_from_spec
+
+        try:
+            spec = json.loads(args.constraint)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"--constraint must be JSON such as '{{\"box\": {{\"low\": -1.0, \"high\": "
+                f"1.0, \"dims\": 7}}}}'; got {args.constraint!r} ({e})."
+            ) from e
+        constraint = constraint_from_spec(spec)
     if isinstance(args.policy, TestSize):
         policy = _test_size_policy(args.policy)
     else:
@@ -120,6 +140,8 @@ def build_policy(args: Args) -> Any:
         verifier=args.verifier,
         record_dir=args.record_dir,
         record_candidates=args.record_candidates,
+        constraint=constraint,
+        constraint_units=args.constraint_units,
     )
 
 
@@ -154,9 +176,16 @@ def describe(policy: Any, args: Args, port: int) -> str:
         f"  energy: {args.energy or '-'}; verifier: {meta['verifier'] or '-'}; "
         f"action_dims: {meta['action_dims']}",
         f"  recording: {meta['recording']['directory'] if meta['recording'] else 'off'}",
+        f"  constraint: {_constraint_line(meta['constraint'])}",
         f"  limits: {limits}",
     ]
     return "\n".join(lines)
+
+
+def _constraint_line(info: Any) -> str:
+    if not info:
+        return "-"
+    return f"{info['constraint']} ({info['units']} units, fixed by the server)"
 
 
 def main(args: Args) -> None:
@@ -166,6 +195,10 @@ def main(args: Args) -> None:
     from openpi.serving import websocket_policy_server
 
     policy = build_policy(args)
+    start = time.monotonic()
+    compiled = policy.warm_up()
+    print(f"flowcorrect: compiled {', '.join(compiled)} in {time.monotonic() - start:.0f} s",
+          flush=True)
     port = args.port
     if port == 0:
         with socket.socket() as s:
