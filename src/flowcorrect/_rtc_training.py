@@ -132,7 +132,7 @@ class ExponentialDelays(AbstractDelays):
     """
 
     max_delay: int = eqx.field(static=True)
-    rate: float = eqx.field(static=True, default=0.5)
+    rate: float | int = eqx.field(static=True, default=0.5)
 
     def __check_init__(self):
         count("ExponentialDelays", "max_delay", self.max_delay, 0, "4", "control steps")
@@ -236,9 +236,9 @@ class PrefixConditioning(eqx.Module):
         convention: AbstractConvention,
         actions: Float[Array, "horizon action_dim"],
         noise: Float[Array, "horizon action_dim"],
-        t: Float[Array, ""],
+        t: Float[Array, ""] | float,
         key: PRNGKeyArray,
-        delay: Int[Array, ""] | None = None,
+        delay: Int[Array, ""] | int | None = None,
     ) -> ConditionedExample:
         """**Arguments:** the policy's `convention`; the clean `actions` and the `noise`,
         both `(horizon, action_dim)`; the example's flow time `t` (a scalar); a `key`
@@ -259,7 +259,8 @@ class PrefixConditioning(eqx.Module):
             )
         d = self.delays.sample(key) if delay is None else jnp.asarray(delay, jnp.int32)
         times = token_times(jnp.asarray(t, actions.dtype), d, horizon, convention)
-        x_t = convention.interpolate(noise, actions, times[:, None])
+        # Row by row: a convention mixes at one time, and each row has its own.
+        x_t = jax.vmap(convention.interpolate)(noise[:, None], actions[:, None], times)[:, 0]
         prefix = jnp.arange(horizon) < d
         # Exactly the actions on the prefix (interpolating at the clean time rounds).
         x_t = jnp.where(prefix[:, None], actions, x_t)
@@ -427,19 +428,22 @@ class PrefixConditioned(AbstractInterleaved):
                              "actions left in `prev_chunk_left_over`.")
         return jnp.arange(horizon) < d, self._target(flow.batch_size, horizon, x.dtype)
 
-    def init(self, flow: Flow, x: BatchChunks) -> None:
+    def init(self, flow: Flow, x: BatchChunks) -> tuple[Array, BatchChunks]:
         _require_token_time(flow.policy, "PrefixConditioned")
-        return None
+        # Once, before the loop: the state carries the prefix mask and the target (and the
+        # run-time check of a traced delay), so a step adds two selects to plain Euler.
+        mask, target = self._prefix(flow, x)
+        return mask[None, :, None], target
 
     def step(self, flow, x, t, dt, index, state, keys):
-        mask, target = self._prefix(flow, x)
-        x = jnp.where(mask[None, :, None], target, x)
+        mask, target = state
+        x = jnp.where(mask, target, x)
         times = token_times(t, self.inference_delay, x.shape[1], flow.convention)
         v = flow.velocity(x, times)
-        x_next = jnp.where(mask[None, :, None], target, x + dt * v)
-        return x_next, v, None
+        x_next = jnp.where(mask, target, x + dt * v)
+        return x_next, v, state
 
-    def info(self, flow: Flow, state: None) -> None:
+    def info(self, flow: Flow, state: Any) -> None:
         return None
 
 
