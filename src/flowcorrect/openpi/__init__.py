@@ -62,8 +62,6 @@ _LAZY = {
     "Pi0Prefix": "._pi0",
     "Pi0TokenTimePolicy": "._rtc_training",
     "pi0_prefix_conditioned_loss": "._rtc_training",
-    "Pi0TokenTimePolicy": "._rtc_training",
-    "pi0_prefix_conditioned_loss": "._rtc_training",
     "sample_actions_with_energy_correction": "._reference_api",
     "tiny_siglip": "._testing",
 }
