@@ -11,6 +11,8 @@ from other processes falls on every row alike):
 - `plain`: plain sampling of the scalar-time policy;
 - `plain_token_time`: plain sampling of the per-token-time policy (its larger first
   layer);
+- `plain_through_placement`: the same through `placement=fc.Plain()` (what every
+  placement adds: the finiteness check and the fallback's branch);
 - `trt`: [`flowcorrect.PrefixConditioned`][] on the per-token-time policy, delay 2 (the
   committed prefix in clean, no guidance);
 - `rtc`: inference-time [`flowcorrect.RealTimeChunking`][] on the plain policy, delay 2,
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {
         "plain": sampler(plain, None),
         "plain_token_time": sampler(token, None),
+        "plain_through_placement": sampler(token, fc.Plain()),
         "trt": sampler(token, fc.PrefixConditioned(left, args.delay)),
         "rtc": sampler(plain, fc.RealTimeChunking(left, args.delay, 4)),
     }
