@@ -45,14 +45,16 @@ from .experiment import EVAL_SEED0, _slug, _tag, get_policy
 from .policy import PolicyConfig
 
 
-def make_constraint(name: str) -> Any:
-    """The named constraint on the translation command (see the module docstring)."""
+def make_constraint(name: str, limit: float | None = None) -> Any:
+    """The named constraint on the translation command (see the module docstring), with
+    its bound `limit` (default 0.8 for `speed`, 0.3 for `descent`)."""
     import flowcorrect as fc
 
     if name == "speed":
-        return fc.Ball(jnp.zeros(3), 0.8, dims=(0, 1, 2))
+        return fc.Ball(jnp.zeros(3), 0.8 if limit is None else limit, dims=(0, 1, 2))
     if name == "descent":
-        return fc.HalfSpace(jnp.array([0.0, 0.0, -1.0]), 0.3, dims=(0, 1, 2))
+        return fc.HalfSpace(jnp.array([0.0, 0.0, -1.0]), 0.3 if limit is None else limit,
+                            dims=(0, 1, 2))
     raise ValueError(f"`constraint` must be one of {list(CONSTRAINTS)}; got {name!r}.")
 
 
@@ -135,6 +137,7 @@ class Config:
     task: str = "pick-place-v3"
     demos: int = 10
     constraint: str = "speed"
+    limit: float | None = None
     weight: float = 10.0
     episodes: int = 100
     keys: int = 3
@@ -165,7 +168,7 @@ def run(config: Config) -> dict[str, Any]:
                           progress=progress)
     pconf = PolicyConfig(horizon=config.horizon, steps=config.policy_steps)
     policy = get_policy(config.task, demos, pconf, cache, config.train_seed, progress)
-    constraint = make_constraint(config.constraint)
+    constraint = make_constraint(config.constraint, config.limit)
     check = jax.jit(lambda a: constraint.violation(a[None]))
     tol = float(constraint.tolerance(jnp.ones((1, 4), jnp.float32)))
 
@@ -186,7 +189,8 @@ def run(config: Config) -> dict[str, Any]:
         start = time.time()
         for k in range(config.keys):
             tag = _tag([policy_tag, config.constraint, setting.describe(), config.episodes,
-                        config.execute, config.max_steps, k])
+                        config.execute, config.max_steps, k]
+                       + ([config.limit] if config.limit is not None else []))
             path = out / "episodes" / f"{config.task}-{_slug(setting.name)}-key{k}-{tag}.json"
             if path.exists():
                 keys.append(Episodes.from_json(json.loads(path.read_text())))
@@ -218,6 +222,8 @@ def run(config: Config) -> dict[str, Any]:
         "settings": {name: [e.to_json() for e in eps] for name, eps in results.items()},
     }
     stem = f"constraint-{config.task}-{config.demos}demos-{config.constraint}"
+    if config.limit is not None:
+        stem += f"-{config.limit:g}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
     print(header)
     print(table)
@@ -263,8 +269,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if field.type in (bool, "bool"):
             p.add_argument(f"--{field.name.replace('_', '-')}", action="store_true")
         else:
-            kind = {"int": int, "float": float}.get(str(field.type), str)
-            kind = field.type if field.type in (int, float) else kind
+            kind = field.type if field.type in (int, float) else (
+                float if field.name == "limit" else str)
             p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=default,
                            **({"choices": CONSTRAINTS} if field.name == "constraint" else {}))
     return run(Config(**vars(p.parse_args(argv))))
