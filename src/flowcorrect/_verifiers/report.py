@@ -13,14 +13,17 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
 from .._energy import as_energy
+from .guidance import GuidanceReport, guidance_report
 from .rollouts import Rollouts
 
 
 def auc(score: Any, label: Any) -> float:
     """The area under the ROC curve of `score` predicting `label` (higher score = more
-    likely positive), ties counted half (Mann-Whitney U); NaN with only one class."""
+    likely positive), ties counted half: the Mann-Whitney U of the positives' scores
+    against the negatives', over `n_pos * n_neg`; NaN with only one class."""
     score = np.asarray(score, np.float64)
     label = np.asarray(label, bool)
     if score.shape != label.shape or score.ndim != 1:
@@ -30,14 +33,8 @@ def auc(score: Any, label: Any) -> float:
     pos, neg = int(label.sum()), int((~label).sum())
     if pos == 0 or neg == 0:
         return float("nan")
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score))
-    sorted_scores = score[order]
-    # Average ranks over ties.
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[label].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    u = scipy.stats.mannwhitneyu(score[label], score[~label], alternative="two-sided").statistic
+    return float(u / (pos * neg))
 
 
 @eqx.filter_jit
@@ -95,6 +92,10 @@ class VerifierReport:
     - `medoid_success`, `medoid_count`: the same for the candidates' medoid.
     - `random_success`: the success rate over all queries (a random candidate).
     - `num_queries`, `num_episodes`.
+    - `guidance`: the offline checks of guidance by the verifier's gradient (a
+        `GuidanceReport`: its own score drop under a normalised gradient step, a
+        judge's view of that step and of guided chunks, the gradient at pairs of similar
+        states), or `None` when not asked for.
     """
 
     success_auc: float
@@ -109,13 +110,31 @@ class VerifierReport:
     random_success: float
     num_queries: int
     num_episodes: int
+    guidance: GuidanceReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def verifier_report(energy: Any, rollouts: Rollouts) -> VerifierReport:
-    """The [`flowcorrect.VerifierReport`][] of `energy` on (held-out) `rollouts`."""
+def verifier_report(energy: Any, rollouts: Rollouts, *, guidance: bool = False,
+                    judge: Any = None, guided: Any = None, plain: Any = None,
+                    step_size: float = 0.5) -> VerifierReport:
+    """The [`flowcorrect.VerifierReport`][] of `energy` on (held-out) `rollouts`.
+
+    **Arguments:**
+
+    - `energy`: the verifier (low energy = success).
+    - `rollouts`: held-out [`flowcorrect.Rollouts`][].
+    - `guidance`: also check guidance by the verifier's gradient (the report's
+        `guidance` field). Implied by `judge` or `guided`.
+    - `judge`: a second verifier trained on episodes disjoint from `energy`'s and from
+        `rollouts`, which scores the chunks `energy`'s gradient produces.
+    - `guided`: `(queries, M, horizon, action_dim)`, the guided sampler's chunks at each
+        query's observation; `plain`: the plain sampler's from the same noise (default:
+        the rollouts' candidates).
+    - `step_size`: the gradient step's length, in units of the spread of the query's
+        candidates around their mean.
+    """
     if not isinstance(rollouts, Rollouts):
         raise TypeError(f"`rollouts` must be fc.Rollouts; got {type(rollouts).__name__}.")
     if rollouts.num_queries == 0:
@@ -146,4 +165,7 @@ def verifier_report(energy: Any, rollouts: Rollouts) -> VerifierReport:
         random_success=float(success.mean()),
         num_queries=rollouts.num_queries,
         num_episodes=rollouts.num_episodes,
+        guidance=guidance_report(energy, rollouts, judge=judge, guided=guided, plain=plain,
+                                 step_size=step_size)
+        if guidance or judge is not None or guided is not None else None,
     )
