@@ -1,4 +1,4 @@
-"""Consensus ranking and verifiers learned from the policy's own rollouts (issue 11).
+"""Consensus ranking and verifiers learned from the policy's own rollouts.
 
     python -m flowcorrect.metaworld.verifiers consensus --task pick-place-v3 --demos 10
     python -m flowcorrect.metaworld.verifiers collect --task pick-place-v3 --demos 10 \\
@@ -39,6 +39,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from .._verifiers.rollouts import concatenate
 from . import stats
@@ -310,29 +311,11 @@ def train_verifiers(args: argparse.Namespace, tag: str, member: int = 0
                                "rollout_success_rate": float(
                                    np.mean([rollouts.success[rollouts.episode == e][0]
                                             for e in range(rollouts.num_episodes)]))}
-    config = fc.TrainConfig(num_steps=args.verifier_steps, learning_rate=1e-3,
-                            warmup_steps=100, log_every=100, grad_penalty=0.0,
-                            checkpoint_every=args.verifier_steps)
-    h, d = rollouts.candidates.shape[2:]
     for name in args.losses.split(","):
         if name not in LOSSES:
             raise ValueError(f"Unknown loss {name!r}; choose from {LOSSES}.")
-        model = fc.MLPEnergy(fc.MLPEnergyConfig(obs_dim=rollouts.observation.shape[1],
-                                                action_dim=d, horizon=h, hidden=256),
-                             key=jax.random.key(args.train_seed + 1000 * member))
-        if name == "bradley-terry":
-            data = fc.pair_batches(train, min(256, train.num_queries // 4),
-                                   max_distance=args.pair_distance, seed=member)
-            loss: Any = fc.BradleyTerryLoss()
-        else:
-            target = "success" if name == "outcome" else "discounted"
-            data = fc.outcome_batches(train, min(256, train.num_queries), target=target,
-                                      gamma=args.gamma, seed=member)
-            loss = fc.OutcomeLoss()
-        result = fc.fit_verifier(model, data, loss, key=jax.random.key(1), config=config,
-                                 checkpoint_dir=(path / (f"verifier-{name}" + (
-                                     f"-m{member}" if member else ""))).absolute(),
-                                 progress=not args.quiet)
+        result = _fit_one(args, name, train, path / (f"verifier-{name}" + (
+            f"-m{member}" if member else "")), member)
         verifiers[name] = result.model
         rep = fc.verifier_report(result.model, held).to_dict()
         rep["final_train_metrics"] = result.history[-1]
@@ -341,11 +324,96 @@ def train_verifiers(args: argparse.Namespace, tag: str, member: int = 0
     return verifiers, reports
 
 
+def _fit_one(args: argparse.Namespace, name: str, train: Any, directory: pathlib.Path,
+             member: int = 0) -> Any:
+    """One verifier of loss `name` on `train`, checkpointed (and resumed) in `directory`."""
+    fc = _fc()
+    config = fc.TrainConfig(num_steps=args.verifier_steps, learning_rate=1e-3,
+                            warmup_steps=100, log_every=100, grad_penalty=0.0,
+                            checkpoint_every=args.verifier_steps)
+    h, d = train.candidates.shape[2:]
+    model = fc.MLPEnergy(fc.MLPEnergyConfig(obs_dim=train.observation.shape[1],
+                                            action_dim=d, horizon=h, hidden=256),
+                         key=jax.random.key(args.train_seed + 1000 * member))
+    if name == "bradley-terry":
+        data = fc.pair_batches(train, min(256, train.num_queries // 4),
+                               max_distance=args.pair_distance, seed=member)
+        loss: Any = fc.BradleyTerryLoss()
+    else:
+        target = "success" if name == "outcome" else "discounted"
+        data = fc.outcome_batches(train, min(256, train.num_queries), target=target,
+                                  gamma=args.gamma, seed=member)
+        loss = fc.OutcomeLoss()
+    return fc.fit_verifier(model, data, loss, key=jax.random.key(1), config=config,
+                           checkpoint_dir=directory.absolute(), progress=not args.quiet)
+
+
+@eqx.filter_jit
+def _plain_and_guided(policy: Any, energy: Any, obs: jax.Array, key: jax.Array, num: int,
+                      weight: float) -> tuple[jax.Array, jax.Array]:
+    """`num` plain and guided chunks per observation from the same noise, `(N, num, H, D)`
+    each; guidance as the closed loop's (`fc.Guided(fc.EveryStep(), weight)`, cap 1)."""
+    fc = _fc()
+    n = obs.shape[0]
+    noise = jax.random.normal(key, (n * num, *policy.chunk_shape), jnp.float32)
+    o = jnp.repeat(obs, num, axis=0)
+    plain = fc.sample(policy, o, key, noise=noise)[0]
+    guided = fc.sample(policy, o, key, noise=noise, energy=energy,
+                       placement=fc.Guided(fc.EveryStep(), weight=weight))[0]
+    return plain.reshape(n, num, *policy.chunk_shape), guided.reshape(n, num,
+                                                                       *policy.chunk_shape)
+
+
+def guidance_check(args: argparse.Namespace, h: Harness, deployed: Any) -> dict[str, Any]:
+    """Offline checks of guidance by the outcome verifier on the held-out episodes.
+
+    The training episodes are split in two halves, A and B, and one outcome verifier is
+    trained on each (the deployed one is trained on both). Each half's verifier guides
+    the policy's sampler at the held-out observations (`--guidance-samples` chunks per
+    query, the first `--guided` weight, or 1) and is judged by the other half's, which
+    never saw its episodes; the deployed verifier gets the self-graded checks and the
+    gradient at pairs of similar held-out states."""
+    fc = _fc()
+    path = _rollout_dir(args, h.policy_tag)
+    rollouts = concatenate([fc.load_rollouts(_rollout_dir(args, h.policy_tag, r))
+                            for r in range(1, args.round + 1)])
+    train, held = rollouts.split(0.2, seed=0)
+    half_a, half_b = train.split(0.5, seed=1)
+    halves = {name: _fit_one(args, "outcome", part, path / f"verifier-outcome-half{name}"
+                             ).model for name, part in (("A", half_a), ("B", half_b))}
+    weights = [float(x) for x in args.guided.split(",") if x] or [1.0]
+    obs = jnp.asarray(held.observation, jnp.float32)
+    key = jax.random.key(args.train_seed + 5_000_000)
+    out: dict[str, Any] = {
+        "half_episodes": [half_a.num_episodes, half_b.num_episodes],
+        "weight": weights[0], "samples_per_query": args.guidance_samples,
+        "deployed": fc.verifier_report(deployed, held, guidance=True).to_dict()["guidance"],
+    }
+    block = 512
+    for guide, judge in (("A", "B"), ("B", "A")):
+        plain, guided = [], []
+        for i in tqdm(range(0, held.num_queries, block), disable=args.quiet,
+                      desc=f"guided by {guide}"):
+            p, g = _plain_and_guided(h.policy, halves[guide], obs[i:i + block],
+                                     jax.random.fold_in(key, i), args.guidance_samples,
+                                     weights[0])
+            plain.append(np.asarray(p))
+            guided.append(np.asarray(g))
+        rep = fc.verifier_report(halves[guide], held, judge=halves[judge],
+                                 guided=np.concatenate(guided), plain=np.concatenate(plain))
+        out[f"{guide} judged by {judge}"] = rep.to_dict()
+        print(f"guidance check, {guide} judged by {judge}: "
+              f"{json.dumps(rep.guidance.to_dict(), default=float)}", flush=True)
+    return out
+
+
 def run_verify(args: argparse.Namespace) -> dict[str, Any]:
     fc = _fc()
     t0 = time.time()
     h = harness(args)
     verifiers, reports = train_verifiers(args, h.policy_tag)
+    if args.guidance_samples > 0 and "outcome" in verifiers:
+        reports["guidance_check"] = guidance_check(args, h, verifiers["outcome"])
     n, k = args.candidates, args.cluster_k
     suite = [s for s in consensus_suite(n, k) if s.name in ("plain", f"best-of-{n} medoid")]
     for name in args.evaluate.split(","):
@@ -444,6 +512,10 @@ def parser() -> argparse.ArgumentParser:
                         "verify: train on rounds 1..R")
     p.add_argument("--explore-noise", type=float, default=1.0,
                    help="collect: the executed candidate's initial noise is scaled by this")
+    p.add_argument("--guidance-samples", type=int, default=2,
+                   help="verify: plain and guided chunks per held-out query for the offline "
+                        "guidance check (two half-data outcome verifiers judging each "
+                        "other); 0 skips the check")
     p.add_argument("--verifier-steps", type=int, default=2000)
     p.add_argument("--gamma", type=float, default=0.99)
     p.add_argument("--pair-distance", type=float, default=1.0)
