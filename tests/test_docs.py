@@ -22,7 +22,7 @@ NOT_RUN = {
     "openpi.md": "needs openpi and a Pi0 checkpoint",
     "benchmarks.md": "commands and tables, no runnable Python",
     "metaworld.md": "needs Meta-World and minutes of simulation",
-    "api/sampling.md": "API reference: a policy sketch with `...` weights",
+    "api/policies.md": "API reference: a policy sketch with `...` weights",
     "api/testing.md": "API reference: `my_energy` is the reader's",
     "api/model.md": "API reference: fragments",
     "api/training.md": "API reference: fragments",
