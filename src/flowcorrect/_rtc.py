@@ -43,6 +43,27 @@ def _schedule_index(schedule: Any) -> int:
     return SCHEDULES.index(name)
 
 
+def leftover_target(left: Array, batch: int, horizon: int, dtype: Any) -> BatchChunks:
+    """The previous chunk's leftover as the sampler's batch of targets: zero-padded to
+    `horizon` rows, one per sample (shared, one per observation, or repeated over the
+    candidates best-of-N draws per observation)."""
+    left = left.astype(dtype)
+    pad = [(0, 0)] * (left.ndim - 2) + [(0, horizon - left.shape[-2]), (0, 0)]
+    left = jnp.pad(left, pad)
+    if left.ndim == 2:
+        return jnp.broadcast_to(left, (batch, *left.shape))
+    rows = left.shape[0]
+    if rows == batch:
+        return left
+    if batch % rows == 0:  # best-of-N repeats each observation in a row
+        return jnp.repeat(left, batch // rows, axis=0)
+    raise ValueError(
+        f"`prev_chunk_left_over` has a batch axis of {rows} but the sampler runs a batch "
+        f"of {batch}; give one leftover per observation, or one (leftover, action_dim) "
+        "for all."
+    )
+
+
 def _int_scalar(
     owner: str, name: str, value: Any, low: int, example: str, hint: str
 ) -> Int[Array, ""]:
@@ -405,21 +426,7 @@ class RealTimeChunking(AbstractPlacement):
         return tuple(chunk_shape)
 
     def _target(self, batch: int, horizon: int, dtype: Any) -> BatchChunks:
-        left = self.prev_chunk_left_over.astype(dtype)
-        pad = [(0, 0)] * (left.ndim - 2) + [(0, horizon - left.shape[-2]), (0, 0)]
-        left = jnp.pad(left, pad)
-        if left.ndim == 2:
-            return jnp.broadcast_to(left, (batch, *left.shape))
-        rows = left.shape[0]
-        if rows == batch:
-            return left
-        if batch % rows == 0:  # best-of-N repeats each observation in a row
-            return jnp.repeat(left, batch // rows, axis=0)
-        raise ValueError(
-            f"`prev_chunk_left_over` has a batch axis of {rows} but the sampler runs a batch "
-            f"of {batch}; give one leftover per observation, or one (leftover, action_dim) "
-            "for all."
-        )
+        return leftover_target(self.prev_chunk_left_over, batch, horizon, dtype)
 
     def weights(self, horizon: int) -> Float[Array, " horizon"]:
         """The prefix weights over a chunk of `horizon` actions (checking the delay and

@@ -41,7 +41,7 @@ from ._flow.conventions import AbstractConvention
 from ._flow.flow import BatchChunks, Flow, VmappedPolicy
 from ._flow.placements import AbstractInterleaved
 from ._misc import concrete, count, shape_str
-from ._rtc import _int_scalar
+from ._rtc import _int_scalar, leftover_target
 
 
 def clean_time(convention: AbstractConvention) -> float:
@@ -404,20 +404,7 @@ class PrefixConditioned(AbstractInterleaved):
         return tuple(chunk_shape)
 
     def _target(self, batch: int, horizon: int, dtype: Any) -> BatchChunks:
-        left = self.prev_chunk_left_over.astype(dtype)
-        pad = [(0, 0)] * (left.ndim - 2) + [(0, horizon - left.shape[-2]), (0, 0)]
-        left = jnp.pad(left, pad)
-        if left.ndim == 2:
-            return jnp.broadcast_to(left, (batch, *left.shape))
-        rows = left.shape[0]
-        if rows == batch:
-            return left
-        if batch % rows == 0:  # best-of-N repeats each observation in a row
-            return jnp.repeat(left, batch // rows, axis=0)
-        raise ValueError(
-            f"`prev_chunk_left_over` has a batch axis of {rows} but the sampler runs a batch "
-            f"of {batch}; give one leftover per observation, or one for all."
-        )
+        return leftover_target(self.prev_chunk_left_over, batch, horizon, dtype)
 
     def _prefix(self, flow: Flow, x: BatchChunks) -> tuple[Bool[Array, " horizon"], BatchChunks]:
         horizon = x.shape[1]
