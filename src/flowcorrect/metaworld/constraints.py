@@ -43,6 +43,7 @@ from .envs import collect_demos, default_cache, expert_success
 from .evaluate import EnvPool, Episodes, rollout
 from .experiment import EVAL_SEED0, _slug, _tag, get_policy
 from .policy import PolicyConfig
+from .verifiers import paired_rows
 
 
 def make_constraint(name: str, limit: float | None = None) -> Any:
@@ -232,15 +233,10 @@ def run(config: Config) -> dict[str, Any]:
 
 def table_rows(results: dict[str, list[Episodes]]) -> list[dict[str, Any]]:
     """One row per setting: success, paired wins and losses against plain with the exact
-    McNemar p-value, and the violations of the executed actions."""
-    plain = results["plain"]
-    rows = []
-    for name, eps in results.items():
-        wins = losses = 0
-        for base, ep in zip(plain, eps):
-            w, l_ = stats.paired_counts(base.success, ep.success)
-            wins, losses = wins + w, losses + l_
-        succ = np.concatenate([e.success for e in eps])
+    McNemar p-value (`verifiers.paired_rows`), and
+    the violations of the executed actions."""
+    rows = paired_rows(results, "plain")
+    for row, eps in zip(rows, results.values()):
         viol = np.concatenate([e.violations for e in eps])
         steps = np.concatenate([e.steps for e in eps])
         mean = {k: float(np.mean([e.diagnostics.get(k, np.nan) for e in eps]))
@@ -251,10 +247,8 @@ def table_rows(results: dict[str, list[Episodes]]) -> list[dict[str, Any]]:
         if np.isfinite(mean["distance"]):
             extra += (f"; moved {100 * mean['moved']:.0f}% of chunks, mean distance "
                       f"{mean['distance']:.3g}")
-        rows.append({
-            "name": name, "success": int(succ.sum()), "total": int(succ.size),
-            "per_key": [int(e.success.sum()) for e in eps], "wins": wins, "losses": losses,
-            "p": stats.mcnemar(wins, losses), "violating_episodes": int(np.sum(viol > 0)),
+        row.update({
+            "violating_episodes": int(np.sum(viol > 0)),
             "violating_steps": int(viol.sum()), "steps": int(steps.sum()),
             "max_violation": float(np.max(np.concatenate([e.max_violation for e in eps]))),
             **{f"mean_{k}": v for k, v in mean.items()}, "extra": extra,

@@ -94,27 +94,15 @@ def build_policy(args: Args) -> Any:
     """The [`flowcorrect.openpi.CorrectedPolicy`][] that `args` describe."""
     from ._serving import CorrectedPolicy
 
-    default = None
-    if args.default_options is not None:
-        try:
-            default = json.loads(args.default_options)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"--default-options must be JSON such as '{{\"placement\": \"best_of_n\", "
-                f"\"n\": 8}}'; got {args.default_options!r} ({e})."
-            ) from e
+    default = _json("--default-options", args.default_options,
+                    '{"placement": "best_of_n", "n": 8}')
     constraint = None
     if args.constraint is not None:
         from ._requests import constraint_from_spec
 
-        try:
-            spec = json.loads(args.constraint)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"--constraint must be JSON such as '{{\"box\": {{\"low\": -1.0, \"high\": "
-                f"1.0, \"dims\": 7}}}}'; got {args.constraint!r} ({e})."
-            ) from e
-        constraint = constraint_from_spec(spec)
+        constraint = constraint_from_spec(_json(
+            "--constraint", args.constraint, '{"box": {"low": -1.0, "high": 1.0, "dims": 7}}'
+        ))
     if isinstance(args.policy, TestSize):
         policy = _test_size_policy(args.policy)
     else:
@@ -143,6 +131,16 @@ def build_policy(args: Args) -> Any:
         constraint=constraint,
         constraint_units=args.constraint_units,
     )
+
+
+def _json(flag: str, text: str | None, example: str) -> Any:
+    """`text` parsed as JSON (`None` stays `None`), refused naming `flag` and an example."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} must be JSON such as '{example}'; got {text!r} ({e}).") from e
 
 
 def _test_size_policy(spec: TestSize) -> Any:
