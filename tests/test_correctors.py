@@ -361,7 +361,7 @@ def test_check_corrector_catches_trace_time_state():
         check_corrector(TraceCountingStep(), ENERGY, target, actions)
 
 
-# --- norms that cannot overflow (issue 14, item 1) -------------------------------------
+# --- norms that cannot overflow ---------------------------------------------------
 
 DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # log10 of the largest magnitude drawn per dtype: up to about 1/100 of the dtype's max,
@@ -417,8 +417,8 @@ def _f32_square(context, actions):
 
 
 def test_clip_holds_in_float16_where_the_norm_squared_overflows():
-    # Regression (issue 14): ||a||^2 > 65504 made the bound inf and the step passed
-    # unclipped (3.0 ||a|| here, 2.5 ||a|| for the reference recipe in the report).
+    # Here ||a||^2 > 65504: a bound computed from a naive float16 norm is inf, and the
+    # step would pass unclipped (3.0 ||a|| here, 2.5 ||a|| for the reference recipe).
     a = 6.5 + 0.3 * jax.random.normal(jax.random.key(0), (50, 32))
     a = a.astype(jnp.float16)
     target = jnp.zeros((50, 32))
@@ -524,7 +524,7 @@ def test_scale_step_keeps_untouched_entries_bit_identical(dtype):
     assert tree_bitwise_equal(scale_step(actions, proposal.at[0, 0].set(jnp.nan), 0.0), actions)
 
 
-# --- settings refused when built (issue 14, items 6 and 7) ----------------------------
+# --- settings refused when built ---------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -352,7 +352,7 @@ def test_stochastic_corrector_needs_a_key():
     fc.correct(fc.SquaredDistance(), target, target + 1, corrector=fc.reference_recipe())
 
 
-# ---------------------------------------------------------------- robustness (issue 14)
+# ---------------------------------------------------------------- robustness ----------
 
 
 class IgnoresLastDim(eqx.Module):

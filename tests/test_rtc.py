@@ -1,4 +1,4 @@
-"""Tests of real-time chunking (issue 12): weights, PiGDM weight, placement, executor.
+"""Tests of real-time chunking: weights, PiGDM weight, placement, executor.
 
 The expected values are written from the paper (Black, Galliker, Levine 2025, eq. 5 for
 the weights, eq. 2 / Algorithm 1 for the guided step, in its convention: tau = 0 noise,

@@ -1,4 +1,4 @@
-"""Tests of the flow sampler (issue 3).
+"""Tests of the flow sampler.
 
 Every expected value here is written from the conventions' own formulas, by hand, per
 convention, and never read off the library's convention objects: a sign error in the

@@ -1,4 +1,4 @@
-"""Selection rules of best-of-N (issue 11 section 0): consensus needs no training.
+"""Selection rules of best-of-N: consensus needs no training.
 
 Expected values are computed here with NumPy in float64 from the definitions (mean
 distance to the other candidates; mean of the k nearest the mean), never read off the

@@ -1,4 +1,4 @@
-"""Verifiers from rollouts (issue 11 sections 1-2) on synthetic data whose answer is known.
+"""Verifiers from rollouts on synthetic data whose answer is known.
 
 Two data sets of the same shape: in one the episode succeeds when the executed chunk's
 first action points the right way for the state (the action matters); in the other

@@ -46,7 +46,7 @@ from ._energy import (
     bind as bind,
 )
 
-# -- real-time chunking (issue 12) --
+# -- real-time chunking --
 from ._executor import (
     ActionQueue as ActionQueue,
     ChunkArrival as ChunkArrival,
@@ -54,7 +54,7 @@ from ._executor import (
     LatencyTracker as LatencyTracker,
 )
 
-# -- flow sampler (issue 3) --
+# -- flow sampler --
 from ._flow.conventions import (
     AbstractConvention as AbstractConvention,
     OpenPI as OpenPI,
@@ -97,7 +97,7 @@ from ._flow.selection import (
     SoftmaxSample as SoftmaxSample,
 )
 
-# -- energy model and training (issue 4) --
+# -- energy model and training --
 from ._model.base import (
     AbstractLearnedEnergy as AbstractLearnedEnergy,
     LearnedEnergyConfig as LearnedEnergyConfig,
@@ -117,7 +117,7 @@ from ._model.serialise import (
     save_model as save_model,
 )
 
-# -- a Pi0-shaped reference policy (issue 9) --
+# -- a Pi0-shaped reference policy --
 from ._policies.pi0_shaped import (
     Pi0ShapedConfig as Pi0ShapedConfig,
     Pi0ShapedObservation as Pi0ShapedObservation,
@@ -174,7 +174,7 @@ from ._train.negatives import (
 )
 from ._train.report import EvalReport as EvalReport, evaluate as evaluate
 
-# -- verifiers from the policy's own rollouts (issue 11) --
+# -- verifiers from the policy's own rollouts --
 from ._verifiers.report import (
     VerifierReport as VerifierReport,
     auc as auc,

@@ -36,7 +36,7 @@ def _fc():
 
 
 def reference_suite() -> list[Setting]:
-    """Issue 10 section 2: temperature, the reference recipe, monotone, interleaved, ranking."""
+    """Temperature, the reference recipe, monotone, interleaved, ranking."""
     fc = _fc()
     out = [
         Setting("plain"),
@@ -62,7 +62,7 @@ def reference_suite() -> list[Setting]:
 
 
 def constraint_suite(limit: float) -> list[Setting]:
-    """Issue 10 section 3: a speed limit the demonstrations never respected."""
+    """A speed limit the demonstrations never respected."""
     fc = _fc()
     step = fc.Repeat(fc.GradientStep(0.5), 3)
     return [
