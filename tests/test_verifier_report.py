@@ -125,3 +125,18 @@ def test_verifier_report_carries_the_guidance_check_only_when_asked():
     rep = fc.verifier_report(_near, roll, judge=_near, step_size=0.01)
     assert rep.guidance is not None and rep.guidance.judge_agreement == 1.0
     assert rep.to_dict()["guidance"]["judge_agreement"] == 1.0
+
+
+def test_medoid_index_is_the_medoid_selections_choice():
+    from flowcorrect._verifiers.report import medoid_index
+
+    rng = np.random.default_rng(0)
+    candidates = rng.standard_normal((20, 6, 4, 3)).astype(np.float32)
+    # Query 0: one candidate sits at the others' centre, so it is the medoid.
+    candidates[0, 4] = candidates[0].mean(0)
+    got = medoid_index(candidates)
+    assert got.shape == (20,) and got[0] == 4
+    flat = candidates.reshape(20, 6, -1).astype(np.float64)
+    brute = np.sqrt(((flat[:, :, None] - flat[:, None]) ** 2).sum(-1)).mean(-1).argmin(-1)
+    np.testing.assert_array_equal(got, brute)
+    assert len(set(got.tolist())) > 1  # not one fixed index

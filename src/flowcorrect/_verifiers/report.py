@@ -16,6 +16,7 @@ import numpy as np
 import scipy.stats
 
 from .._energy import as_energy
+from .._flow.selection import Medoid
 from .guidance import GuidanceReport, guidance_report
 from .rollouts import Rollouts
 
@@ -66,10 +67,10 @@ def candidate_energies(energy: Any, rollouts: Rollouts, block: int = 1024) -> np
 
 
 def medoid_index(candidates: np.ndarray) -> np.ndarray:
-    """`(Q,)`: each query's medoid candidate (lowest mean distance to the others)."""
-    flat = candidates.reshape(candidates.shape[0], candidates.shape[1], -1).astype(np.float64)
-    d = np.sqrt(((flat[:, :, None] - flat[:, None]) ** 2).sum(-1))
-    return d.mean(-1).argmin(-1)
+    """`(Q,)`: each query's medoid candidate, by [`flowcorrect.Medoid`][]'s own rule,
+    so that a rollout whose chunk that selection chose counts as the medoid's."""
+    pick = jax.vmap(lambda c: Medoid().select(c, None, jnp.ones(c.shape[0], bool), None).index)
+    return np.asarray(pick(jnp.asarray(candidates, jnp.float32)))
 
 
 @dataclasses.dataclass(frozen=True)
