@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._energy import as_energy
+from .metrics import auc
 from .rollouts import Rollouts
 
 
@@ -174,7 +175,6 @@ def guidance_report(energy: Any, rollouts: Rollouts, *, judge: Any = None,
     scale = _within_std(e)
     drop = (e - e_step) / scale
 
-    from .report import auc
 
     nan = float("nan")
     judged = dict(judge_success_auc=nan, judge_agreement=nan, judge_null_agreement=nan,

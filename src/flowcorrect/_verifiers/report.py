@@ -13,29 +13,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 
 from .._energy import as_energy
 from .._flow.selection import Medoid
 from .guidance import GuidanceReport, guidance_report
+from .metrics import auc as auc
 from .rollouts import Rollouts
-
-
-def auc(score: Any, label: Any) -> float:
-    """The area under the ROC curve of `score` predicting `label` (higher score = more
-    likely positive), ties counted half: the Mann-Whitney U of the positives' scores
-    against the negatives', over `n_pos * n_neg`; NaN with only one class."""
-    score = np.asarray(score, np.float64)
-    label = np.asarray(label, bool)
-    if score.shape != label.shape or score.ndim != 1:
-        raise ValueError(
-            f"`score` and `label` must be 1-d of equal length; got {score.shape}, {label.shape}."
-        )
-    pos, neg = int(label.sum()), int((~label).sum())
-    if pos == 0 or neg == 0:
-        return float("nan")
-    u = scipy.stats.mannwhitneyu(score[label], score[~label], alternative="two-sided").statistic
-    return float(u / (pos * neg))
 
 
 @eqx.filter_jit
