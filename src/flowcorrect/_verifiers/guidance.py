@@ -175,7 +175,6 @@ def guidance_report(energy: Any, rollouts: Rollouts, *, judge: Any = None,
     scale = _within_std(e)
     drop = (e - e_step) / scale
 
-
     nan = float("nan")
     judged = dict(judge_success_auc=nan, judge_agreement=nan, judge_null_agreement=nan,
                   judge_drop=nan, gradient_cosine=nan)
