@@ -1,7 +1,7 @@
 """Testing tools for your own energies and correctors.
 
-Two hypothesis strategies (action chunks, and contexts for the built-in energies) and
-two checkers that run the laws flowcorrect's own tests hold every energy and
+Two hypothesis strategies (action chunks, and contexts for the built-in energies), a
+policy whose flow is known in closed form, and two checkers that run the laws flowcorrect's own tests hold every energy and
 corrector to: finite, differentiable, a batch equals its samples, jit equals no jit,
 no recompiles when values change.
 
@@ -37,8 +37,9 @@ from ._correct import correct, correct_single
 from ._correctors.base import AbstractCorrector
 from ._custom_types import Actions, Context
 from ._energy import EnergyFn, SplitEnergyFn, as_energy
+from ._policy import AbstractPolicy as _AbstractPolicy
 
-__all__ = ["action_chunks", "check_corrector", "check_energy", "chunk_pairs"]
+__all__ = ["GaussianPolicy", "action_chunks", "check_corrector", "check_energy", "chunk_pairs"]
 
 
 def action_chunks(
@@ -244,3 +245,59 @@ def check_corrector(
         counted(energy, context, samples[0], _scaled(corrector, 0.5), key)
     except RuntimeError as e:
         _fail("recompile", f"new values recompiled the correction ({e})")
+
+
+class GaussianPolicy(_AbstractPolicy):
+    """A policy whose flow is known in closed form: the exact velocity from `N(0, I)`
+    noise to `N(mean, std**2 I)` chunks, in either time convention.
+
+    With progress `p` from noise (`p = 0`) to data (`p = 1`), `x = (1 - p) eps + p a`;
+    for Gaussians `E[a | x]` and `E[eps | x]` are linear in `x`, so the velocity is
+    exact and every placement's effect can be computed by hand. The observation is
+    ignored except as the energy's context (`energy_context` returns it).
+
+    **Arguments:**
+
+    - `mean`: the chunk the samples centre on, `(horizon, action_dim)`.
+    - `std`: their standard deviation, a scalar `> 0`.
+    - `convention`: [`flowcorrect.OpenPI`][] (default, `t = 1` is noise) or
+        [`flowcorrect.Reverse`][].
+    """
+
+    mean: jax.Array
+    std: jax.Array
+    convention: Any
+    chunk_shape: tuple[int, int] = eqx.field(static=True)
+
+    def __init__(self, mean: Any, std: Any = 1.0, convention: Any = None):
+        import flowcorrect as _fc
+
+        self.mean = jnp.asarray(mean, jnp.float32)
+        if self.mean.ndim != 2:
+            raise ValueError(
+                f"GaussianPolicy `mean` must be a (horizon, action_dim) chunk; got shape "
+                f"{self.mean.shape}."
+            )
+        self.std = jnp.asarray(std, jnp.float32)
+        if self.std.shape != () or not float(self.std) > 0:
+            raise ValueError(f"GaussianPolicy `std` must be a scalar > 0; got {std!r}.")
+        self.convention = _fc.OpenPI() if convention is None else convention
+        self.chunk_shape = tuple(self.mean.shape)
+
+    def prefix(self, observation):
+        return observation
+
+    def velocity(self, prefix, x, t):
+        import flowcorrect as _fc
+
+        reverse = isinstance(self.convention, _fc.Reverse)
+        p = t if reverse else 1 - t
+        var = (1 - p) ** 2 + p**2 * self.std**2
+        centred = x - p * self.mean
+        a_hat = self.mean + p * self.std**2 / var * centred
+        eps_hat = (1 - p) / var * centred
+        dx_dp = a_hat - eps_hat
+        return dx_dp if reverse else -dx_dp
+
+    def energy_context(self, prefix):
+        return prefix
