@@ -8,6 +8,7 @@ rest. The paper writes the data end as t = 1 (its convention); openpi's is t = 0
 expected values below are written from those definitions, not from the library.
 """
 
+import json
 import equinox as eqx
 import hypothesis.strategies as st
 import jax
@@ -232,6 +233,17 @@ def test_with_token_time_keeps_the_velocity_at_equal_times(tmp_path, policies):
     loaded, _ = load_policy(tmp_path / "p")
     assert loaded.accepts_token_time
     np.testing.assert_array_equal(loaded.velocity(pre, x, mixed), tok.velocity(pre, x, mixed))
+    # The one model format: named .npz weights and a checksummed config, so an edited
+    # config or a file of another kind is refused rather than loaded.
+    assert {f.name for f in (tmp_path / "p").iterdir()} == {"config.json", "weights.npz"}
+    meta = json.loads((tmp_path / "p" / "config.json").read_text())
+    meta["config"]["horizon"] += 1
+    (tmp_path / "p" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(fc.ModelFileError, match="checksum"):
+        load_policy(tmp_path / "p")
+    with pytest.raises(fc.ModelFileError, match="not a 'flowcorrect.metaworld"):
+        load_policy(fc.save_model(fc.MLPEnergy(fc.MLPEnergyConfig(
+            obs_dim=3, action_dim=2, horizon=4), key=jax.random.key(0)), tmp_path / "e"))
 
 
 @pytest.mark.slow  # about 10 s; the parts are covered cheaply above

@@ -24,6 +24,7 @@ import math
 import os
 import pathlib
 import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -113,9 +114,20 @@ def save_model(model: AbstractLearnedEnergy, path: str | pathlib.Path) -> pathli
             f"{type(model).__name__}.config must be a fc.LearnedEnergyConfig (a frozen "
             f"dataclass of JSON values); got {type(model.config).__name__}."
         )
+    return write_module(
+        path, model, {"format": FORMAT, "version": VERSION, "class": type(model).__name__,
+                      "config": model.config.to_dict()}
+    )
+
+
+def write_module(path: str | pathlib.Path, module: Any, head: dict[str, Any]) -> pathlib.Path:
+    """Writes the arrays of any pytree `module` as named `.npz` weights and `config.json`
+    holding `head` (`format`, `version`, `class`, `config`: JSON values), the weight
+    list and the checksums: the one file format of every model flowcorrect saves.
+    Returns the folder's absolute path."""
     path = pathlib.Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
-    names, leaves, _ = _named_leaves(model)
+    names, leaves, _ = _named_leaves(module)
     arrays = {name: np.asarray(jax.device_get(leaf)) for name, leaf in zip(names, leaves)}
     weights = path / WEIGHTS_FILE
     tmp = path / (WEIGHTS_FILE + ".tmp")
@@ -123,17 +135,14 @@ def save_model(model: AbstractLearnedEnergy, path: str | pathlib.Path) -> pathli
         np.savez(f, **arrays)
     os.replace(tmp, weights)
     meta: dict[str, Any] = {
-        "format": FORMAT,
-        "version": VERSION,
-        "class": type(model).__name__,
-        "config": model.config.to_dict(),
+        **head,
         "weights": {
             "file": WEIGHTS_FILE,
             "sha256": _sha256(weights),
             "leaves": {n: [list(a.shape), str(a.dtype)] for n, a in arrays.items()},
         },
     }
-    # A round trip through JSON first, so the digest is of what load_model will read.
+    # A round trip through JSON first, so the digest is of what the reader will see.
     meta = json.loads(json.dumps(meta))
     meta["checksum"] = _config_digest(meta)
     # The config is written last, so an interrupted save leaves no loadable model.
@@ -141,6 +150,39 @@ def save_model(model: AbstractLearnedEnergy, path: str | pathlib.Path) -> pathli
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, path / CONFIG_FILE)
     return path
+
+
+def read_meta(path: str | pathlib.Path, format: str, version: int) -> dict[str, Any]:
+    """Reads `config.json` of a folder `write_module` wrote and checks its format,
+    version and checksum (class and config are the caller's to check)."""
+    path = pathlib.Path(path).absolute()
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise ModelFileError(
+            f"No saved model at {path}: {CONFIG_FILE} is missing (a saved model is a "
+            "folder holding config.json and weights.npz)."
+        )
+    try:
+        meta = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{config_file} is not valid JSON (truncated?): {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != format:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ModelFileError(f"{config_file} holds a {found!r}, not a {format!r}.")
+    if meta.get("version") != version:
+        raise ModelFileError(
+            f"{config_file} has format version {meta.get('version')!r}; this flowcorrect "
+            f"reads version {version}. Load it with the flowcorrect that saved it and save "
+            "it again with this one."
+        )
+    if meta.get("checksum") != _config_digest(meta):
+        raise ModelFileError(
+            f"{config_file} does not match its checksum: its class, config or weight list "
+            "was edited after saving (a changed setting such as num_heads keeps the weight "
+            "shapes but computes different energies). Save the model again instead of "
+            "editing the file."
+        )
+    return meta
 
 
 def read_config(
@@ -155,24 +197,12 @@ def read_config(
             "fc.save_model(model, path), which writes config.json and weights.npz."
         )
     try:
-        meta = json.loads(config_file.read_text())
+        head = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{config_file} is not valid JSON (truncated?): {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, "flowcorrect.EnergyModel"):
+    if not isinstance(head, dict) or head.get("format") not in (FORMAT, "flowcorrect.EnergyModel"):
         raise ModelFileError(f"{config_file} does not describe a flowcorrect learned energy.")
-    if meta.get("version") != VERSION:
-        raise ModelFileError(
-            f"{config_file} has format version {meta.get('version')!r}; this flowcorrect "
-            f"reads version {VERSION}. Load it with the flowcorrect that saved it and save "
-            "it again with this one."
-        )
-    if meta.get("checksum") != _config_digest(meta):
-        raise ModelFileError(
-            f"{config_file} does not match its checksum: its class, config or weight list "
-            "was edited after saving (a changed setting such as num_heads keeps the weight "
-            "shapes but computes different energies). Save the model again instead of "
-            "editing the file."
-        )
+    meta = read_meta(path, head["format"], VERSION)
     name = meta.get("class")
     if cls is None:
         if name not in BUILT_IN:
@@ -384,6 +414,27 @@ def load_model(
                 f"The model at {path} has {name}={have!r}, but {name}={want!r} was expected. "
                 "Load a model trained for this setting, or train one."
             )
+    model = read_module(
+        path, meta, lambda: eqx.filter_eval_shape(cls, config, key=jax.random.key(0)),
+        max_parameters,
+        check_sizes=lambda archive: _check_config_sizes(config, cls, archive,
+                                                        path / CONFIG_FILE),
+    )
+    return eqx.nn.inference_mode(model)
+
+
+def read_module(
+    path: pathlib.Path,
+    meta: dict[str, Any],
+    make_template: Callable[[], Any],
+    max_parameters: int,
+    check_sizes: Callable[[dict[str, Any]], None] | None = None,
+) -> Any:
+    """The module `write_module` saved, its arrays read into `make_template()` (a
+    pytree of the same structure, arrays or `jax.ShapeDtypeStruct`s) after the weights
+    file's checksum, its archive's headers (bounded by `max_parameters`) and then every
+    name, shape and dtype are checked; `check_sizes(archive)` runs before the template is
+    built, to bound what building it may cost."""
     weights_meta = meta.get("weights")
     if not isinstance(weights_meta, dict):
         raise ModelFileError(f"{path / CONFIG_FILE} has no `weights` entry.")
@@ -409,8 +460,9 @@ def load_model(
     # Everything before the template is built and any data is read: its cost is
     # bounded by the size of the weights, which is bounded by `max_parameters`.
     archive = _archive_arrays(weights, declared, max_parameters)
-    _check_config_sizes(config, cls, archive, path / CONFIG_FILE)
-    template = eqx.filter_eval_shape(cls, config, key=jax.random.key(0))
+    if check_sizes is not None:
+        check_sizes(archive)
+    template = make_template()
     names, shapes, treedef = _named_leaves(template)
     missing = [n for n in names if n not in archive]
     extra = [n for n in archive if n not in set(names)]
@@ -452,5 +504,4 @@ def load_model(
         leaves.append(jnp.asarray(array))
     arrays = jax.tree_util.tree_unflatten(treedef, leaves)
     _, static = eqx.partition(template, _is_array)
-    model = eqx.combine(arrays, static)
-    return eqx.nn.inference_mode(model)
+    return eqx.combine(arrays, static)

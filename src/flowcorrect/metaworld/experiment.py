@@ -23,7 +23,7 @@ import numpy as np
 from . import stats
 from .envs import collect_demos, default_cache, expert_success
 from .evaluate import EnvPool, Episodes, rollout
-from .policy import PolicyConfig, load_policy, save_policy, train_policy
+from .policy import PolicyConfig, load_policy, policy_saved, save_policy, train_policy
 from .settings import Setting, make_act
 
 EVAL_SEED0 = 10_000_000
@@ -99,7 +99,7 @@ def get_policy(task, demos, config: PolicyConfig, cache: pathlib.Path, seed: int
     tag = _tag([dataclasses.asdict(config), seed, demos.seeds.tolist()]
                + ([f"via{via_point}"] if via_point else []))
     path = cache / f"policy-{task}-{len(demos.seeds)}-{tag}"
-    if path.with_suffix(".eqx").exists():
+    if policy_saved(path):
         return load_policy(path)[0]
     obs, chunks = demos.chunks(config.horizon)
     policy, losses = train_policy(obs, chunks, config, seed=seed, progress=progress)

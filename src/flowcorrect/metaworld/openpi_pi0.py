@@ -43,6 +43,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._model.serialise import (
+    CONFIG_FILE,
+    read_meta,
+    read_module,
+    write_module,
+)
 from .envs import ACTION_DIM, OBS_DIM, Demos, collect_demos, default_cache
 
 IMAGE_SIZE = 224
@@ -355,7 +361,7 @@ def train_pi0(
         cache_dir = default_cache() if cache is None else pathlib.Path(cache)
     norm = Normaliser.from_demos(demos, config)
     stem = cache_stem(task, demos, config, seed)
-    if cache_dir is not None and (cache_dir / f"{stem}.npz").exists():
+    if cache_dir is not None and (cache_dir / stem / CONFIG_FILE).is_file():
         return load_pi0(cache_dir / stem)
 
     key = jax.random.key(seed)
@@ -405,42 +411,41 @@ def train_pi0(
     return trained
 
 
+PI0_FORMAT = "flowcorrect.metaworld.Pi0"
+PI0_VERSION = 1
+# A full-size Pi0 has about 3.3 billion parameters.
+PI0_MAX_PARAMETERS = 2**33
+
+
 def save_pi0(path: str | pathlib.Path, trained: TrainedPi0) -> None:
-    """Writes `<path>.npz` (the leaves of `nnx.state(model)`, in order) and `<path>.json`."""
+    """Writes the folder `path` in flowcorrect's one model format (that of
+    [`flowcorrect.save_model`][]): `weights.npz`, the arrays of `nnx.state(model)` by
+    name, and `config.json`, the task config, normaliser and losses, checksummed."""
     from flax import nnx
 
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    leaves = jax.tree.leaves(nnx.state(trained.model))
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, *[np.asarray(x) for x in leaves])
-    tmp.replace(path.with_suffix(".npz"))
     meta = {
         "task": trained.task, "config": trained.config.to_json(),
         "norm": {"dims": list(trained.norm.dims), "mean": trained.norm.mean.tolist(),
                  "std": trained.norm.std.tolist()},
         "losses": trained.losses, "train_seconds": trained.train_seconds,
     }
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    head = {"format": PI0_FORMAT, "version": PI0_VERSION, "class": "Pi0", "config": meta}
+    write_module(path, nnx.state(trained.model), head)
 
 
 def load_pi0(path: str | pathlib.Path) -> TrainedPi0:
     """Reads what [`save_pi0`][] wrote (the model's structure from `nnx.eval_shape`, so
-    nothing is initialised)."""
+    nothing is initialised), every array checked by name, shape and dtype."""
     from flax import nnx
 
-    path = pathlib.Path(path)
-    meta = json.loads(path.with_suffix(".json").read_text())
+    path = pathlib.Path(path).absolute()
+    saved = read_meta(path, PI0_FORMAT, PI0_VERSION)
+    meta = saved["config"]
     config = Pi0TaskConfig.from_json(meta["config"])
     abstract = _create(config, jax.random.key(0), abstract=True)
-    graphdef, state = nnx.split(abstract)
-    with np.load(path.with_suffix(".npz")) as f:
-        leaves = [jnp.asarray(f[f"arr_{i}"]) for i in range(len(f.files))]
-    treedef = jax.tree.structure(state)
-    if treedef.num_leaves != len(leaves):
-        raise ValueError(f"{path}.npz holds {len(leaves)} arrays, the model of its config "
-                         f"{treedef.num_leaves}: delete the stale cache file.")
-    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    graphdef, template = nnx.split(abstract)
+    state = read_module(path, saved, lambda: template, PI0_MAX_PARAMETERS)
+    model = nnx.merge(graphdef, state)
     model.eval()
     n = meta["norm"]
     norm = Normaliser(tuple(n["dims"]), np.asarray(n["mean"], np.float32),
@@ -570,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           progress=progress)
     trained = train_pi0(args.task, demos, config, seed=args.train_seed, cache=cache,
                         progress=progress)
-    meta = json.loads(trained.path.with_suffix(".json").read_text()) if trained.path else {}
+    meta = read_meta(trained.path, PI0_FORMAT, PI0_VERSION)["config"] if trained.path else {}
     losses = meta.get("losses", trained.losses)
     seconds = meta.get("train_seconds", trained.train_seconds)
     print(f"model {trained.path}; trained {seconds:.0f} s, "

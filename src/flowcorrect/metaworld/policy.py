@@ -8,7 +8,6 @@ integrates Pi0.
 """
 
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
@@ -20,6 +19,13 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._flow.conventions import AbstractConvention, OpenPI
+from .._model.serialise import (
+    CONFIG_FILE,
+    MAX_PARAMETERS,
+    read_meta,
+    read_module,
+    write_module,
+)
 from .._policy import AbstractPolicy
 from .._rtc_training import AbstractDelays, prefix_conditioned_loss
 
@@ -266,25 +272,39 @@ def train_policy(
     return policy, losses
 
 
+POLICY_FORMAT = "flowcorrect.metaworld.FlowMLPPolicy"
+POLICY_VERSION = 1
+
+
 def save_policy(path: str | pathlib.Path, policy: FlowMLPPolicy, config: PolicyConfig) -> None:
-    """Writes `<path>.eqx` (eqx.tree_serialise_leaves) and `<path>.json` (the config)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    eqx.tree_serialise_leaves(path.with_suffix(".eqx"), policy)
+    """Writes the policy to the folder `path` in flowcorrect's one model format (that of
+    [`flowcorrect.save_model`][]): `config.json` (the config, checksummed) and
+    `weights.npz` (named arrays, no pickle)."""
     meta = dataclasses.asdict(config)
-    if policy.accepts_token_time:  # absent for scalar-time policies: older files read alike
+    if policy.accepts_token_time:  # absent for scalar-time policies
         meta["token_time"] = True
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    head = {"format": POLICY_FORMAT, "version": POLICY_VERSION, "class": "FlowMLPPolicy",
+            "config": meta}
+    write_module(path, policy, head)
+
+
+def policy_saved(path: str | pathlib.Path) -> bool:
+    """Whether [`save_policy`][] finished writing a policy at `path`."""
+    return (pathlib.Path(path) / CONFIG_FILE).is_file()
 
 
 def load_policy(path: str | pathlib.Path) -> tuple[FlowMLPPolicy, PolicyConfig]:
-    """Reads what [`save_policy`][] wrote."""
-    path = pathlib.Path(path)
-    meta = json.loads(path.with_suffix(".json").read_text())
-    token_time = bool(meta.pop("token_time", False))
-    config = PolicyConfig(**meta)
-    like = FlowMLPPolicy(
-        config, np.zeros(config.obs_dim), np.ones(config.obs_dim), key=jax.random.key(0),
-        token_time=token_time,
-    )
-    return eqx.tree_deserialise_leaves(path.with_suffix(".eqx"), like), config
+    """Reads what [`save_policy`][] wrote, every array checked by name, shape and dtype."""
+    path = pathlib.Path(path).absolute()
+    meta = read_meta(path, POLICY_FORMAT, POLICY_VERSION)
+    fields = dict(meta["config"])
+    token_time = bool(fields.pop("token_time", False))
+    config = PolicyConfig(**fields)
+
+    def template():
+        return eqx.filter_eval_shape(
+            lambda: FlowMLPPolicy(config, np.zeros(config.obs_dim), np.ones(config.obs_dim),
+                                  key=jax.random.key(0), token_time=token_time)
+        )
+
+    return read_module(path, meta, template, MAX_PARAMETERS), config

@@ -215,7 +215,7 @@ def trt_policy(args: argparse.Namespace, cache: pathlib.Path, demos, policy) -> 
     fine-tuning cost (steps and seconds of the run that trained it)."""
     import hashlib
 
-    from .policy import PolicyConfig, load_policy, save_policy, train_policy
+    from .policy import PolicyConfig, load_policy, policy_saved, save_policy, train_policy
 
     max_delay = args.trt_max_delay if args.trt_max_delay >= 0 else args.horizon - args.execute
     delays = (ExponentialDelays(max_delay, args.trt_rate) if args.trt_delays == "exp"
@@ -227,7 +227,7 @@ def trt_policy(args: argparse.Namespace, cache: pathlib.Path, demos, policy) -> 
     tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     path = cache / f"trt-policy-{args.task}-{args.demos}-{tag}"
     meta_path = path.with_name(path.name + "-cost.json")
-    if path.with_suffix(".eqx").exists() and meta_path.exists():
+    if policy_saved(path) and meta_path.exists():
         return load_policy(path)[0], json.loads(meta_path.read_text())
     obs, chunks = demos.chunks(args.horizon)
     config = dataclasses.replace(PolicyConfig(horizon=args.horizon), steps=args.trt_steps,
