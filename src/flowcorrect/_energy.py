@@ -19,7 +19,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._custom_types import Actions, Context, Encoded, Scalar
-from ._misc import concrete, float_array, scalar_float, shape_str
+from ._misc import concrete, float_array, is_int, scalar_float, shape_str
 
 
 @runtime_checkable
@@ -225,13 +225,13 @@ class OnActionDims(AbstractEnergy):
 
     def __init__(self, energy: Any, action_dims: Any):
         self.energy = as_energy(energy)
-        if isinstance(action_dims, int | np.integer) and not isinstance(action_dims, bool):
+        if is_int(action_dims):
             self.action_dims = int(action_dims)
         elif isinstance(action_dims, Sequence | np.ndarray) and not isinstance(
             action_dims, str
         ):
             self.action_dims = tuple(
-                int(d) if isinstance(d, int | np.integer) and not isinstance(d, bool) else d
+                int(d) if is_int(d) else d
                 for d in np.asarray(action_dims).tolist()
             )
         else:
@@ -239,7 +239,7 @@ class OnActionDims(AbstractEnergy):
 
     def __check_init__(self):
         dims = self.action_dims
-        if isinstance(dims, int) and not isinstance(dims, bool):
+        if is_int(dims):
             if dims < 1:
                 raise ValueError(
                     f"OnActionDims `action_dims` must be >= 1 (the first k dimensions, "
@@ -247,7 +247,7 @@ class OnActionDims(AbstractEnergy):
                 )
             return
         if not isinstance(dims, tuple) or not all(
-            isinstance(d, int) and not isinstance(d, bool) for d in dims
+            is_int(d) for d in dims
         ):
             raise TypeError(
                 "OnActionDims `action_dims` must be an int k (the first k dimensions) or a "

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ._misc import is_int, is_real
+
 
 @dataclasses.dataclass(frozen=True)
 class ChunkRequest:
@@ -93,20 +95,19 @@ class LatencyTracker:
 
     def __init__(self, control_period: float, *, window: int = 32, quantile: float = 0.9,
                  initial_delay: int = 0, max_delay: int | None = None):
-        if isinstance(control_period, bool) or not isinstance(control_period, int | float) \
+        if not is_real(control_period) \
                 or not math.isfinite(control_period) or control_period <= 0:
             raise ValueError(
                 f"`control_period` must be a number of seconds > 0 (1 / control rate); got "
                 f"{control_period!r}; e.g. LatencyTracker(control_period=1 / 50)."
             )
         for name, value, low in (("window", window, 1), ("initial_delay", initial_delay, 0)):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            if not is_int(value) or value < low:
                 raise ValueError(f"`{name}` must be an int >= {low}; got {value!r}.")
-        if isinstance(quantile, bool) or not isinstance(quantile, int | float) \
+        if not is_real(quantile) \
                 or not 0 <= quantile <= 1:
             raise ValueError(f"`quantile` must be a number in [0, 1]; got {quantile!r}.")
-        if max_delay is not None and (isinstance(max_delay, bool) or not isinstance(
-                max_delay, int | np.integer) or max_delay < 0):
+        if max_delay is not None and (not is_int(max_delay) or max_delay < 0):
             raise ValueError(f"`max_delay` must be None or an int >= 0; got {max_delay!r}.")
         self.control_period = float(control_period)
         self.quantile = float(quantile)
@@ -116,7 +117,7 @@ class LatencyTracker:
 
     def record(self, seconds: float) -> None:
         """Adds one measured inference time, in seconds (finite, `>= 0`)."""
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float | np.floating) \
+        if not is_real(seconds) \
                 or not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"`seconds` must be a finite number >= 0; got {seconds!r}.")
         self.times.append(float(seconds))
@@ -189,7 +190,7 @@ class ActionQueue:
                  clock: Callable[[], float] = time.monotonic):
         for name, value, low in (("execution_horizon", execution_horizon, 1),
                                  ("inference_delay", inference_delay, 0)):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            if not is_int(value) or value < low:
                 raise ValueError(f"`{name}` must be an int >= {low}; got {value!r}.")
         if inference_delay > execution_horizon:
             raise ValueError(

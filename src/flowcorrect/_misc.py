@@ -115,6 +115,18 @@ class ArgumentTypeError(TypeError, ValueError):
     """
 
 
+def is_int(value: Any) -> bool:
+    """Whether `value` is an integer (Python's or NumPy's) and not a boolean, which
+    Python counts as an int (`True + True == 2`)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def is_real(value: Any) -> bool:
+    """Whether `value` is a real number (Python's or NumPy's int or float) and not a
+    boolean."""
+    return is_int(value) or isinstance(value, float | np.floating)
+
+
 def count(owner: str, name: str, value: Any, minimum: int, example: str, why: str = "") -> int:
     """A count given as a Python int (or NumPy integer), or a clear error.
 

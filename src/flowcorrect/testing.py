@@ -1,9 +1,9 @@
 """Testing tools for your own energies and correctors.
 
 Two hypothesis strategies (action chunks, and contexts for the built-in energies), a
-policy whose flow is known in closed form, and two checkers that run the laws flowcorrect's own tests hold every energy and
-corrector to: finite, differentiable, a batch equals its samples, jit equals no jit,
-no recompiles when values change.
+policy whose flow is known in closed form, and two checkers that run the laws
+flowcorrect's own tests hold every energy and corrector to: finite, differentiable, a
+batch equals its samples, jit equals no jit, no recompiles when values change.
 
 !!! example
 

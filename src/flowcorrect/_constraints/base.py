@@ -24,7 +24,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from .._custom_types import Actions, Scalar
-from .._misc import accumulation_dtype, float_array, shape_str
+from .._misc import accumulation_dtype, float_array, is_int, shape_str
 
 
 class AbstractConstraint(eqx.Module):
@@ -147,7 +147,7 @@ def as_dims(owner: str, dims: Any) -> Dims:
     indices in increasing order, as a static tuple; a clear error otherwise."""
     if dims is None:
         return None
-    if isinstance(dims, int | np.integer) and not isinstance(dims, bool | np.bool_):
+    if is_int(dims):
         if dims < 1:
             raise ValueError(
                 f"{owner} `dims` as an int is the number of leading action dimensions "
@@ -157,7 +157,7 @@ def as_dims(owner: str, dims: Any) -> Dims:
         return tuple(range(int(dims)))
     if isinstance(dims, Sequence | np.ndarray) and not isinstance(dims, str | bytes):
         values = np.asarray(dims).tolist() if isinstance(dims, np.ndarray) else list(dims)
-        if not all(isinstance(d, int | np.integer) and not isinstance(d, bool) for d in values):
+        if not all(is_int(d) for d in values):
             raise TypeError(
                 f"{owner} `dims` must hold int dimension indices; got {dims!r}. A boolean "
                 "mask m is np.flatnonzero(m)."

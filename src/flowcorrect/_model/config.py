@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Literal
 
+from .._misc import is_int
 from .base import LearnedEnergyConfig
 
 
@@ -57,11 +58,11 @@ class EnergyModelConfig(LearnedEnergyConfig):
         )  # fmt: skip
         for name in positive:
             value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            if not (is_int(value) and value >= 1):
                 raise ValueError(f"`{name}` must be an int >= 1; got {value!r}.")
         for name in ("context_blocks", "action_blocks", "head_blocks"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            if not (is_int(value) and value >= 0):
                 raise ValueError(f"`{name}` must be an int >= 0; got {value!r}.")
         if self.block_width is not None and not (
             isinstance(self.block_width, int) and self.block_width >= 1

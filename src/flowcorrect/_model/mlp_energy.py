@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._custom_types import Actions, Context, Scalar
-from .._misc import shape_str
+from .._misc import is_int, shape_str
 from .base import AbstractLearnedEnergy, LearnedEnergyConfig, check_chunk
 from .layers import LayerNorm, Linear
 
@@ -42,10 +42,10 @@ class MLPEnergyConfig(LearnedEnergyConfig):
     def __post_init__(self):
         for name in ("obs_dim", "action_dim", "horizon", "hidden", "power_iterations"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            if not (is_int(value) and value >= 1):
                 raise ValueError(f"`{name}` must be an int >= 1; got {value!r}.")
         if not (
-            isinstance(self.depth, int) and not isinstance(self.depth, bool) and self.depth >= 0
+            is_int(self.depth) and self.depth >= 0
         ):
             raise ValueError(f"`depth` must be an int >= 0; got {self.depth!r}.")
         if not isinstance(self.spectral_norm, bool):

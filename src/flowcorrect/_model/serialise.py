@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._misc import is_int
 from .base import AbstractLearnedEnergy, LearnedEnergyConfig
 from .energy_model import EnergyModel
 from .mlp_energy import MLPEnergy
@@ -347,7 +348,7 @@ def _check_config_sizes(
     parameters = sum(math.prod(shape) for shape, _ in arrays.values())
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     for field, value in fields.items():
-        if isinstance(value, int) and not isinstance(value, bool) and value > max(parameters, 1):
+        if is_int(value) and value > max(parameters, 1):
             raise ModelFileError(
                 f"{config_file} sets {field}={value}, more than the {parameters} parameters "
                 "its weights hold: the config was edited. Save the model again."
@@ -399,7 +400,7 @@ def load_model(
     weights do not fit the config, when the weights file lies outside `path`, when the
     model is larger than `max_parameters`, or when the config differs from `expected`.
     """
-    if not (isinstance(max_parameters, int) and not isinstance(max_parameters, bool)
+    if not (is_int(max_parameters)
             and max_parameters >= 1):
         raise ValueError(f"`max_parameters` must be an int >= 1; got {max_parameters!r}.")
     path = pathlib.Path(path).absolute()
@@ -441,7 +442,7 @@ def read_module(
     declared = weights_meta.get("leaves")
     if not (isinstance(declared, dict) and all(
         isinstance(v, list) and len(v) == 2 and isinstance(v[0], list)
-        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v[0])
+        and all(is_int(n) and n >= 0 for n in v[0])
         and isinstance(v[1], str) for v in declared.values()
     )):
         raise ModelFileError(

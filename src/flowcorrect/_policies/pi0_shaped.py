@@ -26,7 +26,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .._custom_types import Scalar
 from .._flow.conventions import AbstractConvention, OpenPI
-from .._misc import shape_str
+from .._misc import is_int, shape_str
 from .._model.context import TokenContext
 from .._policy import AbstractBatchedPolicy
 
@@ -77,7 +77,7 @@ class Pi0ShapedConfig:
             value = getattr(self, field.name)
             if field.name == "dtype":
                 continue
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            if not (is_int(value) and value >= 1):
                 raise ValueError(f"`{field.name}` must be an int >= 1; got {value!r}.")
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(

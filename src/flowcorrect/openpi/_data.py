@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._misc import shape_str
+from .._misc import is_int, shape_str
 from .._model.context import TokenContext
 from .._model.pooled import pool_tokens
 from .._train.batch import Batch
@@ -91,7 +91,7 @@ def energy_batches(
     if not isinstance(pool, bool):
         raise TypeError(f"`pool` must be True or False; got {pool!r}.")
     if action_dims is not None and not (
-        isinstance(action_dims, int) and not isinstance(action_dims, bool)
+        is_int(action_dims)
         and 1 <= action_dims <= policy.chunk_shape[1]
     ):
         raise ValueError(
