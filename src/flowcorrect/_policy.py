@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import jax
 from jaxtyping import Array, Float
 
 from ._custom_types import Actions, Context, Scalar
@@ -223,19 +222,3 @@ def check_velocity_output(out: Any, x: Array) -> Array:
             f"{shape_str(x)}; got {shape_str(out)}."
         )
     return out.astype(x.dtype)
-
-
-def batch_axis_size(tree: Any, name: str) -> int:
-    """The common leading axis of every array in `tree`; a clear error if there is none."""
-    sizes = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if hasattr(leaf, "shape"):
-            sizes[jax.tree_util.keystr(path)] = leaf.shape[0] if leaf.ndim else None
-    distinct = set(sizes.values())
-    if len(distinct) != 1 or None in distinct:
-        shown = ", ".join(f"{name}{k}: {v}" for k, v in list(sizes.items())[:6])
-        raise ValueError(
-            f"Every array in `{name}` needs the same leading batch axis; leading sizes seen: "
-            f"{shown or 'no arrays'}."
-        )
-    return distinct.pop()
