@@ -202,22 +202,6 @@ def test_policy_training_lowers_the_flow_matching_loss():
     assert after < 0.85 * before, (before, after)
 
 
-def test_plain_euler_matches_hand_loop():
-    from flowcorrect.metaworld.settings import plain_euler
-
-    policy = _policy()
-    obs = jax.random.normal(jax.random.key(4), (3, 39))
-    noise = jax.random.normal(jax.random.key(5), (3, 4, 4))
-    out = plain_euler(policy, obs, noise, 5)
-    for i in range(3):
-        prefix = policy.prefix(obs[i])
-        x, t = noise[i], jnp.float32(1.0)
-        for _ in range(5):
-            x = x + jnp.float32(-0.2) * policy.velocity(prefix, x, t)
-            t = t + jnp.float32(-0.2)
-        np.testing.assert_allclose(out[i], x, rtol=1e-5, atol=1e-5)
-
-
 def test_speed_limit_energy():
     from flowcorrect.metaworld.energies import SpeedLimit
 
@@ -336,13 +320,18 @@ def test_rollouts_are_paired_across_settings():
 
 
 def test_fc_sample_plain_equals_the_euler_loop():
-    from flowcorrect.metaworld.settings import plain_euler
-
+    # openpi's loop by hand: one prefix pass, t from 1 down by 1/5, t accumulated.
     policy = _policy()
     obs = jax.random.normal(jax.random.key(6), (3, 39))
     noise = jax.random.normal(jax.random.key(7), (3, 4, 4))
     out, _ = fc.sample(policy, obs, jax.random.key(0), noise=noise, num_steps=5)
-    np.testing.assert_allclose(out, plain_euler(policy, obs, noise, 5), rtol=1e-5, atol=1e-6)
+    for i in range(3):
+        prefix = policy.prefix(obs[i])
+        x, t = noise[i], jnp.float32(1.0)
+        for _ in range(5):
+            x = x + jnp.float32(-0.2) * policy.velocity(prefix, x, t)
+            t = t + jnp.float32(-0.2)
+        np.testing.assert_allclose(out[i], x, rtol=1e-5, atol=1e-5)
 
 
 # Compiles one sampler per placement (about 20 s on 2 cores); the constraint suite has

@@ -9,6 +9,7 @@ expected values below are written from those definitions, not from the library.
 """
 
 import json
+
 import equinox as eqx
 import hypothesis.strategies as st
 import jax

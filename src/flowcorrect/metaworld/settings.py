@@ -47,23 +47,6 @@ class Setting:
         }
 
 
-def plain_euler(policy: FlowMLPPolicy, obs, noise, num_steps: int):
-    """openpi's Euler loop (t from 1 to 0) for a batch; the reference the sampler must match."""
-    grid = policy.convention.times(num_steps, noise.dtype)
-    dt = jnp.asarray(policy.convention.direction / num_steps, noise.dtype)
-
-    def one(o, x):
-        prefix = policy.prefix(o)
-
-        def body(x, t):
-            return x + dt * policy.velocity(prefix, x, t), None
-
-        x, _ = jax.lax.scan(body, x, grid[:-1])
-        return x
-
-    return jax.vmap(one)(obs, noise)
-
-
 def draw_noise(setting: Setting, key, batch: int, chunk_shape) -> jax.Array:
     """The starting noise for a query (unscaled): the same draw for every setting of one
     shape, so settings are paired on their noise as well as on their layouts (every
