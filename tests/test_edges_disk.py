@@ -13,7 +13,6 @@ import logging
 import os
 import pathlib
 import pickle
-import shutil
 import tracemalloc
 import warnings
 import zipfile

@@ -130,8 +130,7 @@ def core_calls() -> dict[str, np.ndarray]:
 
 def openpi_calls() -> dict[str, np.ndarray]:
     from flowcorrect.openpi import Pi0Policy, sample_actions_with_energy_correction
-    from tests.test_openpi import _energy as pi0_energy
-    from tests.test_openpi import _make_model, _observation
+    from tests.test_openpi import _energy as pi0_energy, _make_model, _observation
 
     out = {}
     with jax.numpy_rank_promotion("allow"):
