@@ -14,6 +14,12 @@ from .state import TrainState
 logger = logging.getLogger("flowcorrect")
 
 
+def _log(level: int, msg: str, *args: Any) -> None:
+    # Under jax.distributed every process resumes alike: one of them says so.
+    if jax.process_index() == 0:
+        logger.log(level, msg, *args, stacklevel=2)
+
+
 def save(
     checkpointer: Checkpointer, step: int, state: TrainState, key: Any, meta: dict[str, Any]
 ) -> None:
@@ -81,14 +87,14 @@ def resume(
     where = checkpointer.directory
     if not steps:
         if existed:
-            logger.warning(
+            _log(logging.WARNING, 
                 "%s: checkpoint_dir %s exists but holds no checkpoint: training starts from "
                 "step 0. (If checkpoints were there before, they were deleted.)",
                 who,
                 where,
             )
         else:
-            logger.info("%s: no checkpoint in %s; training starts from step 0.", who, where)
+            _log(logging.INFO, "%s: no checkpoint in %s; training starts from step 0.", who, where)
         return 0, state, key, None
     broken: list[tuple[int, CheckpointError]] = []
     for step in steps:
@@ -112,11 +118,11 @@ def resume(
                     "start over from step 0."
                 ) from e.__cause__
             broken.append((step, e))
-            logger.warning("%s: %s Falling back to an older checkpoint.", who, e)
+            _log(logging.WARNING, "%s: %s Falling back to an older checkpoint.", who, e)
             continue
         if broken:
             checkpointer.set_aside([s for s, _ in broken])
-            logger.warning(
+            _log(logging.WARNING, 
                 "%s: resuming from step %d, the newest intact checkpoint in %s; the broken "
                 "checkpoint(s) at step(s) %s were moved aside to %s.",
                 who,
@@ -126,7 +132,9 @@ def resume(
                 checkpointer.aside_dir,
             )
         else:
-            logger.info("%s: resuming from the checkpoint at step %d in %s.", who, step, where)
+            _log(
+                logging.INFO, "%s: resuming from the checkpoint at step %d in %s.", who, step, where
+            )
         return step, state, key, meta
     raise CheckpointError(
         f"Every checkpoint in {where} (steps {steps}) is broken; the newest: {broken[0][1]} "
