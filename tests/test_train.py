@@ -15,8 +15,10 @@ import pytest
 
 import flowcorrect as fc
 from flowcorrect._train.checkpoint import Checkpointer
-from flowcorrect._train.fit import _initial_state, _place_batch, _restore
 from flowcorrect._train.negatives import make_negatives
+from flowcorrect._train.resume import restore as _restore
+from flowcorrect._train.sharding import place_batch as _place_batch
+from flowcorrect._train.state import initial_state as _initial_state
 from flowcorrect._train.synthetic import matching_task, noisy_policy
 
 SHAPES = dict(seq=8, context_dim=16, horizon=4, action_dim=4)

@@ -1,5 +1,6 @@
 """Training on an interface: any learned energy, any optax optimiser, broken checkpoints."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -183,6 +184,113 @@ def test_fit_trains_the_mlp_energy_and_a_users_own_energy(tmp_path):
     with pytest.raises(fc.ModelFileError, match="not a 'MLPEnergy'"):
         fc.load_model(path, cls=fc.MLPEnergy)
     assert bitwise_equal(fc.load_model(path, cls=type(user)), user)
+
+
+# --------------------------------------------------------------------------------------
+# One loop: losses and progress meters are objects the loop only calls
+
+LOOP = fc.TrainConfig(num_steps=6, learning_rate=3e-3, warmup_steps=1, log_every=3)
+
+
+def labelled(step):
+    rng = np.random.default_rng(step)
+    return fc.LabelledBatch(jnp.asarray(rng.standard_normal((8, OBS)), jnp.float32),
+                            jnp.asarray(rng.standard_normal((8, HORIZON, ACT)), jnp.float32),
+                            jnp.asarray(rng.random(8) < 0.5, jnp.float32))  # fmt: skip
+
+
+def test_fit_with_a_loss_object_is_the_same_loop():
+    # A verifier loss through fc.fit is fc.fit_verifier, to the bit.
+    via_fit = fc.fit(mlp(), labelled, fc.OutcomeLoss(), key=jax.random.key(0), config=LOOP,
+                     progress=False)  # fmt: skip
+    via_verifier = fc.fit_verifier(mlp(), labelled, fc.OutcomeLoss(), key=jax.random.key(0),
+                                   config=LOOP, progress=False)  # fmt: skip
+    assert bitwise_equal(via_fit.model, via_verifier.model)
+    assert via_fit.history == via_verifier.history and len(via_fit.history) == 2
+    assert not bitwise_equal(via_fit.model, mlp())
+    # fit's default loss is InfoNCELoss built from the config and its negatives.
+    data = fc.ShuffledBatches(state_task(jax.random.key(1), 64), 16)
+    negatives = (fc.NoiseNegatives(2, 0.3),)
+    default = fc.fit(mlp(), data, key=jax.random.key(2), config=LOOP, negatives=negatives,
+                     progress=False)  # fmt: skip
+    explicit = fc.fit(mlp(), data, fc.InfoNCELoss(tau=LOOP.tau, negatives=negatives),
+                      key=jax.random.key(2), config=LOOP, progress=False)  # fmt: skip
+    assert bitwise_equal(default.model, explicit.model)
+    other = fc.fit(mlp(), data, fc.InfoNCELoss(tau=2.0, negatives=negatives),
+                   key=jax.random.key(2), config=LOOP, progress=False)  # fmt: skip
+    assert not bitwise_equal(default.model, other.model)
+    # Every feature of the loop works for every loss: a moving average for a verifier.
+    ema = fc.fit(mlp(), labelled, fc.OutcomeLoss(), key=jax.random.key(0),
+                 config=dataclasses.replace(LOOP, ema_decay=0.5), progress=False)  # fmt: skip
+    assert bitwise_equal(ema.model, via_fit.model)
+    assert ema.ema_model is not None and not bitwise_equal(ema.ema_model, ema.model)
+
+
+def test_a_users_loss_and_progress_meter():
+    class PullDown(fc.AbstractLoss):
+        """A user's loss: lower every expert chunk's energy, with a quadratic floor."""
+
+        floor: float = 1.0
+
+        def __call__(self, model, batch, key):
+            e = jax.vmap(model)(batch.context, batch.actions)
+            loss = jnp.mean(e + jnp.square(e) / self.floor)
+            return loss, {"loss": loss, "energy": jnp.mean(e)}
+
+        def postfix(self, entry):
+            return {"E": f"{entry['energy']:.2f}"}
+
+    class Recorder(fc.AbstractProgressMeter):
+        calls: list = eqx.field(default_factory=list)
+
+        def init(self, *, total, initial, desc):
+            self.calls.append(("init", total, initial, desc))
+            return 0
+
+        def step(self, state, postfix):
+            self.calls.append(("step", state + 1, postfix))
+            return state + 1
+
+        def close(self, state):
+            self.calls.append(("close", state))
+
+    meter = Recorder()
+    data = fc.ShuffledBatches(state_task(jax.random.key(1), 64), 16)
+    result = fc.fit(mlp(), data, PullDown(), key=jax.random.key(0), config=LOOP,
+                    progress=meter)  # fmt: skip
+    history = result.history
+    assert [h["step"] for h in history] == [3, 6] and history[1]["loss"] < history[0]["loss"]
+    assert meter.calls[0] == ("init", 6, 0, "fit") and meter.calls[-1] == ("close", 6)
+    steps = meter.calls[1:-1]
+    assert [c[1] for c in steps] == [1, 2, 3, 4, 5, 6]
+    shown = [h for h in history]
+    assert [c[2] for c in steps] == [None, None, {"E": f"{shown[0]['energy']:.2f}"}, None,
+                                     None, {"E": f"{shown[1]['energy']:.2f}"}]  # fmt: skip
+    # The meter is closed when the run raises, too.
+    meter = Recorder()
+
+    def stop(step, entry):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fc.fit(mlp(), data, PullDown(), key=jax.random.key(0), config=LOOP, progress=meter,
+               callback=stop)  # fmt: skip
+    assert meter.calls[-1] == ("close", 3)
+
+
+def test_loop_arguments_are_checked():
+    data = fc.ShuffledBatches(state_task(jax.random.key(1), 64), 16)
+    options = dict(key=jax.random.key(0), config=LOOP, progress=False)
+    with pytest.raises(ValueError, match="with your own `loss`"):
+        fc.fit(mlp(), data, fc.InfoNCELoss(), negatives=[fc.NoiseNegatives(2, 0.3)], **options)
+    with pytest.raises(ValueError, match="verifier_report"):
+        fc.fit(mlp(), labelled, fc.OutcomeLoss(), held_out=data(0), **options)
+    with pytest.raises(TypeError, match="AbstractLoss"):
+        fc.fit(mlp(), data, fc.reference_recipe(), **options)
+    with pytest.raises(TypeError, match="AbstractProgressMeter"):
+        fc.fit(mlp(), data, key=jax.random.key(0), config=LOOP, progress="yes")
+    with pytest.raises(TypeError, match="AbstractNegatives"):
+        fc.InfoNCELoss(negatives=[fc.reference_recipe()])
 
 
 # --------------------------------------------------------------------------------------

@@ -80,14 +80,20 @@ class Checkpointer:
     def set_aside(self, steps: list[int]) -> None:
         """Moves broken checkpoints out of the manager's way (never deletes them), so
         that the resumed run can write those steps again."""
-        self.aside_dir.mkdir(exist_ok=True)
-        for step in steps:
-            target = self.aside_dir / str(step)
-            suffix = 0
-            while target.exists():
-                suffix += 1
-                target = self.aside_dir / f"{step}.{suffix}"
-            shutil.move(str(self.step_path(step)), str(target))
+        # Under jax.distributed the folder is shared: one process moves, all wait for it.
+        if jax.process_index() == 0:
+            self.aside_dir.mkdir(exist_ok=True)
+            for step in steps:
+                target = self.aside_dir / str(step)
+                suffix = 0
+                while target.exists():
+                    suffix += 1
+                    target = self.aside_dir / f"{step}.{suffix}"
+                shutil.move(str(self.step_path(step)), str(target))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("flowcorrect: checkpoints set aside")
         self.manager.reload()
 
     def _broken(self, step: int, error: BaseException) -> CheckpointError:

@@ -83,8 +83,3 @@ def _finite_rows(x: Any) -> np.ndarray:
         rows = x[i : i + block]
         out[i : i + len(rows)] = np.isfinite(rows.reshape(len(rows), -1)).all(1)
     return out
-
-
-def to_host(tree: Any) -> Any:
-    """A pytree of arrays as NumPy arrays on the host."""
-    return jax.tree.map(np.asarray, jax.device_get(tree))

@@ -309,8 +309,3 @@ def info_nce(
         grad_norm=jnp.mean(pos_norms),
     )
     return loss, metrics
-
-
-def info_nce_batch(model: AbstractLearnedEnergy, batch: Any, **kwargs: Any) -> Any:
-    """[`flowcorrect.info_nce`][] on a [`flowcorrect.Batch`][] (its negatives as extras)."""
-    return info_nce(model, batch.context, batch.actions, extra_negatives=batch.negatives, **kwargs)

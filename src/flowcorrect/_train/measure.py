@@ -25,9 +25,10 @@ import numpy as np
 from .._model.config import EnergyModelConfig
 from .._model.context import TokenContext
 from .._model.energy_model import EnergyModel
+from .config import TrainConfig
 from .data import ShuffledBatches
-from .fit import TrainConfig, fit
 from .infonce import embed_batch, encode_batch, info_nce
+from .loop import fit
 from .negatives import NoiseNegatives
 from .synthetic import matching_task, noisy_policy
 

@@ -11,9 +11,10 @@ same model classes as InfoNCE ([`flowcorrect.MLPEnergy`][],
     over pairs of queries at similar states, one from a succeeding and one from a
     failing episode ([`flowcorrect.similar_state_pairs`][]).
 
-[`flowcorrect.fit_verifier`][] trains with the machinery of [`flowcorrect.fit`][]:
-the same [`flowcorrect.TrainConfig`][] and optax optimiser, orbax checkpoints with
-exact resume, a progress bar. (No data-parallel mesh yet: verifiers here are small.)
+The losses are [`flowcorrect.AbstractLoss`][]es: [`flowcorrect.fit`][] trains with them
+as it does with InfoNCE (the same [`flowcorrect.TrainConfig`][] and optax optimiser,
+orbax checkpoints with exact resume, a progress meter, a data-parallel mesh), and
+[`flowcorrect.fit_verifier`][] is that loop.
 """
 
 import abc
@@ -27,25 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
-from tqdm.auto import tqdm
 
 from .._model.base import AbstractLearnedEnergy
-from .._train.checkpoint import Checkpointer
-from .._train.fit import (
-    _OPTIMIZER_FIELDS,
-    FitResult,
-    TrainConfig,
-    TrainState,
-    _initial_state,
-    _mean,
-    _optimizer,
-    _resume,
-    _save,
-    guarded_update,
-    make_schedule,
-    warn_skipped,
-)
-from .._train.infonce import check_learned, typed_key
+from .._train.config import TrainConfig
+from .._train.infonce import check_learned
+from .._train.loop import FitResult, train
+from .._train.loss import AbstractLoss
+from .._train.progress import AbstractProgressMeter
 from .rollouts import Rollouts, observation_leaves
 
 
@@ -78,15 +67,22 @@ def _energies(model: AbstractLearnedEnergy, context: Any, actions: Array, key: A
     return jax.vmap(one)(context, actions, keys).astype(jnp.float32)
 
 
-class AbstractVerifierLoss(eqx.Module):
-    """A loss of [`flowcorrect.fit_verifier`][]: `loss(model, batch, key) -> (scalar,
-    metrics)`, with a `metrics` dict of scalars for the history and the progress bar."""
+class AbstractVerifierLoss(AbstractLoss):
+    """A loss of [`flowcorrect.fit_verifier`][] (and [`flowcorrect.fit`][]):
+    `loss(model, batch, key) -> (scalar, metrics)`, with a `metrics` dict of scalars
+    for the history and the progress meter, which shows `loss` and `accuracy`."""
 
     @abc.abstractmethod
     def __call__(self, model: AbstractLearnedEnergy, batch: Any, key: PRNGKeyArray) -> tuple[
         Array, dict[str, Array]
     ]:
         """The mean loss over the batch and its metrics."""
+
+    def postfix(self, entry: dict[str, Any]) -> dict[str, str]:
+        return {
+            "loss": f"{entry['loss']:.3f}",
+            "acc": f"{entry.get('accuracy', float('nan')):.2f}",
+        }
 
 
 class OutcomeLoss(AbstractVerifierLoss):
@@ -293,17 +289,6 @@ def _shuffled(arrays: tuple, batch_size: int, seed: int, make: Callable) -> Call
     return batch
 
 
-@eqx.filter_jit
-def _step(state: TrainState, batch: Any, key: Any, optimizer: Any, loss: AbstractVerifierLoss):
-    # Keys are a function of the step: a resumed run draws what the uninterrupted one did.
-    k = jax.random.fold_in(key, state.step)
-    (value, metrics), grads = eqx.filter_value_and_grad(
-        lambda m: loss(m, batch, k), has_aux=True
-    )(state.model)
-    state, skipped = guarded_update(state, value, grads, optimizer, None)
-    return state, {**metrics, "skipped_steps": skipped}
-
-
 # `model`, `data` and `loss` are typed loosely so that a wrong one gets the messages below.
 def fit_verifier(
     model: Any,
@@ -315,10 +300,10 @@ def fit_verifier(
     checkpoint_dir: str | pathlib.Path | None = None,
     on_corrupt: str = "raise",
     callback: Callable[[int, dict[str, float]], None] | None = None,
-    progress: bool = True,
+    progress: bool | AbstractProgressMeter = True,
 ) -> FitResult:
-    """Trains a learned energy as a verifier: [`flowcorrect.fit`][]'s machinery with
-    another loss.
+    """Trains a learned energy as a verifier: the loop of [`flowcorrect.fit`][] with a
+    verifier loss.
 
     **Arguments:**
 
@@ -339,7 +324,8 @@ def fit_verifier(
         older one and move the broken ones to `<checkpoint_dir>/corrupt/`, as
         [`flowcorrect.fit`][] does.
     - `callback`: `callback(step, metrics)` at every logging step.
-    - `progress`: a tqdm bar with the loss and accuracy.
+    - `progress`: `True` (default) for a tqdm bar with the loss and accuracy, `False`
+        for none, or an [`flowcorrect.AbstractProgressMeter`][].
 
     A step whose loss, gradients or updates are not finite is skipped (the model and
     optimiser state stay as they were), counted in the history's `skipped_steps` and
@@ -364,68 +350,23 @@ def fit_verifier(
             f"got {type(data).__name__}."
         )
     if config.ema_decay is not None:
-        raise ValueError("fit_verifier keeps no moving average: use ema_decay=None.")
-    if on_corrupt not in ("raise", "fallback"):
-        raise ValueError(f"`on_corrupt` must be 'raise' or 'fallback'; got {on_corrupt!r}.")
-    key = typed_key(jnp.asarray(key) if not isinstance(key, jax.Array) else key)
-    optimizer = _optimizer(**{f: getattr(config, f) for f in _OPTIMIZER_FIELDS})
-    schedule = make_schedule(config)
-    state = _initial_state(model, config, optimizer)
-    history: list[dict[str, float]] = []
-    window: list[dict[str, float]] = []
-    start = 0
-    checkpointer = None
-    if checkpoint_dir is not None:
-        existed = pathlib.Path(checkpoint_dir).exists()
-        checkpointer = Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
-    try:
-        if checkpointer is not None:
-            start, state, key, meta = _resume(
-                checkpointer, state, key, model, config, False, on_corrupt, existed,
-                "fit_verifier",
-            )
-            if meta is not None:
-                if meta.get("loss") != repr(loss):
-                    raise ValueError(
-                        f"The checkpoint in {checkpoint_dir} was trained with "
-                        f"{meta.get('loss')}, not {loss!r}; use a fresh checkpoint_dir."
-                    )
-                history = list(meta.get("history", []))
-                window = list(meta.get("window", []))
-        pending: list[Any] = []
-        with tqdm(total=config.num_steps, initial=start, disable=not progress,
-                  desc="fit_verifier", leave=False) as bar:
-            for step in range(start, config.num_steps):
-                state, metrics = _step(state, data(step), key, optimizer, loss)
-                pending.append(metrics)
-                done = step + 1
-                bar.update(1)
-                log_now = done % config.log_every == 0 or done == config.num_steps
-                save_now = checkpointer is not None and (
-                    done % config.checkpoint_every == 0 or done == config.num_steps
-                )
-                if log_now or save_now:
-                    window += [{k: float(v) for k, v in m.items()}
-                               for m in jax.device_get(pending)]
-                    pending = []
-                if log_now:
-                    entry = {"step": done, "lr": float(schedule(step)), **_mean(window)}
-                    window = []
-                    history.append(entry)
-                    bar.set_postfix(loss=f"{entry['loss']:.3f}",
-                                    acc=f"{entry.get('accuracy', float('nan')):.2f}")
-                    if callback is not None:
-                        callback(done, entry)
-                if save_now:
-                    meta = {
-                        "step": done, "model_class": type(model).__name__,
-                        "model_config": model.config.to_dict(), "custom_optimizer": False,
-                        "train_config": config.to_dict(), "history": history,
-                        "window": window, "loss": repr(loss),
-                    }
-                    _save(checkpointer, done, state, key, meta)
-    finally:
-        if checkpointer is not None:
-            checkpointer.close()
-    warn_skipped("fit_verifier", history, config.num_steps)
-    return FitResult(eqx.nn.inference_mode(state.model), None, history, None)
+        raise ValueError(
+            "fit_verifier keeps no moving average: use ema_decay=None (fc.fit(model, data, "
+            "loss, ...) keeps one)."
+        )
+    return train(
+        model,
+        data,
+        loss,
+        key=key,
+        config=config,
+        optimizer=None,
+        checkpoint_dir=checkpoint_dir,
+        on_corrupt=on_corrupt,
+        mesh=None,
+        evaluate=None,
+        callback=callback,
+        progress=progress,
+        loss_meta={"loss": repr(loss)},
+        who="fit_verifier",
+    )

@@ -21,8 +21,9 @@ from .._flow.sample import sample
 from .._model.mlp_energy import MLPEnergy, MLPEnergyConfig
 from .._model.serialise import load_model, save_model
 from .._train.batch import Batch
+from .._train.config import TrainConfig
 from .._train.data import ShuffledBatches
-from .._train.fit import TrainConfig, fit
+from .._train.loop import fit
 from .._train.negatives import policy_negatives
 from .policy import FlowMLPPolicy
 
