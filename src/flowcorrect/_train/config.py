@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import optax
 
+from .._misc import is_int
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -60,7 +62,7 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
             v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            if not (is_int(v) and v >= 1):
                 raise ValueError(f"`{name}` must be an int >= 1; got {v!r}.")
         if not (
             isinstance(self.warmup_steps, int)
@@ -70,7 +72,7 @@ class TrainConfig:
             raise ValueError(f"`warmup_steps` must be an int >= 0; got {self.warmup_steps!r}.")
         for name in ("pair_chunk", "eval_every"):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            if v is not None and not (is_int(v) and v >= 1):
                 raise ValueError(f"`{name}` must be None or an int >= 1; got {v!r}.")
 
         def real(name: str) -> float:
