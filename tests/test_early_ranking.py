@@ -393,11 +393,11 @@ def test_new_noise_weights_and_temperature_do_not_recompile():
     assert not np.allclose(outs[0], outs[1])
 
 
-# ---------------------------------------------------------------- Flow.integrate ranges
+# ---------------------------------------------------------------- fc.integrate ranges
 
 
 class TwoSegments(fc.AbstractPlacement):
-    """A user placement: the plain flow in two `Flow.integrate` calls, split at `k`."""
+    """A user placement: the plain flow in two `fc.integrate` calls, split at `k`."""
 
     k: int = eqx.field(static=True)
 
@@ -405,8 +405,8 @@ class TwoSegments(fc.AbstractPlacement):
         return tuple(chunk_shape)
 
     def sample(self, flow, noise, keys):
-        x, _, first = flow.integrate(fc.Plain(), noise, keys, stop=self.k)
-        x, _, rest = flow.integrate(fc.Plain(), x, keys, start=self.k)
+        x, _, first = fc.integrate(flow, fc.Plain(), noise, keys, stop=self.k)
+        x, _, rest = fc.integrate(flow, fc.Plain(), x, keys, start=self.k)
         return x, (first, rest)
 
 
@@ -437,7 +437,7 @@ def test_integrate_rejects_a_bad_range():
             return tuple(chunk_shape)
 
         def sample(self, flow, noise, keys):
-            return flow.integrate(fc.Plain(), noise, keys, start=self.start,
+            return fc.integrate(flow, fc.Plain(), noise, keys, start=self.start,
                                   stop=self.stop)[0], None
 
     policy = _tanh_policy()

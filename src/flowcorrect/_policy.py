@@ -28,8 +28,8 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Float
 
+from ._conventions import AbstractConvention, OpenPI
 from ._custom_types import Actions, Context, Scalar
-from ._flow.conventions import AbstractConvention, OpenPI
 from ._misc import shape_str
 
 Prefix = Any

@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ._flow.conventions import AbstractConvention
+from ._conventions import AbstractConvention
 from ._flow.flow import BatchChunks, Flow, VmappedPolicy
-from ._flow.placements import AbstractInterleaved
 from ._misc import concrete, count, shape_str
+from ._placements.base import AbstractInterleaved
 from ._rtc import _int_scalar, leftover_target
 
 

@@ -12,9 +12,11 @@ from .._correct import check_batched_context, check_key
 from .._custom_types import Key
 from .._energy import EnergyFn, as_energy
 from .._misc import count, float_array, shape_str
+from .._placements.base import AbstractPlacement, check_placement
+from .._placements.plain import Plain
 from .._policy import AbstractBatchedPolicy, AbstractPolicy
 from .flow import Flow, VmappedPolicy, all_finite, per_sample, sample_norms
-from .placements import AbstractPlacement, Plain, check_placement
+from .integrate import integrate
 
 
 class SampleInfo(eqx.Module):
@@ -281,7 +283,7 @@ def _sample(
     flow = Flow(batched_policy, prefix, energy, encoded, batch, num_steps, step_energies)
 
     if placement is None:
-        actions, placement_info = flow.integrate(stepper, x0, run_keys)[0], None  # type: ignore[arg-type]
+        actions, placement_info = integrate(flow, stepper, x0, run_keys)[0], None  # type: ignore[arg-type]
     else:
         actions, placement_info = placement.sample(flow, x0, run_keys)
     if getattr(actions, "shape", None) != (batch, *chunk_shape):
@@ -301,14 +303,14 @@ def _sample(
         fell_back = jnp.zeros(batch, bool)
     else:
         if track_uncorrected:
-            plain = flow.integrate(Plain(), first_noise, run_keys)[0]
+            plain = integrate(flow, Plain(), first_noise, run_keys)[0]
         else:
             # A real branch at batch level: the plain flow runs only if some sample
             # needs its fallback.
             plain = jax.lax.cond(
                 jnp.all(ok),
                 lambda: jnp.zeros_like(first_noise),
-                lambda: flow.integrate(Plain(), first_noise, run_keys)[0],
+                lambda: integrate(flow, Plain(), first_noise, run_keys)[0],
             )
         actions = jnp.where(per_sample(ok, actions), actions, plain)
         fell_back = jnp.logical_not(ok)

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._flow.conventions import AbstractConvention, OpenPI
+from .._conventions import AbstractConvention, OpenPI
 from .._policy import AbstractPolicy
 from .._rtc_training import AbstractDelays, prefix_conditioned_loss
 

@@ -17,10 +17,14 @@ import numpy as np
 from .._constraints.base import AbstractConstraint
 from .._constraints.selection import FeasibleFirst
 from .._correctors.recipes import reference_recipe
-from .._flow.placements import AbstractPlacement, BestOfN, Denoised, Guided, PostHoc
 from .._flow.schedules import LastSteps
 from .._flow.selection import ByEnergy, Medoid, NearMean
-from .._rtc import RealTimeChunking
+from .._placements.base import AbstractPlacement
+from .._placements.best_of_n import BestOfN
+from .._placements.denoised import Denoised
+from .._placements.guided import Guided
+from .._placements.post_hoc import PostHoc
+from .._placements.rtc import RealTimeChunking
 
 #: The key of an observation dict that carries per-request correction settings.
 OPTIONS_KEY = "flowcorrect"
