@@ -178,6 +178,8 @@ class RTCRow(fc.AbstractPlacement):
     from the noise (any values time the same), delay 4 and execution horizon `H // 2`,
     so the row needs no per-policy setup."""
 
+    needs_energy = False
+
     def noise_shape(self, chunk_shape):
         return chunk_shape
 

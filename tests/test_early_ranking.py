@@ -400,6 +400,7 @@ class TwoSegments(fc.AbstractPlacement):
     """A user placement: the plain flow in two `fc.integrate` calls, split at `k`."""
 
     k: int = eqx.field(static=True)
+    needs_energy = False
 
     def noise_shape(self, chunk_shape):
         return tuple(chunk_shape)
@@ -432,6 +433,7 @@ def test_integrate_rejects_a_bad_range():
     class Bad(fc.AbstractPlacement):
         start: int = eqx.field(static=True)
         stop: object = eqx.field(static=True)
+        needs_energy = False
 
         def noise_shape(self, chunk_shape):
             return tuple(chunk_shape)

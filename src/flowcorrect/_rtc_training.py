@@ -362,6 +362,7 @@ class PrefixConditioned(AbstractInterleaved):
 
     prev_chunk_left_over: Float[Array, "*batch leftover action_dim"]
     inference_delay: Int[Array, ""]
+    needs_energy = False
 
     def __init__(self, prev_chunk_left_over: Any, inference_delay: Any):
         if not isinstance(prev_chunk_left_over, jax.Array | np.ndarray):

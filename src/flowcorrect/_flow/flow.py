@@ -95,6 +95,16 @@ def per_sample(mask: Array, x: Array) -> Array:
     return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
 
 
+def energy_needed(who: str) -> str:
+    """The message refusing a placement `who` that needs an energy and has none."""
+    return (
+        f"The {who} placement needs an energy: pass energy=... to fc.sample (a learned "
+        "fc.EnergyModel, a hand-written energy such as fc.SquaredDistance, or any callable "
+        "energy(context, actions) -> scalar), or choose a placement that needs none "
+        "(fc.Plain(), fc.BestOfN(n, select=fc.Medoid()), fc.RealTimeChunking(...))."
+    )
+
+
 class Flow(eqx.Module):
     """A batch of observations through a policy: what a placement works with.
 
@@ -141,11 +151,7 @@ class Flow(eqx.Module):
     def require_energy(self, who: str) -> AbstractEnergy:
         """The energy; a clear error naming `who` needs it when there is none."""
         if self.energy is None:
-            raise ValueError(
-                f"The {who} placement needs an energy: pass energy=... to fc.sample (a "
-                "learned fc.EnergyModel, a hand-written energy such as fc.SquaredDistance, "
-                "or any callable energy(context, actions) -> scalar)."
-            )
+            raise ValueError(energy_needed(who))
         return self.energy
 
     def energies(self, actions: BatchChunks, who: str = "this") -> Float[Array, " batch"]:

@@ -15,7 +15,7 @@ from .._misc import count, float_array, shape_str
 from .._placements.base import AbstractPlacement, check_placement
 from .._placements.plain import Plain
 from .._policy import AbstractBatchedPolicy, AbstractPolicy
-from .flow import Flow, VmappedPolicy, all_finite, per_sample, sample_norms
+from .flow import Flow, VmappedPolicy, all_finite, energy_needed, per_sample, sample_norms
 from .integrate import integrate
 
 
@@ -167,7 +167,8 @@ def sample(
     - `noise_scale`: multiplies the initial noise (a lower "temperature": 0.5 or 0.25
         sample nearer the policy's modes). Traced: new values do not recompile.
     - `placement`: where a correction goes; see [`flowcorrect.AbstractPlacement`][].
-        `None` (default) samples plainly.
+        `None` (default) samples plainly. One whose `needs_energy` is true is refused
+        without an `energy`.
     - `energy`: any [`flowcorrect.EnergyFn`][], read by the placement; its context is
         the policy's `energy_context` (encoded once per observation), or bind one with
         [`flowcorrect.bind`][]. An energy without a placement is an error.
@@ -202,6 +203,8 @@ def sample(
         )
     if placement is not None:
         check_placement(placement)
+        if energy is None and placement.needs_energy:
+            raise ValueError(energy_needed(type(placement).__name__))
         if isinstance(policy, AbstractPolicy | AbstractBatchedPolicy):
             # Once before tracing, so that a placement's checks of values it holds as
             # arrays raise plain errors here; under the trace those values are unknown.

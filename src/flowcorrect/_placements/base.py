@@ -33,7 +33,16 @@ class AbstractPlacement(eqx.Module):
     Subclass [`flowcorrect.AbstractInterleaved`][] for a placement that acts at each
     Euler step; subclass this class directly for one that produces whole samples
     (ranking candidates, correcting afterwards), implementing the two methods below.
+
+    Every placement also declares `needs_energy`, a bool (a class attribute, a field or
+    a property): whether it reads the energy given to [`flowcorrect.sample`][]. The
+    sampler refuses a placement that needs one when none is given, and a server serves
+    a placement that needs none without an energy, without asking which placement it
+    is. A wrapper derives it from its parts (`fc.BestOfN(8, select=fc.Medoid())` needs
+    none; `fc.BestOfN(8)` ranks by the energy).
     """
+
+    needs_energy: eqx.AbstractVar[bool]
 
     @abc.abstractmethod
     def noise_shape(self, chunk_shape: tuple[int, int]) -> tuple[int, ...]:
@@ -100,6 +109,7 @@ class AbstractInterleaved(AbstractPlacement):
         ```python
         class Momentum(fc.AbstractInterleaved):
             beta: float = 0.5
+            needs_energy = False
 
             def init(self, flow, x):
                 return jnp.zeros_like(x)

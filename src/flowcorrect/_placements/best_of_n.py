@@ -78,6 +78,10 @@ class BestOfN(AbstractPlacement):
         check_placement(self.inner, "BestOfN `inner`")
         check_selection(self.select, "BestOfN `select`")
 
+    @property
+    def needs_energy(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.select.needs_energy or self.inner.needs_energy
+
     def noise_shape(self, chunk_shape: tuple[int, int]) -> tuple[int, ...]:
         return (self.n, *self.inner.noise_shape(chunk_shape))
 
@@ -252,6 +256,10 @@ class EarlyBestOfN(AbstractPlacement):
         _check_n(self.n, "EarlyBestOfN")
         _check_rank_at(self.rank_at)
         check_selection(self.select, "EarlyBestOfN `select`")
+
+    @property
+    def needs_energy(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.select.needs_energy
 
     def noise_shape(self, chunk_shape: tuple[int, int]) -> tuple[int, ...]:
         return (self.n, *chunk_shape)

@@ -42,6 +42,7 @@ class Denoised(AbstractInterleaved):
     corrector: AbstractCorrector
     schedule: AbstractSchedule
     weight: AbstractWeight
+    needs_energy = True
 
     def __init__(
         self,

@@ -39,6 +39,7 @@ class Guided(AbstractInterleaved):
     schedule: AbstractSchedule
     weight: AbstractWeight
     cap: Float[Array, ""]
+    needs_energy = True
 
     def __init__(self, schedule: Any = EveryStep(), weight: Any = 1.0, cap: Any = 1.0):
         self.schedule = schedule

@@ -13,6 +13,8 @@ class Plain(AbstractInterleaved):
     uncorrected flow.
     """
 
+    needs_energy = False
+
     def init(self, flow: Flow, x: BatchChunks) -> None:
         return None
 

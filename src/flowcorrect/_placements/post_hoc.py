@@ -46,6 +46,8 @@ class PostHoc(AbstractPlacement):
 
     corrector: AbstractCorrector
     after: AbstractPlacement
+    # The corrector descends the energy, whatever produced the chunk.
+    needs_energy = True
 
     # Arguments typed loosely so that a wrong one gets the message of `__check_init__`.
     def __init__(self, corrector: Any = reference_recipe(), after: Any = Plain()):

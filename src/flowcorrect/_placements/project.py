@@ -82,6 +82,10 @@ class Project(AbstractPlacement):
         self.constraint = constraint
         self.inner = inner
 
+    @property
+    def needs_energy(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.inner.needs_energy
+
     def noise_shape(self, chunk_shape: tuple[int, int]) -> tuple[int, ...]:
         return self.inner.noise_shape(chunk_shape)
 

@@ -116,6 +116,8 @@ class RealTimeChunking(AbstractPlacement):
     max_guidance_weight: Float[Array, ""]
     prefix_attention_schedule: Int[Array, ""]
     hard_prefix: Bool[Array, ""]
+    # Its own energy, to the previous chunk's leftover: none from the sampler.
+    needs_energy = False
 
     def __init__(
         self,

@@ -191,6 +191,27 @@ def _choice(options: Mapping, name: str, default: str, allowed: tuple[str, ...])
     return value
 
 
+def check_served_placement(placement: Any, has_energy: bool) -> None:
+    """Refuses a server's default placement that reads an energy the server lacks.
+
+    Asks the placement (its `needs_energy`, see [`flowcorrect.AbstractPlacement`][]),
+    never which placement it is, so that any energy-free placement, a user's own or
+    [`flowcorrect.RealTimeChunking`][], is served without an energy.
+
+    **Arguments:**
+
+    - `placement`: the default placement, or `None` (no correction).
+    - `has_energy`: whether the server has an energy or verifier.
+    """
+    if placement is not None and not has_energy and placement.needs_energy:
+        raise ValueError(
+            f"The default placement {type(placement).__name__} cannot run on this server "
+            "without an energy: it reads one (its needs_energy is True). Give the server an "
+            "`energy` or a `verifier`, or choose a placement that needs none "
+            "(fc.BestOfN(n, select=fc.Medoid()), fc.RealTimeChunking(...))."
+        )
+
+
 def parse_request(
     options: Any,
     *,
