@@ -214,11 +214,11 @@ def test_user_placement_inside_best_of_n_and_post_hoc():
     policy = MLPPolicy(jax.random.key(6))
     obs = jax.random.normal(jax.random.key(7), (2, OBS))
     energy = TargetEnergy(jax.random.normal(jax.random.key(8), (8, D)))
-    placement = fc.PostHoc(HalfStep(), after=fc.BestOfN(4, Momentum(jnp.float32(0.3))))
+    placement = fc.PostHoc(HalfStep(), inner=fc.BestOfN(4, Momentum(jnp.float32(0.3))))
     out, info = fc.sample(
         policy, obs, jax.random.key(9), batch_size=2, energy=energy, placement=placement
     )
-    best = info.placement.after
+    best = info.placement.inner
     assert best.candidate_energy.shape == (2, 4) and best.selected.shape == (2,)
     assert best.inner.placement.shape == (2,)  # Momentum's own info, of the chosen one
     chosen = jnp.min(best.candidate_energy, axis=1)
@@ -317,8 +317,8 @@ def test_user_policy_prefix_runs_once_per_call_for_every_placement():
         fc.Denoised(fc.reference_recipe(), fc.LastSteps(3)),
         fc.Guided(fc.LastSteps(3)),
         fc.BestOfN(8),
-        fc.EarlyBestOfN(8, 3),
-        fc.PostHoc(after=fc.BestOfN(4, fc.Guided(weight=2.0))),
+        fc.BestOfN(8, rank_at=3),
+        fc.PostHoc(inner=fc.BestOfN(4, fc.Guided(weight=2.0))),
     ]
     for placement in placements:
         CachePolicy.calls.clear()

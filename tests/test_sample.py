@@ -465,9 +465,9 @@ def test_best_of_n_keeps_the_lowest_energy_then_corrects(convention, target, see
             noise=noise,
             convention=convention,
             energy=energy,
-            placement=fc.PostHoc(fc.GradientStep(alpha), after=fc.BestOfN(4)),
+            placement=fc.PostHoc(fc.GradientStep(alpha), inner=fc.BestOfN(4)),
         )
-        assert int(info.placement.after.selected) == selected
+        assert int(info.placement.inner.selected) == selected
         energies.append(float(energy(None, corrected)))
     assert energies[0] == pytest.approx(min(scores), rel=1e-5, abs=1e-6)
     assert all(b < a for a, b in zip(energies, energies[1:], strict=False)), energies
@@ -725,7 +725,7 @@ def test_non_finite_never_reaches_the_robot(convention):
         fc.Denoised(step),
         fc.Guided(),
         fc.PostHoc(step),
-        fc.PostHoc(step, after=fc.BestOfN(2)),
+        fc.PostHoc(step, inner=fc.BestOfN(2)),
     )
     for energy in (NanEnergy(), NanGradient()):
         assert bool(jnp.isfinite(energy(None, plain)) == isinstance(energy, NanGradient))
@@ -758,8 +758,8 @@ def test_non_finite_never_reaches_the_robot(convention):
         fc.Guided(fc.LastSteps(3), 0.5),
         fc.Denoised(fc.reference_recipe(), fc.EveryNth(2), 0.5),
         fc.BestOfN(3),
-        fc.EarlyBestOfN(3, 4),
-        fc.PostHoc(fc.reference_recipe(), after=fc.BestOfN(2, fc.Guided(weight=0.5))),
+        fc.BestOfN(3, rank_at=4),
+        fc.PostHoc(fc.reference_recipe(), inner=fc.BestOfN(2, fc.Guided(weight=0.5))),
     ],
     ids=lambda p: type(p).__name__,
 )
@@ -807,7 +807,7 @@ def test_new_values_do_not_recompile():
             context,
             noise=noise,
             energy=energy,
-            placement=fc.PostHoc(corrector, after=placement),
+            placement=fc.PostHoc(corrector, inner=placement),
             convention=fc.Reverse(),
         )
 

@@ -8,12 +8,13 @@ diffrax's `diffeqsolve` calls `solver.step`. Two families:
   (`init`, `step`, `info`); [`flowcorrect.Plain`][], [`flowcorrect.Denoised`][],
   [`flowcorrect.Guided`][] and your own (momentum, inpainting, real-time chunking...).
 - [`flowcorrect.AbstractPlacement`][] directly: produces whole samples from noise
-  (`noise_shape`, `sample`); [`flowcorrect.PostHoc`][] and [`flowcorrect.BestOfN`][],
-  which wrap any other placement, and [`flowcorrect.EarlyBestOfN`][], which ranks
-  partially denoised candidates and finishes only the chosen one.
+  (`noise_shape`, `sample`); [`flowcorrect.PostHoc`][], [`flowcorrect.BestOfN`][] (which
+  also ranks partially denoised candidates and finishes only the chosen one) and
+  [`flowcorrect.Project`][], which wrap any other placement, and
+  [`flowcorrect.RealTimeChunking`][].
 
 Each placement carries what it needs (its corrector, schedule, weight), so one call
-can mix them: `fc.PostHoc(corrector, after=fc.BestOfN(8, fc.Guided(weight=2.0)))`.
+can mix them: `fc.PostHoc(corrector, inner=fc.BestOfN(8, fc.Guided(weight=2.0)))`.
 """
 
 import abc
@@ -174,8 +175,9 @@ def check_placement(placement: Any, name: str = "placement") -> None:
     if not isinstance(placement, AbstractPlacement):
         raise TypeError(
             f"`{name}` must be a placement: fc.PostHoc(corrector), fc.Denoised(corrector, "
-            "schedule, weight), fc.Guided(schedule, weight), fc.BestOfN(n, inner), "
-            "fc.EarlyBestOfN(n, rank_at) or your own fc.AbstractPlacement subclass; got "
+            "schedule, weight), fc.Guided(schedule, weight), fc.BestOfN(n, inner) (with "
+            "rank_at=k to rank early), fc.RealTimeChunking(...), fc.Project(constraint) or "
+            "your own fc.AbstractPlacement subclass; got "
             f"{type(placement).__name__}."
         )
 

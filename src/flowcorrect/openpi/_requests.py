@@ -443,7 +443,7 @@ def placement_from_request(
     if o["feasible_first"]:
         if constraint is None:
             raise RequestError("'feasible_first' needs the server's constraint; it has none.")
-        rule = FeasibleFirst(constraint, then=rule)
+        rule = FeasibleFirst(constraint, inner=rule)
     return BestOfN(o["n"], select=rule)
 
 
