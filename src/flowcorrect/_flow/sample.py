@@ -12,7 +12,7 @@ from .._correct import check_batched_context, check_key
 from .._custom_types import Key
 from .._energy import EnergyFn, as_energy
 from .._misc import count, float_array, shape_str
-from .._placements.base import AbstractPlacement, check_placement
+from .._placements.base import AbstractPlacement, check_placement, step_energy_of
 from .._placements.plain import Plain
 from .._policy import AbstractBatchedPolicy, AbstractPolicy
 from .flow import Flow, VmappedPolicy, all_finite, energy_needed, per_sample, sample_norms
@@ -37,6 +37,11 @@ class SampleInfo(eqx.Module):
     - `placement`: the placement's own diagnostics (e.g.
         [`flowcorrect.PostHocInfo`][], [`flowcorrect.BestOfNInfo`][],
         [`flowcorrect.InterleavedInfo`][]); `None` without a placement.
+    - `step_energy`: `(*batch, num_steps)`, the energy of the denoised estimate at each
+        flow step along the returned chunk's path, whatever the placement and however
+        deep its inner placements (for [`flowcorrect.RealTimeChunking`][], its own RTC
+        energy); `None` unless `step_energies=True` and there is an energy. Where
+        `fell_back` is set, it describes the placement's chunk, not the fallback.
     """
 
     final_energy: Float[Array, "*batch"] | None
@@ -45,6 +50,7 @@ class SampleInfo(eqx.Module):
     uncorrected_energy: Float[Array, "*batch"] | None
     delta_norm: Float[Array, "*batch"] | None
     placement: Any
+    step_energy: Float[Array, "*batch num_steps"] | None
 
 
 _PLACEMENTS = (
@@ -173,8 +179,7 @@ def sample(
         the policy's `energy_context` (encoded once per observation), or bind one with
         [`flowcorrect.bind`][]. An energy without a placement is an error.
     - `step_energies`: record the energy of the denoised estimate at every flow step
-        (in the placement's [`flowcorrect.InterleavedInfo`][]). Costs one energy
-        evaluation per step. Static.
+        (in `info.step_energy`). Costs one energy evaluation per step. Static.
     - `track_uncorrected`: also integrate the plain flow from the same noise for
         `info.uncorrected` and `info.delta_norm` (one more policy pass per step; off by
         default; the fallback needs no tracking: it recomputes the plain chunk only
@@ -286,9 +291,17 @@ def _sample(
     flow = Flow(batched_policy, prefix, energy, encoded, batch, num_steps, step_energies)
 
     if placement is None:
-        actions, placement_info = integrate(flow, stepper, x0, run_keys)[0], None  # type: ignore[arg-type]
+        actions, _, step_energy = integrate(flow, stepper, x0, run_keys)
+        placement_info = None
     else:
         actions, placement_info = placement.sample(flow, x0, run_keys)
+        step_energy = step_energy_of(placement_info)
+    if step_energy is not None and getattr(step_energy, "shape", None) != (batch, num_steps):
+        raise ValueError(
+            f"The placement {type(stepper).__name__} returned diagnostics whose "
+            f"`step_energy` has shape {shape_str(step_energy)}; expected "
+            f"{(batch, num_steps)} (one energy per sample and flow step) or None."
+        )
     if getattr(actions, "shape", None) != (batch, *chunk_shape):
         raise ValueError(
             f"The placement {type(stepper).__name__} returned chunks of shape "
@@ -332,7 +345,7 @@ def _sample(
             uncorrected = plain
             delta_norm = sample_norms(actions - plain)
     info = SampleInfo(final_energy, fell_back, uncorrected, uncorrected_energy, delta_norm,
-                      placement_info)
+                      placement_info, step_energy)
     if not batched:
         actions, info = jax.tree.map(lambda a: a[0], (actions, info))
     return actions, info

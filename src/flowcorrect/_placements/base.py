@@ -74,7 +74,11 @@ class AbstractPlacement(eqx.Module):
         `(actions, info)`: the chunks `(batch, horizon, action_dim)` and this
         placement's diagnostics (a Module whose arrays have a leading batch axis, or
         `None`). The sampler checks the chunks: a sample that is not finite is replaced
-        by the plain sampler's chunk from the same noise.
+        by the plain sampler's chunk from the same noise. If the diagnostics have a
+        `step_energy` attribute, `(batch, num_steps)` or `None` (see
+        [`flowcorrect.integrate`][]), the sampler reports it as
+        [`flowcorrect.SampleInfo`][]'s `step_energy`; a wrapper forwards its inner
+        placement's (`step_energy_of`).
         """
 
 
@@ -171,6 +175,12 @@ class AbstractInterleaved(AbstractPlacement):
         return x, InterleavedInfo(step_energy, self.info(flow, state))
 
 
+def step_energy_of(info: Any) -> Float[Array, "batch num_steps"] | None:
+    """The step energies a placement's diagnostics carry (their `step_energy`), or
+    `None` where they carry none."""
+    return getattr(info, "step_energy", None)
+
+
 def check_placement(placement: Any, name: str = "placement") -> None:
     if not isinstance(placement, AbstractPlacement):
         raise TypeError(
@@ -182,4 +192,10 @@ def check_placement(placement: Any, name: str = "placement") -> None:
         )
 
 
-__all__ = ["AbstractInterleaved", "AbstractPlacement", "InterleavedInfo", "check_placement"]
+__all__ = [
+    "AbstractInterleaved",
+    "AbstractPlacement",
+    "InterleavedInfo",
+    "check_placement",
+    "step_energy_of",
+]

@@ -12,7 +12,7 @@ from .._flow.flow import BatchChunks, BatchKeys, Flow, all_finite
 from .._flow.integrate import integrate
 from .._flow.selection import AbstractSelection, ByEnergy, Selected, check_selection
 from .._misc import count
-from .base import AbstractInterleaved, AbstractPlacement, check_placement
+from .base import AbstractInterleaved, AbstractPlacement, check_placement, step_energy_of
 from .plain import Plain
 
 
@@ -37,11 +37,11 @@ class BestOfNInfo(eqx.Module):
     - `t`: `(batch,)`, with `rank_at`, the flow time at which the candidates were
         ranked (`t_rank_at` of the Euler grid: 1 in openpi's convention for
         `rank_at = 0`); `None` without `rank_at`.
-    - `step_energy`: `(batch, num_steps)`, with `rank_at`, the energy of the denoised
-        estimate at every flow step along the returned chunk's path (the chosen
-        candidate's first `rank_at` steps, then the continuation's); `None` without
-        `rank_at` (the inner placement's diagnostics carry it), or unless `fc.sample`
-        was called with `step_energies=True` and an energy.
+    - `step_energy`: `(batch, num_steps)`, the energy of the denoised estimate at every
+        flow step along the returned chunk's path (the chosen candidate's; with
+        `rank_at`, its first `rank_at` steps, then the continuation's); `None` unless
+        `fc.sample` was called with `step_energies=True` and an energy (and the inner
+        placement records them).
     """
 
     candidate_energy: Float[Array, "batch n"] | None
@@ -190,9 +190,11 @@ class BestOfN(AbstractPlacement):
             inner = stepper.info(flow, state)
             if step_energy is not None and late_energy is not None:
                 step_energy = jnp.concatenate([step_energy, late_energy], axis=1)
+        if k is None:
+            inner = jax.tree.map(choose, inner)
+            step_energy = step_energy_of(inner)
         info = BestOfNInfo(
-            energy, chosen.score, selected, jnp.sum(ok, axis=1, dtype=jnp.int32),
-            jax.tree.map(choose, inner) if k is None else inner,
+            energy, chosen.score, selected, jnp.sum(ok, axis=1, dtype=jnp.int32), inner,
             None if t is None else jnp.broadcast_to(t, (batch,)), step_energy,
         )
         return out, info

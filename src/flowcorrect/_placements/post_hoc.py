@@ -3,14 +3,14 @@
 from typing import Any
 
 import equinox as eqx
-from jaxtyping import Array
+from jaxtyping import Array, Float
 
 from .._correct import CorrectionInfo, check_corrector
 from .._correctors.base import AbstractCorrector
 from .._correctors.recipes import reference_recipe
 from .._flow.flow import BatchChunks, BatchKeys, Flow, split_keys
 from .._misc import MISSING, renamed, renamed_attribute
-from .base import AbstractPlacement, check_placement
+from .base import AbstractPlacement, check_placement, step_energy_of
 from .plain import Plain
 
 
@@ -25,6 +25,11 @@ class PostHocInfo(eqx.Module):
 
     correction: CorrectionInfo
     inner: Any
+
+    @property
+    def step_energy(self) -> Float[Array, "batch num_steps"] | None:
+        """The inner placement's step energies (before the correction), or `None`."""
+        return step_energy_of(self.inner)
 
     @property
     def after(self) -> Any:

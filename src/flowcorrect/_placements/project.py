@@ -11,7 +11,7 @@ from .._constraints.base import AbstractConstraint, check_constraint
 from .._flow.flow import BatchChunks, BatchKeys, Flow, all_finite, per_sample, sample_norms
 from .._flow.integrate import integrate
 from .._misc import accumulation_dtype
-from .base import AbstractPlacement, check_placement
+from .base import AbstractPlacement, check_placement, step_energy_of
 from .plain import Plain
 
 
@@ -39,6 +39,11 @@ class ProjectInfo(eqx.Module):
     fell_back: Bool[Array, " batch"]
     kept: Bool[Array, " batch"]
     inner: Any
+
+    @property
+    def step_energy(self) -> Float[Array, "batch num_steps"] | None:
+        """The inner placement's step energies (before the projection), or `None`."""
+        return step_energy_of(self.inner)
 
 
 class Project(AbstractPlacement):
