@@ -549,3 +549,19 @@ def test_renamed_children_warn_and_still_work():
         fc.PostHoc(inner=fc.Plain(), after=fc.Plain())
     # Nothing warns under the new names.
     assert fc.PostHoc(fc.reference_recipe(), fc.BestOfN(2)).inner == fc.BestOfN(2)
+
+
+def test_rank_at_splits_an_interleaved_inner_placement_at_the_ranking():
+    # The candidates take the inner placement's steps before the ranking, the chosen one
+    # after it; the inner's state (here its step counts) starts afresh at the ranking.
+    policy, context = _tanh_policy(), _tanh_context()
+    noise = jax.random.normal(jax.random.key(40), (BATCH, N_CAND, H, D))
+    kwargs = dict(noise=noise, num_steps=STEPS, energy=fc.SquaredDistance(jnp.zeros((H, D))))
+    plain, _ = fc.sample(policy, context, placement=fc.BestOfN(N_CAND, rank_at=3), **kwargs)
+    off, _ = fc.sample(policy, context, placement=fc.BestOfN(
+        N_CAND, fc.Guided(weight=0.0), rank_at=3), **kwargs)
+    assert tree_allclose(off, plain, rtol=1e-6, atol=1e-7)
+    guided, info = fc.sample(policy, context, placement=fc.BestOfN(
+        N_CAND, fc.Guided(weight=1.0), rank_at=3), **kwargs)
+    assert not np.allclose(guided, plain, atol=1e-4)
+    assert np.asarray(info.placement.inner.placement.num_applied).tolist() == [STEPS - 3] * BATCH

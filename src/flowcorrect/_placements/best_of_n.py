@@ -12,7 +12,13 @@ from .._flow.flow import BatchChunks, BatchKeys, Flow, all_finite
 from .._flow.integrate import integrate
 from .._flow.selection import AbstractSelection, ByEnergy, Selected, check_selection
 from .._misc import count
-from .base import AbstractInterleaved, AbstractPlacement, check_placement, step_energy_of
+from .base import (
+    AbstractInterleaved,
+    AbstractPlacement,
+    InterleavedInfo,
+    check_placement,
+    step_energy_of,
+)
 from .plain import Plain
 
 
@@ -33,7 +39,9 @@ class BestOfNInfo(eqx.Module):
         nearest to it); with `rank_at`, the candidate that was continued.
     - `num_ok`: `(batch,)`, how many candidates were finite (at the ranking time).
     - `inner`: the inner placement's diagnostics for the chosen candidate (with
-        `rank_at < num_steps`, those of the continuation).
+        `rank_at`, an [`flowcorrect.InterleavedInfo`][] whose `placement` is the inner's
+        `info` of the continuation, or of the chosen candidate for
+        `rank_at = num_steps`).
     - `t`: `(batch,)`, with `rank_at`, the flow time at which the candidates were
         ranked (`t_rank_at` of the Euler grid: 1 in openpi's convention for
         `rank_at = 0`); `None` without `rank_at`.
@@ -193,6 +201,9 @@ class BestOfN(AbstractPlacement):
         if k is None:
             inner = jax.tree.map(choose, inner)
             step_energy = step_energy_of(inner)
+        else:
+            # What the inner placement's own `sample` would report, along this path.
+            inner = InterleavedInfo(step_energy, inner)
         info = BestOfNInfo(
             energy, chosen.score, selected, jnp.sum(ok, axis=1, dtype=jnp.int32), inner,
             None if t is None else jnp.broadcast_to(t, (batch,)), step_energy,
