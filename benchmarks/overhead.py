@@ -17,7 +17,7 @@ Rows:
   10 flow steps; `guided_last3` / `guided_all`: `Guided` on the same steps;
 - `best_of_N`: `BestOfN(N)`, N chains sharing one prefix pass, lowest energy kept;
 - `best_of_N_medoid`: `BestOfN(N, select=Medoid())`, consensus, the energy unused;
-- `early_best_of_N`: `EarlyBestOfN(N, 3)`, N chains for 3 of the 10 steps, ranked by
+- `early_best_of_N`: `BestOfN(N, rank_at=3)`, N chains for 3 of the 10 steps, ranked by
   the energy of their denoised estimates, one chain finished (these two rows run with
   `--full` or `--rows`, not in the quick set);
 - `project_box`, `project_step`, `project_box_step`: `Project` of the plain chunk onto
@@ -178,6 +178,8 @@ class RTCRow(fc.AbstractPlacement):
     from the noise (any values time the same), delay 4 and execution horizon `H // 2`,
     so the row needs no per-policy setup."""
 
+    needs_energy = False
+
     def noise_shape(self, chunk_shape):
         return chunk_shape
 
@@ -213,8 +215,8 @@ def placements(args) -> dict[str, tuple[str, Callable[[], Any]]]:
             lambda n=n: fc.BestOfN(n, select=fc.Medoid()),
         )
         out[f"early_best_of_{n}"] = (
-            f"EarlyBestOfN({n}, {EARLY_RANK_AT}): ranked at step {EARLY_RANK_AT}, one finished",
-            lambda n=n: fc.EarlyBestOfN(n, EARLY_RANK_AT),
+            f"BestOfN({n}, rank_at={EARLY_RANK_AT}): ranked at step {EARLY_RANK_AT}, one finished",
+            lambda n=n: fc.BestOfN(n, rank_at=EARLY_RANK_AT),
         )
     out["rtc"] = (
         "RealTimeChunking (delay 4, execution horizon H/2): guided every step, one VJP each",

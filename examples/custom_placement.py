@@ -35,6 +35,10 @@ class Trace(fc.AbstractInterleaved):
 
     inner: fc.AbstractInterleaved
 
+    @property
+    def needs_energy(self):
+        return self.inner.needs_energy
+
     def init(self, flow, x):
         path = jnp.zeros((flow.num_steps + 1, *x.shape), x.dtype).at[0].set(x)
         return self.inner.init(flow, x), path

@@ -80,7 +80,7 @@ def main(argv=None):
         "denoised, last 3 steps": fc.Denoised(corrector, schedule=fc.LastSteps(3)),
         "guided, last 3 steps": fc.Guided(schedule=fc.LastSteps(3), weight=0.5),
         "best of 8": fc.BestOfN(8),
-        "best of 8, then post-hoc": fc.PostHoc(corrector, after=fc.BestOfN(8)),
+        "best of 8, then post-hoc": fc.PostHoc(corrector, inner=fc.BestOfN(8)),
     }
     print(f"{args.batch} observations, chunk {HORIZON}x{ACTION_DIM}, 10 Euler steps\n")
     print(f"{'placement':30s} {'energy':>8s} {'dist. to expert':>16s} {'fallbacks':>9s}")

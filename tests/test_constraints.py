@@ -410,6 +410,8 @@ def test_nothing_non_finite_leaves_project():
 
     # An inner placement whose chunk is not finite: the plain chunk is projected instead.
     class Broken(fc.AbstractPlacement):
+        needs_energy = False
+
         def noise_shape(self, chunk_shape):
             return tuple(chunk_shape)
 

@@ -1,4 +1,5 @@
-"""Best-of-N over partially denoised candidates: `fc.EarlyBestOfN` (FM-Steer style).
+"""Best-of-N over partially denoised candidates: `fc.BestOfN(n, rank_at=k)` (FM-Steer
+style), and its deprecated spelling `fc.EarlyBestOfN(n, k)`.
 
 Expected values are written here by hand, per convention, from the conventions' own
 formulas (openpi: `x_t = t * eps + (1 - t) * a`, `a_hat = x_t - t * v`; reverse:
@@ -140,7 +141,8 @@ def test_ranking_at_the_end_is_best_of_n_bit_for_bit(convention, select):
     best, best_info = fc.sample(policy, context, key,
                                 placement=fc.BestOfN(N_CAND, select=select), **kwargs)
     early, early_info = fc.sample(policy, context, key,
-                                  placement=fc.EarlyBestOfN(N_CAND, steps, select), **kwargs)
+                                  placement=fc.BestOfN(N_CAND, select=select, rank_at=steps),
+                                  **kwargs)
     assert tree_bitwise_equal(early, best)
     b, e = best_info.placement, early_info.placement
     assert tree_bitwise_equal(
@@ -183,7 +185,7 @@ def test_ranks_the_closed_form_denoised_estimates_and_continues_the_chosen(
 
     out, info = fc.sample(
         _affine(convention), observation, noise=noise, num_steps=STEPS,
-        energy=fc.SquaredDistance(), placement=fc.EarlyBestOfN(N_CAND, rank_at),
+        energy=fc.SquaredDistance(), placement=fc.BestOfN(N_CAND, rank_at=rank_at),
         step_energies=True,
     )
     early = info.placement
@@ -221,7 +223,7 @@ def test_a_synthesising_rule_continues_the_candidate_it_reports(convention):
     observation, noise = _case(seed=3)
     out, info = fc.sample(
         _affine(convention), observation, noise=noise, num_steps=STEPS,
-        placement=fc.EarlyBestOfN(N_CAND, 3, fc.ClusterMean(3)),
+        placement=fc.BestOfN(N_CAND, select=fc.ClusterMean(3), rank_at=3),
     )
     selected = np.asarray(info.placement.selected)
     assert info.placement.candidate_energy is None  # no energy needed, none computed
@@ -288,7 +290,7 @@ def test_velocity_runs_on_all_candidates_only_until_the_ranking(rank_at):
 
     # Counted per execution: the same counts on a second (cached) call.
     for _ in range(2):
-        got = calls(fc.EarlyBestOfN(N_CAND, rank_at, fc.Medoid()))
+        got = calls(fc.BestOfN(N_CAND, select=fc.Medoid(), rank_at=rank_at))
         ranking_pass = 1 if rank_at < STEPS else 0
         assert got == [wide] * (rank_at + ranking_pass) + [BATCH] * (STEPS - rank_at)
     assert calls(fc.BestOfN(N_CAND, select=fc.Medoid())) == [wide] * STEPS
@@ -327,7 +329,7 @@ def test_a_non_finite_candidate_is_never_chosen(rank_at, select):
     noise = noise.at[1, 0, 0].set(3.0).at[3].set(0.01).at[3, 0, 0].set(-500.0)
     energy = NanIfFirstIsLarge() if select.needs_energy else None
     out, info = fc.sample(policy, context, noise=noise, num_steps=STEPS, energy=energy,
-                          placement=fc.EarlyBestOfN(N_CAND, rank_at, select))
+                          placement=fc.BestOfN(N_CAND, select=select, rank_at=rank_at))
     early = info.placement
     bad = [1, 3] if select.needs_energy else [1]
     assert int(early.selected) not in bad
@@ -346,7 +348,8 @@ def test_a_non_finite_candidate_is_never_chosen(rank_at, select):
 def test_no_finite_candidate_falls_back_and_flags():
     policy = fc.VelocityPolicy(NanAbove(), (H, D))
     out, info = fc.sample(policy, jnp.zeros((H, D)), noise=jnp.full((3, H, D), 2.0),
-                          num_steps=STEPS, placement=fc.EarlyBestOfN(3, 2, fc.Medoid()))
+                          num_steps=STEPS,
+                          placement=fc.BestOfN(3, select=fc.Medoid(), rank_at=2))
     # Every candidate is NaN, and so is the plain chunk of this noise: flagged.
     assert int(info.placement.num_ok) == 0 and bool(info.fell_back)
 
@@ -359,7 +362,7 @@ def test_batch_equals_per_observation(select):
     policy, context = _tanh_policy(fc.Reverse(), seed=1), _tanh_context(3, seed=8)
     noise = jax.random.normal(jax.random.key(9), (3, N_CAND, H, D))
     energy = fc.SquaredDistance(jnp.full((H, D), -0.2)) if select.needs_energy else None
-    placement = fc.EarlyBestOfN(N_CAND, 4, select)
+    placement = fc.BestOfN(N_CAND, select=select, rank_at=4)
     out, info = fc.sample(policy, context, noise=noise, num_steps=STEPS, energy=energy,
                           placement=placement)
     assert out.shape == (3, H, D) and info.placement.selected.shape == (3,)
@@ -386,27 +389,28 @@ def test_new_noise_weights_and_temperature_do_not_recompile():
             _tanh_context(BATCH, seed),
             jax.random.normal(jax.random.key(seed), (BATCH, N_CAND, H, D)),
             fc.SquaredDistance(jnp.full((H, D), 0.1 * seed)),
-            fc.EarlyBestOfN(N_CAND, 3, fc.SoftmaxSample(0.5 + seed)),
+            fc.BestOfN(N_CAND, select=fc.SoftmaxSample(0.5 + seed), rank_at=3),
         )
         assert out.shape == (BATCH, H, D) and np.all(np.isfinite(np.asarray(out)))
         outs.append(np.asarray(out))
     assert not np.allclose(outs[0], outs[1])
 
 
-# ---------------------------------------------------------------- Flow.integrate ranges
+# ---------------------------------------------------------------- fc.integrate ranges
 
 
 class TwoSegments(fc.AbstractPlacement):
-    """A user placement: the plain flow in two `Flow.integrate` calls, split at `k`."""
+    """A user placement: the plain flow in two `fc.integrate` calls, split at `k`."""
 
     k: int = eqx.field(static=True)
+    needs_energy = False
 
     def noise_shape(self, chunk_shape):
         return tuple(chunk_shape)
 
     def sample(self, flow, noise, keys):
-        x, _, first = flow.integrate(fc.Plain(), noise, keys, stop=self.k)
-        x, _, rest = flow.integrate(fc.Plain(), x, keys, start=self.k)
+        x, _, first = fc.integrate(flow, fc.Plain(), noise, keys, stop=self.k)
+        x, _, rest = fc.integrate(flow, fc.Plain(), x, keys, start=self.k)
         return x, (first, rest)
 
 
@@ -432,12 +436,13 @@ def test_integrate_rejects_a_bad_range():
     class Bad(fc.AbstractPlacement):
         start: int = eqx.field(static=True)
         stop: object = eqx.field(static=True)
+        needs_energy = False
 
         def noise_shape(self, chunk_shape):
             return tuple(chunk_shape)
 
         def sample(self, flow, noise, keys):
-            return flow.integrate(fc.Plain(), noise, keys, start=self.start,
+            return fc.integrate(flow, fc.Plain(), noise, keys, start=self.start,
                                   stop=self.stop)[0], None
 
     policy = _tanh_policy()
@@ -456,25 +461,107 @@ def test_integrate_rejects_a_bad_range():
 
 
 def test_clear_errors():
-    for bad in (-1, 2.0, True, "3", None):
+    for bad in (-1, 2.0, True, "3"):
         with pytest.raises(ValueError, match=rf"`rank_at` must be an int >= 0.*{bad!r}"):
-            fc.EarlyBestOfN(4, bad)
+            fc.BestOfN(4, rank_at=bad)
+    with pytest.raises(ValueError, match=r"`rank_at` splits.*AbstractInterleaved.*got PostHoc"):
+        fc.BestOfN(4, fc.PostHoc(), rank_at=2)
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match=r"`n` must be an int >= 1"):
-            fc.EarlyBestOfN(bad, 2)
-    with pytest.raises(TypeError, match="`EarlyBestOfN `select`` must be a selection rule.*str"):
-        fc.EarlyBestOfN(4, 2, select="medoid")
+            fc.BestOfN(bad, rank_at=2)
+    with pytest.raises(TypeError, match="`BestOfN `select`` must be a selection rule.*str"):
+        fc.BestOfN(4, select="medoid", rank_at=2)
     policy, context = _tanh_policy(), jnp.zeros(8)
     noise = jnp.zeros((4, H, D))
     with pytest.raises(ValueError, match=r"`rank_at`.*rank_at=11 with num_steps=10"):
         fc.sample(policy, context, noise=noise, num_steps=10,
-                  placement=fc.EarlyBestOfN(4, 11, fc.Medoid()))
+                  placement=fc.BestOfN(4, select=fc.Medoid(), rank_at=11))
     for rule in (fc.ByEnergy(), fc.NearMean(2)):
-        with pytest.raises(ValueError, match="EarlyBestOfN placement needs an energy"):
-            fc.sample(policy, context, noise=noise, placement=fc.EarlyBestOfN(4, 2, rule))
+        with pytest.raises(ValueError, match="BestOfN placement needs an energy"):
+            fc.sample(policy, context, noise=noise,
+                      placement=fc.BestOfN(4, select=rule, rank_at=2))
     with pytest.raises(ValueError, match=r"`noise` must have shape \(4, 3, 2\)"):
         fc.sample(policy, context, noise=jnp.zeros((3, H, D)), energy=fc.SquaredDistance(),
-                  placement=fc.EarlyBestOfN(4, 2))
+                  placement=fc.BestOfN(4, rank_at=2))
     # The list of placements in the message names this one.
-    with pytest.raises(TypeError, match=r"`PostHoc `after`` must be a placement.*EarlyBestOfN"):
-        fc.PostHoc(after="early")
+    with pytest.raises(TypeError, match=r"`PostHoc `inner`` must be a placement.*rank_at="):
+        fc.PostHoc(inner="early")
+
+
+# ---------------------------------------------------------------- the deprecated spelling
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS, ids=CONV_IDS)
+@pytest.mark.parametrize("rank_at", [0, 3, STEPS])
+def test_early_best_of_n_is_best_of_n_with_rank_at_bit_for_bit(convention, rank_at):
+    policy, context = _tanh_policy(convention), _tanh_context()
+    noise = jax.random.normal(jax.random.key(30), (BATCH, N_CAND, H, D))
+    kwargs = dict(noise=noise, num_steps=STEPS, energy=fc.SquaredDistance(jnp.zeros((H, D))),
+                  step_energies=True)
+    with pytest.warns(DeprecationWarning, match=r"EarlyBestOfN.*fc.BestOfN\(n, select=select, "
+                      r"rank_at=rank_at\)"):
+        old = fc.EarlyBestOfN(N_CAND, rank_at, fc.Medoid())
+    new = fc.BestOfN(N_CAND, select=fc.Medoid(), rank_at=rank_at)
+    assert isinstance(old, fc.BestOfN) and old.rank_at == rank_at
+    assert tree_bitwise_equal(fc.sample(policy, context, placement=old, **kwargs),
+                              fc.sample(policy, context, placement=new, **kwargs))
+    _, info = fc.sample(policy, context, placement=new, **kwargs)
+    assert fc.EarlyBestOfNInfo is fc.BestOfNInfo
+    assert isinstance(info.placement, fc.BestOfNInfo) and info.placement.t.shape == (BATCH,)
+    assert info.placement.step_energy.shape == (BATCH, STEPS)
+    # Without rank_at there is no ranking time, and the same rule ranks finished chunks:
+    # rank_at = num_steps is rank_at = None exactly.
+    _, finished = fc.sample(policy, context, placement=fc.BestOfN(N_CAND, select=fc.Medoid()),
+                            **kwargs)
+    assert finished.placement.t is None
+    if rank_at == STEPS:
+        whole = fc.sample(policy, context, placement=fc.BestOfN(N_CAND, select=fc.Medoid()),
+                          **kwargs)[0]
+        assert np.asarray(whole).tobytes() == np.asarray(
+            fc.sample(policy, context, placement=new, **kwargs)[0]).tobytes()
+
+
+def test_early_best_of_n_still_checks_its_arguments():
+    for bad in (-1, None):
+        with pytest.warns(DeprecationWarning):  # noqa: PT031
+            with pytest.raises(ValueError, match=r"`rank_at` must be an int >= 0"):
+                fc.EarlyBestOfN(4, bad)
+
+
+def test_renamed_children_warn_and_still_work():
+    box = fc.Box(-1.0, 1.0)
+    with pytest.warns(DeprecationWarning, match=r"PostHoc's `after` is deprecated.*`inner`"):
+        old = fc.PostHoc(fc.reference_recipe(), after=fc.BestOfN(2))
+    assert old == fc.PostHoc(fc.reference_recipe(), inner=fc.BestOfN(2))
+    with pytest.warns(DeprecationWarning, match=r"PostHoc.after is deprecated.*PostHoc.inner"):
+        assert old.after is old.inner
+    with pytest.warns(DeprecationWarning, match=r"NearMean's `then` is deprecated"):
+        near = fc.NearMean(2, then=fc.Medoid())
+    assert near == fc.NearMean(2, inner=fc.Medoid()) == fc.NearMean(2, fc.Medoid())
+    with pytest.warns(DeprecationWarning, match=r"NearMean.then is deprecated"):
+        assert near.then is near.inner
+    with pytest.warns(DeprecationWarning, match=r"FeasibleFirst's `then` is deprecated"):
+        first = fc.FeasibleFirst(box, then=fc.Medoid())
+    assert first == fc.FeasibleFirst(box, inner=fc.Medoid())
+    with pytest.warns(DeprecationWarning, match=r"FeasibleFirst.then is deprecated"):
+        assert first.then is first.inner
+    with pytest.raises(TypeError, match=r"`inner` or its deprecated name `after`, not both"):
+        fc.PostHoc(inner=fc.Plain(), after=fc.Plain())
+    # Nothing warns under the new names.
+    assert fc.PostHoc(fc.reference_recipe(), fc.BestOfN(2)).inner == fc.BestOfN(2)
+
+
+def test_rank_at_splits_an_interleaved_inner_placement_at_the_ranking():
+    # The candidates take the inner placement's steps before the ranking, the chosen one
+    # after it; the inner's state (here its step counts) starts afresh at the ranking.
+    policy, context = _tanh_policy(), _tanh_context()
+    noise = jax.random.normal(jax.random.key(40), (BATCH, N_CAND, H, D))
+    kwargs = dict(noise=noise, num_steps=STEPS, energy=fc.SquaredDistance(jnp.zeros((H, D))))
+    plain, _ = fc.sample(policy, context, placement=fc.BestOfN(N_CAND, rank_at=3), **kwargs)
+    off, _ = fc.sample(policy, context, placement=fc.BestOfN(
+        N_CAND, fc.Guided(weight=0.0), rank_at=3), **kwargs)
+    assert tree_allclose(off, plain, rtol=1e-6, atol=1e-7)
+    guided, info = fc.sample(policy, context, placement=fc.BestOfN(
+        N_CAND, fc.Guided(weight=1.0), rank_at=3), **kwargs)
+    assert not np.allclose(guided, plain, atol=1e-4)
+    assert np.asarray(info.placement.inner.placement.num_applied).tolist() == [STEPS - 3] * BATCH

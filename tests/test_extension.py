@@ -115,6 +115,7 @@ class Momentum(fc.AbstractInterleaved):
     """Heavy-ball Euler: a placement with state and no energy."""
 
     beta: jax.Array
+    needs_energy = False
 
     def init(self, flow, x):
         return jnp.zeros_like(x)
@@ -135,6 +136,7 @@ class Inpaint(fc.AbstractInterleaved):
 
     known: jax.Array  # (H, D): the previous chunk, shifted
     k: int = eqx.field(static=True)
+    needs_energy = False
 
     def init(self, flow, x):
         return None
@@ -212,17 +214,98 @@ def test_user_placement_inside_best_of_n_and_post_hoc():
     policy = MLPPolicy(jax.random.key(6))
     obs = jax.random.normal(jax.random.key(7), (2, OBS))
     energy = TargetEnergy(jax.random.normal(jax.random.key(8), (8, D)))
-    placement = fc.PostHoc(HalfStep(), after=fc.BestOfN(4, Momentum(jnp.float32(0.3))))
+    placement = fc.PostHoc(HalfStep(), inner=fc.BestOfN(4, Momentum(jnp.float32(0.3))))
     out, info = fc.sample(
         policy, obs, jax.random.key(9), batch_size=2, energy=energy, placement=placement
     )
-    best = info.placement.after
+    best = info.placement.inner
     assert best.candidate_energy.shape == (2, 4) and best.selected.shape == (2,)
     assert best.inner.placement.shape == (2,)  # Momentum's own info, of the chosen one
     chosen = jnp.min(best.candidate_energy, axis=1)
     np.testing.assert_allclose(info.placement.correction.energy_before, chosen, rtol=1e-5)
     # Half a gradient step on 0.5 * ||a - c||^2 halves the distance: energy / 4.
     np.testing.assert_allclose(info.final_energy, chosen / 4, rtol=1e-4)
+
+
+class Reversed(fc.AbstractPlacement):
+    """A whole-sample placement of one's own that reads no energy: the plain flow, then
+    the chunk's rows in reverse order."""
+
+    needs_energy = False
+
+    def noise_shape(self, chunk_shape):
+        return tuple(chunk_shape)
+
+    def sample(self, flow, noise, keys):
+        x, _, _ = fc.integrate(flow, fc.Plain(), noise, keys)
+        return x[:, ::-1], None
+
+
+class Needy(fc.AbstractPlacement):
+    """A placement of one's own that reads the energy (declares it, and uses it)."""
+
+    needs_energy = True
+
+    def noise_shape(self, chunk_shape):
+        return tuple(chunk_shape)
+
+    def sample(self, flow, noise, keys):
+        x, _, _ = fc.integrate(flow, fc.Plain(), noise, keys)
+        return x, flow.energies(x)
+
+
+def test_user_placement_without_energy_is_accepted_and_one_needing_it_refused():
+    policy = MLPPolicy(jax.random.key(20))
+    obs = jax.random.normal(jax.random.key(21), (2, OBS))
+    noise = jax.random.normal(jax.random.key(22), (2, H, D))
+    plain, _ = fc.sample(policy, obs, noise=noise)
+    out, info = fc.sample(policy, obs, noise=noise, placement=Reversed())
+    assert np.asarray(out).tobytes() == np.asarray(plain[:, ::-1]).tobytes()
+    assert info.final_energy is None
+    with pytest.raises(ValueError, match=r"The Needy placement needs an energy: pass energy="):
+        fc.sample(policy, obs, noise=noise, placement=Needy())
+    # Wrappers derive it from their parts, whoever wrote the parts.
+    assert not fc.BestOfN(3, Reversed(), select=fc.Medoid()).needs_energy
+    assert fc.BestOfN(3, Needy(), select=fc.Medoid()).needs_energy
+    assert fc.BestOfN(3, Reversed()).needs_energy  # ByEnergy ranks by the energy
+    assert not fc.Project(fc.Box(-1.0, 1.0), Reversed()).needs_energy
+    assert fc.Project(fc.Box(-1.0, 1.0), Needy()).needs_energy
+    assert fc.PostHoc(fc.reference_recipe(), Reversed()).needs_energy
+    with pytest.raises(ValueError, match=r"The BestOfN placement needs an energy"):
+        fc.sample(policy, obs, noise=noise[:, None].repeat(3, axis=1),
+                  placement=fc.BestOfN(3, Needy(), select=fc.Medoid()))
+    out, _ = fc.sample(policy, obs, noise=noise[:, None].repeat(3, axis=1),
+                       placement=fc.BestOfN(3, Reversed(), select=fc.Medoid()))
+    assert np.asarray(out).tobytes() == np.asarray(plain[:, ::-1]).tobytes()
+
+
+def test_a_placement_must_declare_whether_it_needs_an_energy():
+    class Undeclared(fc.AbstractPlacement):
+        def noise_shape(self, chunk_shape):
+            return tuple(chunk_shape)
+
+        def sample(self, flow, noise, keys):
+            return noise, None
+
+    with pytest.raises(TypeError, match="needs_energy"):
+        Undeclared()
+
+
+def test_server_dispatch_asks_the_placement_whether_it_needs_an_energy():
+    # The openpi server's check of its default placement, without openpi: it reads
+    # `needs_energy`, so a user's energy-free placement and real-time chunking are
+    # served without an energy.
+    from flowcorrect.openpi._requests import check_served_placement
+
+    rtc = fc.RealTimeChunking(jnp.zeros((3, D)), 1, 2)
+    for placement in (None, Reversed(), rtc, fc.BestOfN(3, select=fc.Medoid())):
+        check_served_placement(placement, has_energy=False)
+    for placement in (Needy(), fc.PostHoc(), fc.BestOfN(3, Reversed())):
+        check_served_placement(placement, has_energy=True)
+        name = type(placement).__name__
+        with pytest.raises(ValueError, match=rf"{name} cannot run on this server without an "
+                                             r"energy.*needs_energy"):
+            check_served_placement(placement, has_energy=False)
 
 
 def test_user_policy_prefix_runs_once_per_call_for_every_placement():
@@ -234,8 +317,8 @@ def test_user_policy_prefix_runs_once_per_call_for_every_placement():
         fc.Denoised(fc.reference_recipe(), fc.LastSteps(3)),
         fc.Guided(fc.LastSteps(3)),
         fc.BestOfN(8),
-        fc.EarlyBestOfN(8, 3),
-        fc.PostHoc(after=fc.BestOfN(4, fc.Guided(weight=2.0))),
+        fc.BestOfN(8, rank_at=3),
+        fc.PostHoc(inner=fc.BestOfN(4, fc.Guided(weight=2.0))),
     ]
     for placement in placements:
         CachePolicy.calls.clear()

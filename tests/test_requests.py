@@ -515,7 +515,7 @@ def test_feasible_requests_build_their_placements():
     options = {"placement": "best_of_n", "n": 4, "select": "medoid", "feasible_first": True}
     best = placement_from_options(options, constraint=box)
     assert isinstance(best, fc.BestOfN) and isinstance(best.select, fc.FeasibleFirst)
-    assert isinstance(best.select.then, fc.Medoid) and best.select.constraint is box
+    assert isinstance(best.select.inner, fc.Medoid) and best.select.constraint is box
     guided = placement_from_options({"placement": "feasible", "weight": 3.0, "last": 4},
                                     constraint=box)
     assert isinstance(guided, fc.Guided)

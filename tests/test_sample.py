@@ -465,9 +465,9 @@ def test_best_of_n_keeps_the_lowest_energy_then_corrects(convention, target, see
             noise=noise,
             convention=convention,
             energy=energy,
-            placement=fc.PostHoc(fc.GradientStep(alpha), after=fc.BestOfN(4)),
+            placement=fc.PostHoc(fc.GradientStep(alpha), inner=fc.BestOfN(4)),
         )
-        assert int(info.placement.after.selected) == selected
+        assert int(info.placement.inner.selected) == selected
         energies.append(float(energy(None, corrected)))
     assert energies[0] == pytest.approx(min(scores), rel=1e-5, abs=1e-6)
     assert all(b < a for a, b in zip(energies, energies[1:], strict=False)), energies
@@ -725,7 +725,7 @@ def test_non_finite_never_reaches_the_robot(convention):
         fc.Denoised(step),
         fc.Guided(),
         fc.PostHoc(step),
-        fc.PostHoc(step, after=fc.BestOfN(2)),
+        fc.PostHoc(step, inner=fc.BestOfN(2)),
     )
     for energy in (NanEnergy(), NanGradient()):
         assert bool(jnp.isfinite(energy(None, plain)) == isinstance(energy, NanGradient))
@@ -758,8 +758,8 @@ def test_non_finite_never_reaches_the_robot(convention):
         fc.Guided(fc.LastSteps(3), 0.5),
         fc.Denoised(fc.reference_recipe(), fc.EveryNth(2), 0.5),
         fc.BestOfN(3),
-        fc.EarlyBestOfN(3, 4),
-        fc.PostHoc(fc.reference_recipe(), after=fc.BestOfN(2, fc.Guided(weight=0.5))),
+        fc.BestOfN(3, rank_at=4),
+        fc.PostHoc(fc.reference_recipe(), inner=fc.BestOfN(2, fc.Guided(weight=0.5))),
     ],
     ids=lambda p: type(p).__name__,
 )
@@ -807,7 +807,7 @@ def test_new_values_do_not_recompile():
             context,
             noise=noise,
             energy=energy,
-            placement=fc.PostHoc(corrector, after=placement),
+            placement=fc.PostHoc(corrector, inner=placement),
             convention=fc.Reverse(),
         )
 
@@ -868,3 +868,61 @@ def test_clear_errors():
         import optax
 
         fc.PostHoc(optax.sgd(0.1))
+
+
+# ---------------------------------------------------------------- info.step_energy
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS, ids=CONV_IDS)
+def test_step_energy_is_one_field_whatever_the_placement(convention):
+    # On the point-mass flow the denoised estimate is the target at every step, for
+    # every placement (guidance has no gradient through it), so every placement's step
+    # energies are E(a_star) at every step; `info.step_energy` finds them at any depth.
+    a_star = jnp.linspace(-1, 1, H * D).reshape(H, D)
+    target = jnp.full((H, D), 2.0)
+    e_star = float(_sq(target)(None, a_star))
+    steps, batch = 5, 2
+    box = fc.Box(-10.0, 10.0)
+    deep = {
+        "plain": (fc.Plain(), lambda p: p.step_energy),
+        "guided": (fc.Guided(), lambda p: p.step_energy),
+        "post_hoc": (fc.PostHoc(fc.GradientStep(0.1), fc.Guided()),
+                     lambda p: p.inner.step_energy),
+        "best_of_n": (fc.BestOfN(3, fc.Denoised(fc.GradientStep(0.1))),
+                      lambda p: p.inner.step_energy),
+        "best_of_n_rank_at": (fc.BestOfN(3, rank_at=2), lambda p: p.step_energy),
+        "project": (fc.Project(box, fc.PostHoc(fc.GradientStep(0.1))),
+                    lambda p: p.inner.inner.step_energy),
+    }
+    policy = _policy(PointMass(a_star, _is_openpi(convention)), convention)
+    for name, (placement, path) in deep.items():
+        kw = dict(batch_size=batch, num_steps=steps, energy=_sq(target), placement=placement)
+        _, info = fc.sample(policy, None, jax.random.key(1), step_energies=True, **kw)
+        assert info.step_energy.shape == (batch, steps), name
+        assert tree_bitwise_equal(info.step_energy, path(info.placement)), name
+        assert tree_allclose(info.step_energy, jnp.full((batch, steps), e_star), rtol=1e-5), name
+        _, off = fc.sample(policy, None, jax.random.key(1), **kw)
+        assert off.step_energy is None, name
+    # Real-time chunking reports its own energy's; one observation has no batch axis.
+    rtc = fc.RealTimeChunking(jnp.zeros((2, D)), 1, 2)
+    _, info = fc.sample(policy, None, jax.random.key(2), num_steps=steps, placement=rtc,
+                        step_energies=True)
+    assert info.step_energy.shape == (steps,)
+    assert tree_bitwise_equal(info.step_energy, info.placement.step_energy)
+    assert bool(jnp.all(info.step_energy > 0))
+
+
+def test_step_energy_of_the_wrong_shape_is_refused():
+    class Odd(fc.AbstractPlacement):
+        needs_energy = False
+
+        def noise_shape(self, chunk_shape):
+            return tuple(chunk_shape)
+
+        def sample(self, flow, noise, keys):
+            x, _, _ = fc.integrate(flow, fc.Plain(), noise, keys)
+            return x, fc.InterleavedInfo(jnp.zeros((flow.batch_size, 3)), None)
+
+    policy = _policy(Constant(jnp.zeros((H, D))), fc.OpenPI())
+    with pytest.raises(ValueError, match=r"Odd.*`step_energy` has shape \(1, 3\).*\(1, 10\)"):
+        fc.sample(policy, None, jax.random.key(0), placement=Odd())

@@ -303,8 +303,8 @@ def test_clear_errors():
         fc.ClusterMean(0)
     with pytest.raises(ValueError, match="NearMean `k`"):
         fc.NearMean(2.5)
-    with pytest.raises(TypeError, match="`NearMean `then`` must be a selection rule"):
-        fc.NearMean(2, then="energy")
+    with pytest.raises(TypeError, match="`NearMean `inner`` must be a selection rule"):
+        fc.NearMean(2, inner="energy")
     with pytest.raises(TypeError, match="`BestOfN `select`` must be a selection rule.*str"):
         fc.BestOfN(4, select="medoid")
     with pytest.raises(ValueError, match="temperature.*> 0"):

@@ -112,7 +112,7 @@ def step_energies_figure(path):
     }.items():
         _, info = fc.sample(policy, observation, jax.random.key(1), batch_size=8,
                             placement=placement, energy=energy, step_energies=True)  # fmt: skip
-        series[name] = info.placement.step_energy
+        series[name] = info.step_energy
     fig = plot.step_energies(series)
     fig.savefig(path, dpi=110)
 

@@ -11,10 +11,16 @@ from ._constraints.energy import ViolationEnergy as ViolationEnergy
 from ._constraints.fn import FnConstraint as FnConstraint
 from ._constraints.halfspace import HalfSpace as HalfSpace
 from ._constraints.jerk import MaxJerk as MaxJerk
-from ._constraints.placement import Project as Project, ProjectInfo as ProjectInfo
 from ._constraints.robot import InRobotSpace as InRobotSpace
 from ._constraints.selection import FeasibleFirst as FeasibleFirst
 from ._constraints.step import MaxStepChange as MaxStepChange
+
+# -- time conventions of the flow --
+from ._conventions import (
+    AbstractConvention as AbstractConvention,
+    OpenPI as OpenPI,
+    Reverse as Reverse,
+)
 from ._correct import CorrectionInfo as CorrectionInfo, correct as correct
 from ._correctors.base import AbstractCorrector as AbstractCorrector
 from ._correctors.recipes import reference_recipe as reference_recipe
@@ -55,27 +61,8 @@ from ._executor import (
 )
 
 # -- flow sampler --
-from ._flow.conventions import (
-    AbstractConvention as AbstractConvention,
-    OpenPI as OpenPI,
-    Reverse as Reverse,
-)
 from ._flow.flow import Flow as Flow
-from ._flow.placements import (
-    AbstractInterleaved as AbstractInterleaved,
-    AbstractPlacement as AbstractPlacement,
-    BestOfN as BestOfN,
-    BestOfNInfo as BestOfNInfo,
-    Denoised as Denoised,
-    EarlyBestOfN as EarlyBestOfN,
-    EarlyBestOfNInfo as EarlyBestOfNInfo,
-    Guided as Guided,
-    InterleavedInfo as InterleavedInfo,
-    Plain as Plain,
-    PostHoc as PostHoc,
-    PostHocInfo as PostHocInfo,
-    StepCounts as StepCounts,
-)
+from ._flow.integrate import integrate as integrate
 from ._flow.sample import SampleInfo as SampleInfo, sample as sample
 from ._flow.schedules import (
     AbstractSchedule as AbstractSchedule,
@@ -117,6 +104,29 @@ from ._model.serialise import (
     save_model as save_model,
 )
 
+# -- placements: where the correction goes relative to the flow --
+from ._placements.base import (
+    AbstractInterleaved as AbstractInterleaved,
+    AbstractPlacement as AbstractPlacement,
+    InterleavedInfo as InterleavedInfo,
+)
+from ._placements.best_of_n import (
+    BestOfN as BestOfN,
+    BestOfNInfo as BestOfNInfo,
+    EarlyBestOfN as EarlyBestOfN,
+    EarlyBestOfNInfo as EarlyBestOfNInfo,
+)
+from ._placements.common import StepCounts as StepCounts
+from ._placements.denoised import Denoised as Denoised
+from ._placements.guided import Guided as Guided
+from ._placements.plain import Plain as Plain
+from ._placements.post_hoc import PostHoc as PostHoc, PostHocInfo as PostHocInfo
+from ._placements.project import Project as Project, ProjectInfo as ProjectInfo
+from ._placements.rtc import (
+    RealTimeChunking as RealTimeChunking,
+    RealTimeChunkingInfo as RealTimeChunkingInfo,
+)
+
 # -- a Pi0-shaped reference policy --
 from ._policies.pi0_shaped import (
     Pi0ShapedConfig as Pi0ShapedConfig,
@@ -131,8 +141,6 @@ from ._policy import (
 )
 from ._rtc import (
     PiGDMWeight as PiGDMWeight,
-    RealTimeChunking as RealTimeChunking,
-    RealTimeChunkingInfo as RealTimeChunkingInfo,
     RTCEnergy as RTCEnergy,
     rtc_prefix_weights as rtc_prefix_weights,
 )

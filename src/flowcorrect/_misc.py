@@ -1,5 +1,6 @@
 """Small helpers shared by the modules of flowcorrect."""
 
+import warnings
 from typing import Any
 
 import jax
@@ -182,3 +183,40 @@ def flag(owner: str, name: str, value: Any, example: str) -> jax.Array:
         f"{owner} `{name}` must be True or False; got {_describe(value)}, which is not read "
         f"as a bool; pass e.g. {owner}(..., {name}={example})."
     )
+
+
+class _Missing:
+    """The default of an argument that has a deprecated alias: not given."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+MISSING: Any = _Missing()
+
+
+def renamed(owner: str, new: str, new_value: Any, old: str, old_value: Any, default: Any) -> Any:
+    """The value of argument `new`, which may still be given under its deprecated name
+    `old` (with a `DeprecationWarning`); `default` when neither is given."""
+    if old_value is MISSING:
+        return default if new_value is MISSING else new_value
+    if new_value is not MISSING:
+        raise TypeError(f"{owner} takes `{new}` or its deprecated name `{old}`, not both.")
+    warnings.warn(
+        f"{owner}'s `{old}` is deprecated and will be removed in the next release; the "
+        f"argument is called `{new}`: {owner}(..., {new}=...).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return old_value
+
+
+def renamed_attribute(owner: str, old: str, new: str, value: Any) -> Any:
+    """`value`, read under the deprecated attribute name `old` (with a warning)."""
+    warnings.warn(
+        f"{owner}.{old} is deprecated and will be removed in the next release; read "
+        f"{owner}.{new}.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return value

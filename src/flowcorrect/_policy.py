@@ -27,8 +27,8 @@ from typing import Any
 import equinox as eqx
 from jaxtyping import Array, Float
 
+from ._conventions import AbstractConvention, OpenPI
 from ._custom_types import Actions, Context, Scalar
-from ._flow.conventions import AbstractConvention, OpenPI
 from ._misc import shape_str
 
 Prefix = Any

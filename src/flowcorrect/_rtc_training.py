@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ._flow.conventions import AbstractConvention
+from ._conventions import AbstractConvention
 from ._flow.flow import BatchChunks, Flow, VmappedPolicy
-from ._flow.placements import AbstractInterleaved
 from ._misc import concrete, count, shape_str
+from ._placements.base import AbstractInterleaved
 from ._rtc import _int_scalar, leftover_target
 
 
@@ -362,6 +362,7 @@ class PrefixConditioned(AbstractInterleaved):
 
     prev_chunk_left_over: Float[Array, "*batch leftover action_dim"]
     inference_delay: Int[Array, ""]
+    needs_energy = False
 
     def __init__(self, prev_chunk_left_over: Any, inference_delay: Any):
         if not isinstance(prev_chunk_left_over, jax.Array | np.ndarray):

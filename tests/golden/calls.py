@@ -63,7 +63,7 @@ def _placements(leftover):
         "best_of_4": fc.BestOfN(4),
         "best_of_4_medoid": fc.BestOfN(4, select=fc.Medoid()),
         "best_of_4_post_hoc": fc.BestOfN(4, fc.PostHoc(recipe)),
-        "early_best_of_4": fc.EarlyBestOfN(4, rank_at=5),
+        "early_best_of_4": fc.BestOfN(4, rank_at=5),
         "rtc": fc.RealTimeChunking(leftover, 2, 3),
         "project_box": fc.Project(box),
         "project_guided": fc.Project(box, fc.Guided(weight=2.0, cap=None)),
@@ -79,7 +79,7 @@ def core_calls() -> dict[str, np.ndarray]:
     for cname, convention in (("openpi", fc.OpenPI()), ("reverse", fc.Reverse())):
         policy = _policy(convention)
         for name, placement in _placements(leftover).items():
-            many = isinstance(placement, (fc.BestOfN, fc.EarlyBestOfN))
+            many = isinstance(placement, fc.BestOfN)
             shape = (BATCH, 4, H, D) if many else (BATCH, H, D)
             noise = jax.random.normal(jax.random.key(4), shape)
             needs = not isinstance(placement, (fc.Plain, fc.RealTimeChunking, fc.Project))

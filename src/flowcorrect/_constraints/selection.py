@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 
 from .._flow.selection import AbstractSelection, ByEnergy, Selected, check_selection
+from .._misc import MISSING, renamed, renamed_attribute
 from .base import AbstractConstraint, check_constraint
 
 
 class FeasibleFirst(AbstractSelection):
-    """Only feasible candidates may be chosen, and `then` chooses among them.
+    """Only feasible candidates may be chosen, and `inner` chooses among them.
 
     A candidate is feasible when its violation is within the constraint's tolerance
     (`constraint.is_feasible`). When no usable candidate is feasible, the ones of least
@@ -21,25 +22,31 @@ class FeasibleFirst(AbstractSelection):
     **Arguments:**
 
     - `constraint`: any [`flowcorrect.AbstractConstraint`][].
-    - `then`: the rule among the remaining candidates; defaults to
+    - `inner`: the rule among the remaining candidates; defaults to
         [`flowcorrect.ByEnergy`][]. With a rule that needs no energy
         (`fc.Medoid()`), no energy is needed.
     """
 
     constraint: AbstractConstraint
-    then: AbstractSelection
+    inner: AbstractSelection
 
-    def __init__(self, constraint: Any, then: Any = ByEnergy()):
+    def __init__(self, constraint: Any, inner: Any = MISSING, *, then: Any = MISSING):
+        inner = renamed("FeasibleFirst", "inner", inner, "then", then, ByEnergy())
         # Checked before the fields are set: older jaxtyping (openpi's 0.2.36)
         # type-checks the fields first, with a vaguer message.
         check_constraint(constraint, "FeasibleFirst `constraint`")
-        check_selection(then, "FeasibleFirst `then`")
+        check_selection(inner, "FeasibleFirst `inner`")
         self.constraint = constraint
-        self.then = then
+        self.inner = inner
 
     @property
     def needs_energy(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
-        return self.then.needs_energy
+        return self.inner.needs_energy
+
+    @property
+    def then(self) -> AbstractSelection:
+        """Deprecated name of `inner`."""
+        return renamed_attribute("FeasibleFirst", "then", "inner", self.inner)
 
     def select(self, candidates, energy, ok, key) -> Selected:
         violation = jax.vmap(self.constraint.violation)(candidates)
@@ -48,4 +55,4 @@ class FeasibleFirst(AbstractSelection):
         least = jnp.min(jnp.where(usable, violation, jnp.inf))
         any_feasible = jnp.any(usable & feasible)
         mask = jnp.where(any_feasible, usable & feasible, usable & (violation <= least))
-        return self.then.select(candidates, energy, mask, key)
+        return self.inner.select(candidates, energy, mask, key)

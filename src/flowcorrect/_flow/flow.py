@@ -1,22 +1,20 @@
 """`Flow`: a batch of observations through a policy, as a placement sees it."""
 
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from .._conventions import AbstractConvention
 from .._correct import CorrectionInfo, correct_single
 from .._correctors.base import AbstractCorrector
 from .._custom_types import Encoded, Scalar
 from .._energy import AbstractEnergy, ChunkFn
 from .._misc import safe_norm
 from .._policy import AbstractBatchedPolicy, AbstractPolicy, Prefix, check_velocity_output
-from .conventions import AbstractConvention
-
-if TYPE_CHECKING:
-    from .placements import AbstractInterleaved
 
 BatchChunks = Float[Array, "batch horizon action_dim"]
 BatchKeys = Any  # a PRNG key array of shape (batch,)
@@ -97,6 +95,16 @@ def per_sample(mask: Array, x: Array) -> Array:
     return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
 
 
+def energy_needed(who: str) -> str:
+    """The message refusing a placement `who` that needs an energy and has none."""
+    return (
+        f"The {who} placement needs an energy: pass energy=... to fc.sample (a learned "
+        "fc.EnergyModel, a hand-written energy such as fc.SquaredDistance, or any callable "
+        "energy(context, actions) -> scalar), or choose a placement that needs none "
+        "(fc.Plain(), fc.BestOfN(n, select=fc.Medoid()), fc.RealTimeChunking(...))."
+    )
+
+
 class Flow(eqx.Module):
     """A batch of observations through a policy: what a placement works with.
 
@@ -143,11 +151,7 @@ class Flow(eqx.Module):
     def require_energy(self, who: str) -> AbstractEnergy:
         """The energy; a clear error naming `who` needs it when there is none."""
         if self.energy is None:
-            raise ValueError(
-                f"The {who} placement needs an energy: pass energy=... to fc.sample (a "
-                "learned fc.EnergyModel, a hand-written energy such as fc.SquaredDistance, "
-                "or any callable energy(context, actions) -> scalar)."
-            )
+            raise ValueError(energy_needed(who))
         return self.energy
 
     def energies(self, actions: BatchChunks, who: str = "this") -> Float[Array, " batch"]:
@@ -177,79 +181,17 @@ class Flow(eqx.Module):
     def repeat(self, n: int) -> "Flow":
         """The flow of a batch in which each observation appears `n` times in a row (the
         prefix and the energy's encoding are shared, not recomputed)."""
-        return Flow(
-            self.policy,
-            self.policy.repeat(self.prefix, n),
-            self.energy,
-            jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), self.encoded),
-            self.batch_size * n,
-            self.num_steps,
-            self.step_energies,
+        return dataclasses.replace(
+            self,
+            prefix=self.policy.repeat(self.prefix, n),
+            encoded=jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), self.encoded),
+            batch_size=self.batch_size * n,
         )
 
-    def integrate(
-        self,
-        stepper: "AbstractInterleaved",
-        noise: BatchChunks,
-        keys: BatchKeys,
-        *,
-        start: int = 0,
-        stop: int | None = None,
-    ) -> tuple[BatchChunks, Any, Float[Array, "batch steps"] | None]:
-        """The Euler loop from `noise`, one `lax.scan` over the flow steps, each step
-        taken by `stepper.step`.
-
-        **Arguments:**
-
-        - `stepper`: takes each step ([`flowcorrect.AbstractInterleaved`][]); its
-            `init` runs on the chunks at step `start`.
-        - `noise`: the chunks at step `start`: pure noise when `start = 0`, else the
-            samples at time `t_start` of the grid.
-        - `keys`: one key per sample. Step `k` receives the same key whatever the
-            range, so running `0 ... k` and then `k ... num_steps` gives the keys of
-            one run over all steps.
-        - `start`, `stop`: static ints, `0 <= start <= stop <= num_steps`: run the
-            steps `start ... stop - 1` only (from `t_start` to `t_stop` of the
-            grid). `stop = None` means `num_steps`. Defaults: every step.
-
-        **Returns:**
-
-        `(actions, state, step_energy)`: the chunks at step `stop`, the stepper's final
-        state, and the energy of the denoised estimate at every step run
-        (`(batch, stop - start)`) when `step_energies` is on and there is an energy,
-        else `None`.
-        """
-        stop = self.num_steps if stop is None else stop
-        for name, value in (("start", start), ("stop", stop)):
-            if not (isinstance(value, int) and not isinstance(value, bool)):
-                raise TypeError(f"Flow.integrate `{name}` must be a Python int; got {value!r}.")
-        if not 0 <= start <= stop <= self.num_steps:
-            raise ValueError(
-                "Flow.integrate needs 0 <= start <= stop <= num_steps; got "
-                f"start={start}, stop={stop}, num_steps={self.num_steps}."
-            )
-        dtype = noise.dtype
-        grid = self.convention.times(self.num_steps, dtype)
-        dt = jnp.asarray(self.convention.direction / self.num_steps, dtype)
-        step_keys = jax.vmap(lambda k: jax.random.split(k, self.num_steps))(keys)
-        step_keys = jnp.swapaxes(step_keys, 0, 1)
-        record = self.step_energies and self.energy is not None
-
-        def body(carry, xs):
-            x, state = carry
-            t, index, ks = xs
-            x_next, v, state = stepper.step(self, x, t, dt, index, state, ks)
-            e = self.energies(self.denoised(x, v, t)) if record else None
-            return (x_next.astype(dtype), state), e
-
-        state = stepper.init(self, noise)
-        index = jnp.arange(self.num_steps, dtype=jnp.int32)
-        if (start, stop) != (0, self.num_steps):
-            # Static slices of the grid: a sub-range sees the very times of a full run.
-            grid, index = grid[start : stop + 1], index[start:stop]
-            step_keys = step_keys[start:stop]
-        (x, state), energies = jax.lax.scan(body, (noise, state), (grid[:-1], index, step_keys))
-        return x, state, (None if energies is None else energies.T)
+    def with_energy(self, energy: AbstractEnergy | None, encoded: Encoded) -> "Flow":
+        """The same batch through the same policy, read by another energy: `encoded` is
+        that energy's encoded context per sample (a leading batch axis)."""
+        return dataclasses.replace(self, energy=energy, encoded=encoded)
 
 
 def split_keys(keys: BatchKeys, n: int) -> tuple[BatchKeys, ...]:

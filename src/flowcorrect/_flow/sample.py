@@ -12,9 +12,11 @@ from .._correct import check_batched_context, check_key
 from .._custom_types import Key
 from .._energy import EnergyFn, as_energy
 from .._misc import count, float_array, shape_str
+from .._placements.base import AbstractPlacement, check_placement, step_energy_of
+from .._placements.plain import Plain
 from .._policy import AbstractBatchedPolicy, AbstractPolicy
-from .flow import Flow, VmappedPolicy, all_finite, per_sample, sample_norms
-from .placements import AbstractPlacement, Plain, check_placement
+from .flow import Flow, VmappedPolicy, all_finite, energy_needed, per_sample, sample_norms
+from .integrate import integrate
 
 
 class SampleInfo(eqx.Module):
@@ -35,6 +37,11 @@ class SampleInfo(eqx.Module):
     - `placement`: the placement's own diagnostics (e.g.
         [`flowcorrect.PostHocInfo`][], [`flowcorrect.BestOfNInfo`][],
         [`flowcorrect.InterleavedInfo`][]); `None` without a placement.
+    - `step_energy`: `(*batch, num_steps)`, the energy of the denoised estimate at each
+        flow step along the returned chunk's path, whatever the placement and however
+        deep its inner placements (for [`flowcorrect.RealTimeChunking`][], its own RTC
+        energy); `None` unless `step_energies=True` and there is an energy. Where
+        `fell_back` is set, it describes the placement's chunk, not the fallback.
     """
 
     final_energy: Float[Array, "*batch"] | None
@@ -43,6 +50,7 @@ class SampleInfo(eqx.Module):
     uncorrected_energy: Float[Array, "*batch"] | None
     delta_norm: Float[Array, "*batch"] | None
     placement: Any
+    step_energy: Float[Array, "*batch num_steps"] | None
 
 
 _PLACEMENTS = (
@@ -165,13 +173,13 @@ def sample(
     - `noise_scale`: multiplies the initial noise (a lower "temperature": 0.5 or 0.25
         sample nearer the policy's modes). Traced: new values do not recompile.
     - `placement`: where a correction goes; see [`flowcorrect.AbstractPlacement`][].
-        `None` (default) samples plainly.
+        `None` (default) samples plainly. One whose `needs_energy` is true is refused
+        without an `energy`.
     - `energy`: any [`flowcorrect.EnergyFn`][], read by the placement; its context is
         the policy's `energy_context` (encoded once per observation), or bind one with
         [`flowcorrect.bind`][]. An energy without a placement is an error.
     - `step_energies`: record the energy of the denoised estimate at every flow step
-        (in the placement's [`flowcorrect.InterleavedInfo`][]). Costs one energy
-        evaluation per step. Static.
+        (in `info.step_energy`). Costs one energy evaluation per step. Static.
     - `track_uncorrected`: also integrate the plain flow from the same noise for
         `info.uncorrected` and `info.delta_norm` (one more policy pass per step; off by
         default; the fallback needs no tracking: it recomputes the plain chunk only
@@ -200,6 +208,8 @@ def sample(
         )
     if placement is not None:
         check_placement(placement)
+        if energy is None and placement.needs_energy:
+            raise ValueError(energy_needed(type(placement).__name__))
         if isinstance(policy, AbstractPolicy | AbstractBatchedPolicy):
             # Once before tracing, so that a placement's checks of values it holds as
             # arrays raise plain errors here; under the trace those values are unknown.
@@ -281,9 +291,17 @@ def _sample(
     flow = Flow(batched_policy, prefix, energy, encoded, batch, num_steps, step_energies)
 
     if placement is None:
-        actions, placement_info = flow.integrate(stepper, x0, run_keys)[0], None  # type: ignore[arg-type]
+        actions, _, step_energy = integrate(flow, stepper, x0, run_keys)
+        placement_info = None
     else:
         actions, placement_info = placement.sample(flow, x0, run_keys)
+        step_energy = step_energy_of(placement_info)
+    if step_energy is not None and getattr(step_energy, "shape", None) != (batch, num_steps):
+        raise ValueError(
+            f"The placement {type(stepper).__name__} returned diagnostics whose "
+            f"`step_energy` has shape {shape_str(step_energy)}; expected "
+            f"{(batch, num_steps)} (one energy per sample and flow step) or None."
+        )
     if getattr(actions, "shape", None) != (batch, *chunk_shape):
         raise ValueError(
             f"The placement {type(stepper).__name__} returned chunks of shape "
@@ -301,14 +319,14 @@ def _sample(
         fell_back = jnp.zeros(batch, bool)
     else:
         if track_uncorrected:
-            plain = flow.integrate(Plain(), first_noise, run_keys)[0]
+            plain = integrate(flow, Plain(), first_noise, run_keys)[0]
         else:
             # A real branch at batch level: the plain flow runs only if some sample
             # needs its fallback.
             plain = jax.lax.cond(
                 jnp.all(ok),
                 lambda: jnp.zeros_like(first_noise),
-                lambda: flow.integrate(Plain(), first_noise, run_keys)[0],
+                lambda: integrate(flow, Plain(), first_noise, run_keys)[0],
             )
         actions = jnp.where(per_sample(ok, actions), actions, plain)
         fell_back = jnp.logical_not(ok)
@@ -327,7 +345,7 @@ def _sample(
             uncorrected = plain
             delta_norm = sample_norms(actions - plain)
     info = SampleInfo(final_energy, fell_back, uncorrected, uncorrected_energy, delta_norm,
-                      placement_info)
+                      placement_info, step_energy)
     if not batched:
         actions, info = jax.tree.map(lambda a: a[0], (actions, info))
     return actions, info

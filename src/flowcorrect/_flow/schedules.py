@@ -12,9 +12,9 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from .._conventions import AbstractConvention
 from .._custom_types import Scalar
 from .._misc import concrete, float_array, shape_str
-from .conventions import AbstractConvention
 
 
 def _int_at_least(name: str, value: Array, low: int, hint: str) -> None:

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .._misc import concrete, count, float_array
+from .._misc import MISSING, concrete, count, float_array, renamed, renamed_attribute
 
 Candidates = Float[Array, "n horizon action_dim"]
 
@@ -277,7 +277,7 @@ class SoftmaxSample(AbstractSelection):
 
 class NearMean(AbstractSelection):
     """A guard: only the `k` candidates nearest the candidates' mean may be chosen, and
-    `then` chooses among them.
+    `inner` chooses among them.
 
     A verifier whose scores are noisy across candidates picks, by argmin, whichever
     candidate it over-rates, often one far from the policy's mode. Restricting it to
@@ -290,38 +290,44 @@ class NearMean(AbstractSelection):
 
     - `k`: how many candidates remain, an int `>= 1` and at most BestOfN's `n`
         (static).
-    - `then`: the rule applied to them; defaults to [`flowcorrect.ByEnergy`][].
+    - `inner`: the rule applied to them; defaults to [`flowcorrect.ByEnergy`][].
     """
 
     k: int = eqx.field(static=True)
-    then: AbstractSelection
+    inner: AbstractSelection
 
-    def __init__(self, k: Any, then: Any = ByEnergy()):
+    def __init__(self, k: Any, inner: Any = MISSING, *, then: Any = MISSING):
+        inner = renamed("NearMean", "inner", inner, "then", then, ByEnergy())
         # Checked here as well as in __check_init__: older jaxtyping (openpi's 0.2.36)
         # type-checks the fields before __check_init__ runs, with a vaguer message.
-        check_selection(then, "NearMean `then`")
+        check_selection(inner, "NearMean `inner`")
         self.k = _check_k(k, "NearMean")
-        self.then = then
+        self.inner = inner
 
     def __check_init__(self):
         _check_k(self.k, "NearMean")
-        check_selection(self.then, "NearMean `then`")
+        check_selection(self.inner, "NearMean `inner`")
 
     @property
     def needs_energy(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
-        return self.then.needs_energy
+        return self.inner.needs_energy
+
+    @property
+    def then(self) -> AbstractSelection:
+        """Deprecated name of `inner`."""
+        return renamed_attribute("NearMean", "then", "inner", self.inner)
 
     def select(self, candidates, energy, ok, key) -> Selected:
         x, _ = _scaled(candidates, ok)
         mask, _ = _nearest_mask(x, ok, self.k, "NearMean")
-        return self.then.select(candidates, energy, mask, key)
+        return self.inner.select(candidates, energy, mask, key)
 
 
 def check_selection(select: Any, name: str = "select") -> None:
     if not isinstance(select, AbstractSelection):
         raise TypeError(
             f"`{name}` must be a selection rule: fc.ByEnergy(), fc.Medoid(), "
-            "fc.ClusterMean(k), fc.SoftmaxSample(temperature), fc.NearMean(k, then) or your "
+            "fc.ClusterMean(k), fc.SoftmaxSample(temperature), fc.NearMean(k, inner) or your "
             f"own fc.AbstractSelection subclass; got {type(select).__name__}."
         )
 

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from .._conventions import AbstractConvention, OpenPI
 from .._custom_types import Scalar
-from .._flow.conventions import AbstractConvention, OpenPI
 from .._misc import is_int, shape_str
 from .._model.context import TokenContext
 from .._policy import AbstractBatchedPolicy

@@ -80,7 +80,7 @@ def suite(constraint: Any, weight: float) -> list[ConstraintSetting]:
     import flowcorrect as fc
 
     guide = fc.Guided(schedule=fc.EveryStep(), weight=weight, cap=1e3)
-    pick = fc.BestOfN(8, select=fc.FeasibleFirst(constraint, then=fc.Medoid()))
+    pick = fc.BestOfN(8, select=fc.FeasibleFirst(constraint, inner=fc.Medoid()))
     return [
         ConstraintSetting("plain"),
         ConstraintSetting("project", fc.Project(constraint)),

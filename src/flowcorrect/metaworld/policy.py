@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._flow.conventions import AbstractConvention, OpenPI
+from .._conventions import AbstractConvention, OpenPI
 from .._model.serialise import (
     CONFIG_FILE,
     MAX_PARAMETERS,

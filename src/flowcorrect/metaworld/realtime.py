@@ -46,7 +46,7 @@ import numpy as np
 
 from .._executor import ActionQueue
 from .._flow.sample import sample
-from .._rtc import RealTimeChunking
+from .._placements.rtc import RealTimeChunking
 from .._rtc_training import ExponentialDelays, PrefixConditioned, UniformDelays
 from . import stats
 from .envs import default_cache, expert_success, reset_env

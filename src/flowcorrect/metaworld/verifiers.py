@@ -429,7 +429,7 @@ def run_verify(args: argparse.Namespace) -> dict[str, Any]:
         name = args.evaluate.split(",")[0]
         suite.append(Setting(f"early best-of-{n} {name} verifier NearMean({k}) rank_at={r}",
                              energy=name,
-                             placement=fc.EarlyBestOfN(n, r, select=fc.NearMean(k))))
+                             placement=fc.BestOfN(n, select=fc.NearMean(k), rank_at=r)))
     for w in [float(x) for x in args.guided.split(",") if x]:
         # Guidance by the verifier's gradient at the denoised estimate, through the
         # policy's velocity (one VJP a step), bounded by the velocity's norm (cap 1).

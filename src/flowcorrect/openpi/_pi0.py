@@ -6,8 +6,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from .._conventions import AbstractConvention, OpenPI
 from .._custom_types import Scalar
-from .._flow.conventions import AbstractConvention, OpenPI
 from .._misc import shape_str
 from .._model.context import TokenContext
 from .._policy import AbstractBatchedPolicy

@@ -17,10 +17,14 @@ import numpy as np
 from .._constraints.base import AbstractConstraint
 from .._constraints.selection import FeasibleFirst
 from .._correctors.recipes import reference_recipe
-from .._flow.placements import AbstractPlacement, BestOfN, Denoised, Guided, PostHoc
 from .._flow.schedules import LastSteps
 from .._flow.selection import ByEnergy, Medoid, NearMean
-from .._rtc import RealTimeChunking
+from .._placements.base import AbstractPlacement
+from .._placements.best_of_n import BestOfN
+from .._placements.denoised import Denoised
+from .._placements.guided import Guided
+from .._placements.post_hoc import PostHoc
+from .._placements.rtc import RealTimeChunking
 
 #: The key of an observation dict that carries per-request correction settings.
 OPTIONS_KEY = "flowcorrect"
@@ -185,6 +189,27 @@ def _choice(options: Mapping, name: str, default: str, allowed: tuple[str, ...])
             f"Correction option {name!r} must be one of {list(allowed)}; got {value!r}."
         )
     return value
+
+
+def check_served_placement(placement: Any, has_energy: bool) -> None:
+    """Refuses a server's default placement that reads an energy the server lacks.
+
+    Asks the placement (its `needs_energy`, see [`flowcorrect.AbstractPlacement`][]),
+    never which placement it is, so that any energy-free placement, a user's own or
+    [`flowcorrect.RealTimeChunking`][], is served without an energy.
+
+    **Arguments:**
+
+    - `placement`: the default placement, or `None` (no correction).
+    - `has_energy`: whether the server has an energy or verifier.
+    """
+    if placement is not None and not has_energy and placement.needs_energy:
+        raise ValueError(
+            f"The default placement {type(placement).__name__} cannot run on this server "
+            "without an energy: it reads one (its needs_energy is True). Give the server an "
+            "`energy` or a `verifier`, or choose a placement that needs none "
+            "(fc.BestOfN(n, select=fc.Medoid()), fc.RealTimeChunking(...))."
+        )
 
 
 def parse_request(
@@ -418,7 +443,7 @@ def placement_from_request(
     if o["feasible_first"]:
         if constraint is None:
             raise RequestError("'feasible_first' needs the server's constraint; it has none.")
-        rule = FeasibleFirst(constraint, then=rule)
+        rule = FeasibleFirst(constraint, inner=rule)
     return BestOfN(o["n"], select=rule)
 
 

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .._conventions import AbstractConvention
 from .._custom_types import Scalar
-from .._flow.conventions import AbstractConvention
 from .._misc import shape_str
 from .._model.context import TokenContext
 from .._policy import AbstractBatchedPolicy

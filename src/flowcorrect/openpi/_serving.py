@@ -15,13 +15,14 @@ import numpy as np
 
 from .._constraints.base import AbstractConstraint
 from .._constraints.energy import ViolationEnergy
-from .._constraints.placement import Project, ProjectInfo
 from .._constraints.robot import InRobotSpace
 from .._energy import OnActionDims, as_energy
-from .._flow.placements import AbstractPlacement, Plain
 from .._flow.sample import sample
 from .._model.context import TokenContext
 from .._model.pooled import PooledContext, pool_tokens
+from .._placements.base import AbstractPlacement
+from .._placements.plain import Plain
+from .._placements.project import Project, ProjectInfo
 from .._policy import AbstractBatchedPolicy
 from ._episodes import Episodes
 from ._pi0 import Pi0Policy, _pi0, nnx  # ._pi0 checks for openpi first
@@ -34,6 +35,7 @@ from ._requests import (
     RequestError,
     ServerLimits,
     check_observation,
+    check_served_placement,
     parse_request,
     placement_from_request,
 )
@@ -398,8 +400,7 @@ class CorrectedPolicy(_policy.Policy):
             }
         if self.energy is not None:
             self._check_energy_fits(verifier is not None)
-        elif placement is not None:
-            self._check_placement_runs(placement)
+        check_served_placement(placement, self.energy is not None)
         self.default_options = None
         if default_options is not None:
             if placement is not None:
@@ -832,23 +833,6 @@ class CorrectedPolicy(_policy.Policy):
                 f"the model's {model.action_dim} action dims."
             ) from e
         return constraint
-
-    def _check_placement_runs(self, placement: AbstractPlacement) -> None:
-        """Traces the default placement abstractly (no compile, no model run), so one that
-        needs an energy the server lacks is refused now, not at the first request."""
-        model = self._pi0
-        try:
-            jax.eval_shape(
-                lambda: sample(
-                    Pi0Policy(model), _fake_observation(model), jax.random.key(0),
-                    num_steps=self._model.num_steps, placement=placement,
-                )
-            )
-        except ValueError as e:
-            raise ValueError(
-                f"The default placement {type(placement).__name__} cannot run on this "
-                f"server without an energy: {e}"
-            ) from e
 
     def _check_energy_fits(self, is_verifier: bool) -> None:
         """Runs the energy on the model's context and chunk shapes, abstractly, so that

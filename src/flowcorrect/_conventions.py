@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._custom_types import Scalar
+from ._custom_types import Scalar
 
 TimeLike = Float[Array, ""] | float
 # One chunk, or a batch of chunks sharing one flow time.

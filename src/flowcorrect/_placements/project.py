@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from .._constraints.base import AbstractConstraint, check_constraint
 from .._flow.flow import BatchChunks, BatchKeys, Flow, all_finite, per_sample, sample_norms
-from .._flow.placements import AbstractPlacement, Plain, check_placement
+from .._flow.integrate import integrate
 from .._misc import accumulation_dtype
-from .base import AbstractConstraint, check_constraint
+from .base import AbstractPlacement, check_placement, step_energy_of
+from .plain import Plain
 
 
 class ProjectInfo(eqx.Module):
@@ -37,6 +39,11 @@ class ProjectInfo(eqx.Module):
     fell_back: Bool[Array, " batch"]
     kept: Bool[Array, " batch"]
     inner: Any
+
+    @property
+    def step_energy(self) -> Float[Array, "batch num_steps"] | None:
+        """The inner placement's step energies (before the projection), or `None`."""
+        return step_energy_of(self.inner)
 
 
 class Project(AbstractPlacement):
@@ -80,6 +87,10 @@ class Project(AbstractPlacement):
         self.constraint = constraint
         self.inner = inner
 
+    @property
+    def needs_energy(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.inner.needs_energy
+
     def noise_shape(self, chunk_shape: tuple[int, int]) -> tuple[int, ...]:
         return self.inner.noise_shape(chunk_shape)
 
@@ -93,7 +104,7 @@ class Project(AbstractPlacement):
         plain = jax.lax.cond(
             jnp.all(finite_in),
             lambda: jnp.zeros_like(x),
-            lambda: flow.integrate(Plain(), first_noise, keys)[0].astype(dtype),
+            lambda: integrate(flow, Plain(), first_noise, keys)[0].astype(dtype),
         )
         x = jnp.where(per_sample(finite_in, x), x, plain)
         out = jax.vmap(self.constraint.project)(x).astype(dtype)
@@ -110,3 +121,6 @@ class Project(AbstractPlacement):
             inner=inner_info,
         )
         return out, info
+
+
+__all__ = ["Project", "ProjectInfo"]
