@@ -63,7 +63,6 @@ from ._executor import (
 # -- flow sampler --
 from ._flow.flow import Flow as Flow
 from ._flow.integrate import integrate as integrate
-from ._flow.sample import SampleInfo as SampleInfo, sample as sample
 from ._flow.schedules import (
     AbstractSchedule as AbstractSchedule,
     AbstractWeight as AbstractWeight,
@@ -157,6 +156,7 @@ from ._rtc_training import (
     prefix_conditioned_loss as prefix_conditioned_loss,
     token_times as token_times,
 )
+from ._sample import SampleInfo as SampleInfo, sample as sample
 from ._train.batch import Batch as Batch
 from ._train.checkpoint import CheckpointError as CheckpointError
 from ._train.config import TrainConfig as TrainConfig, make_optimizer as make_optimizer

@@ -17,9 +17,9 @@ from jaxtyping import Array, Float
 from .._correct import correct
 from .._correctors.recipes import reference_recipe
 from .._energy import AbstractEnergy
-from .._flow.sample import sample
 from .._model.mlp_energy import MLPEnergy, MLPEnergyConfig
 from .._model.serialise import load_model, save_model
+from .._sample import sample
 from .._train.batch import Batch
 from .._train.config import TrainConfig
 from .._train.data import ShuffledBatches

@@ -45,9 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._executor import ActionQueue
-from .._flow.sample import sample
 from .._placements.rtc import RealTimeChunking
 from .._rtc_training import ExponentialDelays, PrefixConditioned, UniformDelays
+from .._sample import sample
 from . import stats
 from .envs import default_cache, expert_success, reset_env
 from .evaluate import EnvPool

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._flow.sample import sample
+from .._sample import sample
 from .policy import FlowMLPPolicy
 
 

@@ -4,9 +4,9 @@ from typing import Any
 
 from .._correctors.recipes import reference_recipe
 from .._energy import OnActionDims
-from .._flow.sample import sample
 from .._placements.base import AbstractPlacement
 from .._placements.post_hoc import PostHoc
+from .._sample import sample
 from ._pi0 import as_pi0_policy
 
 

@@ -17,13 +17,13 @@ from .._constraints.base import AbstractConstraint
 from .._constraints.energy import ViolationEnergy
 from .._constraints.robot import InRobotSpace
 from .._energy import OnActionDims, as_energy
-from .._flow.sample import sample
 from .._model.context import TokenContext
 from .._model.pooled import PooledContext, pool_tokens
 from .._placements.base import AbstractPlacement
 from .._placements.plain import Plain
 from .._placements.project import Project, ProjectInfo
 from .._policy import AbstractBatchedPolicy
+from .._sample import sample
 from ._episodes import Episodes
 from ._pi0 import Pi0Policy, _pi0, nnx  # ._pi0 checks for openpi first
 from ._recording import Recorder

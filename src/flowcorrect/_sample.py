@@ -8,15 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from .._correct import check_batched_context, check_key
-from .._custom_types import Key
-from .._energy import EnergyFn, as_energy
-from .._misc import count, float_array, shape_str
-from .._placements.base import AbstractPlacement, check_placement, step_energy_of
-from .._placements.plain import Plain
-from .._policy import AbstractBatchedPolicy, AbstractPolicy
-from .flow import Flow, VmappedPolicy, all_finite, energy_needed, per_sample, sample_norms
-from .integrate import integrate
+from ._correct import check_batched_context, check_key
+from ._custom_types import Key
+from ._energy import EnergyFn, as_energy
+from ._flow.flow import Flow, VmappedPolicy, all_finite, energy_needed, per_sample, sample_norms
+from ._flow.integrate import integrate
+from ._misc import count, float_array, shape_str
+from ._placements.base import AbstractPlacement, check_placement, step_energy_of
+from ._placements.plain import Plain
+from ._policy import AbstractBatchedPolicy, AbstractPolicy
 
 
 class SampleInfo(eqx.Module):
