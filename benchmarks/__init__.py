@@ -5,6 +5,6 @@
 - `overhead`: what each correction placement adds to a Pi0-shaped policy's sampler
   (and to openpi's own Pi0 where openpi is importable: `openpi_pi0`), and the
   reference's way of doing the same (`python -m benchmarks` runs its quick set);
-- `training`: `fc.fit` against a hand-written training loop
+- `training`: `fc.train.fit` against a hand-written training loop
   (`python benchmarks/training.py`).
 """

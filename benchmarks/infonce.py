@@ -3,7 +3,7 @@
 The reference scores every (context i, chunk j) pair of a batch by materialising the
 pairs: each context's tokens are repeated `B` times and every pair is encoded from
 scratch, so a step holds `B^2 * S * D` context values and encodes `B^2` contexts.
-[`flowcorrect.info_nce`][] encodes each context once, embeds each chunk once and scores
+[`flowcorrect.train.info_nce`][] encodes each context once, embeds each chunk once and scores
 the pairs by broadcasting. Both compute the same loss (the test checks it, with the
 gradient); this benchmark times one value-and-gradient step of each, at batch sizes
 `B`, and reports XLA's planned memory and where the replicated one does not fit.
@@ -54,11 +54,11 @@ def make_inputs(batch: int, seq: int, dim: int, seed: int = 0):
 
 
 def ours(params, static, tokens, mask, actions):
-    """`fc.info_nce`: contexts encoded once, pairs scored by broadcasting."""
+    """`fc.train.info_nce`: contexts encoded once, pairs scored by broadcasting."""
 
     def loss(p):
         model = eqx.combine(p, static)
-        return fc.info_nce(model, fc.TokenContext(tokens, mask), actions, tau=TAU)[0]
+        return fc.train.info_nce(model, fc.TokenContext(tokens, mask), actions, tau=TAU)[0]
 
     return jax.value_and_grad(loss)(params)
 

@@ -225,8 +225,8 @@ def placements(args) -> dict[str, tuple[str, Callable[[], Any]]]:
     # Hard constraints: the projection after the flow (closed form, iterative, and both
     # by Dykstra's method), and guidance by the violation then projection. A factory may
     # return (placement, energy) for a row that reads its own energy.
-    box = lambda: fc.Box(-0.5, 0.5)  # noqa: E731
-    steps = lambda: fc.MaxStepChange(0.05)  # noqa: E731
+    box = lambda: fc.constraints.Box(-0.5, 0.5)  # noqa: E731
+    steps = lambda: fc.constraints.MaxStepChange(0.05)  # noqa: E731
     out["project_box"] = ("Project(Box): closed form", lambda: fc.Project(box()))
     out["project_step"] = (
         "Project(MaxStepChange): dual proximal-gradient rounds",
@@ -234,12 +234,12 @@ def placements(args) -> dict[str, tuple[str, Callable[[], Any]]]:
     )
     out["project_box_step"] = (
         "Project(AllOf(Box, MaxStepChange)): Dykstra's alternating projections",
-        lambda: fc.Project(fc.AllOf(box(), steps())),
+        lambda: fc.Project(fc.constraints.AllOf(box(), steps())),
     )
     out["feasible_project"] = (
         f"Project(Box, Guided by its violation, all {NUM_FLOW_STEPS} flow steps)",
         lambda: (fc.Project(box(), fc.Guided(weight=10.0, cap=1e3)),
-                 fc.ViolationEnergy(box())),
+                 fc.constraints.ViolationEnergy(box())),
     )
     return out
 

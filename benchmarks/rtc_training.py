@@ -13,13 +13,13 @@ from other processes falls on every row alike):
   layer);
 - `plain_through_placement`: the same through `placement=fc.Plain()` (what every
   placement adds: the finiteness check and the fallback's branch);
-- `trt`: [`flowcorrect.PrefixConditioned`][] on the per-token-time policy, delay 2 (the
+- `trt`: [`flowcorrect.rtc.PrefixConditioned`][] on the per-token-time policy, delay 2 (the
   committed prefix in clean, no guidance);
 - `rtc`: inference-time [`flowcorrect.RealTimeChunking`][] on the plain policy, delay 2,
   execution horizon 4 (one VJP per flow step).
 
 Ratios are against `plain` in the same run. Training: one Adam step (value, gradient,
-update) of plain flow matching and of [`flowcorrect.prefix_conditioned_loss`][] on a
+update) of plain flow matching and of [`flowcorrect.rtc.prefix_conditioned_loss`][] on a
 batch of 256, timed the same way.
 
 Run: python benchmarks/rtc_training.py                       (about a minute on a CPU)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         "plain": sampler(plain, None),
         "plain_token_time": sampler(token, None),
         "plain_through_placement": sampler(token, fc.Plain()),
-        "trt": sampler(token, fc.PrefixConditioned(left, args.delay)),
+        "trt": sampler(token, fc.rtc.PrefixConditioned(left, args.delay)),
         "rtc": sampler(plain, fc.RealTimeChunking(left, args.delay, 4)),
     }
     times = time_round_robin({k: v.call for k, v in rows.items()}, args.repeats, args.warmup)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_obs = jax.random.normal(jax.random.key(5), (n, config.obs_dim))
     t_chunks = jax.random.normal(jax.random.key(6), (n, h, a))
     opt = optax.adamw(1e-3, weight_decay=1e-4)
-    delays = fc.ExponentialDelays(h - 4)
+    delays = fc.rtc.ExponentialDelays(h - 4)
 
     def trainer(policy, loss):
         state = opt.init(eqx.filter(policy, eqx.is_inexact_array))
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_rows = {
         "flow_matching": trainer(plain, flow_matching_loss),
         "prefix_conditioned": trainer(
-            token, lambda pol, o, c, k: fc.prefix_conditioned_loss(pol, o, c, k, delays)),
+            token, lambda pol, o, c, k: fc.rtc.prefix_conditioned_loss(pol, o, c, k, delays)),
     }
     ttimes = time_round_robin({k: v.call for k, v in train_rows.items()}, args.repeats,
                               args.warmup)

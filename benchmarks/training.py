@@ -1,8 +1,8 @@
-"""Training cost: `fc.fit` against a minimal hand-written optax InfoNCE loop.
+"""Training cost: `fc.train.fit` against a minimal hand-written optax InfoNCE loop.
 
 Both train the same small [`flowcorrect.MLPEnergy`][] (vector observations, hidden 64)
 with InfoNCE over a batch of 256 with 8 noise negatives per row and a gradient penalty,
-with the same optimiser (`fc.make_optimizer`: global-norm clipping, AdamW on warm-up +
+with the same optimiser (`fc.train.make_optimizer`: global-norm clipping, AdamW on warm-up +
 cosine). The hand-written loop is what a user would write: one `jax.jit` step over
 (params, opt_state, batch, key), batches drawn on the host and put on the device.
 
@@ -41,13 +41,13 @@ import flowcorrect as fc
 OBS_DIM, HORIZON, ACTION_DIM = 39, 4, 4  # a Meta-World-sized state and a short chunk.
 
 
-def make_data(num: int, seed: int = 0) -> fc.Batch:
+def make_data(num: int, seed: int = 0) -> fc.train.Batch:
     rng = np.random.default_rng(seed)
     obs = rng.standard_normal((num, OBS_DIM)).astype(np.float32)
     ramp = np.linspace(0.5, 1.5, HORIZON, dtype=np.float32)
     actions = ramp[None, :, None] * obs[:, None, :ACTION_DIM]
     actions = actions + 0.02 * rng.standard_normal(actions.shape).astype(np.float32)
-    return fc.Batch(obs, actions)
+    return fc.train.Batch(obs, actions)
 
 
 def hand_written(model: Any, optimizer: Any, tau: float, gp: float, num_neg: int, scale: float):
@@ -88,7 +88,7 @@ def hand_written(model: Any, optimizer: Any, tau: float, gp: float, num_neg: int
     return params, static, step
 
 
-def run_hand(hand: Any, optimizer: Any, data: fc.ShuffledBatches, steps: int, start: int,
+def run_hand(hand: Any, optimizer: Any, data: fc.train.ShuffledBatches, steps: int, start: int,
              state: Any = None) -> tuple[float, Any]:  # fmt: skip
     params, _, step = hand
     if state is None:
@@ -123,16 +123,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         obs_dim=OBS_DIM, action_dim=ACTION_DIM, horizon=HORIZON, hidden=args.hidden, depth=2
     )
     model = fc.MLPEnergy(config, key=jax.random.key(0))
-    data = fc.ShuffledBatches(make_data(args.batch * 16), args.batch)
-    train = fc.TrainConfig(num_steps=10**6, grad_penalty=0.1, log_every=50, warmup_steps=10)
-    optimizer = fc.make_optimizer(train)
+    data = fc.train.ShuffledBatches(make_data(args.batch * 16), args.batch)
+    train = fc.train.TrainConfig(num_steps=10**6, grad_penalty=0.1, log_every=50, warmup_steps=10)
+    optimizer = fc.train.make_optimizer(train)
     hand = hand_written(model, optimizer, train.tau, train.grad_penalty, args.negatives, 0.3)
-    negatives = [fc.NoiseNegatives(args.negatives, 0.3)]
+    negatives = [fc.train.NoiseNegatives(args.negatives, 0.3)]
 
     def fit_steps(n: int) -> float:
-        cfg = fc.TrainConfig(**{**train.to_dict(), "num_steps": n})
+        cfg = fc.train.TrainConfig(**{**train.to_dict(), "num_steps": n})
         t0 = time.perf_counter()
-        fc.fit(model, data, key=jax.random.key(1), config=cfg, optimizer=optimizer,
+        fc.train.fit(model, data, key=jax.random.key(1), config=cfg, optimizer=optimizer,
                negatives=negatives, progress=False)  # fmt: skip
         return time.perf_counter() - t0
 

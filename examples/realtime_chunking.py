@@ -60,7 +60,7 @@ def rtc_chunk(policy, key, placement):
 
 
 def run(policy, method: str, delay: int, execute: int, steps: int, seed: int):
-    queue = fc.ActionQueue(execution_horizon=execute, inference_delay=delay)
+    queue = fc.rtc.ActionQueue(execution_horizon=execute, inference_delay=delay)
     key = jax.random.key(seed)
     previous, jumps, flips = None, [], 0
     for _ in range(steps):

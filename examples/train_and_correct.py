@@ -119,27 +119,27 @@ def main(argv=None):
     # In-batch negatives only teach which demonstration is which; the policy's own near
     # misses (sampled offline here, into Batch.negatives) teach what a correction has to
     # undo, and noise around the expert shapes the energy near its minimum.
-    train = fc.Batch(train_ctx, train_expert, policy_samples(keys[3], train_expert, 2))
-    held = fc.Batch(held_ctx, held_expert)
+    train = fc.train.Batch(train_ctx, train_expert, policy_samples(keys[3], train_expert, 2))
+    held = fc.train.Batch(held_ctx, held_expert)
 
     config = fc.EnergyModelConfig(
         context_dim=CONTEXT_DIM, action_dim=ACTION_DIM, hidden=32, num_heads=2
     )
     start = time.perf_counter()
-    result = fc.fit(
+    result = fc.train.fit(
         fc.EnergyModel(config, key=keys[4]),
-        fc.ShuffledBatches(train, 64),
+        fc.train.ShuffledBatches(train, 64),
         key=keys[5],
         # grad_penalty keeps ||grad_a E|| small enough for clipped steps to help; the
         # default learning rate is tuned for long runs, this one for a few hundred steps.
-        config=fc.TrainConfig(
+        config=fc.train.TrainConfig(
             num_steps=steps,
             learning_rate=3e-3,
             warmup_steps=min(20, steps // 5),
             grad_penalty=0.0 if args.quick else 0.1,
             log_every=max(1, steps // 5),
         ),
-        negatives=[fc.NoiseNegatives(2, scale=0.15)],
+        negatives=[fc.train.NoiseNegatives(2, scale=0.15)],
     )
     print(f"trained {steps} steps in {time.perf_counter() - start:.1f} s")
 
@@ -194,7 +194,7 @@ def main(argv=None):
         )
 
     print("\nheld-out report (one reference step from each policy sample):")
-    print(fc.evaluate(model, held, policy_samples=samples))
+    print(fc.train.evaluate(model, held, policy_samples=samples))
 
 
 if __name__ == "__main__":

@@ -283,7 +283,7 @@ def test_plot_is_optional(tmp_path):
 
 
 def test_infonce_ways_agree():
-    """The replicated computation the reference uses and `fc.info_nce` are the same
+    """The replicated computation the reference uses and `fc.train.info_nce` are the same
     loss: the benchmark compares the cost of one computation done two ways."""
     model = infonce.make_model(16, 32, jax.random.key(1))
     params, static = eqx.partition(model, eqx.is_inexact_array)

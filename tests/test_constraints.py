@@ -32,11 +32,13 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def _inside_ball(s):
-    return fc.OutsideBall(jnp.array([0.2, -0.1]) * s, 0.8 * s, dims=(0, 2))
+    return fc.constraints.OutsideBall(jnp.array([0.2, -0.1]) * s, 0.8 * s, dims=(0, 2))
 
 
 def _box_step(s):
-    return fc.AllOf(fc.Box(-1.0 * s, 1.0 * s), fc.MaxStepChange(0.3 * s))
+    return fc.constraints.AllOf(
+        fc.constraints.Box(-1.0 * s, 1.0 * s), fc.constraints.MaxStepChange(0.3 * s)
+    )
 
 
 def _nonpositive_violation(a):
@@ -49,32 +51,32 @@ def _nonpositive_project(a):
 
 # name -> (constraint at scale s, a point feasible with margin at scale s, convex?)
 CONSTRAINTS = {
-    "box-dims": (lambda s: fc.Box(jnp.array([-0.5, 0.0]) * s, jnp.array([1.0, 0.5]) * s,
+    "box-dims": (lambda s: fc.constraints.Box(jnp.array([-0.5, 0.0]) * s, jnp.array([1.0, 0.5]) * s,
                                   dims=(0, 2)), lambda s: jnp.full((H, D), 0.25 * s), True),
     "step-previous": (
-        lambda s: fc.MaxStepChange(jnp.array([0.2, 0.4]) * s, dims=(0, 1),
+        lambda s: fc.constraints.MaxStepChange(jnp.array([0.2, 0.4]) * s, dims=(0, 1),
                                    previous=jnp.array([1.0, -1.0, 0.5]) * s),
         lambda s: jnp.broadcast_to(jnp.array([1.0, -1.0, 0.0]) * s, (H, D)), True,
     ),
-    "jerk": (lambda s: fc.MaxJerk(0.2 * s), lambda s: jnp.zeros((H, D)), True),
+    "jerk": (lambda s: fc.constraints.MaxJerk(0.2 * s), lambda s: jnp.zeros((H, D)), True),
     "acceleration-previous": (
-        lambda s: fc.MaxJerk(0.3 * s, order=2, dims=2, previous=jnp.ones((2, D)) * s),
+        lambda s: fc.constraints.MaxJerk(0.3 * s, order=2, dims=2, previous=jnp.ones((2, D)) * s),
         lambda s: jnp.ones((H, D)) * s, True,
     ),
-    "halfspace": (lambda s: fc.HalfSpace(jnp.array([1.0, -2.0]), 0.5 * s, dims=(1, 2)),
+    "halfspace": (lambda s: fc.constraints.HalfSpace(jnp.array([1.0, -2.0]), 0.5 * s, dims=(1, 2)),
                   lambda s: jnp.zeros((H, D)), True),
-    "ball": (lambda s: fc.Ball(jnp.array([0.5, 0.0, -0.5]) * s, 1.0 * s),
+    "ball": (lambda s: fc.constraints.Ball(jnp.array([0.5, 0.0, -0.5]) * s, 1.0 * s),
              lambda s: jnp.broadcast_to(jnp.array([0.5, 0.0, -0.5]) * s, (H, D)), True),
     "outside-ball": (_inside_ball, lambda s: jnp.full((H, D), 2.0 * s), False),
-    "fn": (lambda s: fc.FnConstraint(_nonpositive_violation, _nonpositive_project),
+    "fn": (lambda s: fc.constraints.FnConstraint(_nonpositive_violation, _nonpositive_project),
            lambda s: -jnp.ones((H, D)) * s, True),
     "all-of": (_box_step, lambda s: jnp.zeros((H, D)), True),
-    "robot-box": (lambda s: fc.InRobotSpace.from_quantiles(
-        fc.Box(jnp.array([0.0, -1.0, 2.0]) * s, jnp.array([1.0, 1.0, 3.0]) * s),
+    "robot-box": (lambda s: fc.constraints.InRobotSpace.from_quantiles(
+        fc.constraints.Box(jnp.array([0.0, -1.0, 2.0]) * s, jnp.array([1.0, 1.0, 3.0]) * s),
         jnp.array([-1.0, -2.0, 1.0]) * s, jnp.array([2.0, 2.0, 4.0]) * s),
         lambda s: jnp.zeros((H, D)), True),
-    "robot-uniform-halfspace": (lambda s: fc.InRobotSpace(
-        fc.HalfSpace(jnp.array([1.0, 1.0, 1.0]), 0.2 * s), 2.0, 0.1 * s),
+    "robot-uniform-halfspace": (lambda s: fc.constraints.InRobotSpace(
+        fc.constraints.HalfSpace(jnp.array([1.0, 1.0, 1.0]), 0.2 * s), 2.0, 0.1 * s),
         lambda s: -jnp.ones((H, D)) * s, True),
 }
 
@@ -164,7 +166,7 @@ def _check(name, dtype, exponent, seed):
     others = jnp.concatenate([noise + x[None], random])
     out = jax.tree.map(np.asarray, _laws(name, dtype, c, x, others, inside, crude))
     v_x, _, v_in, v_mid, v_crude = (float(v) for v in out["v"])
-    if isinstance(c, fc.InRobotSpace):  # tolerances and violations are in robot units
+    if isinstance(c, fc.constraints.InRobotSpace):  # tolerances and violations are in robot units
         scale = float(np.max(np.abs(c.offset)) + np.max(np.abs(c.scale)) * np.max(np.abs(_f32(x))))
     else:
         scale = max(float(np.max(np.abs(_f32(x)))), s)
@@ -217,14 +219,21 @@ def test_every_concrete_constraint_is_covered():
 
     exported = [getattr(fc, n) for n in dir(fc)]
     concrete = {
-        t for t in exported if isinstance(t, type) and issubclass(t, fc.AbstractConstraint)
-        and t is not fc.AbstractConstraint
+        t
+        for t in exported
+        if isinstance(t, type)
+        and issubclass(t, fc.constraints.AbstractConstraint)
+        and t is not fc.constraints.AbstractConstraint
     }
     covered = {type(make(1.0)) for make, _, _ in CONSTRAINTS.values()}
-    covered |= {type(m) for make, _, _ in CONSTRAINTS.values() if isinstance(make(1.0), fc.AllOf)
-                for m in make(1.0).constraints}
+    covered |= {
+        type(m)
+        for make, _, _ in CONSTRAINTS.values()
+        if isinstance(make(1.0), fc.constraints.AllOf)
+        for m in make(1.0).constraints
+    }
     covered |= {type(make(1.0).constraint) for make, _, _ in CONSTRAINTS.values()
-                if isinstance(make(1.0), fc.InRobotSpace)}
+                if isinstance(make(1.0), fc.constraints.InRobotSpace)}
     assert concrete <= covered, concrete - covered
     assert pkg.__doc__
 
@@ -233,7 +242,7 @@ def test_every_concrete_constraint_is_covered():
 
 
 def test_outside_ball_at_the_centre_moves_along_the_first_dimension():
-    c = fc.OutsideBall(jnp.array([1.0, 2.0]), 0.5, dims=(1, 2))
+    c = fc.constraints.OutsideBall(jnp.array([1.0, 2.0]), 0.5, dims=(1, 2))
     chunk = jnp.zeros((H, D)).at[:, 1].set(1.0).at[:, 2].set(2.0)
     out = eqx.filter_jit(lambda c, a: c.project(a))(c, chunk)
     np.testing.assert_allclose(out[:, 1], 1.5)
@@ -248,7 +257,7 @@ def test_step_change_matches_a_quadratic_programme():
     rng = np.random.default_rng(0)
     y = rng.normal(size=(8, 2)) * 2
     prev = np.array([0.5, -0.5])
-    c = fc.MaxStepChange(0.25, previous=jnp.asarray(prev, jnp.float32))
+    c = fc.constraints.MaxStepChange(0.25, previous=jnp.asarray(prev, jnp.float32))
     out = np.asarray(c.project(jnp.asarray(y, jnp.float32)))
     for d in range(2):
         z = np.concatenate([[prev[d]], y[:, d]])
@@ -273,7 +282,9 @@ def test_all_of_reports_its_cycles_and_convergence():
 
 def test_in_robot_space_maps_both_ways():
     q01, q99 = jnp.array([0.0, -2.0, 10.0]), jnp.array([1.0, 2.0, 20.0])
-    c = fc.InRobotSpace.from_quantiles(fc.Box(q01, jnp.array([0.5, 2.0, 20.0])), q01, q99)
+    c = fc.constraints.InRobotSpace.from_quantiles(
+        fc.constraints.Box(q01, jnp.array([0.5, 2.0, 20.0])), q01, q99
+    )
     a = jnp.ones((H, D))  # robot: q99 everywhere, above 0.5 in dimension 0
     out = c.project(a)
     np.testing.assert_allclose(out[:, 0], 0.0, atol=1e-6)  # robot 0.5 is normalised 0
@@ -287,18 +298,19 @@ def test_in_robot_space_maps_both_ways():
 @pytest.mark.parametrize(
     "build, match",
     [
-        (lambda: fc.Box(1.0, -1.0), "low <= high"),
-        (lambda: fc.Box(0.0, 1.0, dims=(2, 1)), "increasing"),
-        (lambda: fc.MaxStepChange(-0.1), ">= 0"),
-        (lambda: fc.MaxStepChange(0.1, previous=jnp.zeros((2, 3))), "previous=past"),
-        (lambda: fc.MaxJerk(0.1, order=4), "order"),
-        (lambda: fc.HalfSpace(jnp.zeros(2), 0.0), "zero"),
-        (lambda: fc.Ball(jnp.zeros(2), -1.0), "radius"),
-        (lambda: fc.InRobotSpace(fc.Box(0, 1), jnp.array([1.0, 0.0])), "zero"),
-        (lambda: fc.AllOf(), "at least one"),
-        (lambda: fc.AllOf(lambda a: 0.0), "FnConstraint"),
-        (lambda: fc.Project(fc.Box(0, 1), inner=3), "placement"),
-        (lambda: fc.FeasibleFirst(jnp.zeros(3)), "constraint"),
+        (lambda: fc.constraints.Box(1.0, -1.0), "low <= high"),
+        (lambda: fc.constraints.Box(0.0, 1.0, dims=(2, 1)), "increasing"),
+        (lambda: fc.constraints.MaxStepChange(-0.1), ">= 0"),
+        (lambda: fc.constraints.MaxStepChange(0.1, previous=jnp.zeros((2, 3))), "previous=past"),
+        (lambda: fc.constraints.MaxJerk(0.1, order=4), "order"),
+        (lambda: fc.constraints.HalfSpace(jnp.zeros(2), 0.0), "zero"),
+        (lambda: fc.constraints.Ball(jnp.zeros(2), -1.0), "radius"),
+        (lambda: fc.constraints.InRobotSpace(fc.constraints.Box(0, 1), jnp.array([1.0, 0.0])),
+         "zero"),
+        (lambda: fc.constraints.AllOf(), "at least one"),
+        (lambda: fc.constraints.AllOf(lambda a: 0.0), "FnConstraint"),
+        (lambda: fc.Project(fc.constraints.Box(0, 1), inner=3), "placement"),
+        (lambda: fc.constraints.FeasibleFirst(jnp.zeros(3)), "constraint"),
     ],
 )
 def test_bad_arguments_name_the_fix(build, match):
@@ -308,11 +320,11 @@ def test_bad_arguments_name_the_fix(build, match):
 
 def test_shape_mistakes_are_plain_errors():
     with pytest.raises(ValueError, match="dims.*< 3"):
-        fc.Box(0.0, 1.0, dims=(0, 5)).project(jnp.zeros((H, D)))
+        fc.constraints.Box(0.0, 1.0, dims=(0, 5)).project(jnp.zeros((H, D)))
     with pytest.raises(ValueError, match="normal"):
-        fc.HalfSpace(jnp.ones(2), 0.0).project(jnp.zeros((H, D)))
+        fc.constraints.HalfSpace(jnp.ones(2), 0.0).project(jnp.zeros((H, D)))
     with pytest.raises(ValueError, match="previous"):
-        fc.MaxStepChange(0.1, previous=jnp.zeros(4)).violation(jnp.zeros((H, D)))
+        fc.constraints.MaxStepChange(0.1, previous=jnp.zeros(4)).violation(jnp.zeros((H, D)))
 
 
 # ---------------------------------------------------------------- placements
@@ -330,7 +342,7 @@ def _flow_policy(target, spread):
 
 
 TARGET = jnp.linspace(-2.0, 2.0, H * D).reshape(H, D)  # outside [-1, 1] at both ends
-BOX = fc.Box(-1.0, 1.0)
+BOX = fc.constraints.Box(-1.0, 1.0)
 
 
 def test_project_is_feasible_and_reports_the_distance():
@@ -349,7 +361,7 @@ def test_project_is_feasible_and_reports_the_distance():
 
 
 def test_feasible_first_prefers_a_feasible_candidate_over_lower_energy():
-    rule = fc.FeasibleFirst(BOX)
+    rule = fc.constraints.FeasibleFirst(BOX)
     candidates = jnp.stack([jnp.full((H, D), 3.0), jnp.full((H, D), 0.5), jnp.full((H, D), 0.9)])
     energy = jnp.array([-10.0, 1.0, 0.0])
     ok = jnp.array([True, True, True])
@@ -361,7 +373,7 @@ def test_feasible_first_prefers_a_feasible_candidate_over_lower_energy():
     assert int(rule.select(far, energy, ok, jax.random.key(0)).index) == 1
     # A not-ok candidate is never chosen even if feasible.
     assert int(rule.select(candidates, energy, jnp.array([True, True, False]), None).index) == 1
-    assert fc.FeasibleFirst(BOX, fc.Medoid()).needs_energy is False
+    assert fc.constraints.FeasibleFirst(BOX, fc.Medoid()).needs_energy is False
 
 
 def test_feasible_first_in_best_of_n():
@@ -369,7 +381,7 @@ def test_feasible_first_in_best_of_n():
     noise = jnp.stack([jnp.full((H, D), 1.5), jnp.full((H, D), 0.9), jnp.full((H, D), -0.2)])
     energy = fc.bind(fc.SquaredDistance(), jnp.full((H, D), 2.0))  # prefers the infeasible 1.5
     out, info = fc.sample(policy, None, noise=noise, energy=energy,
-                          placement=fc.BestOfN(3, select=fc.FeasibleFirst(BOX)))
+                          placement=fc.BestOfN(3, select=fc.constraints.FeasibleFirst(BOX)))
     assert int(info.placement.selected) == 1
     np.testing.assert_allclose(out, 0.9, rtol=1e-5)
 
@@ -378,7 +390,7 @@ def test_guidance_by_violation_lowers_it_and_projection_after_changes_less():
     policy = _flow_policy(TARGET, 0.3)
     noise = jax.random.normal(jax.random.key(1), (16, H, D))
     plain, _ = fc.sample(policy, None, noise=noise)
-    _, both = fc.sample(policy, None, noise=noise, energy=fc.ViolationEnergy(BOX),
+    _, both = fc.sample(policy, None, noise=noise, energy=fc.constraints.ViolationEnergy(BOX),
                         placement=fc.Project(BOX, fc.Guided(weight=2.0, cap=None)))
     # For a box the violation is the distance that projection alone would move a chunk.
     before = jax.vmap(BOX.violation)(plain)
@@ -390,7 +402,7 @@ def test_guidance_by_violation_lowers_it_and_projection_after_changes_less():
 
 def test_user_constraint_through_fn_constraint():
     # The first action dimension is never negative, in the user's own functions.
-    user = fc.FnConstraint(lambda a: jnp.sum(jnp.maximum(-a[:, 0], 0)),
+    user = fc.constraints.FnConstraint(lambda a: jnp.sum(jnp.maximum(-a[:, 0], 0)),
                            lambda a: a.at[:, 0].set(jnp.maximum(a[:, 0], 0)))
     policy = _flow_policy(TARGET, 0.1)
     out, info = fc.sample(policy, None, jax.random.key(2), batch_size=3,
@@ -401,7 +413,9 @@ def test_user_constraint_through_fn_constraint():
 
 def test_nothing_non_finite_leaves_project():
     # A projection that returns NaN: the chunk before it is kept, flagged.
-    broken = fc.FnConstraint(lambda a: jnp.sum(jnp.maximum(a, 0)), lambda a: a * jnp.nan)
+    broken = fc.constraints.FnConstraint(
+        lambda a: jnp.sum(jnp.maximum(a, 0)), lambda a: a * jnp.nan
+    )
     policy = _flow_policy(TARGET, 0.1)
     out, info = fc.sample(policy, None, jax.random.key(3), batch_size=2,
                           placement=fc.Project(broken))

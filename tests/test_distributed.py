@@ -1,4 +1,4 @@
-"""`fc.fit` under `jax.distributed`: two CPU processes on this machine against one.
+"""`fc.train.fit` under `jax.distributed`: two CPU processes on this machine against one.
 
 Two runs start at once, each a fresh Python process group
 (`python tests/test_distributed.py worker ...`): two processes that call
@@ -125,30 +125,30 @@ def _worker(num_processes: int, process_id: int, port: int, root: pathlib.Path) 
     local = GLOBAL_BATCH // num_processes
     rows = slice(process_id * local, (process_id + 1) * local)
 
-    def data(step: int) -> fc.Batch:
+    def data(step: int) -> fc.train.Batch:
         # The global batch of `step`, the same in every layout; this process's rows.
         rng = np.random.default_rng(step)
         obs = rng.standard_normal((GLOBAL_BATCH, 5)).astype(np.float32)
         actions = rng.standard_normal((GLOBAL_BATCH, 3, 2)).astype(np.float32)
-        return fc.Batch(jnp.asarray(obs[rows]), jnp.asarray(actions[rows]))
+        return fc.train.Batch(jnp.asarray(obs[rows]), jnp.asarray(actions[rows]))
 
     config = fc.MLPEnergyConfig(obs_dim=5, action_dim=2, horizon=3, hidden=16, depth=1)
     model = fc.MLPEnergy(config, key=jax.random.key(0))
-    train = fc.TrainConfig(
+    train = fc.train.TrainConfig(
         num_steps=NUM_STEPS, learning_rate=1e-2, warmup_steps=1, log_every=1,
         checkpoint_every=CHECKPOINT_EVERY,
     )  # fmt: skip
 
-    def resumed_data(step: int) -> fc.Batch:
+    def resumed_data(step: int) -> fc.train.Batch:
         # A resumed run starts after its checkpoint: it never asks for batches 0..2.
         assert step >= CHECKPOINT_EVERY, f"the resumed run asked for batch {step}"
         return data(step)
 
     def fit(checkpoint_dir: pathlib.Path, out: str, batches) -> None:
-        result = fc.fit(
+        result = fc.train.fit(
             model, batches, key=jax.random.key(1), config=train,
-            negatives=[fc.NoiseNegatives(2, 0.3)], checkpoint_dir=checkpoint_dir,
-            mesh=fc.data_parallel_mesh(), progress=False,
+            negatives=[fc.train.NoiseNegatives(2, 0.3)], checkpoint_dir=checkpoint_dir,
+            mesh=fc.train.data_parallel_mesh(), progress=False,
         )  # fmt: skip
         save(root / f"{out}_p{process_id}.npz", result.model)
 

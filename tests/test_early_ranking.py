@@ -529,7 +529,7 @@ def test_early_best_of_n_still_checks_its_arguments():
 
 
 def test_renamed_children_warn_and_still_work():
-    box = fc.Box(-1.0, 1.0)
+    box = fc.constraints.Box(-1.0, 1.0)
     with pytest.warns(DeprecationWarning, match=r"PostHoc's `after` is deprecated.*`inner`"):
         old = fc.PostHoc(fc.reference_recipe(), after=fc.BestOfN(2))
     assert old == fc.PostHoc(fc.reference_recipe(), inner=fc.BestOfN(2))
@@ -541,8 +541,8 @@ def test_renamed_children_warn_and_still_work():
     with pytest.warns(DeprecationWarning, match=r"NearMean.then is deprecated"):
         assert near.then is near.inner
     with pytest.warns(DeprecationWarning, match=r"FeasibleFirst's `then` is deprecated"):
-        first = fc.FeasibleFirst(box, then=fc.Medoid())
-    assert first == fc.FeasibleFirst(box, inner=fc.Medoid())
+        first = fc.constraints.FeasibleFirst(box, then=fc.Medoid())
+    assert first == fc.constraints.FeasibleFirst(box, inner=fc.Medoid())
     with pytest.warns(DeprecationWarning, match=r"FeasibleFirst.then is deprecated"):
         assert first.then is first.inner
     with pytest.raises(TypeError, match=r"`inner` or its deprecated name `after`, not both"):

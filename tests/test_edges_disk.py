@@ -55,7 +55,7 @@ def rollouts(episodes=3, obs=OBS, n=N, h=H, d=D, seed=0, queries_per_episode=2):
     q = episodes * queries_per_episode
     success = rng.random(episodes) < 0.5
     episode = np.repeat(np.arange(episodes), queries_per_episode)
-    return fc.Rollouts(
+    return fc.verifiers.Rollouts(
         observation=rng.standard_normal((q, obs)).astype(np.float32),
         candidates=rng.standard_normal((q, n, h, d)).astype(np.float32),
         executed=rng.integers(0, n, q).astype(np.int64),
@@ -67,11 +67,11 @@ def rollouts(episodes=3, obs=OBS, n=N, h=H, d=D, seed=0, queries_per_episode=2):
     )
 
 
-def fields(r: fc.Rollouts) -> dict:
+def fields(r: fc.verifiers.Rollouts) -> dict:
     return {f: getattr(r, f) for f in r.__dataclass_fields__}
 
 
-def same(a: fc.Rollouts, b: fc.Rollouts) -> bool:
+def same(a: fc.verifiers.Rollouts, b: fc.verifiers.Rollouts) -> bool:
     return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
 
 
@@ -84,7 +84,7 @@ def same(a: fc.Rollouts, b: fc.Rollouts) -> bool:
      (dict(h=H + 1), "candidates"), (dict(d=D + 1), "candidates")],
 )
 def test_append_refuses_another_layout_and_keeps_the_directory_readable(tmp_path, other, field):
-    writer = fc.RolloutWriter(tmp_path / "r", {"task": "x"})
+    writer = fc.verifiers.RolloutWriter(tmp_path / "r", {"task": "x"})
     first = rollouts()
     writer.append(first)
     before = sorted(p.name for p in (tmp_path / "r").iterdir())
@@ -93,50 +93,50 @@ def test_append_refuses_another_layout_and_keeps_the_directory_readable(tmp_path
     # Nothing was written; a new writer on the directory (a resumed collector) refuses too.
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before
     with pytest.raises(ValueError, match=f"`{field}`"):
-        fc.RolloutWriter(tmp_path / "r", {"task": "x"}).append(rollouts(seed=1, **other))
-    assert same(fc.load_rollouts(tmp_path / "r"), first)
+        fc.verifiers.RolloutWriter(tmp_path / "r", {"task": "x"}).append(rollouts(seed=1, **other))
+    assert same(fc.verifiers.load_rollouts(tmp_path / "r"), first)
     writer.append(rollouts(seed=2))
-    assert fc.load_rollouts(tmp_path / "r").num_episodes == 6
+    assert fc.verifiers.load_rollouts(tmp_path / "r").num_episodes == 6
 
 
 def test_a_directory_without_a_recorded_layout_is_checked_against_its_first_part(tmp_path):
-    writer = fc.RolloutWriter(tmp_path / "r")
+    writer = fc.verifiers.RolloutWriter(tmp_path / "r")
     writer.append(rollouts())
     meta = json.loads((tmp_path / "r" / "meta.json").read_text())
     del meta["layout"]
     (tmp_path / "r" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="`candidates` rows have shape"):
-        fc.RolloutWriter(tmp_path / "r").append(rollouts(n=N + 1))
+        fc.verifiers.RolloutWriter(tmp_path / "r").append(rollouts(n=N + 1))
 
 
 def test_a_truncated_part_is_named_and_the_rest_can_be_loaded(tmp_path):
-    writer = fc.RolloutWriter(tmp_path / "r")
+    writer = fc.verifiers.RolloutWriter(tmp_path / "r")
     parts = [rollouts(seed=s) for s in range(3)]
     for p in parts:
         writer.append(p)
     broken = tmp_path / "r" / "part-00001.npz"
     broken.write_bytes(broken.read_bytes()[:100])
     with pytest.raises(RolloutFileError, match="part-00001.npz.*skip_corrupt=True") as info:
-        fc.load_rollouts(tmp_path / "r")
+        fc.verifiers.load_rollouts(tmp_path / "r")
     assert "BadZipFile" in str(info.value) or "EOFError" in str(info.value)
     with pytest.warns(RuntimeWarning, match=r"left out 1 unreadable file.*part-00001\.npz"):
-        rest = fc.load_rollouts(tmp_path / "r", skip_corrupt=True)
+        rest = fc.verifiers.load_rollouts(tmp_path / "r", skip_corrupt=True)
     assert same(rest, fc._verifiers.rollouts.concatenate([parts[0], parts[2]]))
 
 
 def test_a_truncated_meta_json_is_named_and_the_parts_stay_reachable(tmp_path):
-    writer = fc.RolloutWriter(tmp_path / "r", {"task": "x"})
+    writer = fc.verifiers.RolloutWriter(tmp_path / "r", {"task": "x"})
     parts = [rollouts(seed=s) for s in range(2)]
     for p in parts:
         writer.append(p)
     meta = tmp_path / "r" / "meta.json"
     meta.write_text(meta.read_text()[:20])
-    for load in (lambda: fc.load_rollouts(tmp_path / "r"),
-                 lambda: fc.RolloutWriter(tmp_path / "r", {"task": "x"})):
+    for load in (lambda: fc.verifiers.load_rollouts(tmp_path / "r"),
+                 lambda: fc.verifiers.RolloutWriter(tmp_path / "r", {"task": "x"})):
         with pytest.raises(RolloutFileError, match=r"meta\.json cannot be read \(JSONDecodeError"):
             load()
     with pytest.warns(RuntimeWarning, match="meta.json"):
-        rest = fc.load_rollouts(tmp_path / "r", skip_corrupt=True)
+        rest = fc.verifiers.load_rollouts(tmp_path / "r", skip_corrupt=True)
     assert same(rest, fc._verifiers.rollouts.concatenate(parts))
 
 
@@ -202,7 +202,7 @@ BAD_ROLLOUTS = {
 def test_rollouts_refuse_values_that_cannot_be_saved_or_trained_on(case):
     name, make, what = BAD_ROLLOUTS[case]
     with pytest.raises(ValueError, match=rf"`{name}`.*{what}|{what}.*`{name}`"):
-        fc.Rollouts(**make())
+        fc.verifiers.Rollouts(**make())
 
 
 def test_discounted_targets_of_valid_rollouts_are_in_the_unit_interval():
@@ -227,7 +227,7 @@ def _labelled(step, bad_steps=(), where="context"):
     y = (rng.random(8) < 0.5).astype(np.float32)
     if step in bad_steps:
         {"context": c, "actions": a, "target": y}[where].reshape(-1)[3] = np.nan
-    return fc.LabelledBatch(jnp.asarray(c), jnp.asarray(a), jnp.asarray(y))
+    return fc.verifiers.LabelledBatch(jnp.asarray(c), jnp.asarray(a), jnp.asarray(y))
 
 
 def _demos(step, bad_steps=()):
@@ -236,10 +236,10 @@ def _demos(step, bad_steps=()):
     a = rng.standard_normal((8, H, D)).astype(np.float32)
     if step in bad_steps:
         a[2, 1, 0] = np.inf
-    return fc.Batch(c, a)
+    return fc.train.Batch(c, a)
 
 
-VCONFIG = fc.TrainConfig(num_steps=8, learning_rate=1e-3, warmup_steps=1, log_every=4,
+VCONFIG = fc.train.TrainConfig(num_steps=8, learning_rate=1e-3, warmup_steps=1, log_every=4,
                          checkpoint_every=4, grad_penalty=0.0)
 
 
@@ -250,7 +250,7 @@ def finite_model(model) -> bool:
 
 def test_fit_skips_a_non_finite_step_keeps_the_model_finite_and_warns():
     with pytest.warns(RuntimeWarning, match=r"fit skipped 1 of 8 steps"):
-        out = fc.fit(_mlp(), lambda s: _demos(s, bad_steps=(2,)), key=jax.random.key(0),
+        out = fc.train.fit(_mlp(), lambda s: _demos(s, bad_steps=(2,)), key=jax.random.key(0),
                      config=VCONFIG, progress=False)
     assert finite_model(out.model)
     assert [h["skipped_steps"] for h in out.history] == [1, 0]
@@ -261,8 +261,14 @@ def test_fit_skips_a_non_finite_step_keeps_the_model_finite_and_warns():
 def test_fit_verifier_skips_a_non_finite_step_and_changes_nothing_at_it(where):
     # One NaN in step 5's batch: that step changes nothing and the rest train on.
     with pytest.warns(RuntimeWarning, match=r"fit_verifier skipped 1 of 8 steps"):
-        out = fc.fit_verifier(_mlp(), lambda s: _labelled(s, (5,), where), fc.OutcomeLoss(),
-                              key=jax.random.key(0), config=VCONFIG, progress=False)
+        out = fc.verifiers.fit_verifier(
+            _mlp(),
+            lambda s: _labelled(s, (5,), where),
+            fc.verifiers.OutcomeLoss(),
+            key=jax.random.key(0),
+            config=VCONFIG,
+            progress=False,
+        )
     assert finite_model(out.model)
     assert [h["skipped_steps"] for h in out.history] == [0, 1]
     assert np.isfinite(out.history[1]["loss"])
@@ -271,8 +277,14 @@ def test_fit_verifier_skips_a_non_finite_step_and_changes_nothing_at_it(where):
 def test_the_skip_count_survives_an_exact_resume(tmp_path):
     data = lambda s: _labelled(s, (1, 6))  # noqa: E731
     with pytest.warns(RuntimeWarning, match="skipped 2 of 8"):
-        full = fc.fit_verifier(_mlp(), data, fc.OutcomeLoss(), key=jax.random.key(3),
-                               config=VCONFIG, progress=False)
+        full = fc.verifiers.fit_verifier(
+            _mlp(),
+            data,
+            fc.verifiers.OutcomeLoss(),
+            key=jax.random.key(3),
+            config=VCONFIG,
+            progress=False,
+        )
 
     def dying(step):
         if step == 5:
@@ -280,11 +292,25 @@ def test_the_skip_count_survives_an_exact_resume(tmp_path):
         return data(step)
 
     with pytest.raises(KeyboardInterrupt):
-        fc.fit_verifier(_mlp(), dying, fc.OutcomeLoss(), key=jax.random.key(3), config=VCONFIG,
-                        checkpoint_dir=tmp_path / "ck", progress=False)
+        fc.verifiers.fit_verifier(
+            _mlp(),
+            dying,
+            fc.verifiers.OutcomeLoss(),
+            key=jax.random.key(3),
+            config=VCONFIG,
+            checkpoint_dir=tmp_path / "ck",
+            progress=False,
+        )
     with pytest.warns(RuntimeWarning, match="skipped 2 of 8"):
-        resumed = fc.fit_verifier(_mlp(), data, fc.OutcomeLoss(), key=jax.random.key(3),
-                                  config=VCONFIG, checkpoint_dir=tmp_path / "ck", progress=False)
+        resumed = fc.verifiers.fit_verifier(
+            _mlp(),
+            data,
+            fc.verifiers.OutcomeLoss(),
+            key=jax.random.key(3),
+            config=VCONFIG,
+            checkpoint_dir=tmp_path / "ck",
+            progress=False,
+        )
     assert bool(eqx.tree_equal(full.model, resumed.model))  # bit for bit
     assert resumed.history == full.history
 
@@ -294,12 +320,12 @@ def test_shuffled_batches_refuse_non_finite_data_up_front():
     actions = np.asarray(data.actions).copy()
     actions[5, 0, 1] = np.nan
     with pytest.raises(ValueError, match=r"NaN or inf values in `Batch.actions`.*\[5\]"):
-        fc.ShuffledBatches(fc.Batch(data.context, actions), 4)
+        fc.train.ShuffledBatches(fc.train.Batch(data.context, actions), 4)
     context = np.asarray(data.context).copy()
     context[2, 0] = -np.inf
     with pytest.raises(ValueError, match=r"`Batch.context`.*\[2\]"):
-        fc.ShuffledBatches(fc.Batch(jnp.asarray(context), data.actions), 4)
-    fc.ShuffledBatches(data, 4)  # finite data is taken
+        fc.train.ShuffledBatches(fc.train.Batch(jnp.asarray(context), data.actions), 4)
+    fc.train.ShuffledBatches(data, 4)  # finite data is taken
 
 
 # After a failed tensorstore read, orbax's background event loop is sometimes collected
@@ -307,13 +333,20 @@ def test_shuffled_batches_refuse_non_finite_data_up_front():
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_fit_verifier_names_itself_for_a_broken_checkpoint_and_can_fall_back(tmp_path, caplog):
     data = lambda s: _labelled(s)  # noqa: E731
-    run = lambda **kw: fc.fit_verifier(  # noqa: E731
-        _mlp(), data, fc.OutcomeLoss(), key=jax.random.key(1), config=VCONFIG, progress=False,
-        checkpoint_dir=tmp_path / "ck", **kw)
+    run = lambda **kw: fc.verifiers.fit_verifier(  # noqa: E731
+        _mlp(),
+        data,
+        fc.verifiers.OutcomeLoss(),
+        key=jax.random.key(1),
+        config=VCONFIG,
+        progress=False,
+        checkpoint_dir=tmp_path / "ck",
+        **kw,
+    )
     first = run()
     for f in (tmp_path / "ck" / "8" / "state" / "d").iterdir():
         f.write_bytes(f.read_bytes()[:7])
-    with pytest.raises(fc.CheckpointError, match=r"call fit_verifier\(\.\.\., on_corrupt="):
+    with pytest.raises(fc.train.CheckpointError, match=r"call fit_verifier\(\.\.\., on_corrupt="):
         run()
     with caplog.at_level(logging.WARNING, logger="flowcorrect"):
         again = run(on_corrupt="fallback")
@@ -530,8 +563,8 @@ CORRUPT = ("truncate", "flip", "empty", "delete")
 @given(data=st.data())
 def test_fuzz_rollout_directories(tmp_path_factory, data):
     root = tmp_path_factory.mktemp("roll") / "r"
-    writer = fc.RolloutWriter(root)
-    kept: list[fc.Rollouts] = []
+    writer = fc.verifiers.RolloutWriter(root)
+    kept: list[fc.verifiers.Rollouts] = []
     for i in range(data.draw(st.integers(1, 4), label="appends")):
         kind = "ok" if i == 0 else data.draw(st.sampled_from(["ok", "ok"] + sorted(MISMATCH)),
                                               label="part")
@@ -544,7 +577,7 @@ def test_fuzz_rollout_directories(tmp_path_factory, data):
             continue
         writer.append(part)
         kept.append(part)
-    assert same(fc.load_rollouts(root), fc._verifiers.rollouts.concatenate(kept))
+    assert same(fc.verifiers.load_rollouts(root), fc._verifiers.rollouts.concatenate(kept))
     COUNTS["rollouts: directories read back"] += 1
     # Then one file is damaged the way a foreign tool would.
     names = [f"part-{i:05d}.npz" for i in range(len(kept))] + ["meta.json"]
@@ -564,7 +597,7 @@ def test_fuzz_rollout_directories(tmp_path_factory, data):
         target.write_bytes(bytes(raw if how != "empty" else b""))
     COUNTS[f"rollouts: {how} {'meta' if target.name == 'meta.json' else 'part'}"] += 1
     try:
-        loaded = fc.load_rollouts(root)
+        loaded = fc.verifiers.load_rollouts(root)
     except FileNotFoundError:
         assert target.name == "meta.json" and how == "delete"
         COUNTS["rollouts: damage refused"] += 1
@@ -583,7 +616,7 @@ def test_fuzz_rollout_directories(tmp_path_factory, data):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            rest = fc.load_rollouts(root, skip_corrupt=True)
+            rest = fc.verifiers.load_rollouts(root, skip_corrupt=True)
         except RolloutFileError:
             assert len(kept) == 1 and target.name != "meta.json"
             return
@@ -608,7 +641,7 @@ def test_fuzz_rollouts_refuse_non_finite_values(data):
     f[name] = x
     COUNTS[f"rollouts: non-finite {name}"] += 1
     with pytest.raises(ValueError, match=rf"`{name}` must be finite"):
-        fc.Rollouts(**f)
+        fc.verifiers.Rollouts(**f)
 
 
 # --- fuzz: training data with non-finite rows ------------------------------------------
@@ -621,8 +654,14 @@ def test_fuzz_training_skips_exactly_the_non_finite_steps(data):
     where = data.draw(st.sampled_from(["context", "actions", "target"]), label="where")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = fc.fit_verifier(_mlp(), lambda s: _labelled(s, bad, where), fc.OutcomeLoss(),
-                              key=jax.random.key(0), config=VCONFIG, progress=False)
+        out = fc.verifiers.fit_verifier(
+            _mlp(),
+            lambda s: _labelled(s, bad, where),
+            fc.verifiers.OutcomeLoss(),
+            key=jax.random.key(0),
+            config=VCONFIG,
+            progress=False,
+        )
     assert finite_model(out.model)
     assert sum(h["skipped_steps"] for h in out.history) == len(bad)
     skipped = [w for w in caught if "skipped" in str(w.message)]

@@ -56,7 +56,7 @@ def numbered(k: float, horizon: int = 6, batch=()) -> np.ndarray:
 # --------------------------------------------------------------------------- the queue
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_submit_refuses_non_finite_chunks(bad):
-    queue = fc.ActionQueue(2, 1)
+    queue = fc.rtc.ActionQueue(2, 1)
     queue.request()
     chunk = numbered(0)
     chunk[3, 1] = bad
@@ -76,14 +76,14 @@ def test_submit_refuses_non_finite_chunks(bad):
     ([["a", "b"]] * 6, "dtype <U1"),
 ])
 def test_submit_refuses_chunks_that_are_not_real_numbers(chunk, match):
-    queue = fc.ActionQueue(2, 1)
+    queue = fc.rtc.ActionQueue(2, 1)
     queue.request()
     with pytest.raises(TypeError, match=rf"`chunk`.*{match}"):
         queue.submit(chunk)
 
 
 def test_submit_copies_the_chunk_and_pop_hands_out_copies():
-    queue = fc.ActionQueue(2, 1)
+    queue = fc.rtc.ActionQueue(2, 1)
     queue.request()
     buffer = numbered(0)
     queue.submit(buffer)
@@ -96,7 +96,7 @@ def test_submit_copies_the_chunk_and_pop_hands_out_copies():
 
 
 def test_a_second_submit_is_refused_unless_it_replaces():
-    queue = fc.ActionQueue(2, 1)
+    queue = fc.rtc.ActionQueue(2, 1)
     queue.request()
     queue.submit(numbered(0))
     with pytest.raises(RuntimeError, match="taken over"):  # the first chunk runs at once
@@ -117,7 +117,7 @@ def test_a_second_submit_is_refused_unless_it_replaces():
 
 
 def test_measured_delay_takes_over_at_submit_so_nothing_can_be_replaced():
-    queue = fc.ActionQueue(2, 1, simulate_delay=False)
+    queue = fc.rtc.ActionQueue(2, 1, simulate_delay=False)
     queue.request()
     queue.submit(numbered(0))
     queue.pop(), queue.pop()
@@ -170,7 +170,7 @@ def test_a_bad_traced_guidance_weight_takes_the_plain_steps_and_says_so(jit):
 
 
 def test_pigdm_weight_is_nan_for_a_bad_traced_beta():
-    weight = jax.jit(lambda beta, t: fc.PiGDMWeight(beta)(t, fc.OpenPI()))
+    weight = jax.jit(lambda beta, t: fc.rtc.PiGDMWeight(beta)(t, fc.OpenPI()))
     for t in [0.0, 0.5, 1.0]:
         assert float(weight(jnp.float32(3.0), jnp.float32(t))) <= 3.0
         for beta in [-5.0, np.nan, np.inf]:
@@ -205,10 +205,10 @@ def test_traced_delay_beyond_the_leftover_is_checked_at_run_time():
 
 
 def test_traced_prefix_weights_are_checked_at_run_time():
-    weights = eqx.filter_jit(lambda d, s: fc.rtc_prefix_weights(H, d, s))
+    weights = eqx.filter_jit(lambda d, s: fc.rtc.rtc_prefix_weights(H, d, s))
     # Compiled and eager float32 may differ in the last bit.
     np.testing.assert_allclose(weights(jnp.int32(2), jnp.int32(4)),
-                               fc.rtc_prefix_weights(H, 2, 4), rtol=1e-6, atol=1e-7)
+                               fc.rtc.rtc_prefix_weights(H, 2, 4), rtol=1e-6, atol=1e-7)
     for d, s, match in [(1, 100, "execution_horizon"), (7, 2, "inference_delay"),
                         (-1, 2, "inference_delay")]:
         with pytest.raises(RuntimeError, match=match):
@@ -230,7 +230,7 @@ def test_traced_prefix_weights_are_checked_at_run_time():
 ])
 def test_prefix_weights_refuse_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
-        fc.rtc_prefix_weights(*args)
+        fc.rtc.rtc_prefix_weights(*args)
 
 
 @pytest.mark.parametrize("d,s,kwargs,match", [
@@ -251,7 +251,7 @@ def test_realtime_chunking_refuses_bad_arguments_naming_them(d, s, kwargs, match
 @pytest.mark.parametrize("build,match", [
     (lambda: fc.RealTimeChunking(leftover(rows=4), 1, 2, max_guidance_weight="5"),
      r"RealTimeChunking `max_guidance_weight` must be a number.*str '5'"),
-    (lambda: fc.PiGDMWeight("5"), r"PiGDMWeight `max_guidance_weight` must be a number"),
+    (lambda: fc.rtc.PiGDMWeight("5"), r"PiGDMWeight `max_guidance_weight` must be a number"),
     (lambda: fc.Ensemble([fc.SquaredDistance()], pessimism="1"),
      r"Ensemble `pessimism` must be a number.*str '1'"),
     (lambda: fc.Ensemble([fc.SquaredDistance()], pessimism=True),
@@ -360,7 +360,7 @@ def test_fuzz_executor_submit_and_pop(s, d, simulate, plan, scribble, steps):
     d = min(d, s)
     horizon = s + d + 1
     delay = d if simulate else 0  # a measured delay: submitted at once, so 0
-    queue = fc.ActionQueue(s, d, simulate_delay=simulate)
+    queue = fc.rtc.ActionQueue(s, d, simulate_delay=simulate)
     marks = []  # the value of column 0 of each accepted chunk
     for t in range(steps):
         if queue.inference_due:
@@ -440,9 +440,9 @@ def test_fuzz_prefix_weights_untraced(args, schedule):
     COUNTS[f"weights {'valid' if valid else 'refused'}"] += 1
     if not valid:
         with pytest.raises(ValueError, match="`(horizon|inference_delay|execution_horizon)`"):
-            fc.rtc_prefix_weights(horizon, d, s, schedule)
+            fc.rtc.rtc_prefix_weights(horizon, d, s, schedule)
         return
-    w = np.asarray(fc.rtc_prefix_weights(horizon, d, s, schedule))
+    w = np.asarray(fc.rtc.rtc_prefix_weights(horizon, d, s, schedule))
     assert w.shape == (horizon,) and np.all((w >= 0) & (w <= 1))
     assert np.all(w[:d] == 1) and np.all(w[horizon - s:] == 0)
 

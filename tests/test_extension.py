@@ -268,8 +268,8 @@ def test_user_placement_without_energy_is_accepted_and_one_needing_it_refused():
     assert not fc.BestOfN(3, Reversed(), select=fc.Medoid()).needs_energy
     assert fc.BestOfN(3, Needy(), select=fc.Medoid()).needs_energy
     assert fc.BestOfN(3, Reversed()).needs_energy  # ByEnergy ranks by the energy
-    assert not fc.Project(fc.Box(-1.0, 1.0), Reversed()).needs_energy
-    assert fc.Project(fc.Box(-1.0, 1.0), Needy()).needs_energy
+    assert not fc.Project(fc.constraints.Box(-1.0, 1.0), Reversed()).needs_energy
+    assert fc.Project(fc.constraints.Box(-1.0, 1.0), Needy()).needs_energy
     assert fc.PostHoc(fc.reference_recipe(), Reversed()).needs_energy
     with pytest.raises(ValueError, match=r"The BestOfN placement needs an energy"):
         fc.sample(policy, obs, noise=noise[:, None].repeat(3, axis=1),

@@ -22,7 +22,7 @@ class FakeClock:
 
 
 def test_tracker_estimates_a_high_quantile_in_control_steps():
-    tracker = fc.LatencyTracker(control_period=0.02, window=4, quantile=1.0, initial_delay=2)
+    tracker = fc.rtc.LatencyTracker(control_period=0.02, window=4, quantile=1.0, initial_delay=2)
     assert tracker.delay() == 2  # nothing measured yet
     for s in (0.011, 0.019, 0.021, 0.039):
         tracker.record(s)
@@ -30,21 +30,21 @@ def test_tracker_estimates_a_high_quantile_in_control_steps():
     tracker.record(0.061)  # the window drops 0.011
     assert list(tracker.times) == [0.019, 0.021, 0.039, 0.061]
     assert tracker.delay() == 4
-    assert fc.LatencyTracker(0.02, quantile=0.5).steps(0.06) == 3  # no rounding up to 4
-    median = fc.LatencyTracker(0.02, quantile=0.5)
+    assert fc.rtc.LatencyTracker(0.02, quantile=0.5).steps(0.06) == 3  # no rounding up to 4
+    median = fc.rtc.LatencyTracker(0.02, quantile=0.5)
     for s in (0.01, 0.01, 0.01, 0.09, 0.09):
         median.record(s)
     assert median.delay() == 1
-    capped = fc.LatencyTracker(0.02, max_delay=3)
+    capped = fc.rtc.LatencyTracker(0.02, max_delay=3)
     capped.record(1.0)
     assert capped.delay() == 3
-    for bad, match in ((lambda: fc.LatencyTracker(0.0), "control_period"),
-                       (lambda: fc.LatencyTracker(0.02, quantile=1.5), "quantile"),
-                       (lambda: fc.LatencyTracker(0.02, window=0), "window"),
-                       (lambda: fc.LatencyTracker(0.02).record(float("nan")), "seconds"),
-                       (lambda: fc.ActionQueue(S, latency=fc.LatencyTracker(0.02)),
+    for bad, match in ((lambda: fc.rtc.LatencyTracker(0.0), "control_period"),
+                       (lambda: fc.rtc.LatencyTracker(0.02, quantile=1.5), "quantile"),
+                       (lambda: fc.rtc.LatencyTracker(0.02, window=0), "window"),
+                       (lambda: fc.rtc.LatencyTracker(0.02).record(float("nan")), "seconds"),
+                       (lambda: fc.rtc.ActionQueue(S, latency=fc.rtc.LatencyTracker(0.02)),
                         "simulate_delay=False"),
-                       (lambda: fc.ActionQueue(S, simulate_delay=False, latency=3), "latency")):
+                       (lambda: fc.rtc.ActionQueue(S, simulate_delay=False, latency=3), "latency")):
         with pytest.raises((ValueError, TypeError), match=match):
             bad()
 
@@ -53,7 +53,7 @@ def test_tracker_estimates_a_high_quantile_in_control_steps():
 @given(times=st.lists(st.floats(0.0, 0.2), min_size=1, max_size=40),
        q=st.floats(0.0, 1.0))
 def test_tracker_delay_is_the_quantile_of_the_window_in_steps(times, q):
-    tracker = fc.LatencyTracker(0.02, window=8, quantile=q)
+    tracker = fc.rtc.LatencyTracker(0.02, window=8, quantile=q)
     for s in times:
         tracker.record(s)
     recent = np.asarray(times[-8:])
@@ -71,8 +71,8 @@ def _ramp(start, horizon=H, slope=0.1):
 
 def test_queue_takes_the_delay_from_the_tracker_and_reports_late_chunks():
     clock = FakeClock()
-    tracker = fc.LatencyTracker(0.02, quantile=1.0, initial_delay=1)
-    queue = fc.ActionQueue(S, simulate_delay=False, latency=tracker, clock=clock)
+    tracker = fc.rtc.LatencyTracker(0.02, quantile=1.0, initial_delay=1)
+    queue = fc.rtc.ActionQueue(S, simulate_delay=False, latency=tracker, clock=clock)
     request = queue.request()
     clock.now += 0.05
     first = queue.submit(_ramp(0))
@@ -102,8 +102,8 @@ def test_queue_takes_the_delay_from_the_tracker_and_reports_late_chunks():
 
     # Late: conditioned on the measured delay 1 (a first inference of 0.015 s), the next
     # chunk comes after 3 steps.
-    queue = fc.ActionQueue(S, simulate_delay=False, clock=clock,
-                           latency=fc.LatencyTracker(0.02))
+    queue = fc.rtc.ActionQueue(S, simulate_delay=False, clock=clock,
+                           latency=fc.rtc.LatencyTracker(0.02))
     queue.request()
     clock.now += 0.015
     queue.submit(_ramp(0))
@@ -126,7 +126,7 @@ def test_a_late_chunk_switches_at_its_arrival_row_no_rougher_than_naive(d, late)
     blend = 1 - np.exp(-(np.arange(H) - d + 1).clip(0) / 2.0)
 
     def run(chunk_of):
-        queue = fc.ActionQueue(S, simulate_delay=False)
+        queue = fc.rtc.ActionQueue(S, simulate_delay=False)
         queue.request()
         queue.submit(_ramp(0))
         executed = [queue.pop()[0] for _ in range(S)]

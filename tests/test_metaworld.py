@@ -403,7 +403,7 @@ def test_direction_sweep_matches_the_closed_form_on_a_quadratic():
     assert out["num_samples"] == 6 and out["alphas"] == list(alphas)
 
 
-# Compiles fc.fit, fc.evaluate, the policy sampler and the sweep: 56 s on this 2-core
+# Compiles fc.train.fit, fc.train.evaluate, the policy sampler and the sweep: 56 s on this 2-core
 # machine under a load of ~20 (the policy-training test above took 73 s beside it).
 @pytest.mark.slow
 def test_train_energy_is_an_mlp_energy_with_policy_negatives(tmp_path):
@@ -486,7 +486,7 @@ def test_verifiers_cli_collects_trains_and_iterates_rounds(tmp_path):
     assert first.name.endswith("-e2")
     import flowcorrect as fc
 
-    roll = fc.load_rollouts(first)
+    roll = fc.verifiers.load_rollouts(first)
     assert roll.candidates.shape[1:] == (3, 8, 4)
     assert (roll.executed == 0).all()
     # Candidate 0 was drawn with twice the noise: it is farther from the others.
@@ -497,7 +497,7 @@ def test_verifiers_cli_collects_trains_and_iterates_rounds(tmp_path):
     train = ["--verifier-steps", "5", "--losses", "outcome", "--explore-noise", "2"]
     meta2 = verifiers.main(["collect", "--episodes", "2", "--round", "2", *train, *common])
     assert meta2["info"]["round"] == 2 and "NearMean(2)" in meta2["info"]["executed"]
-    second = fc.load_rollouts(first.parent / (first.name + "-round2"))
+    second = fc.verifiers.load_rollouts(first.parent / (first.name + "-round2"))
     assert not set(second.episode_seed) & set(roll.episode_seed)  # fresh layouts
     assert (second.executed < 3).all()
 

@@ -125,4 +125,4 @@ def test_rollout_counts_executed_violations_only():
                  progress=False, violation=violation, tolerance=1e-6)
     assert ep.violations.tolist() == [6, 3]
     np.testing.assert_allclose(ep.max_violation, [0.6, 0.6], atol=1e-6)
-    assert isinstance(c, fc.HalfSpace)
+    assert isinstance(c, fc.constraints.HalfSpace)

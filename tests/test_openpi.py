@@ -497,7 +497,7 @@ def test_energy_batches_from_openpi_data(serving, monkeypatch):
     jax.block_until_ready(batches[-1].context.tokens)
     assert len(calls) == 3  # one prefix pass per batch
     for batch, (observation, actions) in zip(batches, data, strict=True):
-        assert isinstance(batch, fc.Batch)
+        assert isinstance(batch, fc.train.Batch)
         np.testing.assert_array_equal(batch.actions, actions[..., :7])
         expected = policy.energy_context(eqx.filter_jit(type(policy).prefix)(policy, observation))
         np.testing.assert_array_equal(batch.context.mask, expected.mask)
@@ -514,8 +514,8 @@ def test_energy_batches_from_openpi_data(serving, monkeypatch):
     # Into the trainer: a learned energy of the 7 dims over prefix_out.
     energy = fc.EnergyModel(fc.EnergyModelConfig(context_dim=64, action_dim=7, hidden=32,
                                                  num_heads=2), key=jax.random.key(6))
-    result = fc.fit(energy, batches, key=jax.random.key(7), progress=False,
-                    config=fc.TrainConfig(num_steps=3, warmup_steps=1, log_every=1))
+    result = fc.train.fit(energy, batches, key=jax.random.key(7), progress=False,
+                    config=fc.train.TrainConfig(num_steps=3, warmup_steps=1, log_every=1))
     assert all(np.isfinite(h["loss"]) for h in result.history)
 
     with pytest.raises(ValueError, match=r"actions must be \(batch, action_horizon"):

@@ -89,7 +89,7 @@ def test_token_time_velocity_is_openpis_at_equal_times_and_conditions_on_the_pre
                                    rtol=1e-4, atol=3e-4)
         np.testing.assert_allclose(v_token(prefix, x, t), v_plain, rtol=1e-4, atol=3e-4)
         # A clean prefix at openpi's data end (t = 0) changes the velocity of the rest.
-        times = fc.token_times(t, 3, h, fc.OpenPI())
+        times = fc.rtc.token_times(t, 3, h, fc.OpenPI())
         assert float(times[0]) == 0.0 and float(times[3]) == float(t)
         v_mixed = v_token(prefix, x, times)
         assert not np.allclose(v_mixed[:, 3:], v_plain[:, 3:], atol=1e-2)
@@ -98,11 +98,11 @@ def test_token_time_velocity_is_openpis_at_equal_times_and_conditions_on_the_pre
         left = jax.random.normal(jax.random.key(3), (BATCH, h - 2, a))
         noise = jax.random.normal(jax.random.key(4), (BATCH, h, a))
         actions, info = fc.sample(policy, obs, None, noise=noise, num_steps=4,
-                                  placement=fc.PrefixConditioned(left, 2))
+                                  placement=fc.rtc.PrefixConditioned(left, 2))
         assert not bool(info.fell_back.any())
         np.testing.assert_array_equal(actions[:, :2], left[:, :2])
         zero, _ = fc.sample(policy, obs, None, noise=noise, num_steps=4,
-                            placement=fc.PrefixConditioned(left, 0))
+                            placement=fc.rtc.PrefixConditioned(left, 0))
         base, _ = fc.sample(plain, obs, None, noise=noise, num_steps=4)
         np.testing.assert_allclose(zero, base, rtol=1e-4, atol=3e-4)
 
@@ -121,7 +121,7 @@ def test_loss_is_taken_on_the_postfix_only_and_pi05_is_refused(setup):
         graphdef, weights = nnx.split(model)  # an nnx module is not a pytree; its state is
         loss = jax.jit(lambda w, o, x: pi0_prefix_conditioned_loss(
             nnx.merge(graphdef, w), jax.random.key(6), o, x,
-            fc.UniformDelays(3, min_delay=3)))(weights, obs, actions)
+            fc.rtc.UniformDelays(3, min_delay=3)))(weights, obs, actions)
     assert loss.shape == (BATCH, h)
     np.testing.assert_array_equal(loss[:, :3], 0.0)
     assert bool((loss[:, 3:] > 0).all())

@@ -362,12 +362,17 @@ def test_recording_training_and_serving_a_verifier(served, tmp_path, monkeypatch
     verifier = fc.MLPEnergy(fc.MLPEnergyConfig(obs_dim=width, action_dim=config.action_dim,
                                                horizon=config.action_horizon, hidden=32),
                             key=jax.random.key(0))
-    result = fc.fit_verifier(verifier, fc.outcome_batches(rollouts, 4), fc.OutcomeLoss(),
-                             key=jax.random.key(1), progress=False,
-                             config=fc.TrainConfig(num_steps=5, warmup_steps=1, log_every=1))
+    result = fc.verifiers.fit_verifier(
+        verifier,
+        fc.verifiers.outcome_batches(rollouts, 4),
+        fc.verifiers.OutcomeLoss(),
+        key=jax.random.key(1),
+        progress=False,
+        config=fc.train.TrainConfig(num_steps=5, warmup_steps=1, log_every=1),
+    )
     trained = eqx.nn.inference_mode(result.model)
     path = fc.save_model(trained, tmp_path / "verifier")
-    report = fc.verifier_report(trained, rollouts)
+    report = fc.verifiers.verifier_report(trained, rollouts)
     (path / "report.json").write_text(__import__("json").dumps(report.to_dict()))
     served_policy = CorrectedPolicy.from_policy(plain, verifier=path)
     meta = served_policy.metadata["flowcorrect"]["verifier"]
@@ -509,7 +514,7 @@ def test_recording_the_model_inputs(served, tmp_path):
     for _ in range(2):
         policy.infer({**obs, "flowcorrect": {"placement": "off", "episode": "a"}})
     policy.infer({"flowcorrect": {"episode": "a", "done": True, "success": False}})
-    rollouts = fc.load_rollouts(tmp_path / "r")
+    rollouts = fc.verifiers.load_rollouts(tmp_path / "r")
     assert set(rollouts.observation) == set(obs)
     for name, image in obs["image"].items():
         np.testing.assert_array_equal(rollouts.observation["image"][name][1], image)
@@ -561,7 +566,7 @@ def test_a_servers_constraint_holds_for_every_request(served, use_quantiles):
     # Robot-unit limits on the first 7 dims, tight enough that plain chunks cross them.
     centre = stats.mean if not use_quantiles else (stats.q01 + stats.q99) / 2
     low, high = centre - 0.1, centre + 0.1
-    box = fc.Box(low.astype(np.float32), high.astype(np.float32), dims=7)
+    box = fc.constraints.Box(low.astype(np.float32), high.astype(np.float32), dims=7)
     served_policy = CorrectedPolicy.from_policy(policy, constraint=box)
     noise = np.asarray(jax.random.normal(jax.random.key(5), (model.action_horizon,
                                                              model.action_dim)))
@@ -600,9 +605,9 @@ def test_a_constraint_that_cannot_apply_is_refused_at_start(served):
 
     config, model, obs, plain = served
     with pytest.raises(ValueError, match=r"Unnormalize.*constraint_units='model'"):
-        CorrectedPolicy.from_policy(plain, constraint=fc.Box(-1.0, 1.0))
+        CorrectedPolicy.from_policy(plain, constraint=fc.constraints.Box(-1.0, 1.0))
     with pytest.raises(ValueError, match=r"cannot act on this model's chunks \(50, 32\)"):
-        CorrectedPolicy.from_policy(plain, constraint=fc.Box(-1.0, 1.0, dims=[40]),
+        CorrectedPolicy.from_policy(plain, constraint=fc.constraints.Box(-1.0, 1.0, dims=[40]),
                                     constraint_units="model")
     with pytest.raises(TypeError, match="flowcorrect constraint"):
         CorrectedPolicy.from_policy(plain, constraint=(-1.0, 1.0), constraint_units="model")
@@ -619,7 +624,7 @@ def test_warm_up_leaves_the_first_requests_nothing_to_compile(served):
 
     config, model, obs, plain = served
     policy = CorrectedPolicy.from_policy(
-        plain, constraint=fc.Box(-0.5, 0.5), constraint_units="model",
+        plain, constraint=fc.constraints.Box(-0.5, 0.5), constraint_units="model",
         default_options={"placement": "best_of_n", "n": 2, "select": "medoid"},
     )
     assert policy.warm_up() == ["Project(BestOfN)"]

@@ -298,7 +298,7 @@ def test_fuzz_options_refused_clearly_or_valid_and_buildable(
         assert request.episode is not None
         return
     previous = np.full((1, HORIZON, 3), 0.5, np.float32)
-    constraint = fc.Box(-1.0, 1.0) if has_constraint else None
+    constraint = fc.constraints.Box(-1.0, 1.0) if has_constraint else None
     placement = placement_from_request(request, previous=previous, constraint=constraint)
     assert placement is None or isinstance(placement, fc.AbstractPlacement)
     if placement is not None:
@@ -452,7 +452,7 @@ def test_recorder_writes_only_episodes_with_an_outcome(tmp_path):
     assert recorder.finish("win", True) == 4
     assert recorder.finish("lost", False) == 4
     assert recorder.finish("open", None) == 0  # done without an outcome: not written
-    rollouts = fc.load_rollouts(tmp_path / "r")
+    rollouts = fc.verifiers.load_rollouts(tmp_path / "r")
     assert rollouts.num_episodes == 2 and rollouts.num_queries == 8
     np.testing.assert_array_equal(rollouts.observation[1], _query(1)[0])
     np.testing.assert_array_equal(rollouts.candidates[5], _query(11)[1])
@@ -464,7 +464,7 @@ def test_recorder_writes_only_episodes_with_an_outcome(tmp_path):
     again = Recorder(tmp_path / "r", {"model_fingerprint": "abc"}, max_bytes=2**20)
     again.add("next", *_query(30))
     again.finish("next", True)
-    assert fc.load_rollouts(tmp_path / "r").num_episodes == 3
+    assert fc.verifiers.load_rollouts(tmp_path / "r").num_episodes == 3
     with pytest.raises(ValueError, match="collected with"):
         Recorder(tmp_path / "r", {"model_fingerprint": "other"}, max_bytes=2**20)
 
@@ -490,7 +490,7 @@ def test_recorder_memory_bound_and_failing_disk(tmp_path):
     assert "No space left" in recorder.status()["error"]
     recorder.add("d", *_query(0))  # recording has stopped; nothing is held
     assert recorder.status()["episodes_in_flight"] == 0
-    assert fc.load_rollouts(tmp_path / "r").num_episodes == 1
+    assert fc.verifiers.load_rollouts(tmp_path / "r").num_episodes == 1
 
 
 # -- the server's constraint -------------------------------------------------------------
@@ -511,10 +511,10 @@ def test_constraint_options_need_the_servers_constraint():
 
 
 def test_feasible_requests_build_their_placements():
-    box = fc.Box(-0.5, 0.5)
+    box = fc.constraints.Box(-0.5, 0.5)
     options = {"placement": "best_of_n", "n": 4, "select": "medoid", "feasible_first": True}
     best = placement_from_options(options, constraint=box)
-    assert isinstance(best, fc.BestOfN) and isinstance(best.select, fc.FeasibleFirst)
+    assert isinstance(best, fc.BestOfN) and isinstance(best.select, fc.constraints.FeasibleFirst)
     assert isinstance(best.select.inner, fc.Medoid) and best.select.constraint is box
     guided = placement_from_options({"placement": "feasible", "weight": 3.0, "last": 4},
                                     constraint=box)
@@ -527,13 +527,13 @@ def test_constraint_specs_build_the_constraints_they_name():
     from flowcorrect.openpi import constraint_from_spec
 
     one = constraint_from_spec({"box": {"low": -1.0, "high": 1.0, "dims": 7}})
-    assert isinstance(one, fc.Box) and one.dims == tuple(range(7))
+    assert isinstance(one, fc.constraints.Box) and one.dims == tuple(range(7))
     both = constraint_from_spec({
         "box": [{"low": -1.0, "high": 1.0}, {"low": 0.0, "high": 0.5, "dims": [3]}],
         "max_step_change": {"max_change": 0.1, "dims": 2},
         "half_space": {"normal": [0.0, 1.0], "offset": 0.2, "dims": [0, 1]},
     })
-    assert isinstance(both, fc.AllOf) and len(both.constraints) == 4
+    assert isinstance(both, fc.constraints.AllOf) and len(both.constraints) == 4
     chunk = jax.random.normal(jax.random.key(0), (6, 4)) * 2
     out = both.project(chunk)
     assert bool(both.is_feasible(out)) and not bool(both.is_feasible(chunk))

@@ -45,13 +45,13 @@ def observation(q: int, seed: int = 0, image=IMAGE) -> dict:
     }
 
 
-def rollouts(episodes=3, per_episode=2, seed=0, obs=None) -> fc.Rollouts:
+def rollouts(episodes=3, per_episode=2, seed=0, obs=None) -> fc.verifiers.Rollouts:
     rng = np.random.default_rng(seed + 100)
     q = episodes * per_episode
     success = rng.random(episodes) < 0.5
     success[:2] = True, False  # both outcomes
     episode = np.repeat(np.arange(episodes), per_episode)
-    return fc.Rollouts(
+    return fc.verifiers.Rollouts(
         observation=observation(q, seed) if obs is None else obs,
         candidates=rng.standard_normal((q, N, H, D)).astype(np.float32),
         executed=rng.integers(0, N, q).astype(np.int64),
@@ -71,7 +71,7 @@ def same_tree(a, b) -> bool:
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def same(a: fc.Rollouts, b: fc.Rollouts) -> bool:
+def same(a: fc.verifiers.Rollouts, b: fc.verifiers.Rollouts) -> bool:
     return same_tree(a.observation, b.observation) and all(
         np.array_equal(getattr(a, f), getattr(b, f))
         for f in a.__dataclass_fields__ if f != "observation")
@@ -86,10 +86,10 @@ def files(directory: pathlib.Path) -> dict:
 
 def test_a_dict_observation_round_trips_bit_exact_leaf_by_leaf(tmp_path):
     parts = [rollouts(seed=0), rollouts(episodes=2, seed=1)]
-    writer = fc.RolloutWriter(tmp_path / "r", {"task": "x"})
+    writer = fc.verifiers.RolloutWriter(tmp_path / "r", {"task": "x"})
     for p in parts:
         writer.append(p)
-    loaded = fc.load_rollouts(tmp_path / "r")
+    loaded = fc.verifiers.load_rollouts(tmp_path / "r")
     assert same(loaded, concatenate(parts))
     image = loaded.observation["image"]["base_0_rgb"]
     assert image.dtype == np.uint8 and image.shape == (10, *IMAGE)
@@ -116,8 +116,8 @@ def test_lists_and_tuples_keep_their_type_and_order(tmp_path):
     obs = {"cams": [rng.integers(0, 256, (q, 2, 2, 3), dtype=np.uint8) for _ in range(3)],
            "pair": (np.zeros((q, 1), bool), rng.standard_normal((q, 2)).astype(np.float16))}
     roll = rollouts(obs=obs)
-    fc.RolloutWriter(tmp_path / "r").append(roll)
-    loaded = fc.load_rollouts(tmp_path / "r")
+    fc.verifiers.RolloutWriter(tmp_path / "r").append(roll)
+    loaded = fc.verifiers.load_rollouts(tmp_path / "r")
     assert type(loaded.observation["cams"]) is list and type(loaded.observation["pair"]) is tuple
     assert same(loaded, roll)
 
@@ -130,7 +130,7 @@ def test_from_episodes_keeps_integer_leaves_and_casts_float_leaves_to_float32():
            "tokens": rng.integers(0, 9, (t, e, TOKENS))}
     cand = rng.standard_normal((t, e, N, H, D))
     length = np.array([16, 6, 9])
-    roll = fc.Rollouts.from_episodes(obs, cand, np.zeros((t, e), int), np.arange(t) * 4,
+    roll = fc.verifiers.Rollouts.from_episodes(obs, cand, np.zeros((t, e), int), np.arange(t) * 4,
                                      length, np.array([False, True, True]), [7, 8, 9])
     assert roll.num_queries == 4 + 2 + 3
     assert roll.observation["image"].dtype == np.uint8
@@ -141,7 +141,7 @@ def test_from_episodes_keeps_integer_leaves_and_casts_float_leaves_to_float32():
     assert np.array_equal(roll.observation["image"][row], obs["image"][1, 1])
     assert np.array_equal(roll.observation["state"][row], obs["state"][1, 1].astype(np.float32))
     with pytest.raises(ValueError, match=r"`observation/state` must be \(T, E, \.\.\.\)"):
-        fc.Rollouts.from_episodes({**obs, "state": obs["state"][:, :2]}, cand,
+        fc.verifiers.Rollouts.from_episodes({**obs, "state": obs["state"][:, :2]}, cand,
                                   np.zeros((t, e), int), np.arange(t), length,
                                   np.array([False, True, True]), [7, 8, 9])
 
@@ -152,7 +152,7 @@ class Killed(BaseException):
 
 def test_a_writer_killed_between_the_part_and_meta_json_resumes(tmp_path, monkeypatch):
     first, lost, again = rollouts(seed=0), rollouts(seed=1), rollouts(seed=2)
-    fc.RolloutWriter(tmp_path / "r", {"task": "x"}).append(first)
+    fc.verifiers.RolloutWriter(tmp_path / "r", {"task": "x"}).append(first)
     write_text = pathlib.Path.write_text
 
     def dies_before_meta(self, *args, **kwargs):
@@ -162,15 +162,15 @@ def test_a_writer_killed_between_the_part_and_meta_json_resumes(tmp_path, monkey
 
     monkeypatch.setattr(pathlib.Path, "write_text", dies_before_meta)
     with pytest.raises(Killed):
-        fc.RolloutWriter(tmp_path / "r", {"task": "x"}).append(lost)
+        fc.verifiers.RolloutWriter(tmp_path / "r", {"task": "x"}).append(lost)
     monkeypatch.undo()
     # The part was renamed into place, but meta.json never listed it.
     assert (tmp_path / "r" / "part-00001.npz").exists()
-    assert same(fc.load_rollouts(tmp_path / "r"), first)
-    resumed = fc.RolloutWriter(tmp_path / "r", {"task": "x"})
+    assert same(fc.verifiers.load_rollouts(tmp_path / "r"), first)
+    resumed = fc.verifiers.RolloutWriter(tmp_path / "r", {"task": "x"})
     assert resumed.num_episodes == first.num_episodes
     resumed.append(again)
-    assert same(fc.load_rollouts(tmp_path / "r"), concatenate([first, again]))
+    assert same(fc.verifiers.load_rollouts(tmp_path / "r"), concatenate([first, again]))
 
 
 def _other_image(r):
@@ -209,7 +209,7 @@ MISMATCHED = {
 def test_a_part_of_another_layout_is_refused_naming_the_leaf(tmp_path, case):
     make, message = MISMATCHED[case]
     first = rollouts()
-    writer = fc.RolloutWriter(tmp_path / "r", {"task": "x"})
+    writer = fc.verifiers.RolloutWriter(tmp_path / "r", {"task": "x"})
     writer.append(first)
     before = files(tmp_path / "r")
     other = rollouts(seed=1)
@@ -218,41 +218,41 @@ def test_a_part_of_another_layout_is_refused_naming_the_leaf(tmp_path, case):
         writer.append(other)
     # A resumed writer reads the layout from meta.json and refuses the same way.
     with pytest.raises(ValueError, match=message):
-        fc.RolloutWriter(tmp_path / "r", {"task": "x"}).append(other)
+        fc.verifiers.RolloutWriter(tmp_path / "r", {"task": "x"}).append(other)
     assert files(tmp_path / "r") == before  # nothing written
-    assert same(fc.load_rollouts(tmp_path / "r"), first)
+    assert same(fc.verifiers.load_rollouts(tmp_path / "r"), first)
     with pytest.raises(ValueError, match=message.split(".*")[0]):
         concatenate([first, other])
 
 
 def test_an_array_directory_refuses_a_pytree_part_and_still_loads(tmp_path):
     array = dataclasses.replace(rollouts(), observation=np.ones((6, STATE), np.float32))
-    writer = fc.RolloutWriter(tmp_path / "r")
+    writer = fc.verifiers.RolloutWriter(tmp_path / "r")
     writer.append(array)
     assert json.loads((tmp_path / "r" / "meta.json").read_text())["layout"]["observation"] == [
         [STATE], "f"]
     with pytest.raises(ValueError, match=r"`observation` is missing.*leaves \['observation/"):
         writer.append(rollouts(seed=1))
-    assert same(fc.load_rollouts(tmp_path / "r"), array)
+    assert same(fc.verifiers.load_rollouts(tmp_path / "r"), array)
 
 
 def test_a_damaged_pytree_part_is_named_and_skip_corrupt_loads_the_rest(tmp_path):
     parts = [rollouts(seed=s) for s in range(3)]
-    writer = fc.RolloutWriter(tmp_path / "r")
+    writer = fc.verifiers.RolloutWriter(tmp_path / "r")
     for p in parts:
         writer.append(p)
     broken = tmp_path / "r" / "part-00001.npz"
     broken.write_bytes(broken.read_bytes()[:-200])
     with pytest.raises(fc._verifiers.rollouts.RolloutFileError,
                        match="part-00001.npz.*skip_corrupt=True"):
-        fc.load_rollouts(tmp_path / "r")
+        fc.verifiers.load_rollouts(tmp_path / "r")
     with pytest.warns(RuntimeWarning, match="part-00001.npz"):
-        rest = fc.load_rollouts(tmp_path / "r", skip_corrupt=True)
+        rest = fc.verifiers.load_rollouts(tmp_path / "r", skip_corrupt=True)
     assert same(rest, concatenate([parts[0], parts[2]]))
     # Without meta.json the parts rebuild the pytree from their member names alone.
     (tmp_path / "r" / "meta.json").write_text("{")
     with pytest.warns(RuntimeWarning, match="meta.json"):
-        rest = fc.load_rollouts(tmp_path / "r", skip_corrupt=True)
+        rest = fc.verifiers.load_rollouts(tmp_path / "r", skip_corrupt=True)
     assert same(rest, concatenate([parts[0], parts[2]]))
 
 
@@ -367,7 +367,7 @@ class ImageStateEnergy(fc.AbstractLearnedEnergy):
         return -jnp.dot(encoded, embedded).astype(jnp.float32)
 
 
-def _task(episodes: int, seed: int) -> fc.Rollouts:
+def _task(episodes: int, seed: int) -> fc.verifiers.Rollouts:
     """One query per episode; success when the executed chunk's first action has the
     sign of the state's first entry."""
     rng = np.random.default_rng(seed)
@@ -377,7 +377,7 @@ def _task(episodes: int, seed: int) -> fc.Rollouts:
     cand = rng.standard_normal((episodes, N, H, D)).astype(np.float32)
     executed = rng.integers(0, N, episodes)
     success = cand[np.arange(episodes), executed, 0, 0] * np.sign(obs["state"][:, 0]) > 0
-    return fc.Rollouts(obs, cand, executed.astype(np.int64), np.arange(episodes),
+    return fc.verifiers.Rollouts(obs, cand, executed.astype(np.int64), np.arange(episodes),
                        np.zeros(episodes, np.int64), success, np.where(success, 4, -1),
                        np.arange(episodes))
 
@@ -385,20 +385,26 @@ def _task(episodes: int, seed: int) -> fc.Rollouts:
 def test_fit_verifier_and_verifier_report_with_a_users_energy_over_the_pytree():
     train, held = _task(240, 0), _task(60, 1)
     model = ImageStateEnergy(ImageStateConfig(), key=jax.random.key(0))
-    data = fc.outcome_batches(train, 32)
+    data = fc.verifiers.outcome_batches(train, 32)
     batch = data(0)
     assert batch.context["image"].dtype == jnp.uint8 and batch.context["image"].shape == (
         32, *IMAGE)
-    config = fc.TrainConfig(num_steps=40, learning_rate=1e-2, warmup_steps=2, log_every=10,
+    config = fc.train.TrainConfig(num_steps=40, learning_rate=1e-2, warmup_steps=2, log_every=10,
                             grad_penalty=0.0)
-    result = fc.fit_verifier(model, data, fc.OutcomeLoss(), key=jax.random.key(1),
-                             config=config, progress=False)
+    result = fc.verifiers.fit_verifier(
+        model,
+        data,
+        fc.verifiers.OutcomeLoss(),
+        key=jax.random.key(1),
+        config=config,
+        progress=False,
+    )
     assert result.history[-1]["loss"] < result.history[0]["loss"]
-    report = fc.verifier_report(result.model, held)
+    report = fc.verifiers.verifier_report(result.model, held)
     assert report.num_queries == 60 and np.isfinite(report.success_auc)
     assert report.success_auc > 0.6
     # Each candidate is scored at its own query's observation.
-    e = fc.candidate_energies(result.model, held, block=16)
+    e = fc.verifiers.candidate_energies(result.model, held, block=16)
     for i in (0, 17, 59):
         context = jax.tree.map(lambda x: jnp.asarray(x[i]), held.observation)
         direct = [float(result.model(context, jnp.asarray(c))) for c in held.candidates[i]]
@@ -412,28 +418,30 @@ def test_pairs_of_similar_states_compare_by_the_leaf_they_are_told():
     roll = dataclasses.replace(roll, observation={**roll.observation, "state": state})
     with pytest.raises(ValueError, match=r"pytree with the leaves \['observation/image'.*"
                                          r"compare_by='state'"):
-        fc.similar_state_pairs(roll)
+        fc.verifiers.similar_state_pairs(roll)
     with pytest.raises(ValueError, match=r"compare_by"):
-        fc.pair_batches(roll, 4)
+        fc.verifiers.pair_batches(roll, 4)
     with pytest.raises(ValueError, match=r"compare_by='depth' names no leaf.*observation/state"):
-        fc.similar_state_pairs(roll, compare_by="depth")
-    win, lose = fc.similar_state_pairs(roll, compare_by="state", max_distance=1e-6)
+        fc.verifiers.similar_state_pairs(roll, compare_by="depth")
+    win, lose = fc.verifiers.similar_state_pairs(roll, compare_by="state", max_distance=1e-6)
     assert len(win) > 10 and np.all(roll.success[win]) and not np.any(roll.success[lose])
     assert np.array_equal(state[win], state[lose])
-    same_pairs = fc.similar_state_pairs(roll, compare_by="observation/state", max_distance=1e-6)
-    by_function = fc.similar_state_pairs(roll, compare_by=lambda o: o["state"],
+    same_pairs = fc.verifiers.similar_state_pairs(
+        roll, compare_by="observation/state", max_distance=1e-6
+    )
+    by_function = fc.verifiers.similar_state_pairs(roll, compare_by=lambda o: o["state"],
                                          max_distance=1e-6)
     for pairs in (same_pairs, by_function):
         assert np.array_equal(pairs[0], win) and np.array_equal(pairs[1], lose)
-    batch = fc.pair_batches(roll, 8, compare_by="state", max_distance=1e-6)(0)
+    batch = fc.verifiers.pair_batches(roll, 8, compare_by="state", max_distance=1e-6)(0)
     assert batch.context_win["image"].dtype == jnp.uint8
     np.testing.assert_array_equal(batch.context_win["state"], batch.context_lose["state"])
     model = ImageStateEnergy(ImageStateConfig(), key=jax.random.key(0))
-    config = fc.TrainConfig(num_steps=3, learning_rate=1e-3, warmup_steps=1, log_every=3,
+    config = fc.train.TrainConfig(num_steps=3, learning_rate=1e-3, warmup_steps=1, log_every=3,
                             grad_penalty=0.0)
-    result = fc.fit_verifier(model, fc.pair_batches(roll, 8, compare_by="state",
+    result = fc.verifiers.fit_verifier(model, fc.verifiers.pair_batches(roll, 8, compare_by="state",
                                                     max_distance=1e-6),
-                             fc.BradleyTerryLoss(), key=jax.random.key(0), config=config,
+                             fc.verifiers.BradleyTerryLoss(), key=jax.random.key(0), config=config,
                              progress=False)
     assert np.isfinite(result.history[-1]["loss"])
 
@@ -483,14 +491,14 @@ def test_fuzz_pytree_layouts_round_trip_and_refuse_another_layout(tmp_path_facto
                                                                   data):
     root = tmp_path_factory.mktemp("pytree") / "r"
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
-    writer = fc.RolloutWriter(root)
+    writer = fc.verifiers.RolloutWriter(root)
     parts = []
     for i in range(data.draw(st.integers(1, 3), label="parts")):
         episodes = data.draw(st.integers(2, 3), label="episodes")
         part = rollouts(episodes=episodes, seed=i, obs=build(layout, 2 * episodes, rng))
         writer.append(part)
         parts.append(part)
-    loaded = fc.load_rollouts(root)
+    loaded = fc.verifiers.load_rollouts(root)
     assert same(loaded, concatenate(parts))
     # A leaf of another row shape, or another kind of dtype, is refused by its path.
     paths = [p for p, _ in fc._verifiers.rollouts.observation_leaves(parts[0].observation)]
@@ -511,4 +519,4 @@ def test_fuzz_pytree_layouts_round_trip_and_refuse_another_layout(tmp_path_facto
     with pytest.raises(ValueError, match=rf"`{re.escape(paths[which])}` rows have"):
         writer.append(other)
     assert files(root) == before
-    assert same(fc.load_rollouts(root), loaded)
+    assert same(fc.verifiers.load_rollouts(root), loaded)

@@ -137,7 +137,7 @@ def leftover(seed=1, rows=H - 4, batch=None):
 def test_prefix_weights_are_the_papers(s, d, schedule):
     if d > H - s:
         return
-    w = np.asarray(fc.rtc_prefix_weights(H, d, s, schedule))
+    w = np.asarray(fc.rtc.rtc_prefix_weights(H, d, s, schedule))
     np.testing.assert_allclose(w, paper_weights(d, s, H, schedule), rtol=1e-6, atol=1e-7)
     assert np.all(np.diff(w) <= 1e-7) and np.all((w >= 0) & (w <= 1))
     assert np.all(w[:d] == 1.0) and np.all(w[H - s:] == 0.0)
@@ -145,7 +145,7 @@ def test_prefix_weights_are_the_papers(s, d, schedule):
 
 def test_prefix_weights_example():
     # H = 10, d = 2, s = 4: the overlap ends at H - s = 6 and c_i = (6 - i) / 5.
-    w = fc.rtc_prefix_weights(10, 2, 4, "linear")
+    w = fc.rtc.rtc_prefix_weights(10, 2, 4, "linear")
     np.testing.assert_allclose(w, [1, 1, 0.8, 0.6, 0.4, 0.2, 0, 0, 0, 0], atol=1e-7)
 
 
@@ -153,7 +153,7 @@ def test_prefix_weights_example():
 @pytest.mark.parametrize("convention", [fc.OpenPI(), fc.Reverse()], ids=["openpi", "reverse"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
 def test_pigdm_weight_maps_time_and_clamps(convention, dtype):
-    weight = fc.PiGDMWeight(5.0)
+    weight = fc.rtc.PiGDMWeight(5.0)
     for tau in np.linspace(0, 1, 11):
         t = tau if isinstance(convention, fc.Reverse) else 1 - tau
         w = weight(jnp.asarray(t, dtype), convention)
@@ -175,7 +175,7 @@ def test_pigdm_weight_law(t, beta, dtype):
     both conventions (openpi's t is the reverse convention's 1 - t)."""
     t_openpi = jnp.asarray(t, dtype)
     t_reverse = (1 - t_openpi.astype(jnp.float32)).astype(dtype)
-    weight = fc.PiGDMWeight(beta)
+    weight = fc.rtc.PiGDMWeight(beta)
     w_openpi = float(weight(t_openpi, fc.OpenPI()))
     w_reverse = float(weight(t_reverse, fc.Reverse()))
     assert np.isfinite(w_openpi) and 0 <= w_openpi <= float(jnp.asarray(beta, dtype)) * (1 + 1e-2)
@@ -185,8 +185,8 @@ def test_pigdm_weight_law(t, beta, dtype):
 
 def test_pigdm_weight_below_beta_in_the_middle():
     # At tau = 1/2: (1/2) / (1/2 * 1/2) = 2, so beta = 5 does not bind and beta = 1 does.
-    assert float(fc.PiGDMWeight(5.0)(jnp.float32(0.5), fc.Reverse())) == pytest.approx(2.0)
-    assert float(fc.PiGDMWeight(1.0)(jnp.float32(0.5), fc.OpenPI())) == pytest.approx(1.0)
+    assert float(fc.rtc.PiGDMWeight(5.0)(jnp.float32(0.5), fc.Reverse())) == pytest.approx(2.0)
+    assert float(fc.rtc.PiGDMWeight(1.0)(jnp.float32(0.5), fc.OpenPI())) == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------- the placement
@@ -239,21 +239,21 @@ def test_the_three_traps_would_each_change_the_result():
     rtc, _ = fc.sample(policy, obs, noise=noise, num_steps=5,
                        placement=fc.RealTimeChunking(left, 2, 4))
     target = jnp.concatenate([left, jnp.zeros((4, A))])
-    energy = fc.bind(fc.RTCEnergy(), (target, fc.rtc_prefix_weights(H, 2, 4)))
+    energy = fc.bind(fc.rtc.RTCEnergy(), (target, fc.rtc.rtc_prefix_weights(H, 2, 4)))
 
     def unmapped(t):  # the paper's formula fed openpi's t: 0/0 at t = 1
         r2 = (1 - t) ** 2 / (t**2 + (1 - t) ** 2)
         return jnp.minimum(5.0, (1 - t) / (t * r2))
 
     for placement in [
-        fc.Guided(weight=fc.PiGDMWeight(5.0)),  # cap = 1
+        fc.Guided(weight=fc.rtc.PiGDMWeight(5.0)),  # cap = 1
         fc.Guided(weight=unmapped, cap=None),
     ]:
         other, _ = fc.sample(policy, obs, noise=noise, num_steps=5, placement=placement,
                              energy=energy)
         assert float(jnp.max(jnp.abs(other - rtc))) > 1e-3
     same, _ = fc.sample(policy, obs, noise=noise, num_steps=5, energy=energy,
-                        placement=fc.Guided(weight=fc.PiGDMWeight(5.0), cap=None))
+                        placement=fc.Guided(weight=fc.rtc.PiGDMWeight(5.0), cap=None))
     np.testing.assert_allclose(same, rtc, rtol=1e-6, atol=1e-6)
 
 
@@ -445,7 +445,7 @@ def queue_sizes(draw):
 @given(sizes=queue_sizes(), steps=st.integers(1, 40))
 def test_executor_runs_the_right_actions(sizes, steps):
     horizon, s, d = sizes
-    queue = fc.ActionQueue(s, d)
+    queue = fc.rtc.ActionQueue(s, d)
     requests = []
     executed = []
     for t in range(steps):
@@ -475,7 +475,7 @@ def test_executor_delay_equal_to_execution_horizon(horizon, s, d):
 
 
 def test_executor_batched_and_measured_delay():
-    queue = fc.ActionQueue(3, 1, simulate_delay=False)
+    queue = fc.rtc.ActionQueue(3, 1, simulate_delay=False)
     queue.request()
     queue.submit(numbered_chunk(0, 6, batch=(2,)))
     for _ in range(3):
@@ -493,16 +493,16 @@ def test_executor_batched_and_measured_delay():
 
 def test_executor_errors():
     with pytest.raises(ValueError, match="inference_delay"):
-        fc.ActionQueue(2, 3)
+        fc.rtc.ActionQueue(2, 3)
     with pytest.raises(ValueError, match="execution_horizon"):
-        fc.ActionQueue(0)
-    queue = fc.ActionQueue(4, 3)
+        fc.rtc.ActionQueue(0)
+    queue = fc.rtc.ActionQueue(4, 3)
     with pytest.raises(RuntimeError, match="request"):
         queue.submit(numbered_chunk(0, 6))
     queue.request()
     with pytest.raises(ValueError, match="inference_delay"):  # 3 > 6 - 4
         queue.submit(numbered_chunk(0, 6))
-    queue = fc.ActionQueue(2, 0, simulate_delay=False)
+    queue = fc.rtc.ActionQueue(2, 0, simulate_delay=False)
     queue.request()
     queue.submit(numbered_chunk(0, 3))
     queue.pop(), queue.pop()

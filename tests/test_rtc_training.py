@@ -45,7 +45,7 @@ def _example(conv, d, t=0.37, seed=0):
     k1, k2 = jax.random.split(jax.random.key(seed))
     actions = jax.random.normal(k1, (H, A))
     noise = jax.random.normal(k2, (H, A))
-    ex = fc.PrefixConditioning(fc.UniformDelays(H))(
+    ex = fc.rtc.PrefixConditioning(fc.rtc.UniformDelays(H))(
         conv, actions, noise, jnp.float32(t), jax.random.key(1), delay=d
     )
     return actions, noise, ex
@@ -55,10 +55,10 @@ def _example(conv, d, t=0.37, seed=0):
 def test_clean_time_is_openpi_zero_and_reverse_one():
     # openpi: x_t = t * noise + (1 - t) * actions, so actions sit at t = 0; the paper's
     # (reverse) convention puts them at t = 1.
-    assert fc.clean_time(fc.OpenPI()) == 0.0
-    assert fc.clean_time(fc.Reverse()) == 1.0
+    assert fc.rtc.clean_time(fc.OpenPI()) == 0.0
+    assert fc.rtc.clean_time(fc.Reverse()) == 1.0
     with pytest.raises(TypeError, match="convention"):
-        fc.clean_time("openpi")
+        fc.rtc.clean_time("openpi")
 
 
 @pytest.mark.parametrize("conv", CONVENTIONS, ids=["openpi", "reverse"])
@@ -83,9 +83,9 @@ def test_prefix_goes_in_clean_at_the_data_end(conv):
 def test_loss_ignores_the_prefix_and_sees_the_postfix(d, rows):
     _, _, ex = _example(fc.OpenPI(), d)
     v = jnp.asarray(np.random.default_rng(d).normal(size=(H, A)), jnp.float32)
-    base = fc.masked_flow_loss(v, ex)
+    base = fc.rtc.masked_flow_loss(v, ex)
     for r in rows:
-        changed = fc.masked_flow_loss(v.at[r].add(10.0), ex)
+        changed = fc.rtc.masked_flow_loss(v.at[r].add(10.0), ex)
         if r < d:
             assert changed == base
         else:
@@ -100,8 +100,8 @@ def test_prefix_conditioned_loss_is_plain_at_delay_zero_and_refuses_scalar_time(
     obs = jax.random.normal(jax.random.key(1), (6, 5))
     chunks = jax.random.normal(jax.random.key(2), (6, H, A))
     # With every delay 0 it is the plain flow-matching loss on the same draws.
-    zero = eqx.filter_jit(fc.prefix_conditioned_loss)(
-        policy, obs, chunks, jax.random.key(3), fc.UniformDelays(0))
+    zero = eqx.filter_jit(fc.rtc.prefix_conditioned_loss)(
+        policy, obs, chunks, jax.random.key(3), fc.rtc.UniformDelays(0))
 
     @eqx.filter_jit
     def plain_loss(policy):
@@ -114,27 +114,29 @@ def test_prefix_conditioned_loss_is_plain_at_delay_zero_and_refuses_scalar_time(
 
     np.testing.assert_allclose(zero, plain_loss(policy), rtol=1e-5)
     with pytest.raises(TypeError, match="accepts_token_time"):
-        fc.prefix_conditioned_loss(plain, obs, chunks, jax.random.key(3), fc.UniformDelays(2))
+        fc.rtc.prefix_conditioned_loss(
+            plain, obs, chunks, jax.random.key(3), fc.rtc.UniformDelays(2)
+        )
 
 
 # ---------------------------------------------------------------- delay distributions
 def test_delay_distributions():
-    p = np.asarray(fc.ExponentialDelays(4, rate=0.5).probabilities())
+    p = np.asarray(fc.rtc.ExponentialDelays(4, rate=0.5).probabilities())
     np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-6)
     np.testing.assert_allclose(p[1:] / p[:-1], np.exp(-0.5), rtol=1e-5)
-    np.testing.assert_allclose(fc.UniformDelays(4, min_delay=1).probabilities(),
+    np.testing.assert_allclose(fc.rtc.UniformDelays(4, min_delay=1).probabilities(),
                                [0, 0.25, 0.25, 0.25, 0.25], atol=1e-7)
-    np.testing.assert_allclose(fc.ExponentialDelays(3, rate=0).probabilities(), [0.25] * 4,
+    np.testing.assert_allclose(fc.rtc.ExponentialDelays(3, rate=0).probabilities(), [0.25] * 4,
                                atol=1e-7)
     # Draws follow the probabilities (20_000 draws: 4 standard errors is under 0.015).
-    dist = fc.ExponentialDelays(4, rate=0.5)
+    dist = fc.rtc.ExponentialDelays(4, rate=0.5)
     draws = jax.vmap(dist.sample)(jax.random.split(jax.random.key(0), 20_000))
     freq = np.bincount(np.asarray(draws), minlength=5) / 20_000
     np.testing.assert_allclose(freq, p, atol=0.015)
-    for bad, match in ((lambda: fc.ExponentialDelays(-1), "max_delay"),
-                       (lambda: fc.ExponentialDelays(4, rate=-1.0), "rate"),
-                       (lambda: fc.UniformDelays(2, min_delay=3), "min_delay"),
-                       (lambda: fc.PrefixConditioning(4), "delays")):
+    for bad, match in ((lambda: fc.rtc.ExponentialDelays(-1), "max_delay"),
+                       (lambda: fc.rtc.ExponentialDelays(4, rate=-1.0), "rate"),
+                       (lambda: fc.rtc.UniformDelays(2, min_delay=3), "min_delay"),
+                       (lambda: fc.rtc.PrefixConditioning(4), "delays")):
         with pytest.raises((ValueError, TypeError), match=match):
             bad()
 
@@ -157,7 +159,7 @@ class PrefixEcho(fc.AbstractPolicy):
 
     def velocity(self, prefix, x_t, t):
         t = jnp.broadcast_to(t, (H,))
-        clean = fc.clean_time(self.convention)
+        clean = fc.rtc.clean_time(self.convention)
         is_prefix = (t == clean)[:, None]
         n = jnp.maximum(jnp.sum(is_prefix), 1)
         target = self.y + (jnp.sum(jnp.where(is_prefix, x_t, 0.0), axis=0) / n)[None]
@@ -178,13 +180,13 @@ def test_prefix_conditioned_sampling_is_exact_on_a_closed_form_flow(conv):
     left = jax.random.normal(jax.random.key(1), (5, A))
     d = 3
     a, info = fc.sample(policy, jnp.zeros(1), jax.random.key(2),
-                        placement=fc.PrefixConditioned(left, d))
+                        placement=fc.rtc.PrefixConditioned(left, d))
     assert not bool(info.fell_back.any())
     np.testing.assert_array_equal(a[:d], left[:d])  # the committed actions, exactly
     np.testing.assert_allclose(a[d:], (y + left[:d].mean(0)[None])[d:], rtol=1e-4, atol=1e-4)
     # A new delay is data: no recompile; d = 0 is plain sampling, bit for bit.
     b, _ = fc.sample(policy, jnp.zeros(1), jax.random.key(2),
-                     placement=fc.PrefixConditioned(left, 0))
+                     placement=fc.rtc.PrefixConditioned(left, 0))
     c, _ = fc.sample(policy, jnp.zeros(1), jax.random.key(2))
     np.testing.assert_array_equal(b, c)
 
@@ -202,16 +204,16 @@ def test_prefix_conditioned_costs_what_plain_sampling_costs_and_refuses_scalar_t
 
     # One velocity per step, no VJP: the program of plain sampling through a placement
     # (both include the fallback's plain flow), unlike inference-time RTC's VJP.
-    assert count(fc.PrefixConditioned(left, 2)) == count(fc.Plain())
+    assert count(fc.rtc.PrefixConditioned(left, 2)) == count(fc.Plain())
     guided = count(fc.RealTimeChunking(left, 2, 4))
     assert guided[0] > count(fc.Plain())[0]
     with pytest.raises(TypeError, match="accepts_token_time"):
-        fc.sample(plain, obs, jax.random.key(0), placement=fc.PrefixConditioned(left, 2))
+        fc.sample(plain, obs, jax.random.key(0), placement=fc.rtc.PrefixConditioned(left, 2))
     with pytest.raises(ValueError, match="exceeds the 4 actions left"):
-        fc.PrefixConditioned(left, 5)
+        fc.rtc.PrefixConditioned(left, 5)
     with pytest.raises(ValueError, match="action_dim"):
         fc.sample(policy, obs, jax.random.key(0),
-                  placement=fc.PrefixConditioned(jnp.ones((4, 2)), 1))
+                  placement=fc.rtc.PrefixConditioned(jnp.ones((4, 2)), 1))
 
 
 # ---------------------------------------------------------------- the harness policy
@@ -261,14 +263,14 @@ def test_fine_tuning_with_the_transform_learns_to_continue_the_prefix():
                           batch_size=128, learning_rate=3e-3)
     plain, _ = train_policy(obs, chunks, config, progress=False)
     tuned, losses = train_policy(obs, chunks, config, progress=False, init=plain,
-                                 rtc=fc.UniformDelays(3, min_delay=2))
+                                 rtc=fc.rtc.UniformDelays(3, min_delay=2))
     assert tuned.accepts_token_time and len(losses) == 3
     test = np.array([-1.5, 1.5], np.float32)[:, None, None] * chunks[0] / slope[0]
     errs = {}
     for name, pol, place in (("tuned", tuned, True), ("plain", plain, False)):
         out = []
         for c in test:
-            placement = fc.PrefixConditioned(jnp.asarray(c), 2) if place else None
+            placement = fc.rtc.PrefixConditioned(jnp.asarray(c), 2) if place else None
             a, _ = fc.sample(pol, jnp.zeros(5), jax.random.key(0), placement=placement)
             out.append(np.abs(np.asarray(a)[2:] - c[2:]).mean())
         errs[name] = float(np.mean(out))

@@ -882,7 +882,7 @@ def test_step_energy_is_one_field_whatever_the_placement(convention):
     target = jnp.full((H, D), 2.0)
     e_star = float(_sq(target)(None, a_star))
     steps, batch = 5, 2
-    box = fc.Box(-10.0, 10.0)
+    box = fc.constraints.Box(-10.0, 10.0)
     deep = {
         "plain": (fc.Plain(), lambda p: p.step_energy),
         "guided": (fc.Guided(), lambda p: p.step_energy),

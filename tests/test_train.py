@@ -25,13 +25,13 @@ SHAPES = dict(seq=8, context_dim=16, horizon=4, action_dim=4)
 CONFIG = fc.EnergyModelConfig(context_dim=16, action_dim=4, hidden=32, num_heads=2, dropout=0.1)
 # One setting of the compiled step shared by the short fits below, so they compile once.
 # (Without the gradient penalty: it is tested on its own, and compiles slowly on CPU.)
-SHORT = fc.TrainConfig(
+SHORT = fc.train.TrainConfig(
     num_steps=8, learning_rate=3e-3, warmup_steps=2, ema_decay=0.9, grad_penalty=0.0,
     log_every=1, checkpoint_every=3, keep_checkpoints=2,
 )  # fmt: skip
 
 
-info_nce_jit = eqx.filter_jit(fc.info_nce)
+info_nce_jit = eqx.filter_jit(fc.train.info_nce)
 
 
 def arrays(tree):
@@ -111,7 +111,7 @@ def naive_info_nce(model, batch, extra, tau, grad_penalty=0.0):
 def test_info_nce_equals_the_replicated_computation(small_batch):
     model = eqx.nn.inference_mode(model_for(1))
     extra = noisy_policy(jax.random.key(2), small_batch.actions, 3)
-    loss, metrics = eqx.filter_jit(fc.info_nce)(
+    loss, metrics = eqx.filter_jit(fc.train.info_nce)(
         model,
         small_batch.context,
         small_batch.actions,
@@ -132,7 +132,7 @@ def test_pair_chunks_give_the_same_loss_and_gradient(small_batch):
     @eqx.filter_jit
     def loss_and_grad(m, chunk):
         def fn(m):
-            return fc.info_nce(m, small_batch.context, small_batch.actions, key=key,
+            return fc.train.info_nce(m, small_batch.context, small_batch.actions, key=key,
                                pair_chunk=chunk)[0]  # fmt: skip
 
         return eqx.filter_value_and_grad(fn)(m)
@@ -147,7 +147,7 @@ def test_pair_energies_scores_every_context_against_every_chunk(small_batch):
     model = eqx.nn.inference_mode(model_for(5))
     enc = jax.vmap(model.encode)(small_batch.context)
     emb = jax.vmap(model.embed_actions)(small_batch.actions[:3])
-    energies = fc.pair_energies(model, enc, emb)
+    energies = fc.train.pair_energies(model, enc, emb)
     assert energies.shape == (5, 3)
     ctx2 = jax.tree.map(lambda x: x[2], small_batch.context)
     assert jnp.allclose(energies[2, 1], model(ctx2, small_batch.actions[1]), rtol=1e-6)
@@ -174,7 +174,7 @@ def test_every_parameter_receives_gradient(small_batch, energy, penalty):
     extra = noisy_policy(jax.random.key(0), small_batch.actions, 2)
 
     def loss(m):
-        return fc.info_nce(m, small_batch.context, small_batch.actions, extra_negatives=extra,
+        return fc.train.info_nce(m, small_batch.context, small_batch.actions, extra_negatives=extra,
                            grad_penalty=penalty, key=jax.random.key(1))[0]  # fmt: skip
 
     grads = eqx.filter_jit(eqx.filter_grad(loss))(model)
@@ -188,13 +188,13 @@ def test_info_nce_errors(small_batch):
     model = eqx.nn.inference_mode(model_for())
     one = jax.tree.map(lambda x: x[:1], small_batch)
     with pytest.raises(ValueError, match="at least 2"):
-        fc.info_nce(model, one.context, one.actions)
+        fc.train.info_nce(model, one.context, one.actions)
     # The suite's runtime shape checks may catch this first, as a TypeError.
     with pytest.raises((ValueError, TypeError), match="extra_negatives"):
-        fc.info_nce(model, small_batch.context, small_batch.actions,
+        fc.train.info_nce(model, small_batch.context, small_batch.actions,
                     extra_negatives=jnp.zeros((5, 2, 3, 4)))  # fmt: skip
     with pytest.raises(TypeError, match="TokenContext"):
-        fc.info_nce(model, small_batch.context.tokens, small_batch.actions)
+        fc.train.info_nce(model, small_batch.context.tokens, small_batch.actions)
 
 
 # --------------------------------------------------------------------------------------
@@ -204,22 +204,22 @@ def test_info_nce_errors(small_batch):
 def test_noise_and_shift_and_swap_negatives():
     a = jnp.arange(5.0 * 3).reshape(5, 3)
     key = jax.random.key(0)
-    noisy = fc.NoiseNegatives(num=200, scale=0.5)(key, None, a)
+    noisy = fc.train.NoiseNegatives(num=200, scale=0.5)(key, None, a)
     assert noisy.shape == (200, 5, 3)
     assert abs(float(jnp.std(noisy - a[None])) - 0.5) < 0.03
-    shifted = fc.TimeShiftNegatives(shifts=(1, -2))(key, None, a)
+    shifted = fc.train.TimeShiftNegatives(shifts=(1, -2))(key, None, a)
     assert jnp.array_equal(shifted[0], a[jnp.array([1, 2, 3, 4, 4])])
     assert jnp.array_equal(shifted[1], a[jnp.array([0, 0, 0, 1, 2])])
-    swapped = fc.SwapDimNegatives(num=50)(key, None, a)
+    swapped = fc.train.SwapDimNegatives(num=50)(key, None, a)
     for s in swapped:
         moved = [d for d in range(3) if not jnp.array_equal(s[:, d], a[:, d])]
         assert len(moved) == 2
         i, j = moved
         assert jnp.array_equal(s[:, i], a[:, j]) and jnp.array_equal(s[:, j], a[:, i])
     with pytest.raises(ValueError, match="action_dim >= 2"):
-        fc.SwapDimNegatives()(key, None, a[:, :1])
+        fc.train.SwapDimNegatives()(key, None, a[:, :1])
     with pytest.raises(ValueError, match="non-zero"):
-        fc.TimeShiftNegatives(shifts=(0,))
+        fc.train.TimeShiftNegatives(shifts=(0,))
 
 
 def test_policy_negatives_and_stacking(small_batch):
@@ -229,7 +229,7 @@ def test_policy_negatives_and_stacking(small_batch):
         return jnp.broadcast_to(observation, (4, 4)) + jax.random.normal(key, (4, 4))
 
     observations = jax.random.normal(jax.random.key(9), (5, 4))
-    gens = (fc.PolicyNegatives(sample, num=3), fc.NoiseNegatives(num=2, scale=0.1))
+    gens = (fc.train.PolicyNegatives(sample, num=3), fc.train.NoiseNegatives(num=2, scale=0.1))
     key = jax.random.key(0)
     out = make_negatives(gens, key, small_batch.context, small_batch.actions, observations)
     assert out.shape == (5, 5, 4, 4)
@@ -239,7 +239,7 @@ def test_policy_negatives_and_stacking(small_batch):
     assert jnp.allclose(out[1, :3], expected, rtol=1e-6, atol=1e-6)
     noise = out[:, 3:] - small_batch.actions[:, None]
     assert 0.05 < float(jnp.std(noise)) < 0.2
-    bad = fc.PolicyNegatives(lambda k, c: jnp.zeros((4, 3)), num=1)
+    bad = fc.train.PolicyNegatives(lambda k, c: jnp.zeros((4, 3)), num=1)
     with pytest.raises(ValueError, match="policy sampler"):
         make_negatives(
             (bad,), jax.random.key(0), small_batch.context, small_batch.actions, observations
@@ -251,27 +251,27 @@ def test_policy_negatives_and_stacking(small_batch):
 
 def test_shuffled_batches_are_a_function_of_the_step():
     data = matching_task(jax.random.key(0), 10, **SHAPES)
-    a, b = fc.ShuffledBatches(data, 4, seed=1), fc.ShuffledBatches(data, 4, seed=1)
+    a, b = fc.train.ShuffledBatches(data, 4, seed=1), fc.train.ShuffledBatches(data, 4, seed=1)
     assert a.steps_per_epoch == 2
     assert bitwise_equal(a(3), b(3))
     assert not bitwise_equal(a(0), a(2))  # a new epoch is a new order
     rows = np.concatenate([np.asarray(a(s).actions[:, 0, 0]) for s in range(2)])
     assert len(set(rows.tolist())) == 8  # no row twice within an epoch
     with pytest.raises(ValueError, match="batch_size"):
-        fc.ShuffledBatches(data, 11)
+        fc.train.ShuffledBatches(data, 11)
 
 
 def test_batch_checks_its_shapes():
     data = matching_task(jax.random.key(0), 4, **SHAPES)
     with pytest.raises(ValueError, match="leading batch axis"):
-        fc.Batch(data.context, data.actions[:3])
+        fc.train.Batch(data.context, data.actions[:3])
     with pytest.raises(ValueError, match="negatives"):
-        fc.Batch(data.context, data.actions, jnp.zeros((4, 2, 4, 3)))
+        fc.train.Batch(data.context, data.actions, jnp.zeros((4, 2, 4, 3)))
     # A batch of single actions is refused with the shape it needed, not read as a chunk.
     with pytest.raises(ValueError, match=r"\(batch, horizon, action_dim\).*actions\[:, None, :\]"):
-        fc.Batch(data.context, data.actions[:, 0])
+        fc.train.Batch(data.context, data.actions[:, 0])
     with pytest.raises(ValueError, match="observation"):
-        fc.Batch(data.context, data.actions, observation=jnp.zeros((3, 2)))
+        fc.train.Batch(data.context, data.actions, observation=jnp.zeros((3, 2)))
 
 
 # --------------------------------------------------------------------------------------
@@ -280,8 +280,8 @@ def test_batch_checks_its_shapes():
 
 def test_weight_decay_touches_matrices_only():
     model = model_for()
-    config = fc.TrainConfig(num_steps=10, warmup_steps=0, weight_decay=0.5, learning_rate=0.1)
-    opt = fc.make_optimizer(config)
+    config = fc.train.TrainConfig(num_steps=10, warmup_steps=0, weight_decay=0.5, learning_rate=0.1)
+    opt = fc.train.make_optimizer(config)
     params = eqx.filter(model, eqx.is_inexact_array)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = opt.update(zeros, opt.init(params), params)
@@ -313,7 +313,7 @@ def test_weight_decay_touches_matrices_only():
 )
 def test_train_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        fc.TrainConfig(**kwargs)
+        fc.train.TrainConfig(**kwargs)
 
 
 # --------------------------------------------------------------------------------------
@@ -325,13 +325,13 @@ def trained():
     train = matching_task(jax.random.key(0), 2048, **SHAPES)
     held = matching_task(jax.random.key(1), 64, **SHAPES)
     policy = noisy_policy(jax.random.key(4), held.actions, 8, scale=0.3)
-    config = fc.TrainConfig(num_steps=300, learning_rate=3e-3, warmup_steps=20, log_every=100)
-    result = fc.fit(
+    config = fc.train.TrainConfig(num_steps=300, learning_rate=3e-3, warmup_steps=20, log_every=100)
+    result = fc.train.fit(
         fc.EnergyModel(CONFIG, key=jax.random.key(2)),
-        fc.ShuffledBatches(train, 64),
+        fc.train.ShuffledBatches(train, 64),
         key=jax.random.key(3),
         config=config,
-        negatives=[fc.NoiseNegatives(4, 0.3)],
+        negatives=[fc.train.NoiseNegatives(4, 0.3)],
         held_out=held,
         held_out_policy_samples=policy,
         progress=False,
@@ -373,7 +373,7 @@ def test_held_out_report_measures_what_it_says(trained):
     assert good.oracle_distance <= good.best_of_n_distance < good.mean_sample_distance
     # The same model with its energy negated ranks and points the wrong way.
     flipped = eqx.tree_at(lambda m: m.head_out.weight, result.model, -result.model.head_out.weight)
-    bad = fc.evaluate(flipped, held, policy_samples=policy)
+    bad = fc.train.evaluate(flipped, held, policy_samples=policy)
     assert bad.top1_accuracy < 0.1 and bad.pairwise_accuracy < 0.1
     assert bad.gradient_cosine < 0
     assert bad.best_of_n_distance > good.mean_sample_distance
@@ -389,14 +389,14 @@ def test_held_out_report_measures_what_it_says(trained):
 @pytest.fixture(scope="module")
 def short_data():
     data = matching_task(jax.random.key(20), 256, **SHAPES)
-    return fc.ShuffledBatches(data, 32, seed=3)
+    return fc.train.ShuffledBatches(data, 32, seed=3)
 
 
 def short_fit(data, **kwargs):
     options = dict(key=jax.random.key(5), config=SHORT, progress=False,
-                   negatives=[fc.NoiseNegatives(2, 0.3)])  # fmt: skip
+                   negatives=[fc.train.NoiseNegatives(2, 0.3)])  # fmt: skip
     options.update(kwargs)
-    return fc.fit(fc.EnergyModel(CONFIG, key=jax.random.key(6)), data, **options)
+    return fc.train.fit(fc.EnergyModel(CONFIG, key=jax.random.key(6)), data, **options)
 
 
 @pytest.fixture(scope="module")
@@ -407,7 +407,7 @@ def single_device_run(short_data):
 @pytest.mark.slow
 def test_data_parallel_matches_one_device(short_data, single_device_run):
     assert len(jax.devices()) == 4
-    mesh = fc.data_parallel_mesh()
+    mesh = fc.train.data_parallel_mesh()
     placed = _place_batch(short_data(0), mesh)
     assert len(placed.actions.sharding.device_set) == 4
     assert placed.actions.addressable_shards[0].data.shape[0] == 8  # split, not copied
@@ -428,11 +428,13 @@ def test_ema_follows_its_formula(tmp_path, short_data, single_device_run):
     # Checkpoints after every step expose consecutive states; only saving changes, so this
     # reuses the compiled step of the runs above.
     ckpt = tmp_path / "every"
-    every = fc.TrainConfig(**{**SHORT.to_dict(), "checkpoint_every": 1, "keep_checkpoints": 8})
+    every = fc.train.TrainConfig(
+        **{**SHORT.to_dict(), "checkpoint_every": 1, "keep_checkpoints": 8}
+    )
     result = short_fit(short_data, config=every, checkpoint_dir=ckpt)
     assert bitwise_equal(result.ema_model, single_device_run.ema_model)
     model = fc.EnergyModel(CONFIG, key=jax.random.key(6))
-    like = _initial_state(model, SHORT, fc.make_optimizer(SHORT))
+    like = _initial_state(model, SHORT, fc.train.make_optimizer(SHORT))
     checkpointer = Checkpointer(ckpt, keep=8)
     previous = like
     for step in range(1, SHORT.num_steps + 1):
@@ -475,12 +477,12 @@ def test_resume_refuses_other_settings(tmp_path, short_data):
     checkpointer = Checkpointer(ckpt, keep=2)
     checkpointer.save(3, eqx.filter(model, eqx.is_array), meta)
     checkpointer.close()
-    other = fc.TrainConfig(**{**SHORT.to_dict(), "learning_rate": 1e-2})
+    other = fc.train.TrainConfig(**{**SHORT.to_dict(), "learning_rate": 1e-2})
     with pytest.raises(ValueError, match="learning_rate"):
         short_fit(short_data, checkpoint_dir=ckpt, config=other)
     wide = fc.EnergyModelConfig(**{**CONFIG.to_dict(), "hidden": 64})
     with pytest.raises(ValueError, match="same EnergyModelConfig"):
-        fc.fit(fc.EnergyModel(wide, key=jax.random.key(0)), short_data, key=jax.random.key(0),
+        fc.train.fit(fc.EnergyModel(wide, key=jax.random.key(0)), short_data, key=jax.random.key(0),
                config=SHORT, checkpoint_dir=ckpt, progress=False)  # fmt: skip
 
 
@@ -490,7 +492,7 @@ def test_fit_from_raw_observations_and_from_an_iterable(short_data, single_devic
         count = jnp.sum(batch.context.mask, axis=1)
         order = jnp.argsort(~batch.context.mask, axis=1, stable=True)  # real tokens first
         tokens = jnp.take_along_axis(batch.context.tokens, order[:, :, None], axis=1)
-        return fc.Batch({"tokens": tokens, "count": count}, batch.actions)
+        return fc.train.Batch({"tokens": tokens, "count": count}, batch.actions)
 
     def to_context(obs):
         seq = obs["tokens"].shape[1]
@@ -524,15 +526,15 @@ SCRIPT = textwrap.dedent(
 
     ckpt, out, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
     shapes = dict(seq=8, context_dim=16, horizon=4, action_dim=4)
-    data = fc.ShuffledBatches(matching_task(jax.random.key(0), 256, **shapes), 32, seed=1)
+    data = fc.train.ShuffledBatches(matching_task(jax.random.key(0), 256, **shapes), 32, seed=1)
     config = fc.EnergyModelConfig(context_dim=16, action_dim=4, hidden=16, num_heads=2)
-    train = fc.TrainConfig(num_steps=30, learning_rate=3e-3, warmup_steps=4, ema_decay=0.9,
+    train = fc.train.TrainConfig(num_steps=30, learning_rate=3e-3, warmup_steps=4, ema_decay=0.9,
                            grad_penalty=0.0, log_every=1, checkpoint_every=4,
                            keep_checkpoints=2)
     print("resumed_from", Checkpointer(ckpt, keep=2).latest_step(), flush=True)
-    result = fc.fit(
+    result = fc.train.fit(
         fc.EnergyModel(config, key=jax.random.key(1)), data, key=jax.random.key(2),
-        config=train, checkpoint_dir=ckpt, negatives=[fc.NoiseNegatives(2, 0.3)],
+        config=train, checkpoint_dir=ckpt, negatives=[fc.train.NoiseNegatives(2, 0.3)],
         callback=lambda step, m: time.sleep(delay), progress=False,
     )
     fc.save_model(result.model, out + "/model")

@@ -25,7 +25,7 @@ def state_task(key, num):
     obs = jax.random.normal(ko, (num, OBS))
     ramp = jnp.linspace(0.5, 1.5, HORIZON)
     actions = ramp[None, :, None] * obs[:, None, :ACT]
-    return fc.Batch(obs, actions + 0.02 * jax.random.normal(ka, actions.shape))
+    return fc.train.Batch(obs, actions + 0.02 * jax.random.normal(ka, actions.shape))
 
 
 def mlp(seed=0, **kwargs):
@@ -79,11 +79,11 @@ def test_shape_mistakes_name_the_expected_shape():
     ctx = fc.TokenContext(jnp.ones((5, 3, 4)))
     # Under the suite's runtime type checks the annotation's shape is what fires first
     # (a TypeError naming "horizon action_dim"); without them, our ValueError does.
-    for fn in (fc.energy_matrix, fc.info_nce):
+    for fn in (fc.train.energy_matrix, fc.train.info_nce):
         with pytest.raises((ValueError, TypeError), match=r"horizon,? action_dim"):
             fn(energy_model, ctx, batch.actions[:, 0])
     with pytest.raises(TypeError, match="AbstractLearnedEnergy"):
-        fc.energy_matrix(fc.SquaredDistance(), batch.context, batch.actions)
+        fc.train.energy_matrix(fc.SquaredDistance(), batch.context, batch.actions)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
@@ -98,14 +98,14 @@ def test_energy_matrix_is_every_context_against_every_chunk(kind):
                                action_dim=2).actions  # fmt: skip
         config = fc.EnergyModelConfig(context_dim=8, action_dim=2, hidden=16, num_heads=2)
         model = eqx.nn.inference_mode(fc.EnergyModel(config, key=jax.random.key(1)))
-    e = fc.energy_matrix(model, data.context, chunks)
+    e = fc.train.energy_matrix(model, data.context, chunks)
     assert e.shape == (4, 3)
     for i in range(4):
         ctx = jax.tree.map(lambda x: x[i], data.context)
         for j in range(3):
             np.testing.assert_allclose(e[i, j], model(ctx, chunks[j]), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
-        fc.energy_matrix(model, data.context, chunks, pair_chunk=3), e, rtol=1e-6, atol=1e-6
+        fc.train.energy_matrix(model, data.context, chunks, pair_chunk=3), e, rtol=1e-6, atol=1e-6
     )
 
 
@@ -114,9 +114,9 @@ def test_pairwise_accuracy_does_not_depend_on_the_batch_size():
     # batch, pairwise does not (it is what the log should show next to top-1).
     model = mlp(2)
     big = state_task(jax.random.key(3), 64)
-    _, m64 = fc.info_nce(model, big.context, big.actions)
-    _, m8 = fc.info_nce(model, big.context[:8], big.actions[:8])
-    e = np.asarray(fc.energy_matrix(model, big.context, big.actions), np.float64)
+    _, m64 = fc.train.info_nce(model, big.context, big.actions)
+    _, m8 = fc.train.info_nce(model, big.context[:8], big.actions[:8])
+    e = np.asarray(fc.train.energy_matrix(model, big.context, big.actions), np.float64)
     off = ~np.eye(64, dtype=bool)
     expected = np.mean((np.diagonal(e)[:, None] < e)[off])
     np.testing.assert_allclose(float(m64["pairwise_accuracy"]), expected, rtol=1e-6)
@@ -153,7 +153,7 @@ def test_fit_trains_the_mlp_energy_and_a_users_own_energy(tmp_path):
 
     train = state_task(jax.random.key(4), 512)
     held = state_task(jax.random.key(5), 64)
-    config = fc.TrainConfig(
+    config = fc.train.TrainConfig(
         num_steps=150, learning_rate=3e-3, warmup_steps=10, grad_penalty=0.0, log_every=50
     )
     results = {}
@@ -162,8 +162,8 @@ def test_fit_trains_the_mlp_energy_and_a_users_own_energy(tmp_path):
         ("mlp-adam", mlp(3), optax.adam(3e-3)),
         ("user", Bilinear(mlp().config, key=jax.random.key(6)), optax.sgd(0.05)),
     ]:
-        results[name] = fc.fit(
-            model, fc.ShuffledBatches(train, 64), key=jax.random.key(7), config=config,
+        results[name] = fc.train.fit(
+            model, fc.train.ShuffledBatches(train, 64), key=jax.random.key(7), config=config,
             optimizer=optimizer, held_out=held, progress=False,
         )  # fmt: skip
     for name, result in results.items():
@@ -189,45 +189,46 @@ def test_fit_trains_the_mlp_energy_and_a_users_own_energy(tmp_path):
 # --------------------------------------------------------------------------------------
 # One loop: losses and progress meters are objects the loop only calls
 
-LOOP = fc.TrainConfig(num_steps=6, learning_rate=3e-3, warmup_steps=1, log_every=3)
+LOOP = fc.train.TrainConfig(num_steps=6, learning_rate=3e-3, warmup_steps=1, log_every=3)
 
 
 def labelled(step):
     rng = np.random.default_rng(step)
-    return fc.LabelledBatch(jnp.asarray(rng.standard_normal((8, OBS)), jnp.float32),
+    return fc.verifiers.LabelledBatch(jnp.asarray(rng.standard_normal((8, OBS)), jnp.float32),
                             jnp.asarray(rng.standard_normal((8, HORIZON, ACT)), jnp.float32),
                             jnp.asarray(rng.random(8) < 0.5, jnp.float32))  # fmt: skip
 
 
 def test_fit_with_a_loss_object_is_the_same_loop():
-    # A verifier loss through fc.fit is fc.fit_verifier, to the bit.
-    via_fit = fc.fit(mlp(), labelled, fc.OutcomeLoss(), key=jax.random.key(0), config=LOOP,
-                     progress=False)  # fmt: skip
-    via_verifier = fc.fit_verifier(mlp(), labelled, fc.OutcomeLoss(), key=jax.random.key(0),
-                                   config=LOOP, progress=False)  # fmt: skip
+    # A verifier loss through fc.train.fit is fc.verifiers.fit_verifier, to the bit.
+    loss = fc.verifiers.OutcomeLoss()
+    via_fit = fc.train.fit(mlp(), labelled, loss, key=jax.random.key(0), config=LOOP,
+                           progress=False)  # fmt: skip
+    via_verifier = fc.verifiers.fit_verifier(mlp(), labelled, loss, key=jax.random.key(0),
+                                             config=LOOP, progress=False)  # fmt: skip
     assert bitwise_equal(via_fit.model, via_verifier.model)
     assert via_fit.history == via_verifier.history and len(via_fit.history) == 2
     assert not bitwise_equal(via_fit.model, mlp())
     # fit's default loss is InfoNCELoss built from the config and its negatives.
-    data = fc.ShuffledBatches(state_task(jax.random.key(1), 64), 16)
-    negatives = (fc.NoiseNegatives(2, 0.3),)
-    default = fc.fit(mlp(), data, key=jax.random.key(2), config=LOOP, negatives=negatives,
+    data = fc.train.ShuffledBatches(state_task(jax.random.key(1), 64), 16)
+    negatives = (fc.train.NoiseNegatives(2, 0.3),)
+    default = fc.train.fit(mlp(), data, key=jax.random.key(2), config=LOOP, negatives=negatives,
                      progress=False)  # fmt: skip
-    explicit = fc.fit(mlp(), data, fc.InfoNCELoss(tau=LOOP.tau, negatives=negatives),
+    explicit = fc.train.fit(mlp(), data, fc.train.InfoNCELoss(tau=LOOP.tau, negatives=negatives),
                       key=jax.random.key(2), config=LOOP, progress=False)  # fmt: skip
     assert bitwise_equal(default.model, explicit.model)
-    other = fc.fit(mlp(), data, fc.InfoNCELoss(tau=2.0, negatives=negatives),
+    other = fc.train.fit(mlp(), data, fc.train.InfoNCELoss(tau=2.0, negatives=negatives),
                    key=jax.random.key(2), config=LOOP, progress=False)  # fmt: skip
     assert not bitwise_equal(default.model, other.model)
     # Every feature of the loop works for every loss: a moving average for a verifier.
-    ema = fc.fit(mlp(), labelled, fc.OutcomeLoss(), key=jax.random.key(0),
+    ema = fc.train.fit(mlp(), labelled, fc.verifiers.OutcomeLoss(), key=jax.random.key(0),
                  config=dataclasses.replace(LOOP, ema_decay=0.5), progress=False)  # fmt: skip
     assert bitwise_equal(ema.model, via_fit.model)
     assert ema.ema_model is not None and not bitwise_equal(ema.ema_model, ema.model)
 
 
 def test_a_users_loss_and_progress_meter():
-    class PullDown(fc.AbstractLoss):
+    class PullDown(fc.train.AbstractLoss):
         """A user's loss: lower every expert chunk's energy, with a quadratic floor."""
 
         floor: float = 1.0
@@ -240,7 +241,7 @@ def test_a_users_loss_and_progress_meter():
         def postfix(self, entry):
             return {"E": f"{entry['energy']:.2f}"}
 
-    class Recorder(fc.AbstractProgressMeter):
+    class Recorder(fc.train.AbstractProgressMeter):
         calls: list = eqx.field(default_factory=list)
 
         def init(self, *, total, initial, desc):
@@ -255,8 +256,8 @@ def test_a_users_loss_and_progress_meter():
             self.calls.append(("close", state))
 
     meter = Recorder()
-    data = fc.ShuffledBatches(state_task(jax.random.key(1), 64), 16)
-    result = fc.fit(mlp(), data, PullDown(), key=jax.random.key(0), config=LOOP,
+    data = fc.train.ShuffledBatches(state_task(jax.random.key(1), 64), 16)
+    result = fc.train.fit(mlp(), data, PullDown(), key=jax.random.key(0), config=LOOP,
                     progress=meter)  # fmt: skip
     history = result.history
     assert [h["step"] for h in history] == [3, 6] and history[1]["loss"] < history[0]["loss"]
@@ -273,24 +274,30 @@ def test_a_users_loss_and_progress_meter():
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fc.fit(mlp(), data, PullDown(), key=jax.random.key(0), config=LOOP, progress=meter,
+        fc.train.fit(mlp(), data, PullDown(), key=jax.random.key(0), config=LOOP, progress=meter,
                callback=stop)  # fmt: skip
     assert meter.calls[-1] == ("close", 3)
 
 
 def test_loop_arguments_are_checked():
-    data = fc.ShuffledBatches(state_task(jax.random.key(1), 64), 16)
+    data = fc.train.ShuffledBatches(state_task(jax.random.key(1), 64), 16)
     options = dict(key=jax.random.key(0), config=LOOP, progress=False)
     with pytest.raises(ValueError, match="with your own `loss`"):
-        fc.fit(mlp(), data, fc.InfoNCELoss(), negatives=[fc.NoiseNegatives(2, 0.3)], **options)
+        fc.train.fit(
+            mlp(),
+            data,
+            fc.train.InfoNCELoss(),
+            negatives=[fc.train.NoiseNegatives(2, 0.3)],
+            **options,
+        )
     with pytest.raises(ValueError, match="verifier_report"):
-        fc.fit(mlp(), labelled, fc.OutcomeLoss(), held_out=data(0), **options)
+        fc.train.fit(mlp(), labelled, fc.verifiers.OutcomeLoss(), held_out=data(0), **options)
     with pytest.raises(TypeError, match="AbstractLoss"):
-        fc.fit(mlp(), data, fc.reference_recipe(), **options)
+        fc.train.fit(mlp(), data, fc.reference_recipe(), **options)
     with pytest.raises(TypeError, match="AbstractProgressMeter"):
-        fc.fit(mlp(), data, key=jax.random.key(0), config=LOOP, progress="yes")
+        fc.train.fit(mlp(), data, key=jax.random.key(0), config=LOOP, progress="yes")
     with pytest.raises(TypeError, match="AbstractNegatives"):
-        fc.InfoNCELoss(negatives=[fc.reference_recipe()])
+        fc.train.InfoNCELoss(negatives=[fc.reference_recipe()])
 
 
 # --------------------------------------------------------------------------------------
@@ -306,26 +313,26 @@ def test_policy_negatives_helper_and_batch_observation():
     data = state_task(jax.random.key(8), 6)
     observations = {"state": data.context, "gain": jnp.linspace(1.0, 2.0, 6)}
     key = jax.random.key(9)
-    negatives = fc.policy_negatives(sample, observations, 4, key)
+    negatives = fc.train.policy_negatives(sample, observations, 4, key)
     assert negatives.shape == (6, 4, HORIZON, ACT)
     row = jax.random.split(key, 6)[2]
     obs2 = jax.tree.map(lambda x: x[2], observations)
     expected = jax.vmap(lambda k: sample(k, obs2))(jax.random.split(row, 4))
     np.testing.assert_allclose(negatives[2], expected, rtol=1e-6, atol=1e-6)
-    chunked = fc.policy_negatives(sample, observations, 4, key, batch_size=4)
+    chunked = fc.train.policy_negatives(sample, observations, 4, key, batch_size=4)
     np.testing.assert_allclose(chunked, negatives, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="`num`"):
-        fc.policy_negatives(sample, observations, 0, key)
+        fc.train.policy_negatives(sample, observations, 0, key)
     with pytest.raises(ValueError, match="ONE chunk"):
-        fc.policy_negatives(lambda k, o: jnp.zeros((2, HORIZON, ACT)), observations, 2, key)
+        fc.train.policy_negatives(lambda k, o: jnp.zeros((2, HORIZON, ACT)), observations, 2, key)
 
     # In the training step, PolicyNegatives reads Batch.observation.
-    batch = fc.Batch(data.context, data.actions, observation=observations)
-    loss_with = fc.info_nce(mlp(), batch.context, batch.actions, extra_negatives=negatives)[0]
-    result = fc.fit(
+    batch = fc.train.Batch(data.context, data.actions, observation=observations)
+    loss_with = fc.train.info_nce(mlp(), batch.context, batch.actions, extra_negatives=negatives)[0]
+    result = fc.train.fit(
         mlp(), [batch] * 2, key=jax.random.key(0), progress=False,
-        config=fc.TrainConfig(num_steps=2, grad_penalty=0.0, log_every=1),
-        negatives=[fc.PolicyNegatives(sample, num=4)],
+        config=fc.train.TrainConfig(num_steps=2, grad_penalty=0.0, log_every=1),
+        negatives=[fc.train.PolicyNegatives(sample, num=4)],
     )  # fmt: skip
     assert np.isfinite(result.history[0]["loss"]) and jnp.isfinite(loss_with)
     assert result.history[0]["e_neg_extra"] != 0.0
@@ -335,7 +342,7 @@ def test_policy_negatives_helper_and_batch_observation():
 # Broken checkpoints
 
 
-RESUME = fc.TrainConfig(
+RESUME = fc.train.TrainConfig(
     num_steps=6, learning_rate=1e-2, warmup_steps=1, grad_penalty=0.0, log_every=1,
     checkpoint_every=2, keep_checkpoints=3,
 )  # fmt: skip
@@ -343,11 +350,13 @@ RESUME = fc.TrainConfig(
 
 @pytest.fixture(scope="module")
 def resume_data():
-    return fc.ShuffledBatches(state_task(jax.random.key(10), 128), 16, seed=1)
+    return fc.train.ShuffledBatches(state_task(jax.random.key(10), 128), 16, seed=1)
 
 
 def resume_fit(data, **kwargs):
-    return fc.fit(mlp(4), data, key=jax.random.key(11), config=RESUME, progress=False, **kwargs)
+    return fc.train.fit(
+        mlp(4), data, key=jax.random.key(11), config=RESUME, progress=False, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +396,7 @@ def test_broken_latest_checkpoint_is_named_and_fallback_resumes_exactly(
     assert bitwise_equal(first.model, reference_run.model)
     assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [2, 4, 6]
     corrupt(ckpt / "6")
-    with pytest.raises(fc.CheckpointError) as info:
+    with pytest.raises(fc.train.CheckpointError) as info:
         resume_fit(resume_data, checkpoint_dir=ckpt)
     message = str(info.value)
     assert "step 6" in message and str(ckpt / "6") in message
@@ -415,7 +424,7 @@ def test_every_checkpoint_broken_or_deleted(tmp_path, caplog, resume_data, refer
     resume_fit(resume_data, checkpoint_dir=ckpt)
     for step in (2, 4, 6):
         _garble_meta(ckpt / str(step))
-    with pytest.raises(fc.CheckpointError, match=r"Every checkpoint .* \[6, 4, 2\]"):
+    with pytest.raises(fc.train.CheckpointError, match=r"Every checkpoint .* \[6, 4, 2\]"):
         resume_fit(resume_data, checkpoint_dir=ckpt, on_corrupt="fallback")
     with pytest.raises(ValueError, match="on_corrupt"):
         resume_fit(resume_data, checkpoint_dir=ckpt, on_corrupt="ignore")

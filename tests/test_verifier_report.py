@@ -71,7 +71,7 @@ def _rollouts(q=60, seed=0):
     success = np.arange(q) % 2 == 0
     far = np.where(success[:, None, None], 0.1, 3.0)
     cand[:, 0] = target[:, 0] + far * rng.standard_normal((q, H, D))
-    return fc.Rollouts(
+    return fc.verifiers.Rollouts(
         observation=obs, candidates=cand, executed=np.zeros(q, np.int64),
         episode=np.arange(q, dtype=np.int64), step=np.zeros(q, np.int64), success=success,
         steps_to_success=np.where(success, 5, -1).astype(np.int64),
@@ -121,8 +121,8 @@ def test_guided_chunks_are_judged_against_the_plain_ones():
 
 def test_verifier_report_carries_the_guidance_check_only_when_asked():
     roll = _rollouts()
-    assert fc.verifier_report(_near, roll).guidance is None
-    rep = fc.verifier_report(_near, roll, judge=_near, step_size=0.01)
+    assert fc.verifiers.verifier_report(_near, roll).guidance is None
+    rep = fc.verifiers.verifier_report(_near, roll, judge=_near, step_size=0.01)
     assert rep.guidance is not None and rep.guidance.judge_agreement == 1.0
     assert rep.to_dict()["guidance"]["judge_agreement"] == 1.0
 

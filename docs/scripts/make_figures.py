@@ -126,7 +126,7 @@ def rtc_switches_figure(path):
     fig = Figure(figsize=(8, 4.6), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True, sharey=True)
     for ax, method in zip(axes, ("naive", "rtc")):
-        queue = fc.ActionQueue(execution_horizon=4, inference_delay=2)
+        queue = fc.rtc.ActionQueue(execution_horizon=4, inference_delay=2)
         key = jax.random.key(3)
         executed, switches = [], []
         for step in range(40):

@@ -2,26 +2,24 @@
 
 import importlib.metadata
 
-# -- hard constraints on chunks: projections, violations, placements --
-from ._constraints.all_of import AllOf as AllOf
-from ._constraints.ball import Ball as Ball, OutsideBall as OutsideBall
-from ._constraints.base import AbstractConstraint as AbstractConstraint
-from ._constraints.box import Box as Box
-from ._constraints.energy import ViolationEnergy as ViolationEnergy
-from ._constraints.fn import FnConstraint as FnConstraint
-from ._constraints.halfspace import HalfSpace as HalfSpace
-from ._constraints.jerk import MaxJerk as MaxJerk
-from ._constraints.robot import InRobotSpace as InRobotSpace
-from ._constraints.selection import FeasibleFirst as FeasibleFirst
-from ._constraints.step import MaxStepChange as MaxStepChange
+from . import (
+    constraints as constraints,
+    rtc as rtc,
+    train as train,
+    verifiers as verifiers,
+)
 
+# -- hard constraints on chunks: projections, violations, placements --
 # -- time conventions of the flow --
 from ._conventions import (
     AbstractConvention as AbstractConvention,
     OpenPI as OpenPI,
     Reverse as Reverse,
 )
-from ._correct import CorrectionInfo as CorrectionInfo, correct as correct
+from ._correct import (
+    CorrectionInfo as CorrectionInfo,
+    correct as correct,
+)
 from ._correctors.base import AbstractCorrector as AbstractCorrector
 from ._correctors.recipes import reference_recipe as reference_recipe
 from ._correctors.steps import (
@@ -53,13 +51,6 @@ from ._energy import (
 )
 
 # -- real-time chunking --
-from ._executor import (
-    ActionQueue as ActionQueue,
-    ChunkArrival as ChunkArrival,
-    ChunkRequest as ChunkRequest,
-    LatencyTracker as LatencyTracker,
-)
-
 # -- flow sampler --
 from ._flow.flow import Flow as Flow
 from ._flow.integrate import integrate as integrate
@@ -95,8 +86,14 @@ from ._model.energy_model import (
     EncodedContext as EncodedContext,
     EnergyModel as EnergyModel,
 )
-from ._model.mlp_energy import MLPEnergy as MLPEnergy, MLPEnergyConfig as MLPEnergyConfig
-from ._model.pooled import PooledContext as PooledContext, pool_tokens as pool_tokens
+from ._model.mlp_energy import (
+    MLPEnergy as MLPEnergy,
+    MLPEnergyConfig as MLPEnergyConfig,
+)
+from ._model.pooled import (
+    PooledContext as PooledContext,
+    pool_tokens as pool_tokens,
+)
 from ._model.serialise import (
     ModelFileError as ModelFileError,
     load_model as load_model,
@@ -119,8 +116,14 @@ from ._placements.common import StepCounts as StepCounts
 from ._placements.denoised import Denoised as Denoised
 from ._placements.guided import Guided as Guided
 from ._placements.plain import Plain as Plain
-from ._placements.post_hoc import PostHoc as PostHoc, PostHocInfo as PostHocInfo
-from ._placements.project import Project as Project, ProjectInfo as ProjectInfo
+from ._placements.post_hoc import (
+    PostHoc as PostHoc,
+    PostHocInfo as PostHocInfo,
+)
+from ._placements.project import (
+    Project as Project,
+    ProjectInfo as ProjectInfo,
+)
 from ._placements.rtc import (
     RealTimeChunking as RealTimeChunking,
     RealTimeChunkingInfo as RealTimeChunkingInfo,
@@ -138,75 +141,199 @@ from ._policy import (
     AbstractPolicy as AbstractPolicy,
     VelocityPolicy as VelocityPolicy,
 )
-from ._rtc import (
-    PiGDMWeight as PiGDMWeight,
-    RTCEnergy as RTCEnergy,
-    rtc_prefix_weights as rtc_prefix_weights,
+from ._sample import (
+    SampleInfo as SampleInfo,
+    sample as sample,
 )
-from ._rtc_training import (
-    AbstractDelays as AbstractDelays,
-    ConditionedExample as ConditionedExample,
-    ExponentialDelays as ExponentialDelays,
-    PrefixConditioned as PrefixConditioned,
-    PrefixConditioning as PrefixConditioning,
-    UniformDelays as UniformDelays,
-    accepts_token_time as accepts_token_time,
-    clean_time as clean_time,
-    masked_flow_loss as masked_flow_loss,
-    prefix_conditioned_loss as prefix_conditioned_loss,
-    token_times as token_times,
-)
-from ._sample import SampleInfo as SampleInfo, sample as sample
-from ._train.batch import Batch as Batch
-from ._train.checkpoint import CheckpointError as CheckpointError
-from ._train.config import TrainConfig as TrainConfig, make_optimizer as make_optimizer
-from ._train.data import ShuffledBatches as ShuffledBatches
-from ._train.infonce import (
-    energy_matrix as energy_matrix,
-    info_nce as info_nce,
-    pair_energies as pair_energies,
-)
-from ._train.loop import FitResult as FitResult, fit as fit
-from ._train.loss import AbstractLoss as AbstractLoss, InfoNCELoss as InfoNCELoss
-from ._train.negatives import (
-    AbstractNegatives as AbstractNegatives,
-    NoiseNegatives as NoiseNegatives,
-    PolicyNegatives as PolicyNegatives,
-    SwapDimNegatives as SwapDimNegatives,
-    TimeShiftNegatives as TimeShiftNegatives,
-    policy_negatives as policy_negatives,
-)
-from ._train.progress import (
-    AbstractProgressMeter as AbstractProgressMeter,
-    NoProgressMeter as NoProgressMeter,
-    TqdmProgressMeter as TqdmProgressMeter,
-)
-from ._train.report import EvalReport as EvalReport, evaluate as evaluate
-from ._train.sharding import data_parallel_mesh as data_parallel_mesh
 
-# -- verifiers from the policy's own rollouts --
-from ._verifiers.report import (
-    VerifierReport as VerifierReport,
-    auc as auc,
-    candidate_energies as candidate_energies,
-    verifier_report as verifier_report,
-)
-from ._verifiers.rollouts import (
-    Rollouts as Rollouts,
-    RolloutWriter as RolloutWriter,
-    load_rollouts as load_rollouts,
-)
-from ._verifiers.train import (
-    AbstractVerifierLoss as AbstractVerifierLoss,
-    BradleyTerryLoss as BradleyTerryLoss,
-    LabelledBatch as LabelledBatch,
-    OutcomeLoss as OutcomeLoss,
-    PairBatch as PairBatch,
-    fit_verifier as fit_verifier,
-    outcome_batches as outcome_batches,
-    pair_batches as pair_batches,
-    similar_state_pairs as similar_state_pairs,
-)
+# Names that moved into the subpackages: importable from the top level for one more
+# release, with a DeprecationWarning that names the new place.
+_MOVED = {
+    "AbstractConstraint": "constraints",
+    "AbstractDelays": "rtc",
+    "AbstractLoss": "train",
+    "AbstractNegatives": "train",
+    "AbstractProgressMeter": "train",
+    "AbstractVerifierLoss": "verifiers",
+    "accepts_token_time": "rtc",
+    "ActionQueue": "rtc",
+    "AllOf": "constraints",
+    "auc": "verifiers",
+    "Ball": "constraints",
+    "Batch": "train",
+    "Box": "constraints",
+    "BradleyTerryLoss": "verifiers",
+    "candidate_energies": "verifiers",
+    "CheckpointError": "train",
+    "ChunkArrival": "rtc",
+    "ChunkRequest": "rtc",
+    "clean_time": "rtc",
+    "ConditionedExample": "rtc",
+    "data_parallel_mesh": "train",
+    "energy_matrix": "train",
+    "EvalReport": "train",
+    "evaluate": "train",
+    "ExponentialDelays": "rtc",
+    "FeasibleFirst": "constraints",
+    "fit": "train",
+    "fit_verifier": "verifiers",
+    "FitResult": "train",
+    "FnConstraint": "constraints",
+    "HalfSpace": "constraints",
+    "info_nce": "train",
+    "InfoNCELoss": "train",
+    "InRobotSpace": "constraints",
+    "LabelledBatch": "verifiers",
+    "LatencyTracker": "rtc",
+    "load_rollouts": "verifiers",
+    "make_optimizer": "train",
+    "masked_flow_loss": "rtc",
+    "MaxJerk": "constraints",
+    "MaxStepChange": "constraints",
+    "NoiseNegatives": "train",
+    "NoProgressMeter": "train",
+    "outcome_batches": "verifiers",
+    "OutcomeLoss": "verifiers",
+    "OutsideBall": "constraints",
+    "pair_batches": "verifiers",
+    "pair_energies": "train",
+    "PairBatch": "verifiers",
+    "PiGDMWeight": "rtc",
+    "policy_negatives": "train",
+    "PolicyNegatives": "train",
+    "prefix_conditioned_loss": "rtc",
+    "PrefixConditioned": "rtc",
+    "PrefixConditioning": "rtc",
+    "Rollouts": "verifiers",
+    "RolloutWriter": "verifiers",
+    "rtc_prefix_weights": "rtc",
+    "RTCEnergy": "rtc",
+    "ShuffledBatches": "train",
+    "similar_state_pairs": "verifiers",
+    "SwapDimNegatives": "train",
+    "TimeShiftNegatives": "train",
+    "token_times": "rtc",
+    "TqdmProgressMeter": "train",
+    "TrainConfig": "train",
+    "UniformDelays": "rtc",
+    "verifier_report": "verifiers",
+    "VerifierReport": "verifiers",
+    "ViolationEnergy": "constraints",
+}
+
+
+def __getattr__(name: str):
+    where = _MOVED.get(name)
+    if where is None:
+        raise AttributeError(f"module 'flowcorrect' has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    warnings.warn(
+        f"flowcorrect.{name} is now flowcorrect.{where}.{name}; the top-level name "
+        "will be removed in the next release.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(f"flowcorrect.{where}"), name)
+
+
+def __dir__():
+    return sorted(__all__)
+
+
+__all__ = [
+    "__version__",
+    "AbstractBatchedPolicy",
+    "AbstractConvention",
+    "AbstractCorrector",
+    "AbstractEnergy",
+    "AbstractInterleaved",
+    "AbstractLearnedEnergy",
+    "AbstractPlacement",
+    "AbstractPolicy",
+    "AbstractSchedule",
+    "AbstractSelection",
+    "AbstractWeight",
+    "as_energy",
+    "Backtrack",
+    "BestOfN",
+    "BestOfNInfo",
+    "bind",
+    "BoundEnergy",
+    "BoundsPenalty",
+    "ByEnergy",
+    "Chain",
+    "ClipStep",
+    "ClusterMean",
+    "ConstantWeight",
+    "constraints",
+    "correct",
+    "CorrectionInfo",
+    "Denoised",
+    "EarlyBestOfN",
+    "EarlyBestOfNInfo",
+    "EmbeddedActions",
+    "EncodedContext",
+    "EnergyFn",
+    "EnergyModel",
+    "EnergyModelConfig",
+    "Ensemble",
+    "EveryNth",
+    "EveryStep",
+    "Flow",
+    "FnEnergy",
+    "FnWeight",
+    "GradientStep",
+    "Guided",
+    "integrate",
+    "InterleavedInfo",
+    "LangevinStep",
+    "LastSteps",
+    "LearnedEnergyConfig",
+    "load_model",
+    "Mask",
+    "Medoid",
+    "MLPEnergy",
+    "MLPEnergyConfig",
+    "ModelFileError",
+    "NearMean",
+    "OnActionDims",
+    "OpenPI",
+    "OptaxStep",
+    "Pi0ShapedConfig",
+    "Pi0ShapedObservation",
+    "Pi0ShapedPolicy",
+    "Pi0ShapedPrefix",
+    "Plain",
+    "pool_tokens",
+    "PooledContext",
+    "PostHoc",
+    "PostHocInfo",
+    "PowerWeight",
+    "Project",
+    "ProjectBounds",
+    "ProjectInfo",
+    "RealTimeChunking",
+    "RealTimeChunkingInfo",
+    "reference_recipe",
+    "Repeat",
+    "Reverse",
+    "rtc",
+    "sample",
+    "SampleInfo",
+    "save_model",
+    "Selected",
+    "SoftmaxSample",
+    "SplitEnergyFn",
+    "SquaredDistance",
+    "StepCounts",
+    "SumEnergy",
+    "TokenContext",
+    "train",
+    "VelocityPolicy",
+    "verifiers",
+]
 
 try:
     __version__ = importlib.metadata.version("flowcorrect")

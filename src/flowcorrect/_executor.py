@@ -40,7 +40,7 @@ class ChunkRequest:
 
 @dataclasses.dataclass(frozen=True)
 class ChunkArrival:
-    """How a submitted chunk arrived, returned by [`flowcorrect.ActionQueue.submit`][].
+    """How a submitted chunk arrived, returned by [`flowcorrect.rtc.ActionQueue.submit`][].
 
     - `conditioned_delay`: the delay `d` its request reported (what the policy was
         conditioned on: the committed prefix it was given).
@@ -66,8 +66,8 @@ class LatencyTracker:
     keeps the last `window` measured inference times and estimates the delay of the next
     request, in control steps, as `ceil(quantile(times, q) / control_period)`: a high
     quantile, so that a chunk rarely arrives later than the delay it was conditioned on
-    (see [`flowcorrect.ChunkArrival`][]). Before the first measurement it returns
-    `initial_delay`. Give it to an [`flowcorrect.ActionQueue`][] with
+    (see [`flowcorrect.rtc.ChunkArrival`][]). Before the first measurement it returns
+    `initial_delay`. Give it to an [`flowcorrect.rtc.ActionQueue`][] with
     `simulate_delay=False`, which times every request and feeds the tracker; or call
     `record` yourself.
 
@@ -83,8 +83,8 @@ class LatencyTracker:
     !!! example
 
         ```python
-        tracker = fc.LatencyTracker(control_period=1 / 50, quantile=0.9)
-        queue = fc.ActionQueue(execution_horizon=25, latency=tracker, simulate_delay=False)
+        tracker = fc.rtc.LatencyTracker(control_period=1 / 50, quantile=0.9)
+        queue = fc.rtc.ActionQueue(execution_horizon=25, latency=tracker, simulate_delay=False)
         request = queue.request()                  # request.inference_delay from the tracker
         arrival = queue.submit(policy(observation, request))
         if arrival.late:
@@ -143,7 +143,7 @@ class ActionQueue:
     The loop, in a simulator (the delay is simulated) or on a robot:
 
     ```python
-    queue = fc.ActionQueue(execution_horizon=4, inference_delay=2)
+    queue = fc.rtc.ActionQueue(execution_horizon=4, inference_delay=2)
     while running:
         if queue.inference_due:
             request = queue.request()          # the observation is taken now
@@ -177,10 +177,10 @@ class ActionQueue:
         `False` (a real robot): it takes over at the next `pop`, at the row equal to
         the steps executed since the request (the measured delay, recorded in
         `measured_delays`).
-    - `latency`: a [`flowcorrect.LatencyTracker`][] (needs `simulate_delay=False`):
+    - `latency`: a [`flowcorrect.rtc.LatencyTracker`][] (needs `simulate_delay=False`):
         every request reports the tracker's estimate as its `inference_delay` (capped at
         `min(s, horizon - s)`), and every submit feeds the tracker the measured
-        inference time. `submit` returns a [`flowcorrect.ChunkArrival`][] saying whether
+        inference time. `submit` returns a [`flowcorrect.rtc.ChunkArrival`][] saying whether
         the chunk arrived later than the delay it was conditioned on.
     - `clock`: seconds as a float, `time.monotonic` by default (a test can pass a fake).
     """
@@ -200,7 +200,7 @@ class ActionQueue:
             )
         if latency is not None and not isinstance(latency, LatencyTracker):
             raise TypeError(
-                f"`latency` must be a fc.LatencyTracker or None; got {type(latency).__name__}."
+                f"`latency` must be a fc.rtc.LatencyTracker or None; got {type(latency).__name__}."
             )
         if latency is not None and simulate_delay:
             raise ValueError(
@@ -263,7 +263,7 @@ class ActionQueue:
         The chunk is copied: reusing its array afterwards does not change what the robot
         executes.
 
-        **Returns:** a [`flowcorrect.ChunkArrival`][]: the delay the request reported,
+        **Returns:** a [`flowcorrect.rtc.ChunkArrival`][]: the delay the request reported,
         the measured one and whether the chunk is late (also kept in `arrivals`).
 
         **Arguments:**

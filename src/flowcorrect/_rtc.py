@@ -8,8 +8,8 @@ RTC does this at inference time by inpainting: guidance through the policy's vel
 (PiGDM) towards the previous chunk's leftover, with weights that decay over the horizon.
 
 In the library's terms that is an energy (a weighted squared distance from the denoised
-estimate to the leftover, [`flowcorrect.RTCEnergy`][]), a guidance weight of time
-([`flowcorrect.PiGDMWeight`][]) and the [`flowcorrect.Guided`][] placement with no cap.
+estimate to the leftover, [`flowcorrect.rtc.RTCEnergy`][]), a guidance weight of time
+([`flowcorrect.rtc.PiGDMWeight`][]) and the [`flowcorrect.Guided`][] placement with no cap.
 The placement [`flowcorrect.RealTimeChunking`][] (in `_placements/rtc.py`) assembles
 the three so that none can be set wrong.
 """
@@ -190,7 +190,7 @@ class RTCEnergy(AbstractEnergy):
 
     `y` is the previous chunk's leftover in the new chunk's frame (row `i` is the action
     the previous chunk would execute at the same time as the new chunk's row `i`) and
-    `w` the per-step weights of [`flowcorrect.rtc_prefix_weights`][]. Its gradient is
+    `w` the per-step weights of [`flowcorrect.rtc.rtc_prefix_weights`][]. Its gradient is
     `w_i (a_i - y_i)`, so `-grad` is the paper's `diag(W) (Y - A_hat)`.
 
     The context is the pair `(target, weights)` of shapes `(horizon, action_dim)` and
@@ -226,7 +226,7 @@ class PiGDMWeight(AbstractWeight):
     the limit of the formula at `tau -> 0` is `+inf`, so the min is `beta` there.
 
     **Sign.** With `E(A_hat) = 0.5 (A_hat - Y)^T diag(W) (A_hat - Y)` (see
-    [`flowcorrect.RTCEnergy`][]) and `g = (dA_hat/dx)^T grad E` (one VJP), the paper's
+    [`flowcorrect.rtc.RTCEnergy`][]) and `g = (dA_hat/dx)^T grad E` (one VJP), the paper's
     guided velocity in its convention is `v + w * (dA_hat/dx)^T diag(W) (Y - A_hat) =
     v - w g`; the Euler step `x + dt v` with `dt > 0` moves `x` downhill. In openpi's
     convention the sample `x_t` at `t = 1 - tau` is the same point, the velocity is the

@@ -12,7 +12,7 @@ value: plain Euler steps, no guidance, no VJP, the cost of plain sampling.
 **The convention matters.** The clean end of the flow is `t = 0` in openpi's convention
 ([`flowcorrect.OpenPI`][]: `x_t = t * noise + (1 - t) * actions`) and `t = 1` in the
 reverse one ([`flowcorrect.Reverse`][], which the paper writes). Everything here reads it
-from the policy's convention, [`flowcorrect.clean_time`][]: `1 - convention.noise_time`.
+from the policy's convention, [`flowcorrect.rtc.clean_time`][]: `1 - convention.noise_time`.
 
 **What a policy needs.** Its velocity must take a flow time per action token: `t` of
 shape `(horizon,)` (one time per row of the chunk) as well as a scalar. A policy says so
@@ -20,12 +20,12 @@ with a class attribute or field `accepts_token_time = True`; a velocity that sil
 broadcast a vector of times against something else would train nonsense, so the
 placement and the loss refuse a policy that does not declare it.
 
-- [`flowcorrect.ExponentialDelays`][], [`flowcorrect.UniformDelays`][]: how `d` is drawn
+- [`flowcorrect.rtc.ExponentialDelays`][], [`flowcorrect.rtc.UniformDelays`][]: how `d` is drawn
   per training example.
-- [`flowcorrect.PrefixConditioning`][]: the training transform (noisy input, per-token
-  times, loss mask), and [`flowcorrect.prefix_conditioned_loss`][], a flow-matching loss
+- [`flowcorrect.rtc.PrefixConditioning`][]: the training transform (noisy input, per-token
+  times, loss mask), and [`flowcorrect.rtc.prefix_conditioned_loss`][], a flow-matching loss
   built on it.
-- [`flowcorrect.PrefixConditioned`][]: the inference placement.
+- [`flowcorrect.rtc.PrefixConditioned`][]: the inference placement.
 """
 
 import abc
@@ -178,7 +178,7 @@ class UniformDelays(AbstractDelays):
 
 # ------------------------------------------------------------------ training transform
 class ConditionedExample(eqx.Module):
-    """One training example after [`flowcorrect.PrefixConditioning`][].
+    """One training example after [`flowcorrect.rtc.PrefixConditioning`][].
 
     **Attributes:**
 
@@ -203,22 +203,22 @@ class PrefixConditioning(eqx.Module):
 
     Draws `d` from `delays`, sets the first `d` rows of the noisy chunk to the
     ground-truth actions at the clean end of the flow (per-token time
-    [`flowcorrect.clean_time`][] of the convention), keeps the example's own flow time
+    [`flowcorrect.rtc.clean_time`][] of the convention), keeps the example's own flow time
     `t` on the other rows, and masks the loss to those rows. With `d = 0` it is plain
     flow matching. Vmap it over a batch (one `d` per example).
 
     **Arguments:**
 
-    - `delays`: an [`flowcorrect.AbstractDelays`][], e.g.
-        `fc.ExponentialDelays(max_delay=4)` or `fc.UniformDelays(4)`.
+    - `delays`: an [`flowcorrect.rtc.AbstractDelays`][], e.g.
+        `fc.rtc.ExponentialDelays(max_delay=4)` or `fc.rtc.UniformDelays(4)`.
 
     !!! example
 
         ```python
-        transform = fc.PrefixConditioning(fc.ExponentialDelays(max_delay=4))
+        transform = fc.rtc.PrefixConditioning(fc.rtc.ExponentialDelays(max_delay=4))
         ex = transform(fc.OpenPI(), actions, noise, t, key)   # one example
         v = policy.velocity(policy.prefix(obs), ex.x_t, ex.t)  # t per token
-        loss = fc.masked_flow_loss(v, ex)
+        loss = fc.rtc.masked_flow_loss(v, ex)
         ```
     """
 
@@ -227,8 +227,8 @@ class PrefixConditioning(eqx.Module):
     def __check_init__(self):
         if not isinstance(self.delays, AbstractDelays):
             raise TypeError(
-                "`delays` must be a delay distribution such as fc.ExponentialDelays(4) or "
-                f"fc.UniformDelays(4); got {type(self.delays).__name__}."
+                "`delays` must be a delay distribution such as fc.rtc.ExponentialDelays(4) or "
+                f"fc.rtc.UniformDelays(4); got {type(self.delays).__name__}."
             )
 
     def __call__(
@@ -244,7 +244,7 @@ class PrefixConditioning(eqx.Module):
         both `(horizon, action_dim)`; the example's flow time `t` (a scalar); a `key`
         for `d`; or `delay` to set `d` instead of drawing it.
 
-        **Returns:** a [`flowcorrect.ConditionedExample`][].
+        **Returns:** a [`flowcorrect.rtc.ConditionedExample`][].
         """
         if actions.ndim != 2 or noise.shape != actions.shape:
             raise ValueError(
@@ -292,7 +292,7 @@ def prefix_conditioned_loss(
 
     Per example: noise, a flow time (uniform on `[0, 1)` unless `time_sampler(key,
     batch)` is given), a delay from `delays`, the transform of
-    [`flowcorrect.PrefixConditioning`][], the velocity with per-token times, and the
+    [`flowcorrect.rtc.PrefixConditioning`][], the velocity with per-token times, and the
     loss on the postfix. Postfix rows are weighted equally across examples (the mean of
     the per-example masked means would up-weight rows of long delays).
 
@@ -302,7 +302,7 @@ def prefix_conditioned_loss(
     - `observations`: a batch of observations (every array with a leading batch axis).
     - `actions`: `(batch, horizon, action_dim)`, the demonstrated chunks.
     - `key`: a PRNG key.
-    - `delays`: an [`flowcorrect.AbstractDelays`][].
+    - `delays`: an [`flowcorrect.rtc.AbstractDelays`][].
     - `time_sampler`: optional `time_sampler(key, batch) -> (batch,)` flow times.
     """
     _require_token_time(policy, "prefix_conditioned_loss")
@@ -338,7 +338,7 @@ class PrefixConditioned(AbstractInterleaved):
     plain sampling (for a policy whose velocity with all times equal is its scalar-time
     velocity).
 
-    Needs a policy trained (or fine-tuned) with [`flowcorrect.PrefixConditioning`][]
+    Needs a policy trained (or fine-tuned) with [`flowcorrect.rtc.PrefixConditioning`][]
     whose velocity takes per-token times (`accepts_token_time = True`). Pass it as
     `placement=` to [`flowcorrect.sample`][]. `inference_delay` is data: a new delay
     does not recompile.
@@ -347,14 +347,14 @@ class PrefixConditioned(AbstractInterleaved):
 
     - `prev_chunk_left_over`: the previous chunk's actions not yet executed, in the new
         chunk's frame, `(leftover, action_dim)` or `(batch, leftover, action_dim)`
-        (`queue.request().prev_chunk_left_over` of an [`flowcorrect.ActionQueue`][]).
+        (`queue.request().prev_chunk_left_over` of an [`flowcorrect.rtc.ActionQueue`][]).
     - `inference_delay`: `d`, `0 <= d <= leftover` and `d <= horizon`.
 
     !!! example
 
         ```python
         request = queue.request()
-        placement = fc.PrefixConditioned(request.prev_chunk_left_over,
+        placement = fc.rtc.PrefixConditioned(request.prev_chunk_left_over,
                                          request.inference_delay)
         actions, _ = fc.sample(trt_policy, observation, key, placement=placement)
         ```

@@ -52,7 +52,7 @@ def _energy():
 
 def _placements(leftover):
     recipe = fc.reference_recipe(num_steps=3, alpha=0.1, clip_frac=0.2)
-    box = fc.Box(-0.6, 0.6)
+    box = fc.constraints.Box(-0.6, 0.6)
     return {
         "plain": fc.Plain(),
         "post_hoc": fc.PostHoc(recipe),
@@ -67,7 +67,7 @@ def _placements(leftover):
         "rtc": fc.RealTimeChunking(leftover, 2, 3),
         "project_box": fc.Project(box),
         "project_guided": fc.Project(box, fc.Guided(weight=2.0, cap=None)),
-        "feasible_first": fc.BestOfN(4, select=fc.FeasibleFirst(box)),
+        "feasible_first": fc.BestOfN(4, select=fc.constraints.FeasibleFirst(box)),
     }
 
 
@@ -101,24 +101,24 @@ def core_calls() -> dict[str, np.ndarray]:
                                   key=jax.random.key(7))
         out[f"correct/{name}"] = np.asarray(corrected)
 
-    config = fc.TrainConfig(num_steps=6, learning_rate=1e-3, warmup_steps=1, log_every=3)
+    config = fc.train.TrainConfig(num_steps=6, learning_rate=1e-3, warmup_steps=1, log_every=3)
 
     def demos(step):
         rng = np.random.default_rng(step)
-        return fc.Batch(jnp.asarray(rng.standard_normal((8, OBS)), jnp.float32),
+        return fc.train.Batch(jnp.asarray(rng.standard_normal((8, OBS)), jnp.float32),
                         jnp.asarray(rng.standard_normal((8, H, D)), jnp.float32))
 
     def labelled(step):
         rng = np.random.default_rng(50 + step)
-        return fc.LabelledBatch(jnp.asarray(rng.standard_normal((8, OBS)), jnp.float32),
+        return fc.verifiers.LabelledBatch(jnp.asarray(rng.standard_normal((8, OBS)), jnp.float32),
                                 jnp.asarray(rng.standard_normal((8, H, D)), jnp.float32),
                                 jnp.asarray(rng.random(8) < 0.5, jnp.float32))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fitted = fc.fit(_energy(), demos, key=jax.random.key(8), config=config,
-                        negatives=[fc.NoiseNegatives(2, 0.3)], progress=False)
-        verifier = fc.fit_verifier(_energy(), labelled, fc.OutcomeLoss(),
+        fitted = fc.train.fit(_energy(), demos, key=jax.random.key(8), config=config,
+                        negatives=[fc.train.NoiseNegatives(2, 0.3)], progress=False)
+        verifier = fc.verifiers.fit_verifier(_energy(), labelled, fc.verifiers.OutcomeLoss(),
                                    key=jax.random.key(9), config=config, progress=False)
     for name, result in (("fit", fitted), ("fit_verifier", verifier)):
         leaves = jax.tree.leaves(eqx.filter(result.model, eqx.is_inexact_array))

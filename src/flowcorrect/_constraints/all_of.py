@@ -30,7 +30,7 @@ class AllOf(AbstractConstraint):
     or wider and stops once the iterate satisfies every member to its tolerance plus
     `tol` relative to the chunk's magnitude and a whole cycle moved it by less than
     that, or after `max_steps` cycles. A member that is not convex
-    ([`flowcorrect.OutsideBall`][]) voids the guarantee; `solve` says whether the
+    ([`flowcorrect.constraints.OutsideBall`][]) voids the guarantee; `solve` says whether the
     stopping rule was met. Violation: the Euclidean norm of the members' violations.
 
     **Arguments:**
@@ -42,7 +42,8 @@ class AllOf(AbstractConstraint):
     !!! example
 
         ```python
-        limits = fc.AllOf(fc.Box(-1.0, 1.0), fc.MaxStepChange(0.1))
+        fcc = fc.constraints
+        limits = fcc.AllOf(fcc.Box(-1.0, 1.0), fcc.MaxStepChange(0.1))
         safe, steps, converged = limits.solve(chunk)
         ```
     """
@@ -53,7 +54,9 @@ class AllOf(AbstractConstraint):
 
     def __init__(self, *constraints: Any, tol: Any = 1e-5, max_steps: Any = 200):
         if not constraints:
-            raise ValueError("AllOf needs at least one constraint: AllOf(fc.Box(-1, 1), ...).")
+            raise ValueError(
+                "AllOf needs at least one constraint: AllOf(fc.constraints.Box(-1, 1), ...)."
+            )
         if len(constraints) == 1 and isinstance(constraints[0], list | tuple):
             raise TypeError(
                 "AllOf takes the constraints as separate arguments: AllOf(*constraints), "

@@ -105,7 +105,7 @@ class OutsideBall(AbstractConstraint):
     gradient is zero at the centre (where the distance has none), so guidance cannot
     move an action off the centre exactly: the projection does.
 
-    Combined with other constraints in [`flowcorrect.AllOf`][], Dykstra's method has no
+    Combined with other constraints in [`flowcorrect.constraints.AllOf`][], Dykstra's method has no
     convergence guarantee for a set that is not convex; check `AllOf.solve`'s flag.
 
     **Arguments:**

@@ -6,7 +6,7 @@ placements of this package call exactly the methods declared here:
 - `project(chunk)`: the nearest feasible chunk in the Euclidean (Frobenius) norm;
 - `violation(chunk)`: how far the chunk is from satisfying the constraint, in action
     units, `>= 0` and `0` exactly on feasible chunks, with finite gradients (so that
-    [`flowcorrect.ViolationEnergy`][] can guide by it);
+    [`flowcorrect.constraints.ViolationEnergy`][] can guide by it);
 - `tolerance(chunk)`: the violation a projected chunk may still have (the rounding of
     its dtype, and an iterative method's tolerance), so that `is_feasible` can tell
     feasible from infeasible in any dtype.
@@ -32,12 +32,12 @@ class AbstractConstraint(eqx.Module):
 
     Implement `project`, `violation` and `tolerance`; `is_feasible` follows from them.
     A constraint works per chunk: batch it with `jax.vmap`. For a constraint given as
-    two functions, use [`flowcorrect.FnConstraint`][].
+    two functions, use [`flowcorrect.constraints.FnConstraint`][].
 
     !!! example
 
         ```python
-        class NonNegative(fc.AbstractConstraint):
+        class NonNegative(fc.constraints.AbstractConstraint):
             def project(self, chunk):
                 return jnp.maximum(chunk, 0)
 
@@ -79,13 +79,13 @@ def check_constraint(constraint: Any, name: str) -> None:
         if callable(constraint):
             hint = (
                 " For a violation function, wrap it with its projection: "
-                "fc.FnConstraint(violation_fn, project_fn)."
+                "fc.constraints.FnConstraint(violation_fn, project_fn)."
             )
         raise TypeError(
-            f"`{name}` must be a constraint such as fc.Box(low, high), fc.MaxStepChange(d), "
-            "fc.MaxJerk(j), fc.HalfSpace(normal, offset), fc.Ball(centre, radius), "
-            "fc.OutsideBall(centre, radius), fc.AllOf(...), fc.InRobotSpace(...) or your "
-            f"own fc.AbstractConstraint subclass; got {type(constraint).__name__}.{hint}"
+            f"`{name}` must be a constraint of fc.constraints such as Box(low, high), "
+            "MaxStepChange(d), MaxJerk(j), HalfSpace(normal, offset), Ball(centre, radius), "
+            "OutsideBall(centre, radius), AllOf(...), InRobotSpace(...) or your own "
+            f"fc.constraints.AbstractConstraint subclass; got {type(constraint).__name__}.{hint}"
         )
 
 

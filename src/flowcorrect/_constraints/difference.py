@@ -1,6 +1,6 @@
 """Bounds on the finite differences of a chunk along time, `|Δ^k a| <= limit`: the
-projection shared by [`flowcorrect.MaxStepChange`][] (`k = 1`) and
-[`flowcorrect.MaxJerk`][] (`k = 2, 3`).
+projection shared by [`flowcorrect.constraints.MaxStepChange`][] (`k = 1`) and
+[`flowcorrect.constraints.MaxJerk`][] (`k = 2, 3`).
 
 The set is a convex polytope that couples consecutive actions, so no closed form
 exists; the action dimensions are independent of each other. The projection solves,

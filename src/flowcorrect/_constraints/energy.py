@@ -13,12 +13,13 @@ class ViolationEnergy(AbstractEnergy):
     Low energy is feasible: `fc.Guided` with this energy steers the flow towards the
     feasible set during the flow steps (the violation's gradient, pulled back through
     the policy's velocity), so that a projection afterwards moves the chunk little:
-    `fc.sample(..., energy=fc.ViolationEnergy(c), placement=fc.Project(c, fc.Guided()))`.
+    `fc.sample(..., energy=fc.constraints.ViolationEnergy(c),
+    placement=fc.Project(c, fc.Guided()))`.
     Add it to a learned energy with [`flowcorrect.SumEnergy`][].
 
     **Arguments:**
 
-    - `constraint`: any [`flowcorrect.AbstractConstraint`][].
+    - `constraint`: any [`flowcorrect.constraints.AbstractConstraint`][].
     """
 
     constraint: AbstractConstraint

@@ -39,7 +39,7 @@ class FnConstraint(AbstractConstraint):
         def project(a):
             return a.at[:, 6].set(jnp.clip(a[:, 6], a[0, 6] - 0.02, a[0, 6] + 0.02))
 
-        constraint = fc.FnConstraint(violation, project)
+        constraint = fc.constraints.FnConstraint(violation, project)
         ```
     """
 

@@ -37,7 +37,7 @@ class MaxJerk(AbstractConstraint):
     chunk given, the differences that reach back into them are bounded too, so the
     chunk joins the motion smoothly.
 
-    Projection: the method of [`flowcorrect.MaxStepChange`][] (proximal-gradient
+    Projection: the method of [`flowcorrect.constraints.MaxStepChange`][] (proximal-gradient
     rounds with exact active-set solves) on the differences of this order, with the
     same tolerance, cap and feasible fallback. Violation: the Euclidean norm of the
     excess over every difference.
@@ -72,7 +72,7 @@ class MaxJerk(AbstractConstraint):
         if order > 3:
             raise ValueError(
                 f"MaxJerk `order` must be 2 (acceleration) or 3 (jerk); got {order}. For the "
-                "first difference use fc.MaxStepChange."
+                "first difference use fc.constraints.MaxStepChange."
             )
         if previous is not None:
             previous = parameter("MaxJerk", "previous", previous,

@@ -27,7 +27,7 @@ class InRobotSpace(AbstractConstraint):
     back. What is exact: the result is the feasible chunk nearest to the input in robot
     units, `||scale * (a' - a)||`, which is the Euclidean projection in the policy's
     units as well when `scale` is the same number everywhere, or when the constraint
-    acts on each entry separately ([`flowcorrect.Box`][]). For other constraints with
+    acts on each entry separately ([`flowcorrect.constraints.Box`][]). For other constraints with
     per-dimension scales it is the projection in that weighted norm: still feasible,
     and the nearest in the robot's own units, which is usually what a limit means.
     Violation and tolerance are the constraint's, in robot units.

@@ -17,11 +17,11 @@ class FeasibleFirst(AbstractSelection):
     (`constraint.is_feasible`). When no usable candidate is feasible, the ones of least
     violation remain (usually one), so the chunk handed on is the nearest to feasible;
     project it afterwards for the guarantee:
-    `fc.Project(c, fc.BestOfN(8, select=fc.FeasibleFirst(c)))`.
+    `fc.Project(c, fc.BestOfN(8, select=fc.constraints.FeasibleFirst(c)))`.
 
     **Arguments:**
 
-    - `constraint`: any [`flowcorrect.AbstractConstraint`][].
+    - `constraint`: any [`flowcorrect.constraints.AbstractConstraint`][].
     - `inner`: the rule among the remaining candidates; defaults to
         [`flowcorrect.ByEnergy`][]. With a rule that needs no energy
         (`fc.Medoid()`), no energy is needed.

@@ -53,8 +53,8 @@ class LearnedEnergyConfig:
 
 
 class AbstractLearnedEnergy(AbstractEnergy):
-    """A trainable energy: what [`flowcorrect.fit`][], [`flowcorrect.evaluate`][],
-    [`flowcorrect.energy_matrix`][] and [`flowcorrect.save_model`][] work on.
+    """A trainable energy: what [`flowcorrect.train.fit`][], [`flowcorrect.train.evaluate`][],
+    [`flowcorrect.train.energy_matrix`][] and [`flowcorrect.save_model`][] work on.
 
     The energy splits in three, so that InfoNCE can score all `B x M` pairs of a batch
     while encoding each of the `B` contexts once and embedding each of the `M` chunks

@@ -61,8 +61,8 @@ class EnergyModel(AbstractLearnedEnergy):
     from [`flowcorrect.AbstractLearnedEnergy`][]), done for every chunk and correction
     step.
 
-    It is an [`flowcorrect.AbstractLearnedEnergy`][] (so [`flowcorrect.fit`][],
-    [`flowcorrect.evaluate`][] and [`flowcorrect.save_model`][] take it) and an
+    It is an [`flowcorrect.AbstractLearnedEnergy`][] (so [`flowcorrect.train.fit`][],
+    [`flowcorrect.train.evaluate`][] and [`flowcorrect.save_model`][] take it) and an
     ordinary energy: `model(context, actions)`, [`flowcorrect.correct`][] and
     [`flowcorrect.bind`][] work, on
     one sample (vmap for batches). The context is a [`flowcorrect.TokenContext`][]; its mask is
@@ -75,7 +75,7 @@ class EnergyModel(AbstractLearnedEnergy):
 
     Like every Equinox model with dropout, a new model is in training mode: scoring
     then needs a `key`. Use `eqx.nn.inference_mode(model)` for inference;
-    [`flowcorrect.fit`][] and [`flowcorrect.load_model`][] return models in
+    [`flowcorrect.train.fit`][] and [`flowcorrect.load_model`][] return models in
     inference mode already.
 
     !!! example
@@ -177,7 +177,7 @@ class EnergyModel(AbstractLearnedEnergy):
             raise RuntimeError(
                 "This EnergyModel is in training mode (dropout on) and was called without "
                 "a `key`. For inference use `model = eqx.nn.inference_mode(model)` "
-                "(fc.fit and fc.load_model return inference-mode models); to train, "
+                "(fc.train.fit and fc.load_model return inference-mode models); to train, "
                 "pass `key=`."
             )
         x = self.action_net(actions.astype(jnp.float32))

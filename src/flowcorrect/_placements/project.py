@@ -52,7 +52,7 @@ class Project(AbstractPlacement):
     The chunk leaves feasible (to the constraint's tolerance), moved as little as the
     constraint's projection moves it, with how far in the diagnostics. Inside the flow,
     guide by the violation so that the projection has little left to do:
-    `fc.Project(c, fc.Guided())` with `energy=fc.ViolationEnergy(c)`.
+    `fc.Project(c, fc.Guided())` with `energy=fc.constraints.ViolationEnergy(c)`.
 
     Nothing non-finite leaves: where the inner placement's chunk is not finite, the
     plain policy's chunk from the same noise (the first candidate's, for best-of-N) is
@@ -62,15 +62,16 @@ class Project(AbstractPlacement):
 
     **Arguments:**
 
-    - `constraint`: any [`flowcorrect.AbstractConstraint`][], in the policy's action
-        space (wrap it in [`flowcorrect.InRobotSpace`][] for limits in robot units).
+    - `constraint`: any [`flowcorrect.constraints.AbstractConstraint`][], in the policy's action
+        space (wrap it in [`flowcorrect.constraints.InRobotSpace`][] for limits in robot units).
     - `inner`: the placement that produces the chunk; defaults to
         [`flowcorrect.Plain`][].
 
     !!! example
 
         ```python
-        limits = fc.AllOf(fc.Box(-1.0, 1.0), fc.MaxStepChange(0.1))
+        fcc = fc.constraints
+        limits = fcc.AllOf(fcc.Box(-1.0, 1.0), fcc.MaxStepChange(0.1))
         actions, info = fc.sample(policy, observation, key, placement=fc.Project(limits))
         print(info.placement.violation_after, info.placement.distance)
         ```

@@ -61,8 +61,8 @@ class RealTimeChunking(AbstractPlacement):
     previous chunk's leftover, by PiGDM guidance through the policy's velocity.
 
     At every flow step the velocity becomes `v - sign(dt) * w(tau) * g`, with `g` the
-    gradient of [`flowcorrect.RTCEnergy`][] through the denoised estimate (one VJP of the
-    policy per step), `w` the [`flowcorrect.PiGDMWeight`][] at the paper's time `tau`
+    gradient of [`flowcorrect.rtc.RTCEnergy`][] through the denoised estimate (one VJP of the
+    policy per step), `w` the [`flowcorrect.rtc.PiGDMWeight`][] at the paper's time `tau`
     (mapped from the policy's convention), and no cap relative to the velocity: the
     paper's algorithm exactly, in either convention. Pass it as `placement=` to
     [`flowcorrect.sample`][]; it needs no `energy` (one given there is only reported in
@@ -80,7 +80,7 @@ class RealTimeChunking(AbstractPlacement):
         would execute at the time of the new chunk's row `i`. Shape
         `(leftover, action_dim)` with `leftover <= horizon`, or with a leading batch
         axis matching the sampler's batch. Rows past `leftover` get weight 0.
-        With an [`flowcorrect.ActionQueue`][], `queue.request().prev_chunk_left_over`.
+        With an [`flowcorrect.rtc.ActionQueue`][], `queue.request().prev_chunk_left_over`.
     - `inference_delay`: `d`, the control steps the robot executes from the previous
         chunk before the new one arrives: the new chunk's first `d` actions are never
         executed and are pulled onto the leftover with weight 1. `0 <= d <= leftover`
@@ -89,9 +89,9 @@ class RealTimeChunking(AbstractPlacement):
         inference starts, `1 <= s <= horizon`; the weights vanish from `horizon - s` on.
     - `prefix_attention_schedule`: `'exp'` (default, the paper's), `'linear'`,
         `'ones'` or `'zeros'` (guide towards the first `d` actions only); see
-        [`flowcorrect.rtc_prefix_weights`][].
+        [`flowcorrect.rtc.rtc_prefix_weights`][].
     - `max_guidance_weight`: the paper's `beta`, a finite number `>= 0`, default 5 (see
-        [`flowcorrect.PiGDMWeight`][] for a bad traced value).
+        [`flowcorrect.rtc.PiGDMWeight`][] for a bad traced value).
     - `hard_prefix`: `True` or `False` (or a scalar bool array): after sampling, copy
         the first `d` actions from the leftover, so the chunk agrees with the committed
         actions exactly. Default `False`.

@@ -19,19 +19,19 @@ class Batch(eqx.Module):
         batched [`flowcorrect.TokenContext`][] (tokens `(batch, seq, context_dim)`, mask
         `(batch, seq)`, True = real token) for an [`flowcorrect.EnergyModel`][], state
         vectors `(batch, obs_dim)` for an [`flowcorrect.MLPEnergy`][]; or, when
-        [`flowcorrect.fit`][] is given `to_context`, any pytree of raw observations
+        [`flowcorrect.train.fit`][] is given `to_context`, any pytree of raw observations
         with a leading batch axis, which `to_context` turns into one.
     - `actions`: the expert chunks, `(batch, horizon, action_dim)`. Single actions
         `(batch, action_dim)` are refused: make chunks of length 1 with
         `actions[:, None, :]`.
     - `negatives`: optional extra negatives for each context, `(batch, num_negatives,
         horizon, action_dim)`: e.g. chunks sampled from the policy on the same
-        demonstration states, precomputed (see [`flowcorrect.policy_negatives`][]).
+        demonstration states, precomputed (see [`flowcorrect.train.policy_negatives`][]).
         Scored only against their own context.
     - `observation`: optional: the policy's own input for each row (any pytree with a
         leading batch axis: images and text for openpi, the state for a state-based
         policy), when it is not the energy's `context`. Only
-        [`flowcorrect.PolicyNegatives`][] reads it; the energy never does.
+        [`flowcorrect.train.PolicyNegatives`][] reads it; the energy never does.
     """
 
     context: Any

@@ -13,7 +13,7 @@ from .._misc import is_int
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters of [`flowcorrect.fit`][], serialisable to JSON.
+    """Hyperparameters of [`flowcorrect.train.fit`][], serialisable to JSON.
 
     **Arguments:**
 
@@ -28,15 +28,15 @@ class TrainConfig:
     - `ema_decay`: keep an exponential moving average of the weights with this decay
         (e.g. 0.999), returned as `FitResult.ema_model`; `None` (default) keeps none.
     - `tau`: InfoNCE temperature. Default 0.5. This and the next three fields set
-        [`flowcorrect.fit`][]'s default loss, [`flowcorrect.InfoNCELoss`][].
-    - `grad_penalty`, `grad_margin`: the gradient penalty of [`flowcorrect.info_nce`][].
+        [`flowcorrect.train.fit`][]'s default loss, [`flowcorrect.train.InfoNCELoss`][].
+    - `grad_penalty`, `grad_margin`: the gradient penalty of [`flowcorrect.train.info_nce`][].
         Default 0.1 and 0: on, because an energy sharp enough to classify pairs can
         still be useless for correction (see the training docs for measured effects);
         set `grad_penalty=0.0` for the reference's plain InfoNCE.
     - `pair_chunk`: score this many contexts at a time in the loss (memory); `None` = all.
     - `log_every`: average the metrics over this many steps, append them to the history,
         show them on the progress bar and call `callback`. Default 50.
-    - `eval_every`: run [`flowcorrect.evaluate`][] on the held-out data this often;
+    - `eval_every`: run [`flowcorrect.train.evaluate`][] on the held-out data this often;
         `None` (default) only at the end.
     - `checkpoint_every`: save a checkpoint this often (and at the end), when `fit` has a
         `checkpoint_dir`. Default 500.
@@ -120,13 +120,13 @@ def make_schedule(config: TrainConfig) -> optax.Schedule:
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW on a warm-up + cosine schedule.
 
-    This is the optimiser [`flowcorrect.fit`][] uses when given none.
+    This is the optimiser [`flowcorrect.train.fit`][] uses when given none.
 
     **Arguments:**
 
-    - `config`: a [`flowcorrect.TrainConfig`][]; its `learning_rate`, `warmup_steps`,
+    - `config`: a [`flowcorrect.train.TrainConfig`][]; its `learning_rate`, `warmup_steps`,
         `final_learning_rate` and `num_steps` set the schedule
-        ([`flowcorrect.TrainConfig`][] says how), `clip_norm` the global-norm clip and
+        ([`flowcorrect.train.TrainConfig`][] says how), `clip_norm` the global-norm clip and
         `weight_decay` AdamW's decoupled weight decay.
 
     **Returns:**

@@ -13,22 +13,22 @@ class ShuffledBatches:
     """Batches of an in-memory data set, reshuffled each epoch, indexed by step.
 
     `batches(step)` returns the same batch for the same step in every run and process,
-    which is what [`flowcorrect.fit`][] needs to resume a killed run exactly: the
+    which is what [`flowcorrect.train.fit`][] needs to resume a killed run exactly: the
     order of epoch `e` is a permutation drawn from `numpy.random.default_rng([seed, e])`,
     and a final partial batch of each epoch is dropped.
 
     **Arguments:**
 
-    - `data`: a [`flowcorrect.Batch`][] holding the whole data set (any number of rows);
+    - `data`: a [`flowcorrect.train.Batch`][] holding the whole data set (any number of rows);
         every float array in it must be finite (a NaN or inf row is refused here, once,
-        rather than skipped by [`flowcorrect.fit`][] at every epoch).
+        rather than skipped by [`flowcorrect.train.fit`][] at every epoch).
     - `batch_size`: rows per batch, at most the number of rows.
     - `seed`: the shuffling seed.
     """
 
     def __init__(self, data: Batch, batch_size: int, *, seed: int = 0):
         if not isinstance(data, Batch):
-            raise TypeError(f"`data` must be a flowcorrect.Batch; got {type(data).__name__}.")
+            raise TypeError(f"`data` must be a flowcorrect.train.Batch; got {type(data).__name__}.")
         if not (isinstance(batch_size, int) and 1 <= batch_size <= data.size):
             raise ValueError(
                 f"`batch_size` must be an int in [1, {data.size}] (the rows of `data`); "

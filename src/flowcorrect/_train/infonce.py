@@ -103,7 +103,7 @@ def pair_energies(
     once, and only `score_embedded` runs per pair. With `pair_chunk`, rows are
     computed `pair_chunk` contexts at a time under `jax.checkpoint`, so that memory for
     the per-pair work is `pair_chunk x num_chunks` pairs, not all of them (in the
-    forward and the backward pass). [`flowcorrect.energy_matrix`][] does the encoding
+    forward and the backward pass). [`flowcorrect.train.energy_matrix`][] does the encoding
     and embedding too.
     """
 
@@ -145,7 +145,7 @@ def energy_matrix(
     !!! example
 
         ```python
-        E = fc.energy_matrix(model, held_out.context, held_out.actions)
+        E = fc.train.energy_matrix(model, held_out.context, held_out.actions)
         top1 = jnp.mean(jnp.argmin(E, axis=1) == jnp.arange(E.shape[0]))
         ```
     """
@@ -198,7 +198,7 @@ def info_nce(
     mean over rows of the cross-entropy of the positive,
     `L = mean_i [ logsumexp_j(-E[i, j] / tau) + E[i, i] / tau ]`. Contexts are encoded
     once and chunks embedded once; pairs are scored by broadcasting (see
-    [`flowcorrect.pair_energies`][]), never by copying each context `B` times.
+    [`flowcorrect.train.pair_energies`][]), never by copying each context `B` times.
 
     With `grad_penalty > 0` the loss adds
     `grad_penalty * mean(max(0, ||grad_a E|| - grad_margin)^2)`, the gradient norm

@@ -32,19 +32,19 @@ from .state import TrainState, guarded_update, initial_state
 
 
 class FitResult(NamedTuple):
-    """What [`flowcorrect.fit`][] returns.
+    """What [`flowcorrect.train.fit`][] returns.
 
     **Attributes:**
 
     - `model`: the trained model (same class as given to `fit`), in inference mode.
     - `ema_model`: the moving average of its weights (inference mode), or `None`.
     - `history`: one dict per logging interval: `step`, the mean of each metric of
-        the loss (e.g. [`flowcorrect.info_nce`][]'s) over the interval's applied steps,
+        the loss (e.g. [`flowcorrect.train.info_nce`][]'s) over the interval's applied steps,
         `grad_global_norm` (the gradients' global norm before clipping), `skipped_steps`
         (the steps of the interval whose loss, gradients or updates were not finite,
         and which therefore changed nothing), plus `lr`, and `held_out/...` entries
         when evaluated.
-    - `report`: the [`flowcorrect.EvalReport`][] on the held-out data, or `None`.
+    - `report`: the [`flowcorrect.train.EvalReport`][] on the held-out data, or `None`.
     """
 
     model: Any
@@ -99,27 +99,27 @@ def fit(
     """Trains a learned energy: InfoNCE on demonstrations by default, or any `loss`;
     checkpointed, resumable, data-parallel.
 
-    Each step calls `loss(model, batch, key)` (by default [`flowcorrect.InfoNCELoss`][]:
-    all pairs of the batch, [`flowcorrect.info_nce`][], plus any extra negatives) and
+    Each step calls `loss(model, batch, key)` (by default [`flowcorrect.train.InfoNCELoss`][]:
+    all pairs of the batch, [`flowcorrect.train.info_nce`][], plus any extra negatives) and
     applies an optax optimiser: by default global-norm clipping and AdamW on a
-    warm-up + cosine schedule ([`flowcorrect.make_optimizer`][]). Only the energy
+    warm-up + cosine schedule ([`flowcorrect.train.make_optimizer`][]). Only the energy
     model trains; `to_context` (e.g. the frozen policy's prefix pass) is run inside the
     compiled step under `stop_gradient`.
 
     **Data and exact resume.** `data` is either a function `step -> Batch` (e.g.
-    [`flowcorrect.ShuffledBatches`][]), which makes resuming exact: the run continues
+    [`flowcorrect.train.ShuffledBatches`][]), which makes resuming exact: the run continues
     with the very batch it would have seen; or an iterable of batches, of which a
     resumed run skips the ones already used (exact only if iterating it again replays
     the same batches). Dropout and negatives draw from `fold_in(key, step)`. A step whose
     loss, gradients or updates are not finite (a NaN or inf row in its batch) is skipped:
     the parameters and optimiser state stay as they were, the history counts it in
     `skipped_steps`, and one warning at the end gives the total;
-    [`flowcorrect.ShuffledBatches`][] refuses a data set with non-finite values up
+    [`flowcorrect.train.ShuffledBatches`][] refuses a data set with non-finite values up
     front. With `checkpoint_dir`, a run killed at any point and started again with the
     same arguments resumes from its newest checkpoint and ends with the same parameters
     as an uninterrupted run (the PRNG key stored in the checkpoint is used).
 
-    **Several devices.** With `mesh` (see [`flowcorrect.data_parallel_mesh`][]) each
+    **Several devices.** With `mesh` (see [`flowcorrect.train.data_parallel_mesh`][]) each
     batch is split along its first axis over the mesh's `"batch"` axis and the
     parameters are replicated; the loss is the same as on one device up to float
     rounding. Under `jax.distributed`, every process calls `fit` alike and `data`
@@ -130,23 +130,24 @@ def fit(
     - `model`: the learned energy to train: any [`flowcorrect.AbstractLearnedEnergy`][]
         ([`flowcorrect.EnergyModel`][], a fresh one in training mode;
         [`flowcorrect.MLPEnergy`][]; your own subclass).
-    - `data`: batches, as above, of the type `loss` reads. A [`flowcorrect.Batch`][]
+    - `data`: batches, as above, of the type `loss` reads. A [`flowcorrect.train.Batch`][]
         (InfoNCE) has contexts, expert chunks, and optionally precomputed negatives
         (e.g. policy samples).
-    - `loss`: the objective, an [`flowcorrect.AbstractLoss`][]:
-        [`flowcorrect.InfoNCELoss`][], a verifier loss ([`flowcorrect.OutcomeLoss`][],
-        [`flowcorrect.BradleyTerryLoss`][]) or your own. `None` (default) is
+    - `loss`: the objective, an [`flowcorrect.train.AbstractLoss`][]:
+        [`flowcorrect.train.InfoNCELoss`][], a verifier loss
+        ([`flowcorrect.verifiers.OutcomeLoss`][],
+        [`flowcorrect.verifiers.BradleyTerryLoss`][]) or your own. `None` (default) is
         `InfoNCELoss` with `config`'s `tau`, `grad_penalty`, `grad_margin` and
         `pair_chunk` and the `negatives` and `to_context` below.
     - `key`: a PRNG key for dropout and negatives.
-    - `config`: a [`flowcorrect.TrainConfig`][].
+    - `config`: a [`flowcorrect.train.TrainConfig`][].
     - `optimizer`: any `optax.GradientTransformation`, applied to the model's float
         arrays; `None` (default) is `make_optimizer(config)`. With your own, the
         schedule fields of `config` (`learning_rate`, `warmup_steps`,
         `final_learning_rate`, `weight_decay`, `clip_norm`) are unused and the history
         has no `lr`. Pass the same object to a resumed run.
-    - `negatives`: generators of extra negatives ([`flowcorrect.NoiseNegatives`][],
-        [`flowcorrect.PolicyNegatives`][], ...), appended to `Batch.negatives`; only
+    - `negatives`: generators of extra negatives ([`flowcorrect.train.NoiseNegatives`][],
+        [`flowcorrect.train.PolicyNegatives`][], ...), appended to `Batch.negatives`; only
         with `loss=None` (otherwise they are the loss's own).
     - `to_context`: turns `Batch.context` (raw observations) into what the model's
         `encode` reads, batched (a [`flowcorrect.TokenContext`][] for an
@@ -161,17 +162,17 @@ def fit(
         Messages go to the `"flowcorrect"` logger.
     - `mesh`: a device mesh for data parallelism; `None` = the default device.
     - `held_out`, `held_out_policy_samples`, `eval_corrector`: data for
-        [`flowcorrect.evaluate`][], run at the end (and every `config.eval_every` steps)
+        [`flowcorrect.train.evaluate`][], run at the end (and every `config.eval_every` steps)
         on the moving average if one is kept, else on the model; InfoNCE losses only.
     - `callback`: called as `callback(step, metrics)` at every logging step.
-    - `progress`: an [`flowcorrect.AbstractProgressMeter`][], or `True` (default) for a
-        tqdm bar ([`flowcorrect.TqdmProgressMeter`][]) with the loss's chosen metrics
+    - `progress`: an [`flowcorrect.train.AbstractProgressMeter`][], or `True` (default) for a
+        tqdm bar ([`flowcorrect.train.TqdmProgressMeter`][]) with the loss's chosen metrics
         (InfoNCE: the loss, the top-1 and pairwise accuracies, E_pos and E_neg), or
         `False` for none.
 
     **Returns:**
 
-    A [`flowcorrect.FitResult`][]: `(model, ema_model, history, report)`.
+    A [`flowcorrect.train.FitResult`][]: `(model, ema_model, history, report)`.
     """
     if loss is None:
         negatives = tuple(negatives)
@@ -193,21 +194,22 @@ def fit(
     else:
         if not isinstance(loss, AbstractLoss):
             raise TypeError(
-                "`loss` must be an fc.AbstractLoss (fc.InfoNCELoss, fc.OutcomeLoss, "
-                f"fc.BradleyTerryLoss, your own) or None; got {type(loss).__name__}."
+                "`loss` must be an fc.train.AbstractLoss (fc.train.InfoNCELoss, "
+                "fc.verifiers.OutcomeLoss, fc.verifiers.BradleyTerryLoss, your own) or None; "
+                f"got {type(loss).__name__}."
             )
         if tuple(negatives) or to_context is not None:
             raise ValueError(
                 "`negatives` and `to_context` build fit's default InfoNCE loss; with your "
-                "own `loss`, give them to it: fc.InfoNCELoss(negatives=..., to_context=...)."
+                "own `loss`, give them to it: fc.train.InfoNCELoss(negatives=..., to_context=...)."
             )
         loss_meta = {"loss": repr(loss)}
     evaluate = None
     if held_out is not None:
         if not isinstance(loss, InfoNCELoss):
             raise ValueError(
-                "`held_out` is evaluated with fc.evaluate, for InfoNCE training; for a "
-                "verifier use fc.verifier_report on held-out rollouts."
+                "`held_out` is evaluated with fc.train.evaluate, for InfoNCE training; for a "
+                "verifier use fc.verifiers.verifier_report on held-out rollouts."
             )
 
         def evaluate(model: AbstractLearnedEnergy) -> EvalReport:
@@ -253,7 +255,7 @@ def train(
     loss_meta: dict[str, Any],
     who: str,
 ) -> FitResult:
-    """The loop of [`flowcorrect.fit`][] and [`flowcorrect.fit_verifier`][] (`who`
+    """The loop of [`flowcorrect.train.fit`][] and [`flowcorrect.verifiers.fit_verifier`][] (`who`
     names the caller in messages). `loss_meta` is written into every checkpoint and a
     resumed run must find the same there."""
     check_learned(model, who)
@@ -381,7 +383,7 @@ def _batches(data: Any, start: int) -> Iterator[Any]:
         # is exact only if iterating `data` afresh replays the same batches.
         return itertools.islice(iter(data), start, None)
     raise TypeError(
-        "`data` must be a function step -> batch (e.g. fc.ShuffledBatches) or an "
+        "`data` must be a function step -> batch (e.g. fc.train.ShuffledBatches) or an "
         f"iterable of batches; got {type(data).__name__}."
     )
 

@@ -18,13 +18,13 @@ from .report import EvalReport, evaluate
 
 
 class AbstractLoss(eqx.Module):
-    """A training objective of [`flowcorrect.fit`][]: the loop calls
+    """A training objective of [`flowcorrect.train.fit`][]: the loop calls
     `loss(model, batch, key)` inside its compiled step, differentiates the first
     output with respect to the model's float arrays and applies the optimiser; it
     never asks which loss it has.
 
-    Subclass it for your own objective; [`flowcorrect.InfoNCELoss`][] (demonstrations)
-    and [`flowcorrect.AbstractVerifierLoss`][] (rollouts) are the library's.
+    Subclass it for your own objective; [`flowcorrect.train.InfoNCELoss`][] (demonstrations)
+    and [`flowcorrect.verifiers.AbstractVerifierLoss`][] (rollouts) are the library's.
     """
 
     @abc.abstractmethod
@@ -42,19 +42,19 @@ class AbstractLoss(eqx.Module):
 
 
 class InfoNCELoss(AbstractLoss):
-    """InfoNCE over all pairs of a [`flowcorrect.Batch`][] of demonstrations, plus
-    extra negatives: [`flowcorrect.info_nce`][] with the batch's own
+    """InfoNCE over all pairs of a [`flowcorrect.train.Batch`][] of demonstrations, plus
+    extra negatives: [`flowcorrect.train.info_nce`][] with the batch's own
     `Batch.negatives` followed by those drawn by `negatives`.
 
     The key of a step is split in two: one for the negatives, one for the loss
-    (dropout). Metrics: those of [`flowcorrect.info_nce`][].
+    (dropout). Metrics: those of [`flowcorrect.train.info_nce`][].
 
     **Arguments:**
 
     - `tau`, `grad_penalty`, `grad_margin`, `pair_chunk`: as in
-        [`flowcorrect.info_nce`][]. Defaults `0.5`, `0.1`, `0.0`, `None`.
-    - `negatives`: generators of extra negatives ([`flowcorrect.NoiseNegatives`][],
-        [`flowcorrect.PolicyNegatives`][], ...), appended to `Batch.negatives`.
+        [`flowcorrect.train.info_nce`][]. Defaults `0.5`, `0.1`, `0.0`, `None`.
+    - `negatives`: generators of extra negatives ([`flowcorrect.train.NoiseNegatives`][],
+        [`flowcorrect.train.PolicyNegatives`][], ...), appended to `Batch.negatives`.
     - `to_context`: turns `Batch.context` (raw observations) into what the model's
         `encode` reads, batched, under `stop_gradient` (e.g. the frozen policy's prefix
         pass); `None` if batches hold contexts already.
@@ -80,7 +80,7 @@ class InfoNCELoss(AbstractLoss):
         if not isinstance(batch, Batch):
             raise TypeError(
                 f"`data` gave a {type(batch).__name__}; InfoNCE training reads "
-                "flowcorrect.Batch objects."
+                "flowcorrect.train.Batch objects."
             )
         k_neg, k_loss = jax.random.split(key)
         context = batch.context
@@ -120,7 +120,7 @@ class InfoNCELoss(AbstractLoss):
         policy_samples: Array | None = None,
         corrector: AbstractCorrector | None = None,
     ) -> EvalReport:
-        """[`flowcorrect.evaluate`][] with this loss's `tau`, `pair_chunk` and
+        """[`flowcorrect.train.evaluate`][] with this loss's `tau`, `pair_chunk` and
         `to_context`."""
         return evaluate(
             model,

@@ -10,7 +10,7 @@ The bounded energy of the reference is `E = mean_t (2 sigmoid(h_t / 2) + 0.1)`, 
 synthetic matching task (bounded; unbounded; unbounded with a gradient penalty) and
 reports, on held-out data, how far the trained heads sit in the flat tails for expert
 chunks, in-batch mismatches and noisy "policy" samples, together with the held-out
-[`flowcorrect.evaluate`][] figures.
+[`flowcorrect.train.evaluate`][] figures.
 """
 
 import argparse

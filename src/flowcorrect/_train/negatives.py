@@ -5,8 +5,8 @@ nothing about the chunks near the expert's that a policy actually produces. A pi
 here found that with in-batch and noise negatives only, the energy's low regions were
 no closer to the expert's actions. The policy's own samples on the demonstration
 states are the mistakes a correction must undo: draw them beforehand with
-[`flowcorrect.policy_negatives`][] into `Batch.negatives`, or in the training step with
-[`flowcorrect.PolicyNegatives`][], which reads the policy's input from
+[`flowcorrect.train.policy_negatives`][] into `Batch.negatives`, or in the training step with
+[`flowcorrect.train.PolicyNegatives`][], which reads the policy's input from
 `Batch.observation`.
 """
 
@@ -173,7 +173,7 @@ class PolicyNegatives(AbstractNegatives):
     - `num`: how many samples per demonstration.
 
     Sampling the policy in every training step costs a full flow integration per
-    negative; [`flowcorrect.policy_negatives`][] draws them once, beforehand, into
+    negative; [`flowcorrect.train.policy_negatives`][] draws them once, beforehand, into
     `Batch.negatives` instead.
     """
 
@@ -194,9 +194,9 @@ class PolicyNegatives(AbstractNegatives):
             raise ValueError(
                 "PolicyNegatives samples the policy on `Batch.observation`, the policy's own "
                 "input, and this batch has none. Build the batches with "
-                "fc.Batch(context, actions, observation=policy_inputs) (or "
+                "fc.train.Batch(context, actions, observation=policy_inputs) (or "
                 "observation=context if the policy reads the energy's context), or draw "
-                "the negatives beforehand with fc.policy_negatives into Batch.negatives."
+                "the negatives beforehand with fc.train.policy_negatives into Batch.negatives."
             )
         out = _sample_stack(self.sample, key, observation, self.num)
         if out.shape[1:] != actions.shape:
@@ -254,9 +254,9 @@ def policy_negatives(
     !!! example
 
         ```python
-        negatives = fc.policy_negatives(lambda k, o: fc.sample(policy, o, k)[0],
+        negatives = fc.train.policy_negatives(lambda k, o: fc.sample(policy, o, k)[0],
                                         observations, 8, jax.random.key(0))
-        data = fc.ShuffledBatches(fc.Batch(contexts, actions, negatives), 64)
+        data = fc.train.ShuffledBatches(fc.train.Batch(contexts, actions, negatives), 64)
         ```
     """
     _check_count("num", num)

@@ -7,7 +7,7 @@ import equinox as eqx
 
 
 class AbstractProgressMeter(eqx.Module):
-    """How [`flowcorrect.fit`][] shows its progress, on the host, between steps.
+    """How [`flowcorrect.train.fit`][] shows its progress, on the host, between steps.
 
     `fit` calls `init` once before the first step, `step` after every step (with the
     latest logged metrics at each logging step, `None` otherwise) and `close` once at
@@ -77,5 +77,5 @@ def progress_meter(progress: Any) -> AbstractProgressMeter:
         return TqdmProgressMeter() if progress else NoProgressMeter()
     raise TypeError(
         "`progress` must be True (a tqdm bar), False (none) or an "
-        f"fc.AbstractProgressMeter; got {type(progress).__name__}."
+        f"fc.train.AbstractProgressMeter; got {type(progress).__name__}."
     )

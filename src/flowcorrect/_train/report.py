@@ -20,7 +20,7 @@ from .infonce import check_learned, info_nce, typed_key
 
 @dataclasses.dataclass(frozen=True)
 class EvalReport:
-    """What [`flowcorrect.evaluate`][] measured on held-out data. Floats; `None` where
+    """What [`flowcorrect.train.evaluate`][] measured on held-out data. Floats; `None` where
     not measured (the policy-sample fields need `policy_samples`).
 
     **Attributes:**
@@ -167,23 +167,23 @@ def evaluate(
     **Arguments:**
 
     - `model`: any [`flowcorrect.AbstractLearnedEnergy`][]; evaluated in inference mode.
-    - `batch`: held-out demonstrations, a [`flowcorrect.Batch`][] (at least 2).
+    - `batch`: held-out demonstrations, a [`flowcorrect.train.Batch`][] (at least 2).
     - `policy_samples`: optional `(batch, N, horizon, action_dim)` chunks sampled from
         the policy on the same states.
     - `corrector`: the one correction step to test; defaults to one step of
         [`flowcorrect.reference_recipe`][] (alpha 0.1, clip 20% of the chunk's norm).
     - `tau`: InfoNCE temperature for the held-out loss.
-    - `pair_chunk`: as in [`flowcorrect.info_nce`][].
-    - `to_context`: as in [`flowcorrect.fit`][], when `batch.context` is raw observations.
+    - `pair_chunk`: as in [`flowcorrect.train.info_nce`][].
+    - `to_context`: as in [`flowcorrect.train.fit`][], when `batch.context` is raw observations.
     - `key`: for stochastic correctors; defaults to `jax.random.key(0)`.
 
     **Returns:**
 
-    An [`flowcorrect.EvalReport`][].
+    An [`flowcorrect.train.EvalReport`][].
     """
     check_learned(model, "evaluate")
     if not isinstance(batch, Batch):
-        raise TypeError(f"`batch` must be a flowcorrect.Batch; got {type(batch).__name__}.")
+        raise TypeError(f"`batch` must be a flowcorrect.train.Batch; got {type(batch).__name__}.")
     if policy_samples is not None:
         policy_samples = jnp.asarray(policy_samples)
         if (

@@ -22,7 +22,7 @@ def check_mesh(mesh: Mesh) -> None:
     if not isinstance(mesh, Mesh) or BATCH_AXIS not in mesh.axis_names:
         raise ValueError(
             f"`mesh` must be a jax.sharding.Mesh with an axis named {BATCH_AXIS!r}, e.g. "
-            "fc.data_parallel_mesh()."
+            "fc.train.data_parallel_mesh()."
         )
 
 

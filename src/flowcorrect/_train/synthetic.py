@@ -51,7 +51,7 @@ def matching_task(
 
     **Returns:**
 
-    A [`flowcorrect.Batch`][]: between `seq // 2` and `seq` real tokens per context.
+    A [`flowcorrect.train.Batch`][]: between `seq // 2` and `seq` real tokens per context.
     """
     kz, kt, kc, kp, kg, ka = jax.random.split(key, 6)
     z = jax.random.normal(kz, (num, action_dim))

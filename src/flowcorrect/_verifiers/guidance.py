@@ -60,7 +60,7 @@ class GuidanceReport:
     - `gradient_cosine`: mean cosine between the verifier's and the judge's gradients at
         the candidates (0 for unrelated directions).
     - `pair_cosine`: at pairs of similar states (a failed query, a succeeded one; see
-        [`flowcorrect.similar_state_pairs`][]), the mean cosine between the verifier's
+        [`flowcorrect.verifiers.similar_state_pairs`][]), the mean cosine between the verifier's
         downhill direction at the failed chunk and the direction from it to the
         succeeded chunk; `pair_cosine_se`: its standard error; `num_pairs`. NaN and 0
         when the observation is not an array or no pair is close enough.
@@ -143,7 +143,7 @@ def guidance_report(energy: Any, rollouts: Rollouts, *, judge: Any = None,
     **Arguments:**
 
     - `energy`: the verifier that would guide (low = success).
-    - `rollouts`: held-out [`flowcorrect.Rollouts`][]; their candidates are the chunks
+    - `rollouts`: held-out [`flowcorrect.verifiers.Rollouts`][]; their candidates are the chunks
         stepped.
     - `judge`: a second verifier trained on episodes disjoint from `energy`'s and from
         `rollouts`; without it the judged fields are NaN.
@@ -152,13 +152,13 @@ def guidance_report(energy: Any, rollouts: Rollouts, *, judge: Any = None,
         (defaults to the rollouts' candidates).
     - `step_size`: the step's length in units of the candidates' spread `r`.
     - `pair_distance`: how close two states must be to form a pair (as in
-        [`flowcorrect.similar_state_pairs`][]).
+        [`flowcorrect.verifiers.similar_state_pairs`][]).
     - `seed`: for the random directions and the pairs.
     """
     from .train import similar_state_pairs
 
     if not isinstance(rollouts, Rollouts):
-        raise TypeError(f"`rollouts` must be fc.Rollouts; got {type(rollouts).__name__}.")
+        raise TypeError(f"`rollouts` must be fc.verifiers.Rollouts; got {type(rollouts).__name__}.")
     if rollouts.num_queries == 0:
         raise ValueError("guidance_report needs at least one query in `rollouts`.")
     if not step_size > 0:

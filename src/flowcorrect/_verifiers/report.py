@@ -37,7 +37,7 @@ def candidate_energies(energy: Any, rollouts: Rollouts, block: int = 1024) -> np
     (an array, or the pytree with each leaf's row), scored `block` queries at a time.
     """
     if not isinstance(rollouts, Rollouts):
-        raise TypeError(f"`rollouts` must be fc.Rollouts; got {type(rollouts).__name__}.")
+        raise TypeError(f"`rollouts` must be fc.verifiers.Rollouts; got {type(rollouts).__name__}.")
     energy = as_energy(energy)
     out = []
     for i in range(0, rollouts.num_queries, block):
@@ -103,12 +103,12 @@ class VerifierReport:
 def verifier_report(energy: Any, rollouts: Rollouts, *, guidance: bool = False,
                     judge: Any = None, guided: Any = None, plain: Any = None,
                     step_size: float = 0.5) -> VerifierReport:
-    """The [`flowcorrect.VerifierReport`][] of `energy` on (held-out) `rollouts`.
+    """The [`flowcorrect.verifiers.VerifierReport`][] of `energy` on (held-out) `rollouts`.
 
     **Arguments:**
 
     - `energy`: the verifier (low energy = success).
-    - `rollouts`: held-out [`flowcorrect.Rollouts`][].
+    - `rollouts`: held-out [`flowcorrect.verifiers.Rollouts`][].
     - `guidance`: also check guidance by the verifier's gradient (the report's
         `guidance` field). Implied by `judge` or `guided`.
     - `judge`: a second verifier trained on episodes disjoint from `energy`'s and from
@@ -120,7 +120,7 @@ def verifier_report(energy: Any, rollouts: Rollouts, *, guidance: bool = False,
         candidates around their mean.
     """
     if not isinstance(rollouts, Rollouts):
-        raise TypeError(f"`rollouts` must be fc.Rollouts; got {type(rollouts).__name__}.")
+        raise TypeError(f"`rollouts` must be fc.verifiers.Rollouts; got {type(rollouts).__name__}.")
     if rollouts.num_queries == 0:
         raise ValueError("verifier_report needs at least one query in `rollouts`.")
     e = candidate_energies(energy, rollouts)

@@ -55,7 +55,7 @@ class Rollouts:
     - `episode_seed`: `(E,)` int, the layout (seed) of each episode.
 
     Build one from whole episodes with `Rollouts.from_episodes`; read
-    a directory with [`flowcorrect.load_rollouts`][].
+    a directory with [`flowcorrect.verifiers.load_rollouts`][].
     """
 
     observation: Any
@@ -330,11 +330,12 @@ class RolloutWriter:
 
 
 def load_rollouts(directory: str | pathlib.Path, *, skip_corrupt: bool = False) -> Rollouts:
-    """Reads every part listed in `<directory>/meta.json` as one [`flowcorrect.Rollouts`][].
+    """Reads every part listed in `<directory>/meta.json` as one
+    [`flowcorrect.verifiers.Rollouts`][].
 
     **Arguments:**
 
-    - `directory`: a directory written by [`flowcorrect.RolloutWriter`][].
+    - `directory`: a directory written by [`flowcorrect.verifiers.RolloutWriter`][].
     - `skip_corrupt`: `False` (default): a part that cannot be read (truncated, edited,
         deleted, or of another layout) is an error naming it. `True`: such parts are
         left out and named in a warning, and the intact ones are returned; if
@@ -350,7 +351,7 @@ def load_rollouts(directory: str | pathlib.Path, *, skip_corrupt: bool = False) 
     if not meta_path.exists():
         raise FileNotFoundError(
             f"No rollouts in {directory}: meta.json is missing (write them with "
-            "fc.RolloutWriter)."
+            "fc.verifiers.RolloutWriter)."
         )
     skipped: list[str] = []
     try:
@@ -401,7 +402,7 @@ class RolloutFileError(ValueError):
 
 
 _FOREIGN = (
-    "fc.RolloutWriter replaces its files atomically, so a truncated or unreadable file "
+    "fc.verifiers.RolloutWriter replaces its files atomically, so a truncated or unreadable file "
     "was cut short or edited by something else (a copy, a sync, a full disk)."
 )
 
@@ -417,7 +418,7 @@ def _read_meta(directory: pathlib.Path) -> dict[str, Any]:
         reason = f"{type(e).__name__}: {e}"
         raise RolloutFileError(
             f"{path} cannot be read ({reason}). {_FOREIGN} The parts may be intact: "
-            "load them with fc.load_rollouts(directory, skip_corrupt=True), which then "
+            "load them with fc.verifiers.load_rollouts(directory, skip_corrupt=True), which then "
             "reads every part-*.npz; to append again, restore meta.json from a backup or "
             "move the parts to a fresh directory with its own writer.",
             reason,
@@ -446,7 +447,7 @@ def _read_part(directory: pathlib.Path, name: str) -> Rollouts:
         raise RolloutFileError(
             f"The rollout part {path} cannot be read ({reason}). {_FOREIGN} Delete or move "
             f"{name} out of the directory and load the rest with "
-            f"fc.load_rollouts({str(directory)!r}, skip_corrupt=True).",
+            f"fc.verifiers.load_rollouts({str(directory)!r}, skip_corrupt=True).",
             reason,
         ) from None
 

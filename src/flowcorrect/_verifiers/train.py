@@ -4,17 +4,17 @@ Low energy means "this chunk leads to success from here". Three losses, all on t
 same model classes as InfoNCE ([`flowcorrect.MLPEnergy`][],
 [`flowcorrect.EnergyModel`][], your own [`flowcorrect.AbstractLearnedEnergy`][]):
 
-- [`flowcorrect.OutcomeLoss`][]: logistic regression of the outcome on `-E(s, a)`, so
+- [`flowcorrect.verifiers.OutcomeLoss`][]: logistic regression of the outcome on `-E(s, a)`, so
     `E = -logit P(success | s, a)`; with `target="discounted"` the soft target is
     `gamma ** steps_to_success` (a Monte-Carlo value of the chunk under the policy).
-- [`flowcorrect.BradleyTerryLoss`][]: `-log sigmoid(E(s', a_fail) - E(s, a_success))`
+- [`flowcorrect.verifiers.BradleyTerryLoss`][]: `-log sigmoid(E(s', a_fail) - E(s, a_success))`
     over pairs of queries at similar states, one from a succeeding and one from a
-    failing episode ([`flowcorrect.similar_state_pairs`][]).
+    failing episode ([`flowcorrect.verifiers.similar_state_pairs`][]).
 
-The losses are [`flowcorrect.AbstractLoss`][]es: [`flowcorrect.fit`][] trains with them
-as it does with InfoNCE (the same [`flowcorrect.TrainConfig`][] and optax optimiser,
+The losses are [`flowcorrect.train.AbstractLoss`][]es: [`flowcorrect.train.fit`][] trains with them
+as it does with InfoNCE (the same [`flowcorrect.train.TrainConfig`][] and optax optimiser,
 orbax checkpoints with exact resume, a progress meter, a data-parallel mesh), and
-[`flowcorrect.fit_verifier`][] is that loop.
+[`flowcorrect.verifiers.fit_verifier`][] is that loop.
 """
 
 import abc
@@ -68,7 +68,7 @@ def _energies(model: AbstractLearnedEnergy, context: Any, actions: Array, key: A
 
 
 class AbstractVerifierLoss(AbstractLoss):
-    """A loss of [`flowcorrect.fit_verifier`][] (and [`flowcorrect.fit`][]):
+    """A loss of [`flowcorrect.verifiers.fit_verifier`][] (and [`flowcorrect.train.fit`][]):
     `loss(model, batch, key) -> (scalar, metrics)`, with a `metrics` dict of scalars
     for the history and the progress meter, which shows `loss` and `accuracy`."""
 
@@ -88,9 +88,9 @@ class AbstractVerifierLoss(AbstractLoss):
 class OutcomeLoss(AbstractVerifierLoss):
     """Binary cross-entropy of the target on the logit `-E(s, a)` (`E = -logit p`).
 
-    Reads a [`flowcorrect.LabelledBatch`][]; the target is the episode's success, or a
+    Reads a [`flowcorrect.verifiers.LabelledBatch`][]; the target is the episode's success, or a
     soft value in `[0, 1]` such as `gamma ** steps_to_success`
-    ([`flowcorrect.outcome_batches`][] builds either). Metrics: `loss`, `accuracy`
+    ([`flowcorrect.verifiers.outcome_batches`][] builds either). Metrics: `loss`, `accuracy`
     (threshold 0.5 on both), `e_success`, `e_failure` (mean energies of targets above
     and below 0.5).
     """
@@ -111,7 +111,7 @@ class OutcomeLoss(AbstractVerifierLoss):
 
 
 class BradleyTerryLoss(AbstractVerifierLoss):
-    """`-log sigmoid(E_lose - E_win)` over a [`flowcorrect.PairBatch`][]: the chunk that
+    """`-log sigmoid(E_lose - E_win)` over a [`flowcorrect.verifiers.PairBatch`][]: the chunk that
     led to success should get the lower energy. Sees only energy differences, so it
     cannot learn a state's value from pairs at one state, only which action is better.
 
@@ -138,7 +138,7 @@ def outcome_batches(
 
     **Arguments:**
 
-    - `rollouts`: [`flowcorrect.Rollouts`][].
+    - `rollouts`: [`flowcorrect.verifiers.Rollouts`][].
     - `batch_size`: rows per batch, at most the number of queries.
     - `target`: `"success"` (the episode's outcome) or `"discounted"`
         (`gamma ** steps_to_success`, 0 for a failed episode).
@@ -166,7 +166,7 @@ def similar_state_pairs(
 
     **Arguments:**
 
-    - `rollouts`: [`flowcorrect.Rollouts`][].
+    - `rollouts`: [`flowcorrect.verifiers.Rollouts`][].
     - `max_distance`, `scale`, `seed`: as above.
     - `compare_by`: what state vector to compare queries by. `None` (default): the
         observation, which must then be an array (flattened per query). For a pytree
@@ -203,7 +203,7 @@ def similar_state_pairs(
 def _state_vectors(rollouts: Rollouts, compare_by: Any, owner: str) -> np.ndarray:
     """`(Q, d)` float64: the state of each query that `compare_by` names."""
     if not isinstance(rollouts, Rollouts):
-        raise TypeError(f"`rollouts` must be fc.Rollouts; got {type(rollouts).__name__}.")
+        raise TypeError(f"`rollouts` must be fc.verifiers.Rollouts; got {type(rollouts).__name__}.")
     q = rollouts.num_queries
     leaves = dict(observation_leaves(rollouts.observation))
     if compare_by is None:
@@ -250,7 +250,7 @@ def pair_batches(
     rollouts: Rollouts, batch_size: int, *, max_distance: float = 1.0, seed: int = 0,
     compare_by: str | Callable[[Any], Any] | None = None,
 ) -> Callable[[int], PairBatch]:
-    """A batch source `step -> PairBatch` over [`flowcorrect.similar_state_pairs`][]
+    """A batch source `step -> PairBatch` over [`flowcorrect.verifiers.similar_state_pairs`][]
     (`compare_by` as there: needed for a pytree observation). The contexts are the
     pairs' observations, of the observation's structure."""
     win, lose = similar_state_pairs(rollouts, max_distance=max_distance, seed=seed,
@@ -302,7 +302,7 @@ def fit_verifier(
     callback: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool | AbstractProgressMeter = True,
 ) -> FitResult:
-    """Trains a learned energy as a verifier: the loop of [`flowcorrect.fit`][] with a
+    """Trains a learned energy as a verifier: the loop of [`flowcorrect.train.fit`][] with a
     verifier loss.
 
     **Arguments:**
@@ -310,48 +310,49 @@ def fit_verifier(
     - `model`: any [`flowcorrect.AbstractLearnedEnergy`][], e.g. a fresh
         [`flowcorrect.MLPEnergy`][] for state vectors, or your own whose `encode` reads
         one query's observation pytree (a small CNN over an image plus the state).
-    - `data`: a function `step -> batch` ([`flowcorrect.outcome_batches`][],
-        [`flowcorrect.pair_batches`][]); batch `n` must not depend on the run, so that a
+    - `data`: a function `step -> batch` ([`flowcorrect.verifiers.outcome_batches`][],
+        [`flowcorrect.verifiers.pair_batches`][]); batch `n` must not depend on the run, so that a
         resumed run is exact.
-    - `loss`: an [`flowcorrect.AbstractVerifierLoss`][] reading that batch type.
+    - `loss`: an [`flowcorrect.verifiers.AbstractVerifierLoss`][] reading that batch type.
     - `key`: a PRNG key (dropout).
-    - `config`: a [`flowcorrect.TrainConfig`][]; the optimiser fields and
+    - `config`: a [`flowcorrect.train.TrainConfig`][]; the optimiser fields and
         `num_steps`, `log_every`, `checkpoint_every`, `keep_checkpoints` are used (not
         `tau`, the gradient penalty or `ema_decay`).
     - `checkpoint_dir`: save orbax checkpoints there and resume from the newest.
     - `on_corrupt`: when the newest checkpoint cannot be read, `"raise"` (default) a
         `CheckpointError` naming it, or `"fallback"`: resume from the newest intact
         older one and move the broken ones to `<checkpoint_dir>/corrupt/`, as
-        [`flowcorrect.fit`][] does.
+        [`flowcorrect.train.fit`][] does.
     - `callback`: `callback(step, metrics)` at every logging step.
     - `progress`: `True` (default) for a tqdm bar with the loss and accuracy, `False`
-        for none, or an [`flowcorrect.AbstractProgressMeter`][].
+        for none, or an [`flowcorrect.train.AbstractProgressMeter`][].
 
     A step whose loss, gradients or updates are not finite is skipped (the model and
     optimiser state stay as they were), counted in the history's `skipped_steps` and
-    reported in one warning at the end, as in [`flowcorrect.fit`][].
+    reported in one warning at the end, as in [`flowcorrect.train.fit`][].
 
     **Returns:**
 
-    A [`flowcorrect.FitResult`][] (`report` is `None`: use
-    [`flowcorrect.verifier_report`][] on held-out rollouts).
+    A [`flowcorrect.train.FitResult`][] (`report` is `None`: use
+    [`flowcorrect.verifiers.verifier_report`][] on held-out rollouts).
     """
     check_learned(model, "fit_verifier")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig; got {type(config).__name__}.")
     if not isinstance(loss, AbstractVerifierLoss):
         raise TypeError(
-            "`loss` must be a verifier loss: fc.OutcomeLoss() or fc.BradleyTerryLoss() (or "
-            f"your own fc.AbstractVerifierLoss); got {type(loss).__name__}."
+            "`loss` must be a verifier loss: fc.verifiers.OutcomeLoss() or "
+            "fc.verifiers.BradleyTerryLoss() (or your own fc.verifiers.AbstractVerifierLoss); "
+            f"got {type(loss).__name__}."
         )
     if not callable(data):
         raise TypeError(
-            "`data` must be a function step -> batch, e.g. fc.outcome_batches(rollouts, 256); "
-            f"got {type(data).__name__}."
+            "`data` must be a function step -> batch, e.g. "
+            f"fc.verifiers.outcome_batches(rollouts, 256); got {type(data).__name__}."
         )
     if config.ema_decay is not None:
         raise ValueError(
-            "fit_verifier keeps no moving average: use ema_decay=None (fc.fit(model, data, "
+            "fit_verifier keeps no moving average: use ema_decay=None (fc.train.fit(model, data, "
             "loss, ...) keeps one)."
         )
     return train(

@@ -8,8 +8,8 @@ Two constraints on the translation command `a[:3]` (Meta-World moves the hand by
 `a[:3] / 100` per step; the scripted experts saturate at 1 per axis, so the
 demonstrations never respect either):
 
-- `speed`: `||a[:3]|| <= 0.8` ([`flowcorrect.Ball`][] about 0), a speed limit;
-- `descent`: `-a[2] <= 0.3` ([`flowcorrect.HalfSpace`][]), a limit on how fast the hand
+- `speed`: `||a[:3]|| <= 0.8` ([`flowcorrect.constraints.Ball`][] about 0), a speed limit;
+- `descent`: `-a[2] <= 0.3` ([`flowcorrect.constraints.HalfSpace`][]), a limit on how fast the hand
     may move down (towards the table).
 
 Every executed action (after the environment's clip to [-1, 1], which keeps both
@@ -19,10 +19,10 @@ projection moved them. Settings (the number compared with plain is in the table)
 
 - `plain`;
 - `project`: [`flowcorrect.Project`][] of the plain chunk, the guarantee;
-- `guided w=W`: [`flowcorrect.Guided`][] by [`flowcorrect.ViolationEnergy`][] of the
+- `guided w=W`: [`flowcorrect.Guided`][] by [`flowcorrect.constraints.ViolationEnergy`][] of the
     constraint, every flow step (no guarantee);
 - `guided w=W + project`: both, so the projection has less to do;
-- `best-of-8 feasible-first + project`: [`flowcorrect.FeasibleFirst`][] among 8
+- `best-of-8 feasible-first + project`: [`flowcorrect.constraints.FeasibleFirst`][] among 8
     candidates by consensus ([`flowcorrect.Medoid`][]), then projected.
 """
 
@@ -52,10 +52,11 @@ def make_constraint(name: str, limit: float | None = None) -> Any:
     import flowcorrect as fc
 
     if name == "speed":
-        return fc.Ball(jnp.zeros(3), 0.8 if limit is None else limit, dims=(0, 1, 2))
+        return fc.constraints.Ball(jnp.zeros(3), 0.8 if limit is None else limit, dims=(0, 1, 2))
     if name == "descent":
-        return fc.HalfSpace(jnp.array([0.0, 0.0, -1.0]), 0.3 if limit is None else limit,
-                            dims=(0, 1, 2))
+        return fc.constraints.HalfSpace(
+            jnp.array([0.0, 0.0, -1.0]), 0.3 if limit is None else limit, dims=(0, 1, 2)
+        )
     raise ValueError(f"`constraint` must be one of {list(CONSTRAINTS)}; got {name!r}.")
 
 
@@ -80,7 +81,7 @@ def suite(constraint: Any, weight: float) -> list[ConstraintSetting]:
     import flowcorrect as fc
 
     guide = fc.Guided(schedule=fc.EveryStep(), weight=weight, cap=1e3)
-    pick = fc.BestOfN(8, select=fc.FeasibleFirst(constraint, inner=fc.Medoid()))
+    pick = fc.BestOfN(8, select=fc.constraints.FeasibleFirst(constraint, inner=fc.Medoid()))
     return [
         ConstraintSetting("plain"),
         ConstraintSetting("project", fc.Project(constraint)),
@@ -105,7 +106,7 @@ def _run(policy, constraint, static, obs, key):
     shape = (policy.chunk_shape if setting.placement is None
              else setting.placement.noise_shape(policy.chunk_shape))
     noise = jax.random.normal(key, (obs.shape[0], *shape), jnp.float32)
-    energy = fc.ViolationEnergy(constraint) if setting.guided else None
+    energy = fc.constraints.ViolationEnergy(constraint) if setting.guided else None
     actions, info = fc.sample(policy, obs, key, noise=noise, placement=setting.placement,
                               energy=energy)
     after = jax.vmap(constraint.violation)(actions)

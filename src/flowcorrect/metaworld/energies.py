@@ -1,6 +1,6 @@
 """Energies for the harness: a learned energy over the observation vector
-([`flowcorrect.MLPEnergy`][]), trained with [`flowcorrect.fit`][] and the policy's own
-samples as negatives ([`flowcorrect.policy_negatives`][]), and a hand-written speed
+([`flowcorrect.MLPEnergy`][]), trained with [`flowcorrect.train.fit`][] and the policy's own
+samples as negatives ([`flowcorrect.train.policy_negatives`][]), and a hand-written speed
 limit a user could write without any data.
 """
 
@@ -73,9 +73,9 @@ def train_energy(
     progress: bool = True,
 ) -> tuple[MLPEnergy, dict[str, Any]]:
     """Trains an [`flowcorrect.MLPEnergy`][] on the raw observation vector with
-    [`flowcorrect.fit`][] (InfoNCE, the default gradient penalty), with `num_negatives`
+    [`flowcorrect.train.fit`][] (InfoNCE, the default gradient penalty), with `num_negatives`
     of the policy's own samples per demonstration state
-    ([`flowcorrect.policy_negatives`][] through [`flowcorrect.sample`][]).
+    ([`flowcorrect.train.policy_negatives`][] through [`flowcorrect.sample`][]).
 
     Whole episodes are held out (the last `held_out_fraction` of them, at least one), so
     the held-out report is measured on layouts the energy never saw.

@@ -72,7 +72,7 @@ class FlowMLPPolicy(AbstractPolicy):
     With `token_time=True` the velocity takes a flow time per action token (`t` of shape
     `(horizon,)`, or a scalar shared by all rows): the head reads one time embedding
     per row instead of one per chunk, which training-time real-time chunking needs
-    ([`flowcorrect.PrefixConditioning`][]). [`with_token_time`][] turns a trained
+    ([`flowcorrect.rtc.PrefixConditioning`][]). [`with_token_time`][] turns a trained
     scalar-time policy into one with the same velocity at equal times.
     """
 
@@ -203,9 +203,9 @@ def train_policy(
     - `seed`, `progress`: the seed of the initialisation and batches; a progress bar.
     - `init`: a policy to fine-tune instead of a fresh one (its observation
         normalisation is kept).
-    - `rtc`: a delay distribution ([`flowcorrect.ExponentialDelays`][],
-        [`flowcorrect.UniformDelays`][]) to train with training-time real-time chunking
-        ([`flowcorrect.prefix_conditioned_loss`][]: the first `d` actions clean at the
+    - `rtc`: a delay distribution ([`flowcorrect.rtc.ExponentialDelays`][],
+        [`flowcorrect.rtc.UniformDelays`][]) to train with training-time real-time chunking
+        ([`flowcorrect.rtc.prefix_conditioned_loss`][]: the first `d` actions clean at the
         clean flow time, the loss on the rest). The policy is made per-token-time first
         ([`with_token_time`][]); a fresh policy is built with per-token time.
 
@@ -216,7 +216,7 @@ def train_policy(
         ```python
         policy, config = load_policy("policy")
         tuned, losses = train_policy(obs, chunks, dataclasses.replace(config, steps=1000),
-                                     init=policy, rtc=fc.ExponentialDelays(max_delay=4))
+                                     init=policy, rtc=fc.rtc.ExponentialDelays(max_delay=4))
         ```
     """
     from tqdm.auto import tqdm
@@ -232,7 +232,7 @@ def train_policy(
     if rtc is not None:
         if not isinstance(rtc, AbstractDelays):
             raise TypeError(
-                "`rtc` must be a delay distribution such as fc.ExponentialDelays(4); got "
+                "`rtc` must be a delay distribution such as fc.rtc.ExponentialDelays(4); got "
                 f"{type(rtc).__name__}."
             )
         policy = with_token_time(policy)

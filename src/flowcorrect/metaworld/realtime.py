@@ -4,7 +4,7 @@
         --settings sync,naive:2,naive:4,rtc:2,rtc:4 --episodes 100 --keys 3 \
         --out /work/mw-results/rtc
 
-Every episode is driven by an [`flowcorrect.ActionQueue`][]: an inference is due every
+Every episode is driven by an [`flowcorrect.rtc.ActionQueue`][]: an inference is due every
 `--execute` actions; the observation is taken then, and for `d` control steps (the
 delay) the robot keeps executing the previous chunk before switching to the new one at
 its row `d`. Settings, each `kind:d`:
@@ -18,8 +18,8 @@ its row `d`. Settings, each `kind:d`:
 - `guided:0` is `rtc:0`: guidance over the overlap with no delay at all;
 - `rtc:d@c`, `trt:d@c`: conditioned on delay `c` but arriving after `d >= c` steps (a
   late chunk: the queue switches at its row `d`);
-- `trt:d`: training-time real-time chunking ([`flowcorrect.PrefixConditioned`][]): the
-  policy fine-tuned from the plain one with [`flowcorrect.PrefixConditioning`][]
+- `trt:d`: training-time real-time chunking ([`flowcorrect.rtc.PrefixConditioned`][]): the
+  policy fine-tuned from the plain one with [`flowcorrect.rtc.PrefixConditioning`][]
   (`--trt-steps`, `--trt-delays`; cached), the committed `d` actions given clean at the
   clean flow time, plain Euler steps. `trt:0` is that fine-tuned policy sampled plainly
   (a control for the fine-tuning itself).

@@ -10,7 +10,7 @@
 - `collect`: rolls the plain policy out with `N` candidates per query (the executed
     one is candidate 0, a plain sample) on training layouts (seeds from 20_000_000,
     disjoint from the evaluation layouts), and records every query with
-    [`flowcorrect.RolloutWriter`][] (resumable: a second call adds episodes).
+    [`flowcorrect.verifiers.RolloutWriter`][] (resumable: a second call adds episodes).
 - `verify`: trains verifiers on the collected rollouts (outcome classification,
     Bradley-Terry, discounted time to success), writes their calibration reports, and
     evaluates best-of-8 by the verifier, guarded by `NearMean`, against the plain
@@ -248,7 +248,7 @@ def run_collect(args: argparse.Namespace) -> dict[str, Any]:
         info.update(explore_noise=args.explore_noise, round=args.round,
                     executed="candidate 0" if chooser is None else
                     f"NearMean({args.cluster_k}) by round {args.round - 1}'s outcome verifier")
-    writer = fc.RolloutWriter(path, info)
+    writer = fc.verifiers.RolloutWriter(path, info)
     # Rounds draw disjoint training layouts: round r starts r - 1 blocks of 100,000 on.
     seed0 = TRAIN_SEED0 + 100_000 * (args.round - 1)
     while writer.num_episodes < args.episodes:
@@ -278,7 +278,7 @@ def run_collect(args: argparse.Namespace) -> dict[str, Any]:
                      execute=args.execute, max_steps=args.max_steps,
                      progress=not args.quiet, desc=f"collect {start}")
         t = len(record_obs)
-        roll = fc.Rollouts.from_episodes(
+        roll = fc.verifiers.Rollouts.from_episodes(
             np.stack(record_obs), np.stack(record_cand), np.stack(record_exec),
             np.arange(t) * args.execute, ep.steps, ep.success, seeds,
         )
@@ -299,7 +299,7 @@ def train_verifiers(args: argparse.Namespace, tag: str, member: int = 0
     trains another ensemble member: other initial weights and batch order, same data."""
     fc = _fc()
     path = _rollout_dir(args, tag)
-    rollouts = concatenate([fc.load_rollouts(_rollout_dir(args, tag, r))
+    rollouts = concatenate([fc.verifiers.load_rollouts(_rollout_dir(args, tag, r))
                             for r in range(1, args.round + 1)])
     train, held = rollouts.split(0.2, seed=0)
     verifiers: dict[str, Any] = {}
@@ -317,7 +317,7 @@ def train_verifiers(args: argparse.Namespace, tag: str, member: int = 0
         result = _fit_one(args, name, train, path / (f"verifier-{name}" + (
             f"-m{member}" if member else "")), member)
         verifiers[name] = result.model
-        rep = fc.verifier_report(result.model, held).to_dict()
+        rep = fc.verifiers.verifier_report(result.model, held).to_dict()
         rep["final_train_metrics"] = result.history[-1]
         reports[name] = rep
         print(f"verifier {name}: {json.dumps(rep, default=float)}", flush=True)
@@ -328,7 +328,7 @@ def _fit_one(args: argparse.Namespace, name: str, train: Any, directory: pathlib
              member: int = 0) -> Any:
     """One verifier of loss `name` on `train`, checkpointed (and resumed) in `directory`."""
     fc = _fc()
-    config = fc.TrainConfig(num_steps=args.verifier_steps, learning_rate=1e-3,
+    config = fc.train.TrainConfig(num_steps=args.verifier_steps, learning_rate=1e-3,
                             warmup_steps=100, log_every=100, grad_penalty=0.0,
                             checkpoint_every=args.verifier_steps)
     h, d = train.candidates.shape[2:]
@@ -336,15 +336,15 @@ def _fit_one(args: argparse.Namespace, name: str, train: Any, directory: pathlib
                                             action_dim=d, horizon=h, hidden=256),
                          key=jax.random.key(args.train_seed + 1000 * member))
     if name == "bradley-terry":
-        data = fc.pair_batches(train, min(256, train.num_queries // 4),
+        data = fc.verifiers.pair_batches(train, min(256, train.num_queries // 4),
                                max_distance=args.pair_distance, seed=member)
-        loss: Any = fc.BradleyTerryLoss()
+        loss: Any = fc.verifiers.BradleyTerryLoss()
     else:
         target = "success" if name == "outcome" else "discounted"
-        data = fc.outcome_batches(train, min(256, train.num_queries), target=target,
+        data = fc.verifiers.outcome_batches(train, min(256, train.num_queries), target=target,
                                   gamma=args.gamma, seed=member)
-        loss = fc.OutcomeLoss()
-    return fc.fit_verifier(model, data, loss, key=jax.random.key(1), config=config,
+        loss = fc.verifiers.OutcomeLoss()
+    return fc.verifiers.fit_verifier(model, data, loss, key=jax.random.key(1), config=config,
                            checkpoint_dir=directory.absolute(), progress=not args.quiet)
 
 
@@ -375,7 +375,7 @@ def guidance_check(args: argparse.Namespace, h: Harness, deployed: Any) -> dict[
     gradient at pairs of similar held-out states."""
     fc = _fc()
     path = _rollout_dir(args, h.policy_tag)
-    rollouts = concatenate([fc.load_rollouts(_rollout_dir(args, h.policy_tag, r))
+    rollouts = concatenate([fc.verifiers.load_rollouts(_rollout_dir(args, h.policy_tag, r))
                             for r in range(1, args.round + 1)])
     train, held = rollouts.split(0.2, seed=0)
     half_a, half_b = train.split(0.5, seed=1)
@@ -386,8 +386,11 @@ def guidance_check(args: argparse.Namespace, h: Harness, deployed: Any) -> dict[
     key = jax.random.key(args.train_seed + 5_000_000)
     out: dict[str, Any] = {
         "half_episodes": [half_a.num_episodes, half_b.num_episodes],
-        "weight": weights[0], "samples_per_query": args.guidance_samples,
-        "deployed": fc.verifier_report(deployed, held, guidance=True).to_dict()["guidance"],
+        "weight": weights[0],
+        "samples_per_query": args.guidance_samples,
+        "deployed": fc.verifiers.verifier_report(deployed, held, guidance=True).to_dict()[
+            "guidance"
+        ],
     }
     block = 512
     for guide, judge in (("A", "B"), ("B", "A")):
@@ -399,7 +402,7 @@ def guidance_check(args: argparse.Namespace, h: Harness, deployed: Any) -> dict[
                                      weights[0])
             plain.append(np.asarray(p))
             guided.append(np.asarray(g))
-        rep = fc.verifier_report(halves[guide], held, judge=halves[judge],
+        rep = fc.verifiers.verifier_report(halves[guide], held, judge=halves[judge],
                                  guided=np.concatenate(guided), plain=np.concatenate(plain))
         out[f"{guide} judged by {judge}"] = rep.to_dict()
         print(f"guidance check, {guide} judged by {judge}: "

@@ -1,5 +1,5 @@
 """Energy-training data from openpi: its data loader's batches through the frozen
-prefix pass, as [`flowcorrect.Batch`][]es for [`flowcorrect.fit`][]."""
+prefix pass, as [`flowcorrect.train.Batch`][]es for [`flowcorrect.train.fit`][]."""
 
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -50,7 +50,7 @@ def energy_batches(
 
     Alternatively, keep the observations as `Batch.context` and pass
     `to_context=lambda obs: policy.energy_context(policy.prefix(obs))` to
-    [`flowcorrect.fit`][], which then runs the prefix inside its compiled step.
+    [`flowcorrect.train.fit`][], which then runs the prefix inside its compiled step.
 
     **Arguments:**
 
@@ -67,11 +67,11 @@ def energy_batches(
         at inference wrap the trained energy in [`flowcorrect.OnActionDims`][] with
         the same number.
     - `keep_observation`: also keep the observation in `Batch.observation` (what
-        [`flowcorrect.PolicyNegatives`][] reads to sample the policy's own chunks).
+        [`flowcorrect.train.PolicyNegatives`][] reads to sample the policy's own chunks).
 
     **Returns:**
 
-    An iterator of [`flowcorrect.Batch`][], one per input pair, lazily.
+    An iterator of [`flowcorrect.train.Batch`][], one per input pair, lazily.
 
     !!! example
 
@@ -82,7 +82,7 @@ def energy_batches(
         train_config = _config.get_config("pi05_libero")
         loader = _data_loader.create_data_loader(train_config, shuffle=True)
         data = energy_batches(model, loader, action_dims=7)
-        result = fc.fit(fc.EnergyModel(fc.EnergyModelConfig(context_dim=2048,
+        result = fc.train.fit(fc.EnergyModel(fc.EnergyModelConfig(context_dim=2048,
                                                             action_dim=7), key=key),
                         data, key=key)
         ```

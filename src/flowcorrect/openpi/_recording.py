@@ -27,7 +27,7 @@ def episode_number(episode: str) -> int:
 class Recorder:
     """Records each served request of an episode (its context, the candidate chunks, the
     executed one) in memory and appends the whole episode to a
-    [`flowcorrect.RolloutWriter`][] directory when the client reports its outcome.
+    [`flowcorrect.verifiers.RolloutWriter`][] directory when the client reports its outcome.
 
     An episode without an outcome (dropped, or `done` without `success`) is never
     written, so it is never used for training; a killed server loses only the episodes

@@ -474,7 +474,7 @@ def placement_from_options(
           energy) or `"near_mean"` with `k` (the lowest energy among the `k`
           candidates nearest the candidates' mean); `feasible_first` (False) keeps only
           candidates feasible for `constraint` before that rule
-          ([`flowcorrect.FeasibleFirst`][]);
+          ([`flowcorrect.constraints.FeasibleFirst`][]);
         - `rtc`: real-time chunking ([`flowcorrect.RealTimeChunking`][], needs no
           energy): `inference_delay` (`d`, control steps the robot executes from the
           previous chunk while this one is computed), `execution_horizon` (`s`, actions
@@ -485,7 +485,7 @@ def placement_from_options(
           leftover is `previous[:, s:]` (zero-padded to the horizon, so the shapes
           never change), in the model's own action space;
         - `feasible`: guidance by `constraint`'s violation inside the flow steps
-          (needs no energy; pass `fc.ViolationEnergy(constraint)` as the energy):
+          (needs no energy; pass `fc.constraints.ViolationEnergy(constraint)` as the energy):
           `weight` (10.0), `last` (default every step), `cap` (1000.0). A server
           projects every chunk onto its constraint as well, whatever the placement.
     - `action_dims`: the post-hoc and denoised recipes change only the first
@@ -496,7 +496,7 @@ def placement_from_options(
         RTC's options and `last`; `horizon` is read from `previous` when given.
     - `limits`: the bounds on counts and weights, default
         [`flowcorrect.openpi.ServerLimits`][]`()`.
-    - `constraint`: an [`flowcorrect.AbstractConstraint`][] for `feasible` and
+    - `constraint`: an [`flowcorrect.constraints.AbstractConstraint`][] for `feasible` and
         `feasible_first`; `None` refuses them.
 
     Every option is checked before anything is built; a bad one raises
@@ -612,13 +612,13 @@ def constraint_from_spec(spec: Any) -> AbstractConstraint:
     """A server's constraint from plain data (a serve command's JSON): a dict of kinds,
     each the keyword arguments of one constraint, all of which must hold.
 
-    Kinds: `box` ([`flowcorrect.Box`][]: `low`, `high`, `dims`), `ball` and
+    Kinds: `box` ([`flowcorrect.constraints.Box`][]: `low`, `high`, `dims`), `ball` and
     `outside_ball` (`centre`, `radius`, `dims`), `half_space` (`normal`, `offset`,
     `dims`), `max_step_change` (`max_change`, `dims`), `max_jerk` (`max_jerk`, `order`,
     `dims`). For example `{"box": {"low": -1.0, "high": 1.0, "dims": 7},
     "max_step_change": {"max_change": 0.05, "dims": 7}}`; a kind may also be a list
     of such dicts. One constraint is returned as itself, several as
-    [`flowcorrect.AllOf`][].
+    [`flowcorrect.constraints.AllOf`][].
     """
     import flowcorrect as fc
 
@@ -649,4 +649,4 @@ def constraint_from_spec(spec: Any) -> AbstractConstraint:
                     f"{list(optional)}); got {sorted(args)}."
                 )
             parts.append(getattr(fc, name)(**args))
-    return parts[0] if len(parts) == 1 else fc.AllOf(*parts)
+    return parts[0] if len(parts) == 1 else fc.constraints.AllOf(*parts)

@@ -8,7 +8,7 @@ to openpi: [`Pi0TokenTimePolicy`][] runs openpi's own modules of the model
 (`state_proj`, `action_in_proj`, `posemb_sincos`, the two time MLPs, the Gemma stack and
 `action_out_proj`), with the per-token times in place of the repeated one, and
 [`pi0_prefix_conditioned_loss`][] is openpi's `compute_loss` with the transform of
-[`flowcorrect.PrefixConditioning`][]: the first `d` actions clean at `t = 0` (openpi's data
+[`flowcorrect.rtc.PrefixConditioning`][]: the first `d` actions clean at `t = 0` (openpi's data
 end: its `x_t = t * noise + (1 - t) * actions`), the loss on the rest.
 
 **Pi0.5.** Pi0.5 conditions on time by adaRMS: `time_mlp_in` / `time_mlp_out` give one
@@ -100,7 +100,7 @@ class Pi0TokenTimePolicy(AbstractBatchedPolicy):
     [`flowcorrect.openpi.Pi0Policy`][] (`inner`); the velocity runs the action expert
     over the KV cache with [`embed_suffix_token_time`][]. `t` may be a scalar (then it
     is openpi's velocity), `(horizon,)` or `(batch, horizon)`. Use it with
-    [`flowcorrect.PrefixConditioned`][] for a Pi0 fine-tuned with
+    [`flowcorrect.rtc.PrefixConditioned`][] for a Pi0 fine-tuned with
     [`pi0_prefix_conditioned_loss`][]. Pi0.5 is refused (see the module's docstring).
 
     **Arguments:**
@@ -190,14 +190,14 @@ def pi0_prefix_conditioned_loss(
     **Fine-tuning recipe.** In openpi's `scripts/train.py`, the train step's
     `model.compute_loss(rng, observation, actions, train=True)` becomes
     `pi0_prefix_conditioned_loss(model, rng, observation, actions,
-    fc.ExponentialDelays(max_delay), train=True)`; start from the trained checkpoint
+    fc.rtc.ExponentialDelays(max_delay), train=True)`; start from the trained checkpoint
     (its weights load unchanged: the architecture is the same) and serve the result with
-    [`Pi0TokenTimePolicy`][] and [`flowcorrect.PrefixConditioned`][].
+    [`Pi0TokenTimePolicy`][] and [`flowcorrect.rtc.PrefixConditioned`][].
     """
     _refuse_pi05(model)
     if not isinstance(delays, AbstractDelays):
         raise TypeError(
-            "`delays` must be a delay distribution such as fc.ExponentialDelays(4); got "
+            "`delays` must be a delay distribution such as fc.rtc.ExponentialDelays(4); got "
             f"{type(delays).__name__}."
         )
     preprocess_rng, noise_rng, time_rng, delay_rng = jax.random.split(rng, 4)

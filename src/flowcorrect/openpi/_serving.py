@@ -290,14 +290,14 @@ class CorrectedPolicy(_policy.Policy):
     - `limits`: what one request may ask, [`flowcorrect.openpi.ServerLimits`][].
     - `verifier`: instead of `energy`, a verifier over the policy's pooled prefix
         features (one vector per observation, e.g. an [`flowcorrect.MLPEnergy`][]
-        trained by [`flowcorrect.fit_verifier`][] on this server's recording), or the
+        trained by [`flowcorrect.verifiers.fit_verifier`][] on this server's recording), or the
         directory [`flowcorrect.save_model`][] wrote it to. It is served as
         `fc.PooledContext(verifier)` (so ranking and guidance read it through the same
         pooling as the recording), checked against the model's sizes here, at start,
         and named in the metadata (its directory, a hash of its files, and the
         headline numbers of a `report.json` beside it).
     - `record_dir`: record every request that names an episode, and write the episode
-        to this [`flowcorrect.RolloutWriter`][] directory when the client reports its
+        to this [`flowcorrect.verifiers.RolloutWriter`][] directory when the client reports its
         outcome (`{"episode": id, "done": true, "success": ...}`): the pooled prefix
         features (`observation`), the executed chunk in the model's action space (its
         first `action_dims` dims) as candidate 0, and `record_candidates` more plain
@@ -312,9 +312,10 @@ class CorrectedPolicy(_policy.Policy):
         pytree: the three images, their masks, the state and the prompt tokens; about
         20 to 50 times larger, and usable with any later checkpoint or encoder).
     - `constraint`: limits every chunk the server sends must satisfy, an
-        [`flowcorrect.AbstractConstraint`][] (`fc.AllOf(fc.Box(...),
-        fc.MaxStepChange(...))`). Fixed by the server's owner: every chunk, whatever
-        placement the request asks for, is projected onto it
+        [`flowcorrect.constraints.AbstractConstraint`][]
+        (`fc.constraints.AllOf(fc.constraints.Box(...), fc.constraints.MaxStepChange(...))`).
+        Fixed by the server's owner: every chunk, whatever placement the request asks
+        for, is projected onto it
         ([`flowcorrect.Project`][] around the placement), and no request option can
         loosen or remove it. The reply's `obs["flowcorrect"]["constraint"]` says
         whether and how much the chunk was changed (`changed`, `distance`,
@@ -325,7 +326,7 @@ class CorrectedPolicy(_policy.Policy):
     - `constraint_units`: `"robot"` (the default): the constraint is in the units of
         the actions after the output transforms' `Unnormalize` (openpi's own
         normalisation statistics, quantile or z-score, padded as openpi pads them), and
-        is applied through [`flowcorrect.InRobotSpace`][]; `"model"`: in the model's
+        is applied through [`flowcorrect.constraints.InRobotSpace`][]; `"model"`: in the model's
         normalised action space, as given. Output transforms after `Unnormalize`
         (absolute-action conversions, a robot's own dims) are not modelled: state
         limits in the units `Unnormalize` produces.
@@ -811,8 +812,9 @@ class CorrectedPolicy(_policy.Policy):
         shape here, at start."""
         if not isinstance(constraint, AbstractConstraint):
             raise TypeError(
-                "`constraint` must be a flowcorrect constraint such as fc.Box(-1.0, 1.0) or "
-                f"fc.AllOf(...); got {type(constraint).__name__}."
+                "`constraint` must be a flowcorrect constraint such as "
+                "fc.constraints.Box(-1.0, 1.0) or fc.constraints.AllOf(...); got "
+                f"{type(constraint).__name__}."
             )
         if units not in ("robot", "model"):
             raise ValueError(
@@ -872,8 +874,8 @@ def recorded_rollouts(directory: Any, model: Any) -> Any:
 
     **Returns:**
 
-    [`flowcorrect.Rollouts`][] whose `observation` is the pooled prefix features: train
-    an [`flowcorrect.MLPEnergy`][] on them with [`flowcorrect.fit_verifier`][].
+    [`flowcorrect.verifiers.Rollouts`][] whose `observation` is the pooled prefix features: train
+    an [`flowcorrect.MLPEnergy`][] on them with [`flowcorrect.verifiers.fit_verifier`][].
     """
     from .._verifiers.rollouts import load_rollouts
 
@@ -973,7 +975,7 @@ def _keys(tree: Any) -> Any:
 
 def robot_space(constraint: Any, output_transform: Any, action_dim: int) -> InRobotSpace:
     """`constraint`, stated in the units the output transforms' `Unnormalize` gives,
-    as an [`flowcorrect.InRobotSpace`][] over the model's normalised chunks.
+    as an [`flowcorrect.constraints.InRobotSpace`][] over the model's normalised chunks.
 
     The affine map is openpi's own: for quantile statistics `robot = (a + 1) / 2 *
     (q99 - q01 + 1e-6) + q01` on the first `len(q01)` dims (the rest pass through), for
@@ -1003,7 +1005,7 @@ def robot_space(constraint: Any, output_transform: Any, action_dim: int) -> InRo
             "`constraint_units='robot'` reads the output transforms' Unnormalize statistics "
             "for 'actions', and this policy's output transforms have none; state the "
             "constraint in the model's normalised units with constraint_units='model' (or "
-            "wrap it in fc.InRobotSpace yourself)."
+            "wrap it in fc.constraints.InRobotSpace yourself)."
         )
     unnormalize = found[0]
     stats = unnormalize.norm_stats["actions"]
