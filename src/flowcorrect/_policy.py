@@ -29,7 +29,7 @@ from jaxtyping import Array, Float
 
 from ._conventions import AbstractConvention, OpenPI
 from ._custom_types import Actions, Context, Scalar
-from ._misc import shape_str
+from ._misc import is_int, shape_str
 
 Prefix = Any
 Observation = Any
@@ -199,7 +199,7 @@ def check_chunk_shape(chunk_shape: Any) -> tuple[int, int]:
         out = tuple(chunk_shape)
     except TypeError:
         out = ()
-    if len(out) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+    if len(out) != 2 or not all(is_int(n) and n >= 1
                                 for n in out):
         raise ValueError(
             f"`chunk_shape` must be (horizon, action_dim), two ints >= 1; got {chunk_shape!r}."

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .._misc import is_int
 from .flow import BatchChunks, BatchKeys, Flow
 
 
@@ -49,7 +50,7 @@ def integrate(
     num_steps = flow.num_steps
     stop = num_steps if stop is None else stop
     for name, value in (("start", start), ("stop", stop)):
-        if not (isinstance(value, int) and not isinstance(value, bool)):
+        if not (is_int(value)):
             raise TypeError(f"fc.integrate `{name}` must be a Python int; got {value!r}.")
     if not 0 <= start <= stop <= num_steps:
         raise ValueError(
