@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 
 import flowcorrect as fc
+from flowcorrect.testing import GaussianPolicy
 
 from .helpers import enable_x64
 
@@ -100,30 +101,6 @@ class MLPPolicy(fc.AbstractPolicy):
 def mlp_policy(convention, seed=0):
     mlp = eqx.nn.MLP(H * A + 2 + 2, H * A, 32, 2, activation=jnp.tanh, key=jax.random.key(seed))
     return MLPPolicy(mlp, convention)
-
-
-class GaussianPolicy(fc.AbstractPolicy):
-    """The exact flow from N(0, I) to N(mean, std^2 I), in either convention."""
-
-    mean: jax.Array
-    std: jax.Array
-    convention: fc.AbstractConvention
-    chunk_shape: tuple[int, int] = eqx.field(static=True, default=(H, A))
-
-    def prefix(self, observation):
-        return observation
-
-    def velocity(self, prefix, x, t):
-        p = 1 - t if isinstance(self.convention, fc.OpenPI) else t  # progress = tau
-        var = (1 - p) ** 2 + p**2 * self.std**2
-        centred = x - p * self.mean
-        a_hat = self.mean + p * self.std**2 / var * centred
-        eps_hat = (1 - p) / var * centred
-        v_paper = a_hat - eps_hat  # d x / d tau
-        return v_paper if isinstance(self.convention, fc.Reverse) else -v_paper
-
-    def energy_context(self, prefix):
-        return prefix
 
 
 def leftover(seed=1, rows=H - 4, batch=None):

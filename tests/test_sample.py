@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 
 import flowcorrect as fc
+from flowcorrect.testing import GaussianPolicy
 
 from .helpers import Tanh
 
@@ -80,19 +81,12 @@ class PointMass(eqx.Module):
 
 
 class Gaussian(eqx.Module):
-    """The exact marginal velocity from N(0, 1) noise to N(mean, std**2) actions."""
+    """flowcorrect.testing.GaussianPolicy's exact velocity as a field `(context, x, t)`."""
 
-    mean: jax.Array
-    std: jax.Array
-    openpi: bool = eqx.field(static=True)
+    policy: GaussianPolicy
 
     def __call__(self, context, x, t):
-        m, s2 = self.mean, self.std**2
-        if self.openpi:  # E[eps - a | x_t]
-            var = t**2 + (1 - t) ** 2 * s2
-            return (t - (1 - t) * s2) / var * (x - (1 - t) * m) - m
-        var = (1 - t) ** 2 + t**2 * s2  # E[a - eps | x_t]
-        return (t * s2 - (1 - t)) / var * (x - t * m) + m
+        return self.policy.velocity(context, x, t)
 
 
 class Constant(eqx.Module):
@@ -129,11 +123,7 @@ def _tanh_field(seed=0):
 
 
 def _gaussian(convention, mean=0.5, std=0.7):
-    return Gaussian(
-        jnp.full((H, D), mean, jnp.float32),
-        jnp.full((H, D), std, jnp.float32),
-        _is_openpi(convention),
-    )
+    return Gaussian(GaussianPolicy(jnp.full((H, D), mean, jnp.float32), std, convention))
 
 
 def _noise(seed=0, shape=(H, D)):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from ._correctors.base import AbstractCorrector, uses_key
+from ._correctors.base import AbstractCorrector, check_is_corrector, uses_key
 from ._correctors.recipes import reference_recipe
 from ._custom_types import Actions, Context, Key
 from ._energy import AbstractEnergy, ChunkFn, as_energy
@@ -52,17 +52,6 @@ def check_actions(actions: Any, name: str = "actions") -> None:
         )
     if not jnp.issubdtype(actions.dtype, jnp.floating):
         raise ValueError(f"`{name}` must be floating point; got dtype {actions.dtype}.")
-
-
-def check_corrector(corrector: Any, name: str = "corrector") -> None:
-    if not isinstance(corrector, AbstractCorrector):
-        hint = ""
-        if hasattr(corrector, "init") and hasattr(corrector, "update"):
-            hint = " Wrap an optax optimiser in fc.OptaxStep(optimizer)."
-        raise TypeError(
-            f"`{name}` must be an fc.AbstractCorrector (e.g. fc.reference_recipe()); got "
-            f"{type(corrector).__name__}.{hint}"
-        )
 
 
 def correct_single(
@@ -188,7 +177,7 @@ def correct(
         ```
     """
     check_actions(actions)
-    check_corrector(corrector)
+    check_is_corrector("fc.correct", "corrector", corrector)
     energy = as_energy(energy)
     key = check_key(key, corrector, "fc.correct")
     return _correct(energy, context, actions, corrector, key)

@@ -247,6 +247,12 @@ def check_corrector(
         _fail("recompile", f"new values recompiled the correction ({e})")
 
 
+def _floating(x: Any) -> jax.Array:
+    """`x` as an array, float32 unless it is already floating (float64 stays float64)."""
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
 class GaussianPolicy(_AbstractPolicy):
     """A policy whose flow is known in closed form: the exact velocity from `N(0, I)`
     noise to `N(mean, std**2 I)` chunks, in either time convention.
@@ -272,13 +278,13 @@ class GaussianPolicy(_AbstractPolicy):
     def __init__(self, mean: Any, std: Any = 1.0, convention: Any = None):
         import flowcorrect as _fc
 
-        self.mean = jnp.asarray(mean, jnp.float32)
+        self.mean = _floating(mean)
         if self.mean.ndim != 2:
             raise ValueError(
                 f"GaussianPolicy `mean` must be a (horizon, action_dim) chunk; got shape "
                 f"{self.mean.shape}."
             )
-        self.std = jnp.asarray(std, jnp.float32)
+        self.std = _floating(std)
         if self.std.shape != () or not float(self.std) > 0:
             raise ValueError(f"GaussianPolicy `std` must be a scalar > 0; got {std!r}.")
         self.convention = _fc.OpenPI() if convention is None else convention

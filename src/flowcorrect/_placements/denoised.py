@@ -5,8 +5,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .._correct import check_corrector
-from .._correctors.base import AbstractCorrector
+from .._correctors.base import AbstractCorrector, check_is_corrector
 from .._correctors.recipes import reference_recipe
 from .._flow.flow import BatchChunks, Flow, all_finite, per_sample
 from .._flow.schedules import AbstractSchedule, AbstractWeight, EveryStep, as_weight
@@ -55,7 +54,7 @@ class Denoised(AbstractInterleaved):
         self.weight = as_weight(weight)
 
     def __check_init__(self):
-        check_corrector(self.corrector, "Denoised corrector")
+        check_is_corrector("Denoised", "corrector", self.corrector)
         check_schedule(self.schedule)
 
     def init(self, flow: Flow, x: BatchChunks) -> StepCounts:

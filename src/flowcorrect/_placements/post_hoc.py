@@ -5,8 +5,8 @@ from typing import Any
 import equinox as eqx
 from jaxtyping import Array, Float
 
-from .._correct import CorrectionInfo, check_corrector
-from .._correctors.base import AbstractCorrector
+from .._correct import CorrectionInfo
+from .._correctors.base import AbstractCorrector, check_is_corrector
 from .._correctors.recipes import reference_recipe
 from .._flow.flow import BatchChunks, BatchKeys, Flow, split_keys
 from .._misc import MISSING, renamed, renamed_attribute
@@ -68,13 +68,13 @@ class PostHoc(AbstractPlacement):
     ):
         inner = renamed("PostHoc", "inner", inner, "after", after, Plain())
         # Checked before the fields are set too, for openpi's older jaxtyping (see BestOfN).
-        check_corrector(corrector, "PostHoc corrector")
+        check_is_corrector("PostHoc", "corrector", corrector)
         check_placement(inner, "PostHoc `inner`")
         self.corrector = corrector
         self.inner = inner
 
     def __check_init__(self):
-        check_corrector(self.corrector, "PostHoc corrector")
+        check_is_corrector("PostHoc", "corrector", self.corrector)
         check_placement(self.inner, "PostHoc `inner`")
 
     @property

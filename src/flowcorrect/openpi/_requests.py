@@ -648,5 +648,5 @@ def constraint_from_spec(spec: Any) -> AbstractConstraint:
                     f"Constraint {kind!r} needs {list(required)} (and may take "
                     f"{list(optional)}); got {sorted(args)}."
                 )
-            parts.append(getattr(fc, name)(**args))
+            parts.append(getattr(fc.constraints, name)(**args))
     return parts[0] if len(parts) == 1 else fc.constraints.AllOf(*parts)
