@@ -43,6 +43,27 @@ def _schedule_index(schedule: Any) -> int:
     return SCHEDULES.index(name)
 
 
+def check_leftover(left: Array, inference_delay: Any) -> None:
+    """Refuses a previous chunk's leftover that is not `(leftover, action_dim)` or
+    `(batch, leftover, action_dim)` floats with `leftover >= 1`, or that holds fewer
+    actions than a concrete `inference_delay`."""
+    if left.ndim not in (2, 3) or left.shape[-2] < 1:
+        raise ValueError(
+            "`prev_chunk_left_over` must have shape (leftover, action_dim) with leftover "
+            f">= 1, or (batch, leftover, action_dim); got {shape_str(left)}."
+        )
+    if not jnp.issubdtype(left.dtype, jnp.floating):
+        raise ValueError(f"`prev_chunk_left_over` must be floating; got {left.dtype}.")
+    d = concrete(inference_delay)
+    if d is not None and d > left.shape[-2]:
+        raise ValueError(
+            f"`inference_delay` {int(d)} exceeds the {left.shape[-2]} actions left in "
+            "`prev_chunk_left_over`: the robot would run out of committed actions before "
+            "the new chunk arrives. Start inference earlier (a smaller execution "
+            "horizon) or pass the whole leftover."
+        )
+
+
 def leftover_target(left: Array, batch: int, horizon: int, dtype: Any) -> BatchChunks:
     """The previous chunk's leftover as the sampler's batch of targets: zero-padded to
     `horizon` rows, one per sample (shared, one per observation, or repeated over the

@@ -41,7 +41,7 @@ from ._conventions import AbstractConvention
 from ._flow.flow import BatchChunks, Flow, VmappedPolicy
 from ._misc import concrete, count, shape_str
 from ._placements.base import AbstractInterleaved
-from ._rtc import _int_scalar, leftover_target
+from ._rtc import _int_scalar, check_leftover, leftover_target
 
 
 def clean_time(convention: AbstractConvention) -> float:
@@ -377,21 +377,7 @@ class PrefixConditioned(AbstractInterleaved):
         )
 
     def __check_init__(self):
-        left = self.prev_chunk_left_over
-        if left.ndim not in (2, 3) or left.shape[-2] < 1:
-            raise ValueError(
-                "`prev_chunk_left_over` must have shape (leftover, action_dim) with leftover "
-                f">= 1, or (batch, leftover, action_dim); got {shape_str(left)}."
-            )
-        if not jnp.issubdtype(left.dtype, jnp.floating):
-            raise ValueError(f"`prev_chunk_left_over` must be floating; got {left.dtype}.")
-        d = concrete(self.inference_delay)
-        if d is not None and d > left.shape[-2]:
-            raise ValueError(
-                f"`inference_delay` {int(d)} exceeds the {left.shape[-2]} actions left in "
-                "`prev_chunk_left_over`: the robot would run out of committed actions before "
-                "the new chunk arrives. Start inference earlier or pass the whole leftover."
-            )
+        check_leftover(self.prev_chunk_left_over, self.inference_delay)
 
     def noise_shape(self, chunk_shape: tuple[int, int]) -> tuple[int, ...]:
         horizon, action_dim = chunk_shape

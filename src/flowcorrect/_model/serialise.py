@@ -153,23 +153,30 @@ def write_module(path: str | pathlib.Path, module: Any, head: dict[str, Any]) ->
     return path
 
 
-def read_meta(path: str | pathlib.Path, format: str, version: int) -> dict[str, Any]:
-    """Reads `config.json` of a folder `write_module` wrote and checks its format,
-    version and checksum (class and config are the caller's to check)."""
+def read_meta(
+    path: str | pathlib.Path,
+    formats: tuple[str, ...],
+    version: int,
+    what: str,
+    save_hint: str,
+) -> dict[str, Any]:
+    """Reads `config.json` of a folder `write_module` wrote and checks its format (one
+    of `formats`), version and checksum; class and config are the caller's to check.
+    `what` names the kind of model in errors, `save_hint` says how to save one."""
     path = pathlib.Path(path).absolute()
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
-        raise ModelFileError(
-            f"No saved model at {path}: {CONFIG_FILE} is missing (a saved model is a "
-            "folder holding config.json and weights.npz)."
-        )
+        raise ModelFileError(f"No saved {what} at {path}: {CONFIG_FILE} is missing. {save_hint}")
     try:
         meta = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{config_file} is not valid JSON (truncated?): {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != format:
+    if not isinstance(meta, dict) or meta.get("format") not in formats:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise ModelFileError(f"{config_file} holds a {found!r}, not a {format!r}.")
+        raise ModelFileError(
+            f"{config_file} does not describe a {what}: it holds a {found!r}, not a "
+            f"{' or '.join(map(repr, formats))}."
+        )
     if meta.get("version") != version:
         raise ModelFileError(
             f"{config_file} has format version {meta.get('version')!r}; this flowcorrect "
@@ -190,20 +197,11 @@ def read_config(
     path: str | pathlib.Path, cls: type[AbstractLearnedEnergy] | None = None
 ) -> tuple[type[AbstractLearnedEnergy], LearnedEnergyConfig, dict[str, Any]]:
     """Reads and checks `config.json` of a saved model: its class, config and metadata."""
-    path = pathlib.Path(path).absolute()
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        raise ModelFileError(
-            f"No saved energy model at {path}: {CONFIG_FILE} is missing. Save one with "
-            "fc.save_model(model, path), which writes config.json and weights.npz."
-        )
-    try:
-        head = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFileError(f"{config_file} is not valid JSON (truncated?): {e}") from None
-    if not isinstance(head, dict) or head.get("format") not in (FORMAT, "flowcorrect.EnergyModel"):
-        raise ModelFileError(f"{config_file} does not describe a flowcorrect learned energy.")
-    meta = read_meta(path, head["format"], VERSION)
+    meta = read_meta(
+        path, (FORMAT, "flowcorrect.EnergyModel"), VERSION, "flowcorrect learned energy",
+        "Save one with fc.save_model(model, path), which writes config.json and weights.npz.",
+    )
+    config_file = pathlib.Path(path).absolute() / CONFIG_FILE
     name = meta.get("class")
     if cls is None:
         if name not in BUILT_IN:

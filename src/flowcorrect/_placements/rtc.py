@@ -26,6 +26,7 @@ from .._rtc import (
     _int_scalar,
     _schedule_index,
     _weights,
+    check_leftover,
     leftover_target,
 )
 from .base import AbstractPlacement
@@ -152,22 +153,7 @@ class RealTimeChunking(AbstractPlacement):
         self.hard_prefix = flag(owner, "hard_prefix", hard_prefix, "True")
 
     def __check_init__(self):
-        left = self.prev_chunk_left_over
-        if left.ndim not in (2, 3) or left.shape[-2] < 1:
-            raise ValueError(
-                "`prev_chunk_left_over` must have shape (leftover, action_dim) with leftover "
-                f">= 1, or (batch, leftover, action_dim); got {shape_str(left)}."
-            )
-        if not jnp.issubdtype(left.dtype, jnp.floating):
-            raise ValueError(f"`prev_chunk_left_over` must be floating; got {left.dtype}.")
-        d = concrete(self.inference_delay)
-        if d is not None and d > left.shape[-2]:
-            raise ValueError(
-                f"`inference_delay` {int(d)} exceeds the {left.shape[-2]} actions left in "
-                "`prev_chunk_left_over`: the robot would run out of committed actions before "
-                "the new chunk arrives. Start inference earlier (a smaller execution "
-                "horizon) or pass the whole leftover."
-            )
+        check_leftover(self.prev_chunk_left_over, self.inference_delay)
         if self.hard_prefix.shape != ():
             raise ValueError(f"`hard_prefix` must be one bool; got {shape_str(self.hard_prefix)}.")
 

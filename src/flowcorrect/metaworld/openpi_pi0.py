@@ -413,6 +413,7 @@ def train_pi0(
 
 PI0_FORMAT = "flowcorrect.metaworld.Pi0"
 PI0_VERSION = 1
+_SAVE_HINT = "Save one with save_pi0(path, trained)."
 # A full-size Pi0 has about 3.3 billion parameters.
 PI0_MAX_PARAMETERS = 2**33
 
@@ -439,7 +440,7 @@ def load_pi0(path: str | pathlib.Path) -> TrainedPi0:
     from flax import nnx
 
     path = pathlib.Path(path).absolute()
-    saved = read_meta(path, PI0_FORMAT, PI0_VERSION)
+    saved = read_meta(path, (PI0_FORMAT,), PI0_VERSION, "harness Pi0", _SAVE_HINT)
     meta = saved["config"]
     config = Pi0TaskConfig.from_json(meta["config"])
     abstract = _create(config, jax.random.key(0), abstract=True)
@@ -575,7 +576,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           progress=progress)
     trained = train_pi0(args.task, demos, config, seed=args.train_seed, cache=cache,
                         progress=progress)
-    meta = read_meta(trained.path, PI0_FORMAT, PI0_VERSION)["config"] if trained.path else {}
+    meta = read_meta(trained.path, (PI0_FORMAT,), PI0_VERSION, "harness Pi0",
+                      _SAVE_HINT)["config"] if trained.path else {}
     losses = meta.get("losses", trained.losses)
     seconds = meta.get("train_seconds", trained.train_seconds)
     print(f"model {trained.path}; trained {seconds:.0f} s, "

@@ -274,6 +274,7 @@ def train_policy(
 
 POLICY_FORMAT = "flowcorrect.metaworld.FlowMLPPolicy"
 POLICY_VERSION = 1
+_SAVE_HINT = "Save one with save_policy(path, policy, config)."
 
 
 def save_policy(path: str | pathlib.Path, policy: FlowMLPPolicy, config: PolicyConfig) -> None:
@@ -296,7 +297,7 @@ def policy_saved(path: str | pathlib.Path) -> bool:
 def load_policy(path: str | pathlib.Path) -> tuple[FlowMLPPolicy, PolicyConfig]:
     """Reads what [`save_policy`][] wrote, every array checked by name, shape and dtype."""
     path = pathlib.Path(path).absolute()
-    meta = read_meta(path, POLICY_FORMAT, POLICY_VERSION)
+    meta = read_meta(path, (POLICY_FORMAT,), POLICY_VERSION, "harness policy", _SAVE_HINT)
     fields = dict(meta["config"])
     token_time = bool(fields.pop("token_time", False))
     config = PolicyConfig(**fields)
