@@ -110,21 +110,21 @@ def sample_placed(policy, obs, key, energy, placement):
 
 def sample_handwritten(policy, obs, key):
     """openpi's `sample_actions` loop, by hand: one prefix pass, Euler from t = 1."""
-    prefix = policy.prefix(obs)
-    batch = policy.batch_size(prefix)
+    cond = policy.condition(obs)
+    batch = policy.batch_size(cond)
     x = jax.random.normal(key, (batch, *policy.chunk_shape))
     dt = -1.0 / NUM_FLOW_STEPS
 
     def step(x, i):
         t = jnp.asarray(1.0 + i * dt, x.dtype)
-        return x + dt * policy.velocity(prefix, x, t), None
+        return x + dt * policy.velocity(cond, x, t), None
 
     return jax.lax.scan(step, x, jnp.arange(NUM_FLOW_STEPS))[0]
 
 
 def reference_prefix_out(policy, obs):
     """Method B's step 2: a second prefix pass, for the energy's context."""
-    return policy.energy_context(policy.prefix(obs))
+    return policy.energy_context(policy.condition(obs))
 
 
 def reference_step(energy, context, actions, alpha, clip_frac):

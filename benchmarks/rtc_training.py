@@ -11,8 +11,9 @@ from other processes falls on every row alike):
 - `plain`: plain sampling of the scalar-time policy;
 - `plain_token_time`: plain sampling of the per-token-time policy (its larger first
   layer);
-- `plain_through_placement`: the same through `placement=fc.Plain()` (what every
-  placement adds: the finiteness check and the fallback's branch);
+- `plain_through_placement`: the same through a placement of one's own that takes the
+  plain step (what every placement but `fc.Plain()` itself adds: the fallback's branch;
+  the plain sampler is its own fallback);
 - `trt`: [`flowcorrect.rtc.PrefixConditioned`][] on the per-token-time policy, delay 2 (the
   committed prefix in clean, no guidance);
 - `rtc`: inference-time [`flowcorrect.RealTimeChunking`][] on the plain policy, delay 2,
@@ -75,10 +76,13 @@ def main(argv: list[str] | None = None) -> dict:
                              placement=placement)[0]
         return compile_fn(f, policy, obs, noise, placement)
 
+    class PlainStep(fc.Plain):
+        pass
+
     rows = {
-        "plain": sampler(plain, None),
-        "plain_token_time": sampler(token, None),
-        "plain_through_placement": sampler(token, fc.Plain()),
+        "plain": sampler(plain, fc.Plain()),
+        "plain_token_time": sampler(token, fc.Plain()),
+        "plain_through_placement": sampler(token, PlainStep()),
         "trt": sampler(token, fc.rtc.PrefixConditioned(left, args.delay)),
         "rtc": sampler(plain, fc.RealTimeChunking(left, args.delay, 4)),
     }

@@ -62,15 +62,15 @@ class LinearPolicy(fc.AbstractPolicy):
     chunk_shape: tuple[int, int] = eqx.field(static=True, default=(HORIZON, ACTION_DIM))
     convention: fc.AbstractConvention = fc.OpenPI()
 
-    def prefix(self, observation):
+    def condition(self, observation):
         return observation
 
-    def velocity(self, prefix, x, t):
+    def velocity(self, cond, x, t):
         var = t**2 + (1 - t) ** 2 * self.std**2
-        centred = x - (1 - t) * prefix
-        return t / var * centred - (prefix + (1 - t) * self.std**2 / var * centred)
+        centred = x - (1 - t) * cond
+        return t / var * centred - (cond + (1 - t) * self.std**2 / var * centred)
 
-    def energy_context(self, prefix):
+    def energy_context(self, cond):
         return self.goal
 
 

@@ -104,7 +104,7 @@ def main(argv=None):
     @eqx.filter_jit
     def second_pass_and_correct(policy, energy, observation, actions):
         # The reference's method B after sampling: the prefix again, for the context.
-        context = policy.energy_context(policy.prefix(observation))
+        context = policy.energy_context(policy.condition(observation))
         return fc.correct(energy, context, actions, corrector=recipe)[0]
 
     def method_b():

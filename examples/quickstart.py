@@ -32,19 +32,19 @@ class GaussianPolicy(fc.AbstractPolicy):
     chunk_shape: tuple[int, int] = eqx.field(static=True, default=(HORIZON, ACTION_DIM))
     convention: fc.AbstractConvention = fc.OpenPI()
 
-    def prefix(self, observation):
+    def condition(self, observation):
         return observation  # nothing expensive to do once per observation here
 
-    def velocity(self, prefix, x, t):
-        mean, _ = prefix
+    def velocity(self, cond, x, t):
+        mean, _ = cond
         var = t**2 + (1 - t) ** 2 * self.std**2
         centred = x - (1 - t) * mean
         eps_hat = t / var * centred
         a_hat = mean + (1 - t) * self.std**2 / var * centred
         return eps_hat - a_hat
 
-    def energy_context(self, prefix):
-        _, goal_chunk = prefix
+    def energy_context(self, cond):
+        _, goal_chunk = cond
         return goal_chunk
 
 
@@ -75,7 +75,7 @@ def main(argv=None):
     corrector = fc.reference_recipe(num_steps=3, alpha=0.1, clip_frac=0.2)
 
     placements = {
-        "none": None,
+        "none": fc.Plain(),
         "post-hoc (reference recipe)": fc.PostHoc(corrector),
         "denoised, last 3 steps": fc.Denoised(corrector, schedule=fc.LastSteps(3)),
         "guided, last 3 steps": fc.Guided(schedule=fc.LastSteps(3), weight=0.5),
@@ -91,7 +91,7 @@ def main(argv=None):
             key_sample,
             batch_size=args.batch,
             placement=placement,
-            energy=energy if placement is not None else None,
+            energy=energy,  # with Plain() it only scores
         )
         e = jax.vmap(energy)(experts, actions)
         dist = jnp.linalg.norm(actions - experts, axis=(1, 2))

@@ -31,10 +31,10 @@ class TwoModePolicy(fc.AbstractPolicy):
     chunk_shape: tuple[int, int] = eqx.field(static=True, default=(HORIZON, ACTION_DIM))
     convention: fc.AbstractConvention = fc.OpenPI()
 
-    def prefix(self, observation):
+    def condition(self, observation):
         return observation
 
-    def velocity(self, prefix, x, t):
+    def velocity(self, cond, x, t):
         means = jnp.stack([jnp.stack([jnp.ones(HORIZON), s * self.offset * jnp.ones(HORIZON)],
                                      axis=-1) for s in (1.0, -1.0)])  # (2, H, A)
         var = t**2 + (1 - t) ** 2 * self.std**2
@@ -45,8 +45,8 @@ class TwoModePolicy(fc.AbstractPolicy):
         a_hat = means + (1 - t) * self.std**2 / var * centred
         return jnp.sum(p * (eps_hat - a_hat), axis=0)
 
-    def energy_context(self, prefix):
-        return prefix
+    def energy_context(self, cond):
+        return cond
 
 
 @eqx.filter_jit

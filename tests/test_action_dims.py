@@ -168,9 +168,10 @@ OBS = jnp.broadcast_to(A_STAR, (B, H, D))
 def _sample(placement, n=None):
     shape = (B, H, D) if n is None else (B, n, H, D)
     noise = jax.random.normal(jax.random.key(7), shape)
-    energy = None if placement is None else ENERGY
+    if placement is None:
+        return fc.sample(POLICY, OBS, jax.random.key(8), noise=noise)
     return fc.sample(POLICY, OBS, jax.random.key(8), noise=noise, placement=placement,
-                     energy=energy, track_uncorrected=placement is not None)
+                     energy=ENERGY, track_uncorrected=True)
 
 
 @pytest.mark.parametrize(

@@ -56,17 +56,17 @@ class Affine(fc.AbstractPolicy):
     chunk_shape: tuple[int, int] = eqx.field(static=True)
     convention: fc.AbstractConvention
 
-    def prefix(self, observation):
+    def condition(self, observation):
         return observation
 
-    def velocity(self, prefix, x_t, t):
-        c = prefix[0]
+    def velocity(self, cond, x_t, t):
+        c = cond[0]
         if isinstance(self.convention, fc.OpenPI):
             return self.alpha * x_t - c
         return c - self.alpha * x_t
 
-    def energy_context(self, prefix):
-        return prefix[1]
+    def energy_context(self, cond):
+        return cond[1]
 
 
 def _affine(convention):
@@ -258,21 +258,21 @@ class Recording(fc.AbstractBatchedPolicy):
     convention: fc.AbstractConvention = fc.OpenPI()
     calls: ClassVar[list] = []
 
-    def prefix(self, observations):
+    def condition(self, observations):
         return observations
 
-    def batch_size(self, prefix):
-        return prefix.shape[0]
+    def batch_size(self, cond):
+        return cond.shape[0]
 
-    def velocity(self, prefix, x_t, t):
+    def velocity(self, cond, x_t, t):
         jax.debug.callback(functools.partial(Recording.calls.append, x_t.shape[0]))
-        return x_t - prefix[:, None, :]
+        return x_t - cond[:, None, :]
 
-    def energy_context(self, prefix):
-        return prefix
+    def energy_context(self, cond):
+        return cond
 
-    def repeat(self, prefix, n):
-        return jnp.repeat(prefix, n, axis=0)
+    def repeat(self, cond, n):
+        return jnp.repeat(cond, n, axis=0)
 
 
 @pytest.mark.parametrize("rank_at", [0, 3, STEPS])

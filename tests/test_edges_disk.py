@@ -524,14 +524,14 @@ def test_best_of_n_picks_through_a_bfloat16_ensemble_what_the_member_picks():
         chunk_shape: tuple[int, int] = eqx.field(static=True, default=(H, D))
         convention: fc.AbstractConvention = fc.OpenPI()
 
-        def prefix(self, observation):
+        def condition(self, observation):
             return observation
 
-        def velocity(self, prefix, x_t, t):
-            return x_t - prefix
+        def velocity(self, cond, x_t, t):
+            return x_t - cond
 
-        def energy_context(self, prefix):
-            return prefix
+        def energy_context(self, cond):
+            return cond
 
     # A float32 verifier near 1000 whose differences between candidates (about 0.01)
     # are far below bfloat16's spacing there (4).

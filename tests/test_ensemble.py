@@ -66,14 +66,14 @@ def test_best_of_n_ranks_by_the_ensemble_under_jit():
         chunk_shape: tuple[int, int] = eqx.field(static=True, default=(H, D))
         convention: fc.AbstractConvention = fc.OpenPI()
 
-        def prefix(self, observation):
+        def condition(self, observation):
             return observation
 
-        def velocity(self, prefix, x_t, t):
-            return x_t - prefix
+        def velocity(self, cond, x_t, t):
+            return x_t - cond
 
-        def energy_context(self, prefix):
-            return prefix
+        def energy_context(self, cond):
+            return cond
 
     energy = fc.Ensemble(members, 1.0)
     actions, info = eqx.filter_jit(fc.sample)(

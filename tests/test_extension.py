@@ -39,16 +39,16 @@ class MLPPolicy(fc.AbstractPolicy):
         self.chunk_shape = (H, D)
         self.convention = convention
 
-    def prefix(self, observation):
-        MLPPolicy.calls.append("prefix")
+    def condition(self, observation):
+        MLPPolicy.calls.append("condition")
         return jnp.tanh(self.encoder(observation))
 
-    def velocity(self, prefix, x_t, t):
-        inp = jnp.concatenate([prefix, x_t.ravel(), t[None]])
+    def velocity(self, cond, x_t, t):
+        inp = jnp.concatenate([cond, x_t.ravel(), t[None]])
         return self.head(inp).reshape(x_t.shape)
 
-    def energy_context(self, prefix):
-        return prefix
+    def energy_context(self, cond):
+        return cond
 
 
 class CachePolicy(fc.AbstractBatchedPolicy):
@@ -62,29 +62,29 @@ class CachePolicy(fc.AbstractBatchedPolicy):
     convention: fc.AbstractConvention = fc.OpenPI()
     calls: ClassVar[list] = []
 
-    def prefix(self, observations):
-        CachePolicy.calls.append("prefix")
+    def condition(self, observations):
+        CachePolicy.calls.append("condition")
         # observations: (batch, tokens, OBS) -> cache (layers, batch, tokens, width)
         cache = jnp.tanh(jnp.einsum("bso,low->lbsw", observations, self.proj))
         return {"cache": cache, "context": observations.mean(axis=1)}
 
-    def batch_size(self, prefix):
-        return prefix["cache"].shape[1]
+    def batch_size(self, cond):
+        return cond["cache"].shape[1]
 
-    def velocity(self, prefix, x_t, t):
-        pooled = prefix["cache"].mean(axis=2)  # (layers, batch, width)
+    def velocity(self, cond, x_t, t):
+        pooled = cond["cache"].mean(axis=2)  # (layers, batch, width)
         feat = jnp.moveaxis(pooled, 0, 1).reshape(x_t.shape[0], -1)  # (batch, layers*width)
         feat = jnp.broadcast_to(feat[:, None], (x_t.shape[0], H, feat.shape[-1]))
         tt = jnp.broadcast_to(t, x_t.shape[:2] + (1,))
         return jnp.tanh(jnp.concatenate([feat, x_t, tt], axis=-1) @ self.out)
 
-    def energy_context(self, prefix):
-        return prefix["context"]
+    def energy_context(self, cond):
+        return cond["context"]
 
-    def repeat(self, prefix, n):
+    def repeat(self, cond, n):
         return {
-            "cache": jnp.repeat(prefix["cache"], n, axis=1),
-            "context": jnp.repeat(prefix["context"], n, axis=0),
+            "cache": jnp.repeat(cond["cache"], n, axis=1),
+            "context": jnp.repeat(cond["context"], n, axis=0),
         }
 
 
@@ -183,10 +183,10 @@ def test_user_placement_momentum_runs_under_jit_vmap_and_both_conventions(conven
     dt = np.float32(convention.direction / 10)
     expected = []
     for i in range(3):
-        prefix = policy.prefix(obs[i])
+        cond = policy.condition(obs[i])
         x, m = noise[i], jnp.zeros((H, D))
         for t in grid[:-1]:
-            v = policy.velocity(prefix, x, jnp.float32(t))
+            v = policy.velocity(cond, x, jnp.float32(t))
             m = beta * m + (1 - beta) * v
             x = x + dt * m
         expected.append(x)
@@ -326,7 +326,7 @@ def test_user_policy_prefix_runs_once_per_call_for_every_placement():
         out, _ = fc.sample(_cache_policy(), obs, jax.random.key(0), **kwargs)
         assert out.shape == (2, H, D)
         # Traced once into the one compiled function: one prefix pass per call.
-        assert CachePolicy.calls == ["prefix"], (placement, CachePolicy.calls)
+        assert CachePolicy.calls == ["condition"], (placement, CachePolicy.calls)
 
 
 def test_batched_policy_best_of_n_matches_its_candidates():
@@ -451,18 +451,18 @@ class NanInLastDim(fc.AbstractPolicy):
     chunk_shape: tuple[int, int] = eqx.field(static=True, default=(H, D))
     convention: fc.AbstractConvention = fc.OpenPI()
 
-    def prefix(self, observation):
+    def condition(self, observation):
         return None
 
-    def velocity(self, prefix, x_t, t):
+    def velocity(self, cond, x_t, t):
         # Denoises towards zero, except that a sample whose first noise entry is
         # negative ends with NaN in its last dim.
         bad = x_t[0, 0] < 0
         v = x_t / jnp.maximum(t, 1e-3)
         return v.at[:, -1].set(jnp.where(bad & (t < 0.15), jnp.nan, v[:, -1]))
 
-    def energy_context(self, prefix):
-        return prefix
+    def energy_context(self, cond):
+        return cond
 
 
 def test_best_of_n_never_picks_a_candidate_with_nan_even_at_lower_energy():
@@ -489,14 +489,14 @@ def test_guided_cap_holds_in_float16_at_large_magnitudes():
         chunk_shape: tuple[int, int] = eqx.field(static=True, default=(H, D))
         convention: fc.AbstractConvention = fc.OpenPI()
 
-        def prefix(self, observation):
+        def condition(self, observation):
             return None
 
-        def velocity(self, prefix, x_t, t):
+        def velocity(self, cond, x_t, t):
             return jnp.full_like(x_t, 200.0)
 
-        def energy_context(self, prefix):
-            return prefix
+        def energy_context(self, cond):
+            return cond
 
     # a_hat = x - t * v = -190 per entry; the energy (12000) stays finite in float16,
     # its gradient (-40 per entry) times the weight is ~1550 in norm, capped to ~387.

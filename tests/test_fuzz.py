@@ -421,18 +421,18 @@ class FragilePolicy(fc.AbstractPolicy):
     chunk_shape: tuple[int, int] = eqx.field(static=True, default=SHAPE)
     convention: fc.AbstractConvention = fc.OpenPI()
 
-    def prefix(self, observation):
+    def condition(self, observation):
         return observation
 
-    def velocity(self, prefix, x_t, t):
+    def velocity(self, cond, x_t, t):
         acc = _acc(x_t.dtype)
         x = x_t.astype(acc)
-        v = jnp.tanh(x @ self.w.astype(acc) + prefix["bias"].astype(acc)[None, :]) * 3.0 + x
-        v = jnp.where(jnp.max(jnp.abs(x)) > prefix["limit"].astype(acc), jnp.nan, v)
+        v = jnp.tanh(x @ self.w.astype(acc) + cond["bias"].astype(acc)[None, :]) * 3.0 + x
+        v = jnp.where(jnp.max(jnp.abs(x)) > cond["limit"].astype(acc), jnp.nan, v)
         return v.astype(x_t.dtype)
 
-    def energy_context(self, prefix):
-        return prefix["energy"]
+    def energy_context(self, cond):
+        return cond["energy"]
 
 
 weights = st.sampled_from([0.0, 0.5, 5.0, 1e3])

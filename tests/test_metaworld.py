@@ -176,11 +176,11 @@ def test_policy_implements_the_seam():
     assert isinstance(policy, fc.AbstractPolicy)
     assert policy.chunk_shape == (4, 4) and isinstance(policy.convention, fc.OpenPI)
     obs = jax.random.normal(jax.random.key(2), (39,))
-    prefix = policy.prefix(obs)
-    np.testing.assert_array_equal(policy.energy_context(prefix), obs)
+    cond = policy.condition(obs)
+    np.testing.assert_array_equal(policy.energy_context(cond), obs)
     x = jax.random.normal(jax.random.key(3), (4, 4))
-    v1 = policy.velocity(prefix, x, jnp.asarray(0.7))
-    v2 = policy.velocity(prefix, x, jnp.asarray(0.2))
+    v1 = policy.velocity(cond, x, jnp.asarray(0.7))
+    v2 = policy.velocity(cond, x, jnp.asarray(0.2))
     assert v1.shape == (4, 4) and not np.allclose(v1, v2)  # depends on t
 
 
@@ -326,10 +326,10 @@ def test_fc_sample_plain_equals_the_euler_loop():
     noise = jax.random.normal(jax.random.key(7), (3, 4, 4))
     out, _ = fc.sample(policy, obs, jax.random.key(0), noise=noise, num_steps=5)
     for i in range(3):
-        prefix = policy.prefix(obs[i])
+        cond = policy.condition(obs[i])
         x, t = noise[i], jnp.float32(1.0)
         for _ in range(5):
-            x = x + jnp.float32(-0.2) * policy.velocity(prefix, x, t)
+            x = x + jnp.float32(-0.2) * policy.velocity(cond, x, t)
             t = t + jnp.float32(-0.2)
         np.testing.assert_allclose(out[i], x, rtol=1e-5, atol=1e-5)
 

@@ -218,7 +218,7 @@ def test_energy_context_is_prefix_out_with_openpis_mask(setup):
     from openpi.models import model as _model
 
     config, model, policy, observation, noise = setup
-    prefix = eqx.filter_jit(type(policy).prefix)(policy, observation)
+    prefix = eqx.filter_jit(type(policy).condition)(policy, observation)
     context = policy.energy_context(prefix)
     assert isinstance(context, fc.TokenContext)
     processed = _model.preprocess_observation(None, observation, train=False)
@@ -249,11 +249,11 @@ def test_bad_inputs(setup):
     with pytest.raises(TypeError, match="openpi's JAX `openpi.models.pi0.Pi0`"):
         Pi0Policy(object())
     with pytest.raises(TypeError, match="must be an openpi `Observation`"):
-        policy.prefix({"state": observation.state})
+        policy.condition({"state": observation.state})
     unbatched = jax.tree.map(lambda x: x[0], observation)
     with pytest.raises(ValueError, match=r"\(batch, state_dim\).*got \(32,\)"):
-        policy.prefix(unbatched)
-    prefix = eqx.filter_jit(type(policy).prefix)(policy, observation)
+        policy.condition(unbatched)
+    prefix = eqx.filter_jit(type(policy).condition)(policy, observation)
     with pytest.raises(ValueError, match=r"`x_t` must be \(batch, horizon, action_dim\)"):
         policy.velocity(prefix, noise[:, :, :7], jnp.asarray(1.0))
     with pytest.raises(ValueError, match="`n` must be an int >= 1"):
@@ -342,7 +342,7 @@ def test_openpi_policy_with_correction_per_request(serving, monkeypatch):
     assert bool(np.all(np.isfinite(best["actions"])))
     # One trace per signature: off without noise, off with noise (a new argument),
     # post-hoc (twice called, once traced), best-of-3.
-    assert traces == ["NoneType", "NoneType", "PostHoc", "BestOfN"]
+    assert traces == ["Plain", "Plain", "PostHoc", "BestOfN"]
 
     with pytest.raises(ValueError, match=r"Unknown correction options.*\['alpah'\]"):
         policy.infer({**obs, "flowcorrect": {"placement": "post_hoc", "alpah": 0.1}})
@@ -499,7 +499,8 @@ def test_energy_batches_from_openpi_data(serving, monkeypatch):
     for batch, (observation, actions) in zip(batches, data, strict=True):
         assert isinstance(batch, fc.train.Batch)
         np.testing.assert_array_equal(batch.actions, actions[..., :7])
-        expected = policy.energy_context(eqx.filter_jit(type(policy).prefix)(policy, observation))
+        cond = eqx.filter_jit(type(policy).condition)(policy, observation)
+        expected = policy.energy_context(cond)
         np.testing.assert_array_equal(batch.context.mask, expected.mask)
         np.testing.assert_allclose(batch.context.tokens, expected.tokens, rtol=1e-5, atol=1e-5)
         assert batch.context.tokens.dtype == jnp.float32

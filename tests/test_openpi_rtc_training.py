@@ -76,7 +76,7 @@ def test_token_time_velocity_is_openpis_at_equal_times_and_conditions_on_the_pre
     policy = Pi0TokenTimePolicy(model)
     h, a = config.action_horizon, config.action_dim
     with jax.numpy_rank_promotion("allow"):
-        prefix = eqx.filter_jit(lambda p, o: p.prefix(o))(plain, obs)
+        prefix = eqx.filter_jit(lambda p, o: p.condition(o))(plain, obs)
         x = jax.random.normal(jax.random.key(2), (BATCH, h, a))
         t = jnp.float32(0.6)
         v_plain = eqx.filter_jit(lambda p, *args: p.velocity(*args))(plain, prefix, x, t)

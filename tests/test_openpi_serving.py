@@ -348,7 +348,7 @@ def test_recording_training_and_serving_a_verifier(served, tmp_path, monkeypatch
     batch = jax.tree.map(lambda x: np.asarray(x)[None], observations[0])
     from openpi.models import model as _model
 
-    prefix = eqx.filter_jit(type(pi0).prefix)(pi0, _model.Observation.from_dict(batch))
+    prefix = eqx.filter_jit(type(pi0).condition)(pi0, _model.Observation.from_dict(batch))
     pooled = fc.pool_tokens(pi0.energy_context(prefix))[0]
     np.testing.assert_allclose(rollouts.observation[0], pooled, rtol=1e-5, atol=1e-5)
 

@@ -66,13 +66,13 @@ def _chunks(seed=2, batch=BATCH):
 @eqx.filter_jit
 def _run(policy, obs, x, t):
     """The velocity and energy context, compiled once per shape (the tests share it)."""
-    prefix = policy.prefix(obs)
+    prefix = policy.condition(obs)
     return policy.velocity(prefix, x, t), policy.energy_context(prefix)
 
 
 @eqx.filter_jit
 def _prefix(policy, obs):
-    return policy.prefix(obs)
+    return policy.condition(obs)
 
 
 @eqx.filter_jit
@@ -283,7 +283,7 @@ def test_weights_are_traced_not_baked_in():
     @eqx.filter_jit
     @eqx.debug.assert_max_traces(max_traces=1)
     def velocity(policy, obs, x, t):
-        return policy.velocity(policy.prefix(obs), x, t)
+        return policy.velocity(policy.condition(obs), x, t)
 
     policy, obs, x = _policy(), _observations(), _chunks()
     first = velocity(policy, obs, x, jnp.asarray(0.5))
@@ -302,7 +302,7 @@ def test_layers_are_stacked_and_scanned():
 
     def num_equations(depth):
         p = fc.Pi0ShapedPolicy(dataclasses.replace(CONFIG, depth=depth), key=jax.random.key(0))
-        jaxpr = jax.make_jaxpr(lambda p, o: p.velocity(p.prefix(o), x, t))(p, obs)
+        jaxpr = jax.make_jaxpr(lambda p, o: p.velocity(p.condition(o), x, t))(p, obs)
         return len(jaxpr.jaxpr.eqns)
 
     # One layer body in a scan, not `depth` copies: the program does not grow with depth.
@@ -325,7 +325,7 @@ def test_pi0_preset_sizes():
     assert policy.num_parameters() == pytest.approx(2.30e9, rel=0.02)
     assert {x.dtype for x in jax.tree.leaves(policy)} == {jnp.dtype(jnp.bfloat16)}
     obs = jax.eval_shape(lambda k: fc.Pi0ShapedObservation.random(config, k, 2), jax.random.key(0))
-    prefix = jax.eval_shape(lambda p, o: p.prefix(o), policy, obs)
+    prefix = jax.eval_shape(lambda p, o: p.condition(o), policy, obs)
     assert prefix.keys.shape == (18, 2, 816, 1, 256)
     assert prefix.hidden.shape == (2, 816, 2048)
     v = jax.eval_shape(lambda p, pre, x, t: p.velocity(pre, x, t), policy, prefix,
@@ -360,13 +360,13 @@ def test_config_errors(changes, match):
 def test_input_errors():
     policy, obs = _policy(), _observations()
     with pytest.raises(ValueError, match="token_dim"):
-        policy.prefix(fc.Pi0ShapedObservation(obs.tokens[..., :5], obs.mask))
+        policy.condition(fc.Pi0ShapedObservation(obs.tokens[..., :5], obs.mask))
     with pytest.raises(ValueError, match="mask"):
         fc.Pi0ShapedObservation(obs.tokens, obs.mask[:, :4])
     with pytest.raises(TypeError, match="Pi0ShapedObservation"):
-        policy.prefix(obs.tokens)
+        policy.condition(obs.tokens)
     with pytest.raises(ValueError, match="x_t"):
-        policy.velocity(policy.prefix(obs), _chunks()[:, :3], jnp.asarray(0.5))
+        policy.velocity(policy.condition(obs), _chunks()[:, :3], jnp.asarray(0.5))
     with pytest.raises(ValueError, match="num_padding"):
         fc.Pi0ShapedObservation.random(CONFIG, jax.random.key(0), 2, num_padding=[1])
 

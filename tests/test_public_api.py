@@ -41,3 +41,35 @@ def test_a_moved_name_still_imports_with_a_warning_naming_its_place(name):
 def test_an_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fc.nope  # noqa: B018
+
+
+def test_a_policy_written_with_the_old_prefix_name_samples_as_before_with_a_warning():
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    def body(name):
+        def one(self, observation):
+            return observation * 2.0
+
+        return {
+            "chunk_shape": (3, 2),
+            "convention": fc.OpenPI(),
+            name: one,
+            "velocity": lambda self, cond, x_t, t: x_t - cond,
+            "energy_context": lambda self, cond: cond,
+            "__annotations__": {"chunk_shape": tuple, "convention": fc.AbstractConvention},
+        }
+
+    New = type("New", (fc.AbstractPolicy,), body("condition"))
+    with pytest.warns(DeprecationWarning, match=r"Old\.prefix: .*rename the method to `condition`"):
+        Old = type("Old", (fc.AbstractPolicy,), body("prefix"))
+    obs = jnp.array([[0.5, -1.5], [2.0, 0.25], [-3.0, 1.0]])
+    key = jax.random.key(3)
+    new, _ = fc.sample(New(), obs, key)
+    old, _ = fc.sample(Old(), obs, key)
+    assert jnp.array_equal(new, old)
+    assert not jnp.allclose(new, 0.0)
+    with pytest.warns(DeprecationWarning, match=r"New\.prefix\(\.\.\.\): .*call `condition`"):
+        assert jnp.array_equal(New().prefix(obs), obs * 2.0)
+    assert eqx.is_array(Old().condition(obs))

@@ -87,15 +87,15 @@ class MLPPolicy(fc.AbstractPolicy):
     convention: fc.AbstractConvention
     chunk_shape: tuple[int, int] = eqx.field(static=True, default=(H, A))
 
-    def prefix(self, observation):
+    def condition(self, observation):
         return observation
 
-    def velocity(self, prefix, x, t):
-        inp = jnp.concatenate([x.ravel(), prefix, jnp.stack([jnp.sin(3 * t), t])])
+    def velocity(self, cond, x, t):
+        inp = jnp.concatenate([x.ravel(), cond, jnp.stack([jnp.sin(3 * t), t])])
         return self.mlp(inp).reshape(x.shape)
 
-    def energy_context(self, prefix):
-        return prefix
+    def energy_context(self, cond):
+        return cond
 
 
 def mlp_policy(convention, seed=0):

@@ -167,14 +167,14 @@ class TwoContexts(fc.AbstractPolicy):
     chunk_shape: tuple[int, int] = eqx.field(static=True)
     convention: fc.AbstractConvention
 
-    def prefix(self, observation):
+    def condition(self, observation):
         return observation
 
-    def velocity(self, prefix, x_t, t):
-        return self.fn(prefix[0], x_t, t)
+    def velocity(self, cond, x_t, t):
+        return self.fn(cond[0], x_t, t)
 
-    def energy_context(self, prefix):
-        return prefix[1]
+    def energy_context(self, cond):
+        return cond[1]
 
 
 def _policy(velocity, convention=fc.OpenPI(), chunk_shape=(H, D), two=False):
@@ -666,6 +666,37 @@ def test_an_energy_without_a_placement_is_an_error_and_post_hoc_is_the_reference
     assert tree_allclose(out, expected, atol=1e-6)
     assert int(info.placement.correction.num_accepted) == 3
 
+
+
+def test_plain_is_the_default_none_is_its_deprecated_spelling_and_plain_with_an_energy_scores():
+    velocity, noise, target = _gaussian(fc.OpenPI()), _noise(11, (3, H, D)), jnp.full((H, D), 1.0)
+    default, info = _sample(velocity, None, noise=noise)
+    explicit, _ = _sample(velocity, None, noise=noise, placement=fc.Plain())
+    assert tree_bitwise_equal(default, explicit)
+    assert not bool(jnp.any(info.fell_back)) and info.final_energy is None
+    with pytest.warns(DeprecationWarning, match=r"placement=None.*fc\.Plain\(\)"):
+        old, _ = _sample(velocity, None, noise=noise, placement=None)
+    assert tree_bitwise_equal(old, default)
+    # Chosen explicitly, Plain with an energy scores the plain chunks and moves nothing.
+    scored, info = _sample(velocity, None, noise=noise, energy=_sq(target),
+                           placement=fc.Plain(), track_uncorrected=True)
+    assert tree_bitwise_equal(scored, default)
+    expected = jax.vmap(lambda a: 0.5 * jnp.sum((a - target) ** 2))(default)
+    assert tree_allclose(info.final_energy, expected, rtol=1e-6)
+    assert tree_allclose(info.uncorrected_energy, expected, rtol=1e-6)
+    assert bool(jnp.all(info.delta_norm == 0))
+
+
+def test_a_plain_chunk_that_is_not_finite_is_reported():
+    # One sample's noise is inf: its chunk is not finite, and nothing is safer than the
+    # plain chunk, so it is kept and reported; the others are untouched.
+    velocity, noise = _gaussian(fc.OpenPI()), _noise(12, (3, H, D))
+    bad = noise.at[1, 0, 0].set(jnp.inf)
+    out, info = _sample(velocity, None, noise=bad)
+    clean, _ = _sample(velocity, None, noise=noise)
+    assert info.fell_back.tolist() == [False, True, False]
+    assert tree_bitwise_equal(out[::2], clean[::2])
+    assert not bool(jnp.all(jnp.isfinite(out[1])))
 
 # ---------------------------------------------------------------- safety
 

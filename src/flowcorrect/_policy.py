@@ -2,9 +2,11 @@
 
 A flow-matching policy does two kinds of work for one observation: some once (openpi's
 Pi0 runs SigLIP and the VLM over images and text into a KV cache), and some at every
-flow step (the action expert over that cache). [`flowcorrect.sample`][] calls the first
-once, inside its compiled function, and the second at every Euler step; best-of-N
-candidates share the first. The energy reads its context from the same once-per-
+flow step (the action expert over that cache). The first is the policy's `condition`
+(what the flow is conditioned on; openpi calls its own the prefix pass), the second its
+`velocity`. [`flowcorrect.sample`][] calls `condition` once, inside its compiled
+function, and `velocity` at every Euler step; best-of-N candidates share one
+conditioning. The energy reads its context from the same once-per-
 observation pass, so nothing is computed twice.
 
 Two base classes, by who does the batching:
@@ -21,6 +23,7 @@ into it, and new weights do not recompile.
 """
 
 import abc
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -31,8 +34,35 @@ from ._conventions import AbstractConvention, OpenPI
 from ._custom_types import Actions, Context, Scalar
 from ._misc import is_int, shape_str
 
-Prefix = Any
+Conditioning = Any
 Observation = Any
+
+
+_RENAMED = (
+    "`prefix` is now `condition` (the once-per-observation pass; `prefix` is kept for "
+    "one release)"
+)
+
+
+def _alias_old_prefix(cls: type) -> None:
+    # A subclass written against the old name defines `prefix`: it becomes `condition`,
+    # so that the class is concrete and the sampler finds its pass.
+    if "prefix" in cls.__dict__ and "condition" not in cls.__dict__:
+        warnings.warn(
+            f"{cls.__name__}.prefix: {_RENAMED}; rename the method to `condition`.",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        cls.condition = cls.__dict__["prefix"]  # type: ignore[attr-defined]
+
+
+def _old_prefix(policy: Any, observation: Any) -> Any:
+    warnings.warn(
+        f"{type(policy).__name__}.prefix(...): {_RENAMED}; call `condition`.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return policy.condition(observation)
 
 
 class AbstractPolicy(eqx.Module):
@@ -56,23 +86,31 @@ class AbstractPolicy(eqx.Module):
             chunk_shape: tuple[int, int] = eqx.field(static=True, default=(16, 4))
             convention: fc.AbstractConvention = fc.OpenPI()
 
-            def prefix(self, observation):
+            def condition(self, observation):
                 return self.encoder(observation)        # once per observation
 
-            def velocity(self, prefix, x_t, t):
-                inp = jnp.concatenate([prefix, x_t.ravel(), t[None]])
+            def velocity(self, cond, x_t, t):
+                inp = jnp.concatenate([cond, x_t.ravel(), t[None]])
                 return self.head(inp).reshape(x_t.shape)
 
-            def energy_context(self, prefix):
-                return prefix                           # what the energy reads
+            def energy_context(self, cond):
+                return cond                             # what the energy reads
         ```
     """
 
     chunk_shape: eqx.AbstractVar[tuple[int, int]]
     convention: eqx.AbstractVar[AbstractConvention]
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _alias_old_prefix(cls)
+
+    def prefix(self, observation: Observation) -> Conditioning:
+        """Deprecated: [`condition`][flowcorrect.AbstractPolicy.condition]."""
+        return _old_prefix(self, observation)
+
     @abc.abstractmethod
-    def prefix(self, observation: Observation) -> Prefix:
+    def condition(self, observation: Observation) -> Conditioning:
         """The work done once per observation (the expensive part of the policy).
 
         **Arguments:**
@@ -85,12 +123,12 @@ class AbstractPolicy(eqx.Module):
         """
 
     @abc.abstractmethod
-    def velocity(self, prefix: Prefix, x_t: Actions, t: Scalar) -> Actions:
+    def velocity(self, cond: Conditioning, x_t: Actions, t: Scalar) -> Actions:
         """The flow's velocity at a noisy chunk.
 
         **Arguments:**
 
-        - `prefix`: what `prefix` returned for this observation.
+        - `cond`: what `condition` returned for this observation.
         - `x_t`: the noisy chunk, `(horizon, action_dim)`.
         - `t`: the flow time, a scalar array in `x_t`'s dtype.
 
@@ -100,16 +138,16 @@ class AbstractPolicy(eqx.Module):
         """
 
     @abc.abstractmethod
-    def energy_context(self, prefix: Prefix) -> Context:
+    def energy_context(self, cond: Conditioning) -> Context:
         """The context an energy reads for this observation (for a learned energy over
-        a VLM, its hidden states and mask), taken from the same prefix pass."""
+        a VLM, its hidden states and mask), taken from the same `condition` pass."""
 
 
 class AbstractBatchedPolicy(eqx.Module):
     """A flow policy whose model runs on a batch itself (openpi's Pi0 and Pi0.5).
 
     Like [`flowcorrect.AbstractPolicy`][], with batched methods and two more: the batch
-    size of a prefix, and how to repeat a prefix for best-of-N candidates (where the
+    size of a conditioning, and how to repeat one for best-of-N candidates (where the
     batch axis of each array is, which only the policy knows: openpi's KV cache has it
     second).
     """
@@ -117,32 +155,40 @@ class AbstractBatchedPolicy(eqx.Module):
     chunk_shape: eqx.AbstractVar[tuple[int, int]]
     convention: eqx.AbstractVar[AbstractConvention]
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _alias_old_prefix(cls)
+
+    def prefix(self, observation: Observation) -> Conditioning:
+        """Deprecated: [`condition`][flowcorrect.AbstractBatchedPolicy.condition]."""
+        return _old_prefix(self, observation)
+
     @abc.abstractmethod
-    def prefix(self, observations: Observation) -> Prefix:
+    def condition(self, observations: Observation) -> Conditioning:
         """The once-per-observation work on a batch of observations."""
 
     @abc.abstractmethod
-    def batch_size(self, prefix: Prefix) -> int:
-        """How many observations `prefix` holds (a Python int, read from shapes)."""
+    def batch_size(self, cond: Conditioning) -> int:
+        """How many observations `cond` holds (a Python int, read from shapes)."""
 
     @abc.abstractmethod
     def velocity(
-        self, prefix: Prefix, x_t: Float[Array, "batch horizon action_dim"], t: Scalar
+        self, cond: Conditioning, x_t: Float[Array, "batch horizon action_dim"], t: Scalar
     ) -> Float[Array, "batch horizon action_dim"]:
         """The velocity of every chunk of the batch at flow time `t` (one scalar for the
         whole batch). Samples must not interact: the velocity of one chunk may depend
         on its own observation and chunk only (the guided placements rely on it)."""
 
     @abc.abstractmethod
-    def energy_context(self, prefix: Prefix) -> Context:
+    def energy_context(self, cond: Conditioning) -> Context:
         """The energy's context for every observation: a pytree whose every array has
         a leading batch axis."""
 
     @abc.abstractmethod
-    def repeat(self, prefix: Prefix, n: int) -> Prefix:
-        """The prefix of a batch of `batch * n` in which each observation appears `n`
+    def repeat(self, cond: Conditioning, n: int) -> Conditioning:
+        """The conditioning of a batch of `batch * n` in which each observation appears `n`
         times in a row (observation-major: rows `b * n ... b * n + n - 1` are
-        observation `b`), for best-of-N candidates sharing one prefix pass."""
+        observation `b`), for best-of-N candidates sharing one `condition` pass."""
 
 
 class VelocityPolicy(AbstractPolicy):
@@ -182,16 +228,16 @@ class VelocityPolicy(AbstractPolicy):
             )
         check_convention(self.convention)
 
-    def prefix(self, observation: Observation) -> Prefix:
+    def condition(self, observation: Observation) -> Conditioning:
         return observation
 
-    def velocity(self, prefix: Prefix, x_t: Actions, t: Scalar) -> Any:
+    def velocity(self, cond: Conditioning, x_t: Actions, t: Scalar) -> Any:
         # Checked here, with a message that says what is wrong, rather than by the
         # return annotation: `fn` is anybody's function.
-        return check_velocity_output(self.fn(prefix, x_t, t), x_t)
+        return check_velocity_output(self.fn(cond, x_t, t), x_t)
 
-    def energy_context(self, prefix: Prefix) -> Context:
-        return prefix
+    def energy_context(self, cond: Conditioning) -> Context:
+        return cond
 
 
 def check_chunk_shape(chunk_shape: Any) -> tuple[int, int]:

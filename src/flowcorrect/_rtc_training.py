@@ -217,7 +217,7 @@ class PrefixConditioning(eqx.Module):
         ```python
         transform = fc.rtc.PrefixConditioning(fc.rtc.ExponentialDelays(max_delay=4))
         ex = transform(fc.OpenPI(), actions, noise, t, key)   # one example
-        v = policy.velocity(policy.prefix(obs), ex.x_t, ex.t)  # t per token
+        v = policy.velocity(policy.condition(obs), ex.x_t, ex.t)  # t per token
         loss = fc.rtc.masked_flow_loss(v, ex)
         ```
     """
@@ -318,7 +318,7 @@ def prefix_conditioned_loss(
     examples = jax.vmap(lambda a, n, s, k: transform(conv, a, n, s, k))(
         actions, noise, t, jax.random.split(k_d, batch)
     )
-    v = jax.vmap(lambda o, x, s: policy.velocity(policy.prefix(o), x, s))(
+    v = jax.vmap(lambda o, x, s: policy.velocity(policy.condition(o), x, s))(
         observations, examples.x_t, examples.t
     )
     err = jnp.mean((v - examples.target) ** 2, axis=-1)

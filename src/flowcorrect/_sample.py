@@ -1,5 +1,6 @@
 """The flow sampler: fixed-step Euler on a policy, with a placed correction."""
 
+import warnings
 from typing import Any
 
 import equinox as eqx
@@ -36,7 +37,7 @@ class SampleInfo(eqx.Module):
         likewise).
     - `placement`: the placement's own diagnostics (e.g.
         [`flowcorrect.PostHocInfo`][], [`flowcorrect.BestOfNInfo`][],
-        [`flowcorrect.InterleavedInfo`][]); `None` without a placement.
+        [`flowcorrect.InterleavedInfo`][], which `Plain()` gives too).
     - `step_energy`: `(*batch, num_steps)`, the energy of the denoised estimate at each
         flow step along the returned chunk's path, whatever the placement and however
         deep its inner placements (for [`flowcorrect.RealTimeChunking`][], its own RTC
@@ -53,6 +54,11 @@ class SampleInfo(eqx.Module):
     step_energy: Float[Array, "*batch num_steps"] | None
 
 
+# The default placement. It is the plain Euler step like any `Plain()`; being this very
+# object also says that no placement was chosen, so that an energy given without one is
+# an error rather than a silent no-op.
+PLAIN = Plain()
+
 _PLACEMENTS = (
     "fc.BestOfN(8) (rank candidates by the energy), fc.Guided(...) (guidance through "
     "the velocity), fc.Denoised(corrector, ...) (correct the denoised estimate inside the "
@@ -64,16 +70,16 @@ _PLACEMENTS = (
 def _policy_and_batch(
     policy: Any, observation: Any, noise: Any, batch_size: Any, placement: AbstractPlacement
 ) -> tuple[AbstractBatchedPolicy, Any, bool]:
-    """The policy as a batched one, the prefix, and whether the call is batched."""
+    """The policy as a batched one, its conditioning, and whether the call is batched."""
     if isinstance(policy, AbstractBatchedPolicy):
-        prefix = policy.prefix(observation)
-        size = policy.batch_size(prefix)
+        cond = policy.condition(observation)
+        size = policy.batch_size(cond)
         if batch_size is not None and batch_size != size:
             raise ValueError(
                 f"`batch_size` {batch_size} does not match the batch of {size} observations "
                 f"the policy {type(policy).__name__} read."
             )
-        return policy, prefix, True
+        return policy, cond, True
     if not isinstance(policy, AbstractPolicy):
         hint = ""
         if callable(policy):
@@ -100,7 +106,7 @@ def _policy_and_batch(
         size = count("fc.sample", "batch_size", size, 1, "8", "samples to draw")
         check_batched_context(observation, size, "observation")
     vmapped = VmappedPolicy(policy, size, 0 if batched else None)
-    return vmapped, vmapped.prefix(observation), batched
+    return vmapped, vmapped.condition(observation), batched
 
 
 def _check_noise(noise: Any, per_sample_shape: tuple[int, ...], batched_policy: bool) -> None:
@@ -136,7 +142,7 @@ def sample(
     batch_size: int | None = None,
     num_steps: int = 10,
     noise_scale: Any = 1.0,
-    placement: AbstractPlacement | None = None,
+    placement: AbstractPlacement | None = PLAIN,  # None: deprecated, Plain()
     energy: EnergyFn | None = None,
     step_energies: bool = False,
     track_uncorrected: bool = False,
@@ -146,7 +152,7 @@ def sample(
     Fixed-step explicit Euler from noise to actions, `num_steps` steps in one
     `lax.scan`, compiled once per configuration (`eqx.filter_jit`). The policy's
     once-per-observation pass runs once, inside the compiled function, and the energy
-    reads its context from that same pass. Without a placement this is exactly the
+    reads its context from that same pass. With the default `Plain()` this is exactly the
     plain Euler loop (openpi's `sample_actions` for an openpi policy). Every placement
     keeps the robot safe: a sample whose chunk (or its energy) is not finite is
     replaced by the plain sampler's chunk from the same noise, flagged in
@@ -158,7 +164,7 @@ def sample(
         or an [`flowcorrect.AbstractBatchedPolicy`][] (runs on the batch itself). Its
         weights are traced, so new weights do not recompile. A bare velocity function
         goes through [`flowcorrect.VelocityPolicy`][].
-    - `observation`: what the policy's `prefix` reads: one observation, or for a
+    - `observation`: what the policy's `condition` reads: one observation, or for a
         per-sample policy a batch (every array with a leading batch axis, with
         `batch_size` or batched `noise`); a batched policy always reads a batch.
     - `key`: a PRNG key: draws the noise when `noise` is not given, and drives
@@ -173,7 +179,9 @@ def sample(
     - `noise_scale`: multiplies the initial noise (a lower "temperature": 0.5 or 0.25
         sample nearer the policy's modes). Traced: new values do not recompile.
     - `placement`: where a correction goes; see [`flowcorrect.AbstractPlacement`][].
-        `None` (default) samples plainly. One whose `needs_energy` is true is refused
+        The default is [`flowcorrect.Plain`][], the policy on its own; an `energy`
+        given without choosing a placement is an error (pass `placement=fc.Plain()`
+        to only score the plain chunks). One whose `needs_energy` is true is refused
         without an `energy`.
     - `energy`: any [`flowcorrect.EnergyFn`][], read by the placement; its context is
         the policy's `energy_context` (encoded once per observation), or bind one with
@@ -201,19 +209,26 @@ def sample(
         ```
     """
     num_steps = count("fc.sample", "num_steps", num_steps, 1, "10", "openpi uses 10")
-    if placement is None and energy is not None:
+    if placement is None:
+        warnings.warn(
+            "fc.sample(placement=None) is the default placement, fc.Plain(); `None` is "
+            "kept for one release: leave the argument out.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        placement = PLAIN
+    if placement is PLAIN and energy is not None:
         raise ValueError(
             "`energy` was given without a `placement`, so nothing would use it. Choose "
             f"where the correction goes: {_PLACEMENTS}."
         )
-    if placement is not None:
-        check_placement(placement)
-        if energy is None and placement.needs_energy:
-            raise ValueError(energy_needed(type(placement).__name__))
-        if isinstance(policy, AbstractPolicy | AbstractBatchedPolicy):
-            # Once before tracing, so that a placement's checks of values it holds as
-            # arrays raise plain errors here; under the trace those values are unknown.
-            placement.noise_shape(tuple(policy.chunk_shape))
+    check_placement(placement)
+    if energy is None and placement.needs_energy:
+        raise ValueError(energy_needed(type(placement).__name__))
+    if isinstance(policy, AbstractPolicy | AbstractBatchedPolicy):
+        # Once before tracing, so that a placement's checks of values it holds as
+        # arrays raise plain errors here; under the trace those values are unknown.
+        placement.noise_shape(tuple(policy.chunk_shape))
     if noise is not None and not isinstance(noise, jax.Array | np.ndarray):
         raise TypeError(
             "`noise` must be a JAX or NumPy array of shape (horizon, action_dim), with a "
@@ -253,13 +268,12 @@ def _sample(
     step_energies,
     track_uncorrected,
 ):
-    stepper = Plain() if placement is None else placement
-    batched_policy, prefix, batched = _policy_and_batch(
-        policy, observation, noise, batch_size, stepper
+    batched_policy, cond, batched = _policy_and_batch(
+        policy, observation, noise, batch_size, placement
     )
-    batch = batched_policy.batch_size(prefix)
+    batch = batched_policy.batch_size(cond)
     chunk_shape = tuple(batched_policy.chunk_shape)
-    per_noise = stepper.noise_shape(chunk_shape)  # type: ignore[arg-type]
+    per_noise = placement.noise_shape(chunk_shape)  # type: ignore[arg-type]
     if noise is not None:
         _check_noise(noise, per_noise, isinstance(policy, AbstractBatchedPolicy))
         if batched and noise.shape[0] != batch:
@@ -285,26 +299,22 @@ def _sample(
 
     encoded = None
     if energy is not None:
-        context = batched_policy.energy_context(prefix)
+        context = batched_policy.energy_context(cond)
         check_batched_context(context, batch, "the policy's energy_context")
         encoded = jax.vmap(energy.encode, axis_size=batch)(context)
-    flow = Flow(batched_policy, prefix, energy, encoded, batch, num_steps, step_energies)
+    flow = Flow(batched_policy, cond, energy, encoded, batch, num_steps, step_energies)
 
-    if placement is None:
-        actions, _, step_energy = integrate(flow, stepper, x0, run_keys)
-        placement_info = None
-    else:
-        actions, placement_info = placement.sample(flow, x0, run_keys)
-        step_energy = step_energy_of(placement_info)
+    actions, placement_info = placement.sample(flow, x0, run_keys)
+    step_energy = step_energy_of(placement_info)
     if step_energy is not None and getattr(step_energy, "shape", None) != (batch, num_steps):
         raise ValueError(
-            f"The placement {type(stepper).__name__} returned diagnostics whose "
+            f"The placement {type(placement).__name__} returned diagnostics whose "
             f"`step_energy` has shape {shape_str(step_energy)}; expected "
             f"{(batch, num_steps)} (one energy per sample and flow step) or None."
         )
     if getattr(actions, "shape", None) != (batch, *chunk_shape):
         raise ValueError(
-            f"The placement {type(stepper).__name__} returned chunks of shape "
+            f"The placement {type(placement).__name__} returned chunks of shape "
             f"{shape_str(actions)}; expected {(batch, *chunk_shape)}."
         )
     actions = actions.astype(dtype)
@@ -315,8 +325,13 @@ def _sample(
         ok = ok & jnp.isfinite(final_energy)
     first_noise = x0.reshape(batch, -1, *chunk_shape)[:, 0]
     uncorrected = uncorrected_energy = delta_norm = None
-    if placement is None:
-        fell_back = jnp.zeros(batch, bool)
+    if type(placement) is Plain:
+        # The plain chunk is its own fallback: nothing safer to put in its place, but a
+        # chunk that is not finite is still reported.
+        fell_back = jnp.logical_not(ok)
+        if track_uncorrected:
+            uncorrected, uncorrected_energy = actions, final_energy
+            delta_norm = jnp.zeros(batch, actions.dtype)
     else:
         if track_uncorrected:
             plain = integrate(flow, Plain(), first_noise, run_keys)[0]

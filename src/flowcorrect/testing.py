@@ -290,10 +290,10 @@ class GaussianPolicy(_AbstractPolicy):
         self.convention = _fc.OpenPI() if convention is None else convention
         self.chunk_shape = tuple(self.mean.shape)
 
-    def prefix(self, observation):
+    def condition(self, observation):
         return observation
 
-    def velocity(self, prefix, x, t):
+    def velocity(self, cond, x, t):
         import flowcorrect as _fc
 
         reverse = isinstance(self.convention, _fc.Reverse)
@@ -305,5 +305,5 @@ class GaussianPolicy(_AbstractPolicy):
         dx_dp = a_hat - eps_hat
         return dx_dp if reverse else -dx_dp
 
-    def energy_context(self, prefix):
-        return prefix
+    def energy_context(self, cond):
+        return cond

@@ -143,7 +143,7 @@ def openpi_calls() -> dict[str, np.ndarray]:
             energy = fc.OnActionDims(pi0_energy(), 7)
             tag = "pi05" if pi05 else "pi0"
             for name, (placement, start) in {
-                "plain": (None, noise),
+                "plain": (fc.Plain(), noise),
                 "denoised": (fc.Denoised(fc.reference_recipe(), schedule=fc.LastSteps(3)),
                              noise),
                 "guided": (fc.Guided(schedule=fc.LastSteps(3), weight=1.0), noise),
@@ -151,7 +151,7 @@ def openpi_calls() -> dict[str, np.ndarray]:
             }.items():
                 actions, _ = fc.sample(policy, observation, None, noise=start, num_steps=10,
                                        placement=placement,
-                                       energy=None if placement is None else energy)
+                                       energy=None if isinstance(placement, fc.Plain) else energy)
                 out[f"{tag}/{name}"] = np.asarray(actions)
             actions = sample_actions_with_energy_correction(
                 policy, pi0_energy(), jax.random.key(3), observation, 10,

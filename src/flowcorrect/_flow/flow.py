@@ -1,6 +1,7 @@
 """`Flow`: a batch of observations through a policy, as a placement sees it."""
 
 import dataclasses
+import warnings
 from typing import Any
 
 import equinox as eqx
@@ -14,7 +15,7 @@ from .._correctors.base import AbstractCorrector
 from .._custom_types import Encoded, Scalar
 from .._energy import AbstractEnergy, ChunkFn
 from .._misc import safe_norm
-from .._policy import AbstractBatchedPolicy, AbstractPolicy, Prefix, check_velocity_output
+from .._policy import AbstractBatchedPolicy, AbstractPolicy, Conditioning, check_velocity_output
 
 BatchChunks = Float[Array, "batch horizon action_dim"]
 BatchKeys = Any  # a PRNG key array of shape (batch,)
@@ -41,35 +42,35 @@ class VmappedPolicy(AbstractBatchedPolicy):
 
     # One observation runs without `vmap`: the compiled program is then the policy's own,
     # so a plain call reproduces a hand-written loop bit for bit on every jax version.
-    def prefix(self, observations: Any) -> Prefix:
+    def condition(self, observations: Any) -> Conditioning:
         if self.size == 1 and self.observation_axis is None:
-            return _add_axis(self.policy.prefix(observations))
-        return jax.vmap(self.policy.prefix, in_axes=(self.observation_axis,), axis_size=self.size)(
-            observations
-        )
+            return _add_axis(self.policy.condition(observations))
+        return jax.vmap(
+            self.policy.condition, in_axes=(self.observation_axis,), axis_size=self.size
+        )(observations)
 
-    def batch_size(self, prefix: Prefix) -> int:
+    def batch_size(self, cond: Conditioning) -> int:
         return self.size
 
     # `t` may hold one time per action token for a policy that declares
     # `accepts_token_time` (training-time real-time chunking); it is shared by the batch.
     def velocity(
-        self, prefix: Prefix, x_t: BatchChunks, t: Scalar | Float[Array, " horizon"]
+        self, cond: Conditioning, x_t: BatchChunks, t: Scalar | Float[Array, " horizon"]
     ) -> BatchChunks:
-        def one(prefix, x, t):
-            return check_velocity_output(self.policy.velocity(prefix, x, t), x)
+        def one(cond, x, t):
+            return check_velocity_output(self.policy.velocity(cond, x, t), x)
 
         if x_t.shape[0] == 1:
-            return one(_drop_axis(prefix), x_t[0], t)[None]
-        return jax.vmap(one, in_axes=(0, 0, None))(prefix, x_t, t)
+            return one(_drop_axis(cond), x_t[0], t)[None]
+        return jax.vmap(one, in_axes=(0, 0, None))(cond, x_t, t)
 
-    def energy_context(self, prefix: Prefix) -> Any:
+    def energy_context(self, cond: Conditioning) -> Any:
         if self.size == 1:
-            return _add_axis(self.policy.energy_context(_drop_axis(prefix)))
-        return jax.vmap(self.policy.energy_context, axis_size=self.size)(prefix)
+            return _add_axis(self.policy.energy_context(_drop_axis(cond)))
+        return jax.vmap(self.policy.energy_context, axis_size=self.size)(cond)
 
-    def repeat(self, prefix: Prefix, n: int) -> Prefix:
-        return jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), prefix)
+    def repeat(self, cond: Conditioning, n: int) -> Conditioning:
+        return jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), cond)
 
 
 def _add_axis(tree: Any) -> Any:
@@ -118,7 +119,7 @@ class Flow(eqx.Module):
 
     - `policy`: the policy, batched ([`flowcorrect.AbstractBatchedPolicy`][]; a
         per-sample policy is vmapped).
-    - `prefix`: what its once-per-observation pass returned.
+    - `cond`: what the policy's `condition` (its once-per-observation pass) returned.
     - `energy`: the energy, or `None` when `sample` was given none.
     - `encoded`: the energy's encoded context per sample, or `None`.
     - `batch_size`, `num_steps`: static ints.
@@ -127,7 +128,7 @@ class Flow(eqx.Module):
     """
 
     policy: AbstractBatchedPolicy
-    prefix: Prefix
+    cond: Conditioning
     energy: AbstractEnergy | None
     encoded: Encoded
     batch_size: int = eqx.field(static=True)
@@ -139,10 +140,21 @@ class Flow(eqx.Module):
         """The policy's time convention."""
         return self.policy.convention
 
+    @property
+    def prefix(self) -> Conditioning:
+        """Deprecated: `cond`."""
+        warnings.warn(
+            "Flow.prefix is now Flow.cond (what the policy's `condition` returned; "
+            "`prefix` is kept for one release).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.cond
+
     def velocity(self, x: BatchChunks, t: Scalar | Float[Array, " horizon"]) -> BatchChunks:
         """The policy's velocity for every chunk of the batch at flow time `t` (a scalar,
         or one time per action token for a policy with `accepts_token_time`)."""
-        return check_velocity_output(self.policy.velocity(self.prefix, x, t), x)
+        return check_velocity_output(self.policy.velocity(self.cond, x, t), x)
 
     def denoised(self, x: BatchChunks, v: BatchChunks, t: Scalar) -> BatchChunks:
         """The denoised (clean-action) estimate read off `x_t` and its velocity."""
@@ -180,10 +192,10 @@ class Flow(eqx.Module):
 
     def repeat(self, n: int) -> "Flow":
         """The flow of a batch in which each observation appears `n` times in a row (the
-        prefix and the energy's encoding are shared, not recomputed)."""
+        conditioning and the energy's encoding are shared, not recomputed)."""
         return dataclasses.replace(
             self,
-            prefix=self.policy.repeat(self.prefix, n),
+            cond=self.policy.repeat(self.cond, n),
             encoded=jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), self.encoded),
             batch_size=self.batch_size * n,
         )

@@ -8,9 +8,11 @@ class Plain(AbstractInterleaved):
     """The plain Euler step, no correction: what the policy does on its own.
 
     The default inner placement of [`flowcorrect.BestOfN`][] and
-    [`flowcorrect.PostHoc`][]; in [`flowcorrect.sample`][] it is what no placement
-    means. With an energy and `step_energies=True` it records the energy along the
-    uncorrected flow.
+    [`flowcorrect.PostHoc`][], and [`flowcorrect.sample`][]'s default. Passed
+    explicitly with an energy, `fc.sample(..., energy=e, placement=fc.Plain())` scores
+    the plain chunks (`info.final_energy`; with `step_energies=True`, the energy along
+    the uncorrected flow); an energy with the default placement is an error, since
+    nothing would correct with it.
     """
 
     needs_energy = False

@@ -409,7 +409,7 @@ class Pi0ShapedPolicy(AbstractBatchedPolicy):
         self.chunk_shape = (config.horizon, config.action_dim)
         self.convention = OpenPI()
 
-    def prefix(self, observations: Pi0ShapedObservation) -> Pi0ShapedPrefix:
+    def condition(self, observations: Pi0ShapedObservation) -> Pi0ShapedPrefix:
         """Runs the prefix model once over a batch of observations.
 
         **Arguments:**

@@ -107,8 +107,8 @@ def _run(policy, constraint, static, obs, key):
              else setting.placement.noise_shape(policy.chunk_shape))
     noise = jax.random.normal(key, (obs.shape[0], *shape), jnp.float32)
     energy = fc.constraints.ViolationEnergy(constraint) if setting.guided else None
-    actions, info = fc.sample(policy, obs, key, noise=noise, placement=setting.placement,
-                              energy=energy)
+    placement = fc.Plain() if setting.placement is None else setting.placement
+    actions, info = fc.sample(policy, obs, key, noise=noise, placement=placement, energy=energy)
     after = jax.vmap(constraint.violation)(actions)
     diag = {"violation_after": after}
     project = info.placement

@@ -1,6 +1,6 @@
 """A small flow-matching policy over action chunks, for vector observations.
 
-An MLP encodes the (normalised) observation once per observation (`prefix`); a second
+An MLP encodes the (normalised) observation once per observation (`condition`); a second
 MLP maps the encoding, the noisy chunk and the flow time to the velocity. Trained with
 flow matching in openpi's convention ([`flowcorrect.OpenPI`][]: `x_t = t * noise +
 (1 - t) * actions`, target `noise - actions`), so `fc.sample` integrates it as openpi
@@ -63,10 +63,10 @@ def _time_embedding(t: Float[Array, ""], n: int) -> Float[Array, " n"]:
 class FlowMLPPolicy(AbstractPolicy):
     """A flow policy over `(horizon, action_dim)` chunks for a vector observation.
 
-    - `prefix(observation)`: the normalised observation and its encoding (once per
+    - `condition(observation)`: the normalised observation and its encoding (once per
         observation).
-    - `velocity(prefix, x_t, t)`: the velocity of the noisy chunk at flow time `t`.
-    - `energy_context(prefix)`: the raw observation vector (what a vector-observation
+    - `velocity(cond, x_t, t)`: the velocity of the noisy chunk at flow time `t`.
+    - `energy_context(cond)`: the raw observation vector (what a vector-observation
         energy or a hand-written constraint reads).
 
     With `token_time=True` the velocity takes a flow time per action token (`t` of shape
@@ -106,12 +106,12 @@ class FlowMLPPolicy(AbstractPolicy):
         self.time_features = config.time_features
         self.convention = OpenPI()
 
-    def prefix(self, observation: Float[Array, " obs_dim"]) -> Any:
+    def condition(self, observation: Float[Array, " obs_dim"]) -> Any:
         z = (observation - self.obs_mean) / self.obs_std
         return observation, self.encoder(z)
 
-    def velocity(self, prefix: Any, x_t: Float[Array, "horizon action_dim"], t: Any):
-        _, h = prefix
+    def velocity(self, cond: Any, x_t: Float[Array, "horizon action_dim"], t: Any):
+        _, h = cond
         t = jnp.asarray(t, x_t.dtype)
         horizon = x_t.shape[0]
         if self.accepts_token_time:
@@ -131,8 +131,8 @@ class FlowMLPPolicy(AbstractPolicy):
         inp = jnp.concatenate([h, x_t.reshape(-1), emb])
         return self.head(inp).reshape(x_t.shape)
 
-    def energy_context(self, prefix: Any) -> Float[Array, " obs_dim"]:
-        return prefix[0]
+    def energy_context(self, cond: Any) -> Float[Array, " obs_dim"]:
+        return cond[0]
 
 
 def _config_of(policy: FlowMLPPolicy) -> PolicyConfig:
@@ -183,7 +183,7 @@ def flow_matching_loss(policy: FlowMLPPolicy, obs, chunks, key) -> Array:
     target = jax.vmap(conv.velocity_target)(noise, chunks)
 
     def one(o, x, s):
-        return policy.velocity(policy.prefix(o), x, s)
+        return policy.velocity(policy.condition(o), x, s)
 
     v = jax.vmap(one)(obs, x_t, t)
     return jnp.mean((v - target) ** 2)

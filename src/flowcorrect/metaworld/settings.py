@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._placements.plain import Plain
 from .._sample import sample
 from .policy import FlowMLPPolicy
 
@@ -63,7 +64,8 @@ def _run(policy, energy, setting_static, obs, key):
     noise = draw_noise(setting, key, obs.shape[0], policy.chunk_shape)
     actions, info = sample(
         policy, obs, key, noise=noise, num_steps=setting.num_steps,
-        noise_scale=setting.noise_scale, placement=setting.placement, energy=energy,
+        noise_scale=setting.noise_scale,
+        placement=Plain() if setting.placement is None else setting.placement, energy=energy,
         track_uncorrected=energy is not None,
     )
     diag = {

@@ -16,7 +16,7 @@ from ._pi0 import Pi0Policy, _model, as_pi0_policy
 
 
 def _context(policy: Pi0Policy, observation: Any, pool: bool) -> Any:
-    prefix = policy.prefix(observation)
+    prefix = policy.condition(observation)
     tokens = jax.lax.stop_gradient(prefix.prefix_out).astype(jnp.float32)
     mask = prefix.prefix_mask
     context = TokenContext(tokens, mask)
@@ -49,7 +49,7 @@ def energy_batches(
     padded action space, the space the model samples in.
 
     Alternatively, keep the observations as `Batch.context` and pass
-    `to_context=lambda obs: policy.energy_context(policy.prefix(obs))` to
+    `to_context=lambda obs: policy.energy_context(policy.condition(obs))` to
     [`flowcorrect.train.fit`][], which then runs the prefix inside its compiled step.
 
     **Arguments:**

@@ -51,7 +51,7 @@ class Pi0Policy(AbstractBatchedPolicy):
     traced leaves of this Module, so new weights do not recompile and a jitted
     sampler receives them as arguments, not as constants.
 
-    - `prefix(observation)` runs openpi's own preprocessing (`preprocess_observation`
+    - `condition(observation)` runs openpi's own preprocessing (`preprocess_observation`
       with `train=False`), `embed_prefix`, and the VLM over the prefix, keeping the
       KV cache, the prefix mask and the VLM's hidden states `prefix_out`.
     - `velocity(prefix, x_t, t)` runs `embed_suffix` and the action expert over that
@@ -100,7 +100,7 @@ class Pi0Policy(AbstractBatchedPolicy):
     def _model(self) -> Any:
         return nnx.merge(self.graphdef, self.weights)
 
-    def prefix(self, observations: Any) -> Pi0Prefix:
+    def condition(self, observations: Any) -> Pi0Prefix:
         """Runs the once-per-observation part of Pi0 on a batch.
 
         **Arguments:**

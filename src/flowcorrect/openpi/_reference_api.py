@@ -5,6 +5,7 @@ from typing import Any
 from .._correctors.recipes import reference_recipe
 from .._energy import OnActionDims
 from .._placements.base import AbstractPlacement
+from .._placements.plain import Plain
 from .._placements.post_hoc import PostHoc
 from .._sample import sample
 from ._pi0 import as_pi0_policy
@@ -93,7 +94,7 @@ def sample_actions_with_energy_correction(
         rng,
         noise=noise,
         num_steps=num_steps,
-        placement=placement,
+        placement=Plain() if placement is None else placement,
         energy=None if placement is None else energy,
     )
     return (actions, info) if return_info else actions

@@ -123,8 +123,8 @@ class Pi0TokenTimePolicy(AbstractBatchedPolicy):
     def convention(self) -> AbstractConvention:  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.inner.convention
 
-    def prefix(self, observations: Any) -> Pi0Prefix:
-        return self.inner.prefix(observations)
+    def condition(self, observations: Any) -> Pi0Prefix:
+        return self.inner.condition(observations)
 
     def batch_size(self, prefix: Pi0Prefix) -> int:
         return self.inner.batch_size(prefix)

@@ -120,7 +120,7 @@ class CorrectedPi0(nnx.Module):
         policy = Pi0Policy(self.model)
         if record is not None:
             # One prefix pass for the sample, its extra candidates and the context.
-            policy = _FixedPrefix(policy, policy.prefix(observation))
+            policy = _FixedPrefix(policy, policy.condition(observation))
         batch = observation.state.shape[0]
         if noise is None:
             shape = (
@@ -137,7 +137,7 @@ class CorrectedPi0(nnx.Module):
             key,
             noise=noise,
             num_steps=self.num_steps,
-            placement=placement,
+            placement=Plain() if placement is None else placement,
             energy=energy,
         )
         if record is None and report is None:
@@ -191,7 +191,7 @@ class Record(eqx.Module):
 
 
 class _FixedPrefix(AbstractBatchedPolicy):
-    """A batched policy whose prefix pass has already run: `prefix` returns it."""
+    """A batched policy whose prefix pass has already run: `condition` returns it."""
 
     policy: AbstractBatchedPolicy
     value: Any
@@ -204,7 +204,7 @@ class _FixedPrefix(AbstractBatchedPolicy):
     def convention(self) -> Any:  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.policy.convention
 
-    def prefix(self, observations: Any) -> Any:
+    def condition(self, observations: Any) -> Any:
         return self.value
 
     def batch_size(self, prefix: Any) -> int:
@@ -842,7 +842,7 @@ class CorrectedPolicy(_policy.Policy):
         model = self._pi0
         policy = Pi0Policy(model)
         spec = jax.eval_shape(
-            lambda: policy.energy_context(policy.prefix(_fake_observation(model)))
+            lambda: policy.energy_context(policy.condition(_fake_observation(model)))
         )
         context = TokenContext(
             jnp.zeros(spec.tokens.shape[1:], jnp.float32), jnp.ones(spec.mask.shape[1:], bool)
