@@ -35,6 +35,7 @@ from ._correctors.wrappers import (
     ProjectBounds as ProjectBounds,
     Repeat as Repeat,
 )
+from ._custom_types import IndexLike as IndexLike, RealLike as RealLike
 from ._energy import (
     AbstractEnergy as AbstractEnergy,
     BoundEnergy as BoundEnergy,
@@ -53,7 +54,7 @@ from ._energy import (
 # -- real-time chunking --
 # -- flow sampler --
 from ._flow.flow import Flow as Flow
-from ._flow.integrate import integrate as integrate
+from ._flow.integrate import Stepper as Stepper, integrate as integrate
 from ._flow.schedules import (
     AbstractSchedule as AbstractSchedule,
     AbstractWeight as AbstractWeight,
@@ -321,6 +322,9 @@ __all__ = [
     "Reverse",
     "rtc",
     "sample",
+    "Stepper",
+    "RealLike",
+    "IndexLike",
     "SampleInfo",
     "save_model",
     "Selected",

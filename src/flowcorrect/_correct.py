@@ -12,7 +12,7 @@ from jaxtyping import Array, Bool, Float, Int
 from ._correctors.base import AbstractCorrector, check_is_corrector, uses_key
 from ._correctors.recipes import reference_recipe
 from ._custom_types import Actions, Context, Key
-from ._energy import AbstractEnergy, ChunkFn, as_energy
+from ._energy import AbstractEnergy, ChunkFn, EnergyFn, as_energy
 from ._misc import safe_norm, shape_str
 
 
@@ -132,12 +132,11 @@ def check_key(key: Any, corrector: AbstractCorrector | None, where: str) -> Key:
 
 
 def correct(
-    # Typed loosely so that a wrong argument gets the messages below, which say the fix.
-    energy: Any,
+    energy: EnergyFn,
     context: Context,
-    actions: Any,
+    actions: Float[Array, "*batch horizon action_dim"] | np.ndarray,
     *,
-    corrector: Any = reference_recipe(),
+    corrector: AbstractCorrector = reference_recipe(),
     key: Key | None = None,
 ) -> tuple[Float[Array, "*batch horizon action_dim"], CorrectionInfo]:
     """Corrects action chunks by descending a learned (or hand-written) energy.

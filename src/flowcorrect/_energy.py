@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._custom_types import Actions, Context, Encoded, Scalar
+from ._custom_types import Actions, Context, Encoded, IndexLike, RealLike, Scalar
 from ._misc import concrete, float_array, is_int, scalar_float, shape_str
 
 
@@ -104,7 +104,7 @@ class FnEnergy(AbstractEnergy):
         return self.fn(encoded, actions)
 
 
-def as_energy(energy: Any, name: str = "energy") -> AbstractEnergy:
+def as_energy(energy: EnergyFn, name: str = "energy") -> AbstractEnergy:
     """Converts any callable `energy(context, actions) -> scalar` to an energy.
 
     An [`flowcorrect.AbstractEnergy`][] is returned as it is; any other callable is
@@ -223,7 +223,7 @@ class OnActionDims(AbstractEnergy):
     energy: AbstractEnergy
     action_dims: int | tuple[int, ...] = eqx.field(static=True)
 
-    def __init__(self, energy: Any, action_dims: Any):
+    def __init__(self, energy: EnergyFn, action_dims: IndexLike):
         self.energy = as_energy(energy)
         if is_int(action_dims):
             self.action_dims = int(action_dims)
@@ -342,7 +342,7 @@ class SquaredDistance(AbstractEnergy):
     target: Float[Array, "horizon action_dim"] | None
     weight: Float[Array, "*weight_shape"]
 
-    def __init__(self, target: Any = None, weight: Any = 1.0):
+    def __init__(self, target: RealLike | None = None, weight: RealLike = 1.0):
         self.target = None if target is None else float_array(target)
         self.weight = float_array(weight)
 
@@ -393,7 +393,7 @@ class BoundsPenalty(AbstractEnergy):
     high: Float[Array, "*high_shape"]
     weight: Float[Array, ""]
 
-    def __init__(self, low: Any, high: Any, weight: Any = 1.0):
+    def __init__(self, low: RealLike, high: RealLike, weight: RealLike = 1.0):
         self.low = float_array(low)
         self.high = float_array(high)
         self.weight = float_array(weight)
@@ -468,7 +468,7 @@ class SumEnergy(AbstractEnergy):
     energies: tuple[AbstractEnergy, ...]
     weights: Float[Array, " num_energies"]
 
-    def __init__(self, energies: Sequence[EnergyFn], weights: Any = None):
+    def __init__(self, energies: Sequence[EnergyFn], weights: RealLike | None = None):
         self.energies = tuple(as_energy(e, f"energies[{i}]") for i, e in enumerate(energies))
         n = len(self.energies)
         self.weights = float_array(jnp.ones(n) if weights is None else weights)
@@ -528,7 +528,7 @@ class Ensemble(AbstractEnergy):
     energies: tuple[AbstractEnergy, ...]
     pessimism: Float[Array, ""]
 
-    def __init__(self, energies: Sequence[EnergyFn], pessimism: Any = 1.0):
+    def __init__(self, energies: Sequence[EnergyFn], pessimism: RealLike = 1.0):
         members = tuple(as_energy(e, f"energies[{i}]") for i, e in enumerate(energies))
         pessimism = scalar_float("Ensemble", "pessimism", pessimism, "1.0")
         # Checked before the fields are set too: openpi's jaxtyping 0.2.36 type-checks

@@ -28,14 +28,14 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PyTree
 
 from ._conventions import AbstractConvention, OpenPI
 from ._custom_types import Actions, Context, Scalar
 from ._misc import is_int, shape_str
 
-Conditioning = Any
-Observation = Any
+Conditioning = PyTree[Any]
+Observation = PyTree[Any]
 
 
 _RENAMED = (

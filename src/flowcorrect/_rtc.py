@@ -23,7 +23,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ._conventions import AbstractConvention
-from ._custom_types import Actions, Encoded, Scalar
+from ._custom_types import Actions, Encoded, IntScalar, RealLike, Scalar
 from ._energy import AbstractEnergy
 from ._flow.flow import BatchChunks
 from ._flow.schedules import AbstractWeight
@@ -169,9 +169,9 @@ def _weights(
 
 
 def rtc_prefix_weights(
-    horizon: Any,
-    inference_delay: Any,
-    execution_horizon: Any,
+    horizon: int,
+    inference_delay: int | IntScalar,
+    execution_horizon: int | IntScalar,
     prefix_attention_schedule: str = "exp",
 ) -> Float[Array, " horizon"]:
     """The paper's weights over the new chunk's horizon (its eq. 5).
@@ -266,7 +266,7 @@ class PiGDMWeight(AbstractWeight):
 
     max_guidance_weight: Float[Array, ""]
 
-    def __init__(self, max_guidance_weight: Any = 5.0):
+    def __init__(self, max_guidance_weight: RealLike = 5.0):
         self.max_guidance_weight = scalar_float(
             "PiGDMWeight", "max_guidance_weight", max_guidance_weight, "5.0"
         )

@@ -29,18 +29,21 @@ placement and the loss refuse a policy that does not declare it.
 """
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ._conventions import AbstractConvention
+from ._custom_types import IntScalar, RealLike
 from ._flow.flow import BatchChunks, Flow, VmappedPolicy
 from ._misc import concrete, count, shape_str
 from ._placements.base import AbstractInterleaved
+from ._policy import AbstractPolicy
 from ._rtc import _int_scalar, check_leftover, leftover_target
 
 
@@ -56,7 +59,7 @@ def clean_time(convention: AbstractConvention) -> float:
 
 
 def token_times(
-    t: Any, inference_delay: Any, horizon: int, convention: AbstractConvention
+    t: RealLike, inference_delay: int | IntScalar, horizon: int, convention: AbstractConvention
 ) -> Float[Array, " horizon"]:
     """Per-token flow times: the clean time on the first `inference_delay` rows, `t` on
     the rest.
@@ -79,7 +82,7 @@ def token_times(
     return jnp.where(prefix, jnp.asarray(clean_time(convention), t.dtype), t)
 
 
-def accepts_token_time(policy: Any) -> bool:
+def accepts_token_time(policy: object) -> bool:
     """Whether `policy` declares a velocity that takes a flow time per action token
     (`accepts_token_time = True`; a per-sample policy vmapped by the sampler is looked
     through)."""
@@ -280,13 +283,13 @@ def masked_flow_loss(
 
 
 def prefix_conditioned_loss(
-    policy: Any,
-    observations: Any,
+    policy: AbstractPolicy,
+    observations: PyTree[Any],
     actions: Float[Array, "batch horizon action_dim"],
     key: PRNGKeyArray,
     delays: AbstractDelays,
     *,
-    time_sampler: Any = None,
+    time_sampler: Callable[[PRNGKeyArray, tuple[int, ...]], Array] | None = None,
 ) -> Float[Array, ""]:
     """Flow matching with training-time RTC for a per-sample policy, on a batch.
 
@@ -364,7 +367,7 @@ class PrefixConditioned(AbstractInterleaved):
     inference_delay: Int[Array, ""]
     needs_energy = False
 
-    def __init__(self, prev_chunk_left_over: Any, inference_delay: Any):
+    def __init__(self, prev_chunk_left_over: RealLike, inference_delay: int | IntScalar):
         if not isinstance(prev_chunk_left_over, jax.Array | np.ndarray):
             raise TypeError(
                 "`prev_chunk_left_over` must be a JAX or NumPy array of shape (leftover, "

@@ -7,10 +7,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, PyTree
 
 from ._correct import check_batched_context, check_key
-from ._custom_types import Key
+from ._custom_types import Key, RealLike
 from ._energy import EnergyFn, as_energy
 from ._flow.flow import Flow, VmappedPolicy, all_finite, energy_needed, per_sample, sample_norms
 from ._flow.integrate import integrate
@@ -50,7 +50,7 @@ class SampleInfo(eqx.Module):
     uncorrected: Float[Array, "*batch horizon action_dim"] | None
     uncorrected_energy: Float[Array, "*batch"] | None
     delta_norm: Float[Array, "*batch"] | None
-    placement: Any
+    placement: PyTree[Any]
     step_energy: Float[Array, "*batch num_steps"] | None
 
 
@@ -133,15 +133,14 @@ def _check_noise(noise: Any, per_sample_shape: tuple[int, ...], batched_policy: 
 
 
 def sample(
-    # Typed loosely so that a wrong argument gets the messages below, which say the fix.
-    policy: Any,
-    observation: Any,
+    policy: AbstractPolicy | AbstractBatchedPolicy,
+    observation: PyTree[Any],
     key: Key | None = None,
     *,
-    noise: Any = None,
+    noise: Float[Array, "*batch horizon action_dim"] | np.ndarray | None = None,
     batch_size: int | None = None,
     num_steps: int = 10,
-    noise_scale: Any = 1.0,
+    noise_scale: RealLike = 1.0,
     placement: AbstractPlacement | None = PLAIN,  # None: deprecated, Plain()
     energy: EnergyFn | None = None,
     step_energies: bool = False,

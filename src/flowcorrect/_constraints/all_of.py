@@ -1,13 +1,14 @@
 """The intersection of constraints, projected by Dykstra's alternating projections."""
 
-from typing import Any
+
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .._custom_types import Actions, Scalar
+from .._custom_types import Actions, RealLike, Scalar
 from .._misc import count
 from .base import (
     AbstractConstraint,
@@ -52,7 +53,12 @@ class AllOf(AbstractConstraint):
     tol: Float[Array, ""]
     max_steps: int = eqx.field(static=True)
 
-    def __init__(self, *constraints: Any, tol: Any = 1e-5, max_steps: Any = 200):
+    def __init__(
+        self,
+        *constraints: AbstractConstraint | Sequence[AbstractConstraint],
+        tol: RealLike = 1e-5,
+        max_steps: int = 200,
+    ):
         if not constraints:
             raise ValueError(
                 "AllOf needs at least one constraint: AllOf(fc.constraints.Box(-1, 1), ...)."

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 from optax import projections
 
-from .._custom_types import Actions, Scalar
+from .._custom_types import Actions, IndexLike, RealLike, Scalar
 from .base import (
     AbstractConstraint,
     acc_dtype,
@@ -73,7 +73,7 @@ class Ball(AbstractConstraint):
     radius: Float[Array, ""]
     dims: tuple[int, ...] | None = eqx.field(static=True)
 
-    def __init__(self, centre: Any, radius: Any, dims: Any = None):
+    def __init__(self, centre: RealLike, radius: RealLike, dims: IndexLike | None = None):
         self.centre, self.radius = _ball_fields("Ball", centre, radius)
         self.dims = as_dims("Ball", dims)
 
@@ -120,7 +120,7 @@ class OutsideBall(AbstractConstraint):
     radius: Float[Array, ""]
     dims: tuple[int, ...] | None = eqx.field(static=True)
 
-    def __init__(self, centre: Any, radius: Any, dims: Any = None):
+    def __init__(self, centre: RealLike, radius: RealLike, dims: IndexLike | None = None):
         self.centre, self.radius = _ball_fields("OutsideBall", centre, radius)
         self.dims = as_dims("OutsideBall", dims)
 

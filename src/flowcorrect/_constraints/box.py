@@ -8,7 +8,7 @@ import numpy as np
 from jaxtyping import Array, Float
 from optax import projections
 
-from .._custom_types import Actions, Scalar
+from .._custom_types import Actions, IndexLike, RealLike, Scalar
 from .._misc import concrete
 from .base import (
     AbstractConstraint,
@@ -46,7 +46,7 @@ class Box(AbstractConstraint):
     high: Float[Array, "*high_shape"]
     dims: tuple[int, ...] | None = eqx.field(static=True)
 
-    def __init__(self, low: Any, high: Any, dims: Any = None):
+    def __init__(self, low: RealLike, high: RealLike, dims: IndexLike | None = None):
         example = "Box(low=-1.0, high=1.0) or one value per dimension"
         lo = parameter("Box", "low", low, example, allow_inf=True)
         hi = parameter("Box", "high", high, example, allow_inf=True)

@@ -1,6 +1,5 @@
 """A constraint's violation as an energy, so that guidance and ranking can use it."""
 
-from typing import Any
 
 from .._custom_types import Actions, Context, Encoded, Scalar
 from .._energy import AbstractEnergy
@@ -24,7 +23,7 @@ class ViolationEnergy(AbstractEnergy):
 
     constraint: AbstractConstraint
 
-    def __init__(self, constraint: Any):
+    def __init__(self, constraint: AbstractConstraint):
         check_constraint(constraint, "ViolationEnergy `constraint`")
         self.constraint = constraint
 

@@ -1,13 +1,12 @@
 """A constraint of the user's own, given as a violation function and a projection."""
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._custom_types import Actions, Scalar
+from .._custom_types import Actions, RealLike, Scalar
 from .._misc import shape_str
 from .base import AbstractConstraint, acc_dtype, check_chunk, relative_tolerance, rounding_tolerance
 
@@ -47,7 +46,12 @@ class FnConstraint(AbstractConstraint):
     project_fn: Callable[[Actions], Actions]
     tol: Float[Array, ""]
 
-    def __init__(self, violation: Any, project: Any, tol: Any = 1e-6):
+    def __init__(
+        self,
+        violation: Callable[[Actions], Scalar],
+        project: Callable[[Actions], Actions],
+        tol: RealLike = 1e-6,
+    ):
         for name, fn in (("violation", violation), ("project", project)):
             if not callable(fn):
                 raise TypeError(

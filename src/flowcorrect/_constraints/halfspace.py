@@ -1,13 +1,12 @@
 """A half-space on chosen dimensions of every action: `normal . a[t, dims] <= offset`."""
 
-from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._custom_types import Actions, Scalar
+from .._custom_types import Actions, IndexLike, RealLike, Scalar
 from .base import (
     AbstractConstraint,
     acc_dtype,
@@ -44,7 +43,7 @@ class HalfSpace(AbstractConstraint):
     offset: Float[Array, ""]
     dims: tuple[int, ...] | None = eqx.field(static=True)
 
-    def __init__(self, normal: Any, offset: Any, dims: Any = None):
+    def __init__(self, normal: RealLike, offset: RealLike, dims: IndexLike | None = None):
         n = parameter("HalfSpace", "normal", normal, "HalfSpace(normal=[0.0, 0.0, 1.0], ...)")
         if n.ndim != 1 or n.shape[0] == 0:
             raise ValueError(

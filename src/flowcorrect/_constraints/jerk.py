@@ -1,11 +1,10 @@
 """A maximum jerk (or acceleration): `|Δ^order a[t, d]| <= max_jerk` along time."""
 
-from typing import Any
 
 import equinox as eqx
 from jaxtyping import Array, Float
 
-from .._custom_types import Actions, Scalar
+from .._custom_types import Actions, IndexLike, RealLike, Scalar
 from .._misc import count
 from .base import (
     AbstractConstraint,
@@ -64,8 +63,13 @@ class MaxJerk(AbstractConstraint):
     max_steps: int = eqx.field(static=True)
 
     def __init__(
-        self, max_jerk: Any, order: Any = 3, dims: Any = None, previous: Any = None,
-        tol: Any = 1e-5, max_steps: Any = 50,
+        self,
+        max_jerk: RealLike,
+        order: int = 3,
+        dims: IndexLike | None = None,
+        previous: RealLike | None = None,
+        tol: RealLike = 1e-5,
+        max_steps: int = 50,
     ):
         self.max_jerk = check_limit("MaxJerk", "max_jerk", max_jerk)
         order = count("MaxJerk", "order", order, 2, "3", "2 bounds the acceleration, 3 the jerk")

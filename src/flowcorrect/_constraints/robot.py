@@ -6,7 +6,7 @@ from typing import Any
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._custom_types import Actions, Scalar
+from .._custom_types import Actions, RealLike, Scalar
 from .._misc import concrete
 from .base import (
     AbstractConstraint,
@@ -48,7 +48,7 @@ class InRobotSpace(AbstractConstraint):
     scale: Float[Array, "*scale_shape"]
     offset: Float[Array, "*offset_shape"]
 
-    def __init__(self, constraint: Any, scale: Any, offset: Any = 0.0):
+    def __init__(self, constraint: AbstractConstraint, scale: RealLike, offset: RealLike = 0.0):
         check_constraint(constraint, "InRobotSpace `constraint`")
         s = parameter("InRobotSpace", "scale", scale, "scale=(q99 - q01) / 2")
         value = concrete(s)

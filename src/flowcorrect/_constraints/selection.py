@@ -1,6 +1,5 @@
 """A best-of-N rule that prefers feasible candidates before any other rule."""
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,13 @@ class FeasibleFirst(AbstractSelection):
     constraint: AbstractConstraint
     inner: AbstractSelection
 
-    def __init__(self, constraint: Any, inner: Any = MISSING, *, then: Any = MISSING):
+    def __init__(
+        self,
+        constraint: AbstractConstraint,
+        inner: AbstractSelection = MISSING,
+        *,
+        then: AbstractSelection = MISSING,
+    ):
         inner = renamed("FeasibleFirst", "inner", inner, "then", then, ByEnergy())
         # Checked before the fields are set: older jaxtyping (openpi's 0.2.36)
         # type-checks the fields first, with a vaguer message.

@@ -1,11 +1,10 @@
 """A maximum change between consecutive actions: `|a[t + 1, d] - a[t, d]| <= max_change`."""
 
-from typing import Any
 
 import equinox as eqx
 from jaxtyping import Array, Float
 
-from .._custom_types import Actions, Scalar
+from .._custom_types import Actions, IndexLike, RealLike, Scalar
 from .._misc import count
 from .base import (
     AbstractConstraint,
@@ -62,8 +61,12 @@ class MaxStepChange(AbstractConstraint):
     max_steps: int = eqx.field(static=True)
 
     def __init__(
-        self, max_change: Any, dims: Any = None, previous: Any = None, tol: Any = 1e-5,
-        max_steps: Any = 50,
+        self,
+        max_change: RealLike,
+        dims: IndexLike | None = None,
+        previous: RealLike | None = None,
+        tol: RealLike = 1e-5,
+        max_steps: int = 50,
     ):
         self.max_change = check_limit("MaxStepChange", "max_change", max_change)
         if previous is not None:

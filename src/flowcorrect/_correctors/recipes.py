@@ -1,7 +1,7 @@
-from typing import Any
 
 import numpy as np
 
+from .._custom_types import IndexLike, RealLike
 from .base import AbstractCorrector
 from .steps import GradientStep
 from .wrappers import ClipStep, Mask, Repeat
@@ -9,11 +9,11 @@ from .wrappers import ClipStep, Mask, Repeat
 
 def reference_recipe(
     num_steps: int = 3,
-    alpha: Any = 0.1,
-    clip_frac: Any = 0.2,
+    alpha: RealLike = 0.1,
+    clip_frac: RealLike = 0.2,
     *,
     first_only: bool = False,
-    action_dims: Any = None,
+    action_dims: IndexLike | None = None,
 ) -> AbstractCorrector:
     """The reference method's corrector: K clipped gradient steps.
 

@@ -1,6 +1,6 @@
 """Correctors that propose an update from the energy's gradient."""
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, PyTree
 
-from .._custom_types import Actions, ChunkEnergy, IntScalar, Key
+from .._custom_types import Actions, ChunkEnergy, IntScalar, Key, RealLike
 from .._misc import concrete, scalar_float
 from .base import AbstractCorrector
 
@@ -37,7 +37,7 @@ class GradientStep(AbstractCorrector[None]):
 
     alpha: Float[Array, ""]
 
-    def __init__(self, alpha: Any = 0.1):
+    def __init__(self, alpha: RealLike = 0.1):
         self.alpha = scalar_float("GradientStep", "alpha", alpha, "0.1")
 
     def __check_init__(self):
@@ -72,7 +72,7 @@ class LangevinStep(AbstractCorrector[None]):
     alpha: Float[Array, ""]
     temperature: Float[Array, ""]
 
-    def __init__(self, alpha: Any = 0.1, temperature: Any = 1e-3):
+    def __init__(self, alpha: RealLike = 0.1, temperature: RealLike = 1e-3):
         self.alpha = scalar_float("LangevinStep", "alpha", alpha, "0.1")
         self.temperature = scalar_float("LangevinStep", "temperature", temperature, "1e-3")
 
@@ -115,7 +115,7 @@ class OptaxStep(AbstractCorrector[PyTree]):
 
     optimizer: optax.GradientTransformation
 
-    def __init__(self, optimizer: Any):
+    def __init__(self, optimizer: optax.GradientTransformation):
         # `Any`: __check_init__'s message names the fix, a type checker's would not.
         self.optimizer = optimizer
 

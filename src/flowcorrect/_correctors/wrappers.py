@@ -1,5 +1,6 @@
 """Correctors that wrap other correctors: clipping, masks, acceptance, repetition."""
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import equinox as eqx
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from .._custom_types import Actions, ChunkEnergy, Key
+from .._custom_types import Actions, ChunkEnergy, IndexLike, Key, RealLike
 from .._energy import broadcast_bounds, check_bounds
 from .._misc import accumulation_dtype, concrete, count, safe_norm, scalar_float, shape_str
 from .base import AbstractCorrector, check_is_corrector, scale_step
@@ -47,8 +48,8 @@ class ClipStep(AbstractCorrector[Any]):
 
     def __init__(
         self,
-        inner: Any,
-        clip_frac: Any = 0.2,
+        inner: AbstractCorrector,
+        clip_frac: RealLike = 0.2,
         relative_to: Literal["current", "initial"] = "current",
     ):
         check_is_corrector("ClipStep", "inner", inner)
@@ -195,7 +196,13 @@ class Mask(AbstractCorrector[Any]):
     horizon: Int[Array, ""] | Bool[Array, " horizon"] | None
     action_dims: Int[Array, ""] | Bool[Array, " action_dim"] | None
 
-    def __init__(self, inner: Any, *, horizon: Any = None, action_dims: Any = None):
+    def __init__(
+        self,
+        inner: AbstractCorrector,
+        *,
+        horizon: IndexLike | None = None,
+        action_dims: IndexLike | None = None,
+    ):
         check_is_corrector("Mask", "inner", inner)
         self.inner = inner
         self.horizon = _axis_spec("horizon", horizon, "1")
@@ -244,7 +251,7 @@ class Backtrack(AbstractCorrector[Any]):
     inner: AbstractCorrector
     max_halvings: int = eqx.field(static=True)
 
-    def __init__(self, inner: Any, max_halvings: Any = 4):
+    def __init__(self, inner: AbstractCorrector, max_halvings: int = 4):
         check_is_corrector("Backtrack", "inner", inner)
         self.inner = inner
         self.max_halvings = count("Backtrack", "max_halvings", max_halvings, 0, "4")
@@ -301,7 +308,7 @@ class ProjectBounds(AbstractCorrector[None]):
     low: Float[Array, "*low_shape"]
     high: Float[Array, "*high_shape"]
 
-    def __init__(self, low: Any, high: Any):
+    def __init__(self, low: RealLike, high: RealLike):
         self.low = _bound("low", low)
         self.high = _bound("high", high)
 
@@ -345,7 +352,7 @@ class Repeat(AbstractCorrector[Any]):
     inner: AbstractCorrector
     num_steps: int = eqx.field(static=True)
 
-    def __init__(self, inner: Any, num_steps: Any):
+    def __init__(self, inner: AbstractCorrector, num_steps: int):
         check_is_corrector("Repeat", "inner", inner)
         self.inner = inner
         # 0 = off, 1-3 real-time, 5-10 stronger.
@@ -381,7 +388,7 @@ class Chain(AbstractCorrector[tuple]):
 
     correctors: tuple[AbstractCorrector, ...]
 
-    def __init__(self, *correctors: Any):
+    def __init__(self, *correctors: AbstractCorrector | Sequence[AbstractCorrector]):
         if len(correctors) == 1 and isinstance(correctors[0], list | tuple):
             correctors = tuple(correctors[0])
         for i, c in enumerate(correctors):

@@ -1,18 +1,37 @@
 """The Euler loop: one `lax.scan` over the flow steps, each taken by a stepper."""
 
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .._custom_types import IntScalar, Scalar
 from .._misc import is_int
 from .flow import BatchChunks, BatchKeys, Flow
 
 
+class Stepper(Protocol):
+    """What [`flowcorrect.integrate`][] calls: every [`flowcorrect.AbstractInterleaved`][]
+    is one."""
+
+    def init(self, flow: Flow, x: BatchChunks) -> Any: ...
+
+    def step(
+        self,
+        flow: Flow,
+        x: BatchChunks,
+        t: Scalar,
+        dt: Scalar,
+        index: IntScalar,
+        state: Any,
+        keys: BatchKeys,
+    ) -> tuple[BatchChunks, BatchChunks, Any]: ...
+
+
 def integrate(
     flow: Flow,
-    stepper: Any,
+    stepper: Stepper,
     noise: BatchChunks,
     keys: BatchKeys,
     *,

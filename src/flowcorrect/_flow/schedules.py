@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from .._conventions import AbstractConvention
-from .._custom_types import Scalar
+from .._custom_types import RealLike, Scalar
 from .._misc import concrete, float_array, shape_str
 
 
@@ -63,7 +63,7 @@ class LastSteps(AbstractSchedule):
 
     k: Int[Array, ""]
 
-    def __init__(self, k: Any):
+    def __init__(self, k: int):
         self.k = jnp.asarray(k, jnp.int32)
 
     def __check_init__(self):
@@ -88,7 +88,7 @@ class EveryNth(AbstractSchedule):
 
     m: Int[Array, ""]
 
-    def __init__(self, m: Any):
+    def __init__(self, m: int):
         self.m = jnp.asarray(m, jnp.int32)
 
     def __check_init__(self):
@@ -122,7 +122,7 @@ class ConstantWeight(AbstractWeight):
 
     value: Float[Array, ""]
 
-    def __init__(self, value: Any):
+    def __init__(self, value: RealLike):
         self.value = float_array(value)
 
     def __check_init__(self):
@@ -147,7 +147,7 @@ class PowerWeight(AbstractWeight):
     scale: Float[Array, ""]
     power: Float[Array, ""]
 
-    def __init__(self, scale: Any = 1.0, power: Any = 1.0):
+    def __init__(self, scale: RealLike = 1.0, power: RealLike = 1.0):
         self.scale = float_array(scale)
         self.power = float_array(power)
 

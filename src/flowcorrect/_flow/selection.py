@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from .._custom_types import RealLike
 from .._misc import MISSING, concrete, count, float_array, renamed, renamed_attribute
 
 Candidates = Float[Array, "n horizon action_dim"]
@@ -213,7 +214,7 @@ class ClusterMean(AbstractSelection):
     k: int = eqx.field(static=True)
     needs_energy = False
 
-    def __init__(self, k: Any):
+    def __init__(self, k: int):
         # Converted here: older jaxtyping (openpi's 0.2.36) type-checks the fields before
         # __check_init__ runs, and a NumPy integer is not an `int`.
         self.k = _check_k(k, "ClusterMean")
@@ -252,7 +253,7 @@ class SoftmaxSample(AbstractSelection):
     temperature: Float[Array, ""]
     needs_energy = True
 
-    def __init__(self, temperature: Any = 1.0):
+    def __init__(self, temperature: RealLike = 1.0):
         self.temperature = float_array(temperature)
 
     def __check_init__(self):
@@ -296,7 +297,9 @@ class NearMean(AbstractSelection):
     k: int = eqx.field(static=True)
     inner: AbstractSelection
 
-    def __init__(self, k: Any, inner: Any = MISSING, *, then: Any = MISSING):
+    def __init__(
+        self, k: int, inner: AbstractSelection = MISSING, *, then: AbstractSelection = MISSING
+    ):
         inner = renamed("NearMean", "inner", inner, "then", then, ByEnergy())
         # Checked here as well as in __check_init__: older jaxtyping (openpi's 0.2.36)
         # type-checks the fields before __check_init__ runs, with a vaguer message.

@@ -6,6 +6,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from .._custom_types import RealLike
 from .._misc import shape_str
 
 
@@ -35,7 +36,7 @@ class TokenContext(eqx.Module):
     tokens: Float[Array, "*batch seq context_dim"]
     mask: Bool[Array, "*batch seq"]
 
-    def __init__(self, tokens: Any, mask: Any = None):
+    def __init__(self, tokens: RealLike, mask: RealLike | None = None):
         self.tokens = jnp.asarray(tokens)
         if mask is None:
             mask = jnp.ones(self.tokens.shape[:-1], dtype=bool)

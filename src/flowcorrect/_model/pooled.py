@@ -7,14 +7,14 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._custom_types import Actions, Encoded, Scalar
-from .._energy import AbstractEnergy, as_energy
+from .._energy import AbstractEnergy, EnergyFn, as_energy
 from .._misc import shape_str
 from .context import TokenContext
 
 
 # `context` is annotated loosely so that a wrong type gets the message below, not a
 # runtime type checker's.
-def pool_tokens(context: Any) -> Float[Array, "*batch context_dim"]:
+def pool_tokens(context: TokenContext) -> Float[Array, "*batch context_dim"]:
     """The mean of a context's real tokens (`mask` True), in float32.
 
     Padding tokens never enter, whatever their values (NaN included); a context with no
@@ -54,7 +54,7 @@ class PooledContext(AbstractEnergy):
 
     energy: AbstractEnergy
 
-    def __init__(self, energy: Any):
+    def __init__(self, energy: EnergyFn):
         self.energy = as_energy(energy)
 
     def encode(self, context: Any) -> Encoded:

@@ -21,7 +21,7 @@ import abc
 from typing import Any
 
 import equinox as eqx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, PyTree
 
 from .._custom_types import Scalar
 from .._flow.flow import BatchChunks, BatchKeys, Flow
@@ -96,7 +96,7 @@ class InterleavedInfo(eqx.Module):
     """
 
     step_energy: Float[Array, "batch num_steps"] | None
-    placement: Any
+    placement: PyTree[Any]
 
 
 class AbstractInterleaved(AbstractPlacement):

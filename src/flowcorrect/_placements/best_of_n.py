@@ -6,7 +6,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .._flow.flow import BatchChunks, BatchKeys, Flow, all_finite
 from .._flow.integrate import integrate
@@ -56,7 +56,7 @@ class BestOfNInfo(eqx.Module):
     candidate_score: Float[Array, "batch n"]
     selected: Int[Array, " batch"]
     num_ok: Int[Array, " batch"]
-    inner: Any
+    inner: PyTree[Any]
     t: Float[Array, " batch"] | None = None
     step_energy: Float[Array, "batch num_steps"] | None = None
 
@@ -119,7 +119,12 @@ class BestOfN(AbstractPlacement):
     rank_at: int | None = eqx.field(static=True)
 
     def __init__(
-        self, n: Any, inner: Any = Plain(), select: Any = ByEnergy(), *, rank_at: Any = None
+        self,
+        n: int,
+        inner: AbstractPlacement = Plain(),
+        select: AbstractSelection = ByEnergy(),
+        *,
+        rank_at: int | None = None,
     ):
         # Also checked before the fields are set: older jaxtyping (openpi's 0.2.36)
         # type-checks the fields before __check_init__ runs, with a vaguer message.
@@ -258,7 +263,7 @@ def _rank(
     return chosen, energy, ok
 
 
-def EarlyBestOfN(n: Any, rank_at: Any, select: Any = ByEnergy()) -> BestOfN:
+def EarlyBestOfN(n: int, rank_at: int, select: AbstractSelection = ByEnergy()) -> BestOfN:
     """Deprecated: `fc.BestOfN(n, select=select, rank_at=rank_at)`, which it returns.
 
     Ranks `n` partially denoised candidates after `rank_at` Euler steps and finishes only

@@ -1,12 +1,12 @@
 """Correction of the denoised estimate inside the flow."""
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from .._correctors.base import AbstractCorrector, check_is_corrector
 from .._correctors.recipes import reference_recipe
+from .._custom_types import RealLike
 from .._flow.flow import BatchChunks, Flow, all_finite, per_sample
 from .._flow.schedules import AbstractSchedule, AbstractWeight, EveryStep, as_weight
 from .base import AbstractInterleaved
@@ -45,9 +45,9 @@ class Denoised(AbstractInterleaved):
 
     def __init__(
         self,
-        corrector: Any = reference_recipe(),
-        schedule: Any = EveryStep(),
-        weight: Any = 1.0,
+        corrector: AbstractCorrector = reference_recipe(),
+        schedule: AbstractSchedule = EveryStep(),
+        weight: RealLike | AbstractWeight = 1.0,
     ):
         self.corrector = corrector
         self.schedule = schedule

@@ -1,11 +1,11 @@
 """Guidance: the energy's gradient through the policy's velocity."""
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .._custom_types import RealLike
 from .._flow.flow import BatchChunks, Flow, all_finite, per_sample, sample_norms
 from .._flow.schedules import AbstractSchedule, AbstractWeight, EveryStep, as_weight
 from .._misc import concrete, float_array, shape_str
@@ -41,7 +41,12 @@ class Guided(AbstractInterleaved):
     cap: Float[Array, ""]
     needs_energy = True
 
-    def __init__(self, schedule: Any = EveryStep(), weight: Any = 1.0, cap: Any = 1.0):
+    def __init__(
+        self,
+        schedule: AbstractSchedule = EveryStep(),
+        weight: RealLike | AbstractWeight = 1.0,
+        cap: RealLike | None = 1.0,
+    ):
         self.schedule = schedule
         self.weight = as_weight(weight)
         self.cap = float_array(float("inf") if cap is None else cap)

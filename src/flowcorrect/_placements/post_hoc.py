@@ -3,7 +3,7 @@
 from typing import Any
 
 import equinox as eqx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PyTree
 
 from .._correct import CorrectionInfo
 from .._correctors.base import AbstractCorrector, check_is_corrector
@@ -24,7 +24,7 @@ class PostHocInfo(eqx.Module):
     """
 
     correction: CorrectionInfo
-    inner: Any
+    inner: PyTree[Any]
 
     @property
     def step_energy(self) -> Float[Array, "batch num_steps"] | None:
@@ -64,7 +64,11 @@ class PostHoc(AbstractPlacement):
 
     # Arguments typed loosely so that a wrong one gets the message of `__check_init__`.
     def __init__(
-        self, corrector: Any = reference_recipe(), inner: Any = MISSING, *, after: Any = MISSING
+        self,
+        corrector: AbstractCorrector = reference_recipe(),
+        inner: AbstractPlacement = MISSING,
+        *,
+        after: AbstractPlacement = MISSING,
     ):
         inner = renamed("PostHoc", "inner", inner, "after", after, Plain())
         # Checked before the fields are set too, for openpi's older jaxtyping (see BestOfN).

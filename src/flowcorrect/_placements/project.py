@@ -5,7 +5,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, PyTree
 
 from .._constraints.base import AbstractConstraint, check_constraint
 from .._flow.flow import BatchChunks, BatchKeys, Flow, all_finite, per_sample, sample_norms
@@ -38,7 +38,7 @@ class ProjectInfo(eqx.Module):
     feasible: Bool[Array, " batch"]
     fell_back: Bool[Array, " batch"]
     kept: Bool[Array, " batch"]
-    inner: Any
+    inner: PyTree[Any]
 
     @property
     def step_energy(self) -> Float[Array, "batch num_steps"] | None:
@@ -80,7 +80,7 @@ class Project(AbstractPlacement):
     constraint: AbstractConstraint
     inner: AbstractPlacement
 
-    def __init__(self, constraint: Any, inner: Any = Plain()):
+    def __init__(self, constraint: AbstractConstraint, inner: AbstractPlacement = Plain()):
         # Checked before the fields are set: older jaxtyping (openpi's 0.2.36)
         # type-checks the fields first, with a vaguer message.
         check_constraint(constraint, "Project `constraint`")

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from .._custom_types import BoolScalar, IntScalar, RealLike
 from .._flow.flow import BatchChunks, BatchKeys, Flow
 from .._flow.integrate import integrate
 from .._flow.schedules import EveryStep
@@ -122,13 +123,13 @@ class RealTimeChunking(AbstractPlacement):
 
     def __init__(
         self,
-        prev_chunk_left_over: Any,
-        inference_delay: Any,
-        execution_horizon: Any,
+        prev_chunk_left_over: RealLike,
+        inference_delay: int | IntScalar,
+        execution_horizon: int | IntScalar,
         *,
         prefix_attention_schedule: str = "exp",
-        max_guidance_weight: Any = 5.0,
-        hard_prefix: Any = False,
+        max_guidance_weight: RealLike = 5.0,
+        hard_prefix: bool | BoolScalar = False,
     ):
         if not isinstance(prev_chunk_left_over, jax.Array | np.ndarray):
             raise TypeError(

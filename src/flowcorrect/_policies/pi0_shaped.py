@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .._conventions import AbstractConvention, OpenPI
-from .._custom_types import Scalar
+from .._custom_types import RealLike, Scalar
 from .._misc import is_int, shape_str
 from .._model.context import TokenContext
 from .._policy import AbstractBatchedPolicy
@@ -134,7 +134,7 @@ class Pi0ShapedObservation(eqx.Module):
     tokens: Float[Array, "batch seq token_dim"]
     mask: Bool[Array, "batch seq"]
 
-    def __init__(self, tokens: Any, mask: Any):
+    def __init__(self, tokens: RealLike, mask: RealLike):
         self.tokens = jnp.asarray(tokens)
         self.mask = jnp.asarray(mask)
         # Checked here rather than in __check_init__, so that this message, not a

@@ -5,8 +5,9 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PyTree
 
+from .._custom_types import Context, RealLike
 from .._misc import shape_str
 
 
@@ -39,7 +40,13 @@ class Batch(eqx.Module):
     negatives: Float[Array, "batch num_negatives horizon action_dim"] | None
     observation: Any
 
-    def __init__(self, context: Any, actions: Any, negatives: Any = None, observation: Any = None):
+    def __init__(
+        self,
+        context: Context,
+        actions: RealLike,
+        negatives: RealLike | None = None,
+        observation: PyTree[Any] = None,
+    ):
         self.context = context
         self.actions = jnp.asarray(actions)
         self.negatives = None if negatives is None else jnp.asarray(negatives)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._custom_types import Context, Encoded
+from .._custom_types import Context, Encoded, RealLike
 from .._misc import shape_str
 from .._model.base import AbstractLearnedEnergy, Embedded
 
@@ -183,10 +183,10 @@ def info_nce(
     contexts: Context,
     actions: Float[Array, "batch horizon action_dim"],
     *,
-    tau: Any = 0.5,
+    tau: RealLike = 0.5,
     extra_negatives: Float[Array, "batch num_negatives horizon action_dim"] | None = None,
-    grad_penalty: Any = 0.0,
-    grad_margin: Any = 0.0,
+    grad_penalty: RealLike = 0.0,
+    grad_margin: RealLike = 0.0,
     pair_chunk: int | None = None,
     key: PRNGKeyArray | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:

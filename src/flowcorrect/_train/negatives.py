@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Key, PRNGKeyArray
 
-from .._custom_types import Actions, Context
+from .._custom_types import Actions, Context, RealLike
 from .._misc import float_array, shape_str
 
 
@@ -66,7 +66,7 @@ class NoiseNegatives(AbstractNegatives):
     num: int = eqx.field(static=True)
     scale: Float[Array, ""]
 
-    def __init__(self, num: int = 4, scale: Any = 0.1):
+    def __init__(self, num: int = 4, scale: RealLike = 0.1):
         self.num = num
         self.scale = float_array(scale)
 

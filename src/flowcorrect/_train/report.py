@@ -1,6 +1,7 @@
 """Held-out diagnostics: is the energy good for correction, not only for classification?"""
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -11,6 +12,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._correct import correct_single
 from .._correctors.base import AbstractCorrector
 from .._correctors.recipes import reference_recipe
+from .._custom_types import Context, RealLike
 from .._energy import ChunkFn
 from .._misc import shape_str
 from .._model.base import AbstractLearnedEnergy
@@ -148,9 +150,9 @@ def evaluate(
     *,
     policy_samples: Float[Array, "batch num_samples horizon action_dim"] | None = None,
     corrector: AbstractCorrector | None = None,
-    tau: Any = 0.5,
+    tau: RealLike = 0.5,
     pair_chunk: int | None = None,
-    to_context: Any = None,
+    to_context: Callable[[Any], Context] | None = None,
     key: PRNGKeyArray | None = None,
 ) -> EvalReport:
     """Measures, on held-out data, whether an energy is fit for correction.

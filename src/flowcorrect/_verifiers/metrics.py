@@ -1,12 +1,13 @@
 """Rank statistics shared by the verifier report and the guidance check."""
 
-from typing import Any
 
 import numpy as np
 import scipy.stats
 
+from .._custom_types import RealLike
 
-def auc(score: Any, label: Any) -> float:
+
+def auc(score: RealLike, label: RealLike) -> float:
     """The area under the ROC curve of `score` predicting `label` (higher score = more
     likely positive), ties counted half: the Mann-Whitney U of the positives' scores
     against the negatives', over `n_pos * n_neg`; NaN with only one class."""

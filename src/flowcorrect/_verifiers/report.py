@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._energy import as_energy
+from .._custom_types import RealLike
+from .._energy import EnergyFn, as_energy
 from .._flow.selection import Medoid
 from .guidance import GuidanceReport, guidance_report
 from .metrics import auc as auc
@@ -30,7 +31,7 @@ def _score_block(energy: Any, obs: Any, candidates: jax.Array) -> jax.Array:
     return jax.vmap(per_query)(obs, candidates).astype(jnp.float32)
 
 
-def candidate_energies(energy: Any, rollouts: Rollouts, block: int = 1024) -> np.ndarray:
+def candidate_energies(energy: EnergyFn, rollouts: Rollouts, block: int = 1024) -> np.ndarray:
     """`(Q, N)`: the energy of every candidate at its query's observation.
 
     The energy's context is one query's observation, of the observation's structure
@@ -100,8 +101,9 @@ class VerifierReport:
         return dataclasses.asdict(self)
 
 
-def verifier_report(energy: Any, rollouts: Rollouts, *, guidance: bool = False,
-                    judge: Any = None, guided: Any = None, plain: Any = None,
+def verifier_report(energy: EnergyFn, rollouts: Rollouts, *, guidance: bool = False,
+                    judge: EnergyFn | None = None, guided: RealLike | None = None,
+                    plain: RealLike | None = None,
                     step_size: float = 0.5) -> VerifierReport:
     """The [`flowcorrect.verifiers.VerifierReport`][] of `energy` on (held-out) `rollouts`.
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from jaxtyping import PyTree
 
 _FIELDS = ("observation", "candidates", "executed", "episode", "step", "success",
            "steps_to_success")  # fmt: skip
@@ -58,7 +59,7 @@ class Rollouts:
     a directory with [`flowcorrect.verifiers.load_rollouts`][].
     """
 
-    observation: Any
+    observation: PyTree[Any]
     candidates: np.ndarray
     executed: np.ndarray
     episode: np.ndarray

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
+from .._custom_types import RealLike
 from .._model.base import AbstractLearnedEnergy
 from .._train.config import TrainConfig
 from .._train.infonce import check_learned
@@ -43,7 +44,7 @@ class LabelledBatch(eqx.Module):
     `(B, ...)` or a pytree of them), `actions` `(B, horizon, action_dim)`, `target`
     `(B,)` (1 = success, or a discounted value)."""
 
-    context: Any
+    context: PyTree[Any]
     actions: Float[Array, "B horizon action_dim"]
     target: Float[Array, " B"]
 
@@ -52,9 +53,9 @@ class PairBatch(eqx.Module):
     """Pairs of queries: the `win` chunk's episode succeeded, the `lose` chunk's failed,
     at similar states. The contexts are the rows' observations (arrays or pytrees)."""
 
-    context_win: Any
+    context_win: PyTree[Any]
     actions_win: Float[Array, "B horizon action_dim"]
-    context_lose: Any
+    context_lose: PyTree[Any]
     actions_lose: Float[Array, "B horizon action_dim"]
 
 
@@ -155,7 +156,7 @@ def outcome_batches(
 
 
 def similar_state_pairs(
-    rollouts: Rollouts, *, max_distance: float = 1.0, scale: Any = None, seed: int = 0,
+    rollouts: Rollouts, *, max_distance: float = 1.0, scale: RealLike | None = None, seed: int = 0,
     compare_by: str | Callable[[Any], Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs `(win, lose)` of query indices at similar states: for each query of a
@@ -291,9 +292,9 @@ def _shuffled(arrays: tuple, batch_size: int, seed: int, make: Callable) -> Call
 
 # `model`, `data` and `loss` are typed loosely so that a wrong one gets the messages below.
 def fit_verifier(
-    model: Any,
-    data: Any,
-    loss: Any,
+    model: AbstractLearnedEnergy,
+    data: Callable[[int], Any],
+    loss: AbstractVerifierLoss,
     *,
     key: PRNGKeyArray,
     config: TrainConfig = TrainConfig(),
