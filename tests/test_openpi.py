@@ -360,6 +360,44 @@ def test_openpi_policy_with_correction_per_request(serving, monkeypatch):
 
 
 @needs_openpi
+def test_openpi_policy_training_time_rtc_per_request(serving):
+    """Training-time RTC through openpi's Policy: no energy needed; the new chunk's first
+    `d` actions are the episode's leftover exactly, and the rest are sampled by openpi's
+    own modules with the committed actions in at the clean flow time."""
+    from openpi.policies import policy as _policy
+
+    from flowcorrect.openpi import CorrectedPolicy
+
+    config, model, obs, plain, first = serving
+    policy = CorrectedPolicy.from_policy(plain)
+    assert "trt" in policy.metadata["flowcorrect"]["placements"]
+    d, s = 3, 10
+    trt = {"placement": "trt", "inference_delay": d, "execution_horizon": s, "episode": "t1"}
+    keys = jax.random.split(jax.random.key(23), 2)
+    noise = [np.asarray(jax.random.normal(k, policy_chunk(config))) for k in keys]
+    out = policy.infer({**obs, "flowcorrect": trt}, noise=noise[0])
+    assert out["flowcorrect"] == {"placement": "off", "episode": "t1", "request": 0}
+    assert tree_bitwise_equal(out["actions"], plain.infer(obs, noise=noise[0])["actions"])
+    previous = np.asarray(out["actions"])  # no output transforms: the model's space
+    conditioned = policy.infer({**obs, "flowcorrect": trt}, noise=noise[1])
+    assert conditioned["flowcorrect"] == {"placement": "PrefixConditioned", "episode": "t1",
+                                          "request": 1}
+    np.testing.assert_array_equal(conditioned["actions"][:d], previous[s : s + d])
+    free = policy.infer({**obs, "flowcorrect": {"placement": "off"}}, noise=noise[1])
+    rest = float(np.abs(conditioned["actions"][d:] - free["actions"][d:]).max())
+    assert 0 < rest and bool(np.all(np.isfinite(conditioned["actions"])))
+    with pytest.raises(ValueError, match="name the episode with 'episode'"):
+        policy.infer({**obs, "flowcorrect": {**trt, "episode": None}})
+    # Pi0.5 takes one flow time per sample: refused when the server starts, naming 'rtc'.
+    _, pi05 = _make_model(True, "float32")
+    with pytest.raises(ValueError, match=r"Placement 'trt'.*Pi0\.5.*'rtc'"):
+        CorrectedPolicy.from_policy(
+            _policy.Policy(pi05),
+            default_options={k: v for k, v in trt.items() if k != "episode"},
+        )
+
+
+@needs_openpi
 def test_openpi_policy_real_time_chunking_per_request(serving):
     """RTC through openpi's Policy with LeRobot's option names: no energy needed, the
     leftover is the server's own previous chunk, and the new chunk's first `d` actions

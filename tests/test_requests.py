@@ -188,6 +188,19 @@ def test_placements_built_from_requests():
     left = np.asarray(built.prev_chunk_left_over)
     np.testing.assert_array_equal(left[:, : HORIZON - 5], previous[:, 5:])
     assert not left[:, HORIZON - 5 :].any()
+    # Training-time RTC: the same leftover, committed as it is, no guidance options.
+    trt = parse({"placement": "trt", "inference_delay": 2, "execution_horizon": 5},
+                has_energy=False)
+    assert placement_from_request(trt, previous=None) is None
+    conditioned = placement_from_request(trt, previous=previous)
+    assert isinstance(conditioned, fc.rtc.PrefixConditioned)
+    assert int(conditioned.inference_delay) == 2
+    np.testing.assert_array_equal(np.asarray(conditioned.prev_chunk_left_over), left)
+    with pytest.raises(RequestError, match=r"Unknown correction options .*max_guidance_weight"):
+        parse({"placement": "trt", "inference_delay": 2, "execution_horizon": 5,
+               "max_guidance_weight": 3.0})
+    with pytest.raises(RequestError, match=r"Placement 'trt' needs 'inference_delay'"):
+        parse({"placement": "trt", "execution_horizon": 5})
     # The older entry point: the same checks, the horizon read from `previous`.
     with pytest.raises(RequestError, match=r"\[0, 5\]"):
         placement_from_options({"placement": "rtc", "inference_delay": 6,
@@ -203,7 +216,7 @@ _NAMES = sorted({
     "max_guidance_weight", "hard_prefix", "episode", "reset", "done", "success", "junk", "",
 })
 _VALUES = st.one_of(
-    st.sampled_from(["off", "post_hoc", "denoised", "guided", "best_of_n", "rtc", "medoid",
+    st.sampled_from(["off", "post_hoc", "denoised", "guided", "best_of_n", "rtc", "trt", "medoid",
                      "near_mean", "energy", "exp", "zeros", "ep-1", "", "nan"]),
     st.integers(-3, 70),
     st.integers(-(2**70), 2**70),
@@ -290,7 +303,7 @@ def test_fuzz_options_refused_clearly_or_valid_and_buildable(
     COUNTS["options valid"] += 1
     _within_limits(request)
     if request.placement is not None and not has_energy:
-        assert request.placement in ("off", "rtc", "feasible") or (
+        assert request.placement in ("off", "rtc", "trt", "feasible") or (
             request.settings["select"] == "medoid")
     if not has_constraint:
         assert request.placement != "feasible" and not request.settings.get("feasible_first")
@@ -326,10 +339,14 @@ _LEAVES = st.one_of(
     ]),
     st.builds(object),
 )
+
+
+def _nested(inner):
+    return st.dictionaries(st.text(max_size=3), inner, max_size=3)
+
+
 _OBS = st.recursive(
-    st.dictionaries(st.text(max_size=3), _LEAVES, max_size=3),
-    lambda inner: st.dictionaries(st.text(max_size=3), inner, max_size=3),
-    max_leaves=6,
+    st.dictionaries(st.text(max_size=3), _LEAVES, max_size=3), _nested, max_leaves=6
 )
 
 

@@ -25,13 +25,17 @@ from .._placements.denoised import Denoised
 from .._placements.guided import Guided
 from .._placements.post_hoc import PostHoc
 from .._placements.rtc import RealTimeChunking
+from .._rtc_training import PrefixConditioned
 
 #: The key of an observation dict that carries per-request correction settings.
 OPTIONS_KEY = "flowcorrect"
 
-PLACEMENTS = ("off", "post_hoc", "denoised", "guided", "best_of_n", "rtc", "feasible")
+PLACEMENTS = ("off", "post_hoc", "denoised", "guided", "best_of_n", "rtc", "trt", "feasible")
 #: Placements that read no energy.
-ENERGY_FREE = ("off", "rtc")
+ENERGY_FREE = ("off", "rtc", "trt")
+#: Placements that continue an episode's previous chunk (real-time chunking, by guidance
+#: or by a model trained to take the committed actions).
+CONTINUES = ("rtc", "trt")
 #: Placements that read the server's constraint (guidance by its violation).
 CONSTRAINED = ("feasible",)
 SELECTIONS = ("energy", "medoid", "near_mean")
@@ -52,6 +56,7 @@ _OPTIONS = {
         "max_guidance_weight",
         "hard_prefix",
     ),
+    "trt": ("inference_delay", "execution_horizon"),
     "feasible": ("weight", "last", "cap"),
 }
 _MAX_EPISODE_ID = 128
@@ -170,7 +175,9 @@ def _number(
             f"Correction option {name!r} must be a finite number in {bracket}{low}, {high}]; "
             f"got {value!r}."
         )
-    return value
+    # Within float32 rounding of a closed lower bound (-1e-172 is -0.0 in float32, which
+    # [0, ...] admits) the value is that bound, as the placement will store it.
+    return value if open_low else max(value, low)
 
 
 def _flag(options: Mapping, name: str, default: bool | None) -> bool | None:
@@ -354,11 +361,11 @@ def _settings(
                 f"{out['select']!r}."
             )
         out["feasible_first"] = _flag(options, "feasible_first", False)
-    if kind == "rtc":
+    if kind in CONTINUES:
         for name in ("inference_delay", "execution_horizon"):
             if name not in options:
                 raise RequestError(
-                    "Placement 'rtc' needs 'inference_delay' and 'execution_horizon' "
+                    f"Placement {kind!r} needs 'inference_delay' and 'execution_horizon' "
                     f"(control steps); got {sorted(options)}."
                 )
         s = _count(
@@ -371,6 +378,7 @@ def _settings(
             f"most horizon - execution_horizon = {horizon} - {s}",
         )
         out["execution_horizon"], out["inference_delay"] = s, d
+    if kind == "rtc":
         out["prefix_attention_schedule"] = _choice(
             options, "prefix_attention_schedule", "exp", RTC_SCHEDULES
         )
@@ -395,7 +403,7 @@ def placement_from_request(
         checked against the server's limits and the model's sizes).
     - `action_dims`: the post-hoc and denoised recipes change only the first
         `action_dims` dims.
-    - `previous`: for `rtc`, the episode's previous chunks `(batch, horizon,
+    - `previous`: for `rtc` and `trt`, the episode's previous chunks `(batch, horizon,
         action_dim)` in the model's action space; `None` (the episode's first request)
         gives `None`: the first chunk of an episode continues nothing and is plain.
     - `constraint`: the server's constraint, which best-of-N's `feasible_first` reads
@@ -410,13 +418,17 @@ def placement_from_request(
     kind, o = request.placement, request.settings
     if kind in (None, "off"):
         return None
-    if kind == "rtc":
+    if kind in CONTINUES:
         if previous is None:
             return None
         previous = np.asarray(previous)
         s = o["execution_horizon"]
         leftover = np.zeros_like(previous)
         leftover[:, : previous.shape[1] - s] = previous[:, s:]
+        if kind == "trt":
+            # Only the first `d <= horizon - s` rows are committed; the zero rows after
+            # them keep every request's shapes the same.
+            return PrefixConditioned(leftover, o["inference_delay"])
         return RealTimeChunking(
             leftover,
             o["inference_delay"],
@@ -462,7 +474,8 @@ def placement_from_options(
     **Arguments:**
 
     - `options`: a dict with `"placement"`, one of `"off"`, `"post_hoc"`,
-        `"denoised"`, `"guided"`, `"best_of_n"`, `"rtc"`, and that placement's settings:
+        `"denoised"`, `"guided"`, `"best_of_n"`, `"rtc"`, `"trt"`, and that placement's
+        settings:
         - `post_hoc`: `steps` (K, default 3, at most `limits.max_steps`), `alpha`
           (0.1), `clip_frac` (0.2, in (0, 1]), `first_only` (False):
           [`flowcorrect.reference_recipe`][];
@@ -484,13 +497,19 @@ def placement_from_options(
           `hard_prefix` (False). The names are LeRobot's. The previous chunk's
           leftover is `previous[:, s:]` (zero-padded to the horizon, so the shapes
           never change), in the model's own action space;
+        - `trt`: training-time real-time chunking ([`flowcorrect.rtc.PrefixConditioned`][]
+          on [`flowcorrect.openpi.Pi0TokenTimePolicy`][], needs no energy): the first
+          `inference_delay` actions of the previous chunk's leftover go in clean and
+          come back exactly; plain Euler steps, no guidance. `inference_delay` and
+          `execution_horizon` as for `rtc`. For a Pi0 fine-tuned with
+          [`flowcorrect.openpi.pi0_prefix_conditioned_loss`][]; Pi0.5 is refused;
         - `feasible`: guidance by `constraint`'s violation inside the flow steps
           (needs no energy; pass `fc.constraints.ViolationEnergy(constraint)` as the energy):
           `weight` (10.0), `last` (default every step), `cap` (1000.0). A server
           projects every chunk onto its constraint as well, whatever the placement.
     - `action_dims`: the post-hoc and denoised recipes change only the first
         `action_dims` dims.
-    - `previous`: for `rtc`, the previous call's chunks `(batch, horizon, action_dim)`
+    - `previous`: for `rtc` and `trt`, the previous call's chunks `(batch, horizon, action_dim)`
         in the model's action space; `None` (the first call) gives `None` (plain).
     - `horizon`, `num_steps`: the model's action horizon and flow steps, which bound
         RTC's options and `last`; `horizon` is read from `previous` when given.

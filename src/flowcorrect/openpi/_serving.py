@@ -23,12 +23,14 @@ from .._placements.base import AbstractPlacement
 from .._placements.plain import Plain
 from .._placements.project import Project, ProjectInfo
 from .._policy import AbstractBatchedPolicy
+from .._rtc_training import PrefixConditioned
 from .._sample import sample
 from ._episodes import Episodes
 from ._pi0 import Pi0Policy, _pi0, nnx  # ._pi0 checks for openpi first
 from ._recording import Recorder
 from ._requests import (
     CONSTRAINED,
+    CONTINUES,
     ENERGY_FREE,
     OPTIONS_KEY,
     PLACEMENTS,
@@ -39,6 +41,7 @@ from ._requests import (
     parse_request,
     placement_from_request,
 )
+from ._rtc_training import Pi0TokenTimePolicy
 
 try:
     from openpi.policies import policy as _policy
@@ -118,6 +121,10 @@ class CorrectedPi0(nnx.Module):
         if placement is None:
             energy = None
         policy = Pi0Policy(self.model)
+        if isinstance(placement, PrefixConditioned):
+            # Training-time real-time chunking: the committed actions go in at the clean
+            # flow time, which takes the action expert's time per token.
+            policy = Pi0TokenTimePolicy(policy)
         if record is not None:
             # One prefix pass for the sample, its extra candidates and the context.
             policy = _FixedPrefix(policy, policy.condition(observation))
@@ -422,6 +429,7 @@ class CorrectedPolicy(_policy.Policy):
                     "`default_options` must name a 'placement' and no episode keys "
                     f"(those are each client's); got {dict(default_options)!r}."
                 )
+            _check_token_time(request.placement, self._pi0.pi05)
             self.default_options = dict(default_options)
         self._recorder = None
         self._record = None
@@ -643,9 +651,10 @@ class CorrectedPolicy(_policy.Policy):
                     reply["note"] = "no 'success' given: the episode was not recorded"
                 reply["recording"] = self._recorder.status()
             return {OPTIONS_KEY: reply}
-        if request.placement == "rtc" and request.episode is None:
+        if request.placement in CONTINUES and request.episode is None:
             raise RequestError(
-                "Placement 'rtc' continues the previous chunk of an episode: name the "
+                f"Placement {request.placement!r} continues the previous chunk of an "
+                "episode: name the "
                 "episode with 'episode' (any string id, the same for every request of one "
                 "episode), so that its leftover is never another client's chunk."
             )
@@ -706,6 +715,7 @@ class CorrectedPolicy(_policy.Policy):
         self, request: Any, previous: Any, recording: bool
     ) -> tuple[AbstractPlacement | None, dict[str, Any]]:
         """The placement a request runs and the keyword arguments of `sample_actions`."""
+        _check_token_time(request.placement, self._pi0.pi05)
         if request.placement is None:
             placement = self.placement
         else:
@@ -752,7 +762,7 @@ class CorrectedPolicy(_policy.Policy):
             has_constraint=self.constraint is not None,
         )
         previous = [None]
-        if request.placement == "rtc":
+        if request.placement in CONTINUES:
             previous.append(np.zeros((1, model.action_horizon, model.action_dim), np.float32))
         compiled = []
         for prev in previous:
@@ -768,9 +778,13 @@ class CorrectedPolicy(_policy.Policy):
         meta = dict(self._metadata)
         meta[OPTIONS_KEY] = {
             # Without an energy: the energy-free ones, and best_of_n by consensus only.
-            "placements": (
-                list(PLACEMENTS) if self.energy is not None else [*ENERGY_FREE, "best_of_n"]
-            ),
+            "placements": [
+                kind
+                for kind in (
+                    PLACEMENTS if self.energy is not None else (*ENERGY_FREE, "best_of_n")
+                )
+                if not (kind == "trt" and self._pi0.pi05)  # one flow time per sample
+            ],
             "energy": self.energy is not None,
             "default": self.default_options or _name(self.placement),
             "action_dims": self.action_dims,
@@ -1036,6 +1050,16 @@ def _constraint_reply(extras: Mapping[str, Any]) -> dict[str, Any]:
         "feasible": bool(np.asarray(extras["feasible"])[0]),
         "fell_back": bool(np.asarray(extras["fell_back"])[0]),
     }
+
+
+def _check_token_time(kind: str | None, pi05: bool) -> None:
+    if kind == "trt" and pi05:
+        raise RequestError(
+            "Placement 'trt' (training-time real-time chunking) needs a flow time per "
+            "action token, which Pi0.5's adaRMS time conditioning does not take; serve "
+            "a Pi0 fine-tuned with flowcorrect.openpi.pi0_prefix_conditioned_loss, or "
+            "use 'rtc' (inference-time real-time chunking) with Pi0.5."
+        )
 
 
 def _name(placement: AbstractPlacement | None) -> str:
