@@ -10,8 +10,9 @@ precise annotation checked before them would replace those messages with beartyp
 which name no fix. Their annotations are for readers and static checkers; their
 behaviour on bad input is what the tests of their messages assert.
 
-Which function is which is decided at its first call, when the package is imported
-(the hook decorates functions while their modules are still being imported).
+Which function is which is decided at its first call after the package is imported
+(the hook decorates functions while their modules are still being imported, and a
+default argument may be built then; such early calls are fully checked).
 """
 
 import sys
@@ -52,6 +53,13 @@ def validates_its_arguments(module: str, qualname: str) -> bool:
     return False
 
 
+def _surface_known() -> bool:
+    # Each public package defines `__all__` after its imports: until all of them have,
+    # an exported name may not be bound yet (a default argument is built while the
+    # package is still being imported).
+    return all(hasattr(sys.modules.get(p), "__all__") for p in PUBLIC)
+
+
 def _return_only(fn: Callable[..., Any]) -> Callable[..., Any]:
     # The same function with its return annotation alone, so that beartype checks what
     # an exported function returns and none of what it was given.
@@ -68,12 +76,16 @@ def checker(fn: Callable[..., Any]) -> Callable[..., Any]:
     """beartype; for an exported function or constructor, of its return value only."""
     module = getattr(fn, "__module__", "")
     qualname = getattr(fn, "__qualname__", "")
+    # Both are built now, at import: building a checker inside a call could happen while
+    # hypothesis draws an example, and beartype's code generation uses `random`.
+    full, returns = beartype(fn), _return_only(fn)
     checked: list[Callable[..., Any]] = []
 
     def call(*args, **kwargs):
         if not checked:
-            own = validates_its_arguments(module, qualname)
-            checked.append(_return_only(fn) if own else beartype(fn))
+            if not _surface_known():
+                return full(*args, **kwargs)  # decided once the package is imported
+            checked.append(returns if validates_its_arguments(module, qualname) else full)
         return checked[0](*args, **kwargs)
 
     call.__name__, call.__qualname__, call.__module__ = fn.__name__, qualname, module

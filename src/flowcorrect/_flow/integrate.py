@@ -1,6 +1,6 @@
 """The Euler loop: one `lax.scan` over the flow steps, each taken by a stepper."""
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,7 @@ from .._misc import is_int
 from .flow import BatchChunks, BatchKeys, Flow
 
 
+@runtime_checkable
 class Stepper(Protocol):
     """What [`flowcorrect.integrate`][] calls: every [`flowcorrect.AbstractInterleaved`][]
     is one."""
