@@ -103,11 +103,10 @@ def _run(policy, constraint, static, obs, key):
     setting = static.value
     # The noise of the placement's own shape, drawn from the query's key: every setting
     # of one shape starts from the same noise (best-of-8 ranks the same candidates).
-    shape = (policy.chunk_shape if setting.placement is None
-             else setting.placement.noise_shape(policy.chunk_shape))
+    placement = fc.Plain() if setting.placement is None else setting.placement
+    shape = placement.noise_shape(policy.chunk_shape)
     noise = jax.random.normal(key, (obs.shape[0], *shape), jnp.float32)
     energy = fc.constraints.ViolationEnergy(constraint) if setting.guided else None
-    placement = fc.Plain() if setting.placement is None else setting.placement
     actions, info = fc.sample(policy, obs, key, noise=noise, placement=placement, energy=energy)
     after = jax.vmap(constraint.violation)(actions)
     diag = {"violation_after": after}

@@ -119,7 +119,7 @@ class CorrectedPi0(nnx.Module):
         # at trace time, naming the placement; energy-free ones (real-time chunking,
         # consensus ranking) need none.
         if placement is None:
-            energy = None
+            placement, energy = Plain(), None  # openpi's own sampler
         policy = Pi0Policy(self.model)
         if isinstance(placement, PrefixConditioned):
             # Training-time real-time chunking: the committed actions go in at the clean
@@ -130,11 +130,7 @@ class CorrectedPi0(nnx.Module):
             policy = _FixedPrefix(policy, policy.condition(observation))
         batch = observation.state.shape[0]
         if noise is None:
-            shape = (
-                policy.chunk_shape
-                if placement is None
-                else placement.noise_shape(policy.chunk_shape)
-            )
+            shape = placement.noise_shape(policy.chunk_shape)
             noise = jax.random.normal(rng, (batch, *shape))
         # A key for stochastic correctors, not the one the noise came from.
         key = jax.random.fold_in(rng, 1)
@@ -144,7 +140,7 @@ class CorrectedPi0(nnx.Module):
             key,
             noise=noise,
             num_steps=self.num_steps,
-            placement=Plain() if placement is None else placement,
+            placement=placement,
             energy=energy,
         )
         if record is None and report is None:
