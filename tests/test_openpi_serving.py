@@ -448,12 +448,13 @@ def test_serve_command_end_to_end(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    rtc = '{"placement": "rtc", "inference_delay": 2, "execution_horizon": 10}'
     command = [sys.executable, "-m", "flowcorrect.openpi.serve", "--host", "127.0.0.1",
-               "--port", str(port), "--default-options", rtc, "--limits.max-steps", "5",
+               "--port", str(port), "--limits.max-steps", "5",
                "--record-dir", str(tmp_path / "rec"), "--record-candidates", "1",
                "--constraint", '{"box": {"low": -0.5, "high": 0.5}}',
-               "--constraint-units", "model", "policy:test-size"]
+               "--constraint-units", "model", "policy:test-size",
+               "default:rtc", "--default.inference-delay", "2",
+               "--default.execution-horizon", "10"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     lines = []
@@ -475,6 +476,11 @@ def test_serve_command_end_to_end(tmp_path):
         meta = client.get_server_metadata()["flowcorrect"]
         assert meta["limits"]["max_steps"] == 5
         assert meta["default"]["placement"] == "rtc"
+        # Each served placement's settings, from its config, bounded by this server.
+        assert meta["options"]["rtc"]["execution_horizon"] == {
+            "type": "int", "default": "required", "low": 1, "high": 50}
+        assert set(meta["options"]) == set(meta["placements"])  # no energy: no post_hoc
+        assert meta["options"]["best_of_n"]["n"]["high"] == meta["limits"]["max_candidates"]
         config, _ = _make_model(False, "float32")
         obs = _obs_dict(config, jax.random.key(5))
         first = client.infer({**obs, "flowcorrect": {"episode": "run"}})
@@ -625,8 +631,11 @@ def test_warm_up_leaves_the_first_requests_nothing_to_compile(served):
     config, model, obs, plain = served
     policy = CorrectedPolicy.from_policy(
         plain, constraint=fc.constraints.Box(-0.5, 0.5), constraint_units="model",
-        default_options={"placement": "best_of_n", "n": 2, "select": "medoid"},
+        default_options=fc.configs.BestOfNConfig(n=2, select="medoid"),
     )
+    # A config is the options a client would send for it.
+    assert policy.metadata["flowcorrect"]["default"] == {
+        "placement": "best_of_n", "n": 2, "select": "medoid", "feasible_first": False}
     assert policy.warm_up() == ["Project(BestOfN)"]
     plain.infer(dict(obs))  # openpi's own small array ops, compiled once per process
     compiles = []

@@ -9,6 +9,7 @@ limits and the placement it asks for builds. Counts are printed at the end.
 """
 
 import collections
+import dataclasses
 import math
 import os
 
@@ -251,9 +252,10 @@ _PLAUSIBLE = {
     "episode": st.sampled_from(["a", "ep-2", 7]),
     "reset": st.booleans(),
 }
-# Each placement's own options, as the server declares them (a new option without a
+# Each placement's own options, the fields of its config (a new option without a
 # near-valid strategy above fails here, so the fuzz keeps up).
-_OWN = _requests._OPTIONS
+_OWN = {kind: tuple(f.name for f in dataclasses.fields(config))
+        for kind, config in fc.configs.PLACEMENT_CONFIGS.items()}
 _NEAR_VALID = st.sampled_from(sorted(_OWN)).flatmap(
     lambda kind: st.fixed_dictionaries(
         {"placement": st.just(kind)},

@@ -30,6 +30,7 @@ PUBLIC = (
     "flowcorrect.verifiers",
     "flowcorrect.rtc",
     "flowcorrect.constraints",
+    "flowcorrect.configs",
 )
 
 

@@ -3,6 +3,7 @@
 import importlib.metadata
 
 from . import (
+    configs as configs,
     constraints as constraints,
     rtc as rtc,
     train as train,
@@ -268,6 +269,7 @@ __all__ = [
     "ClipStep",
     "ClusterMean",
     "ConstantWeight",
+    "configs",
     "constraints",
     "correct",
     "CorrectionInfo",

@@ -14,51 +14,33 @@ from typing import Any
 
 import numpy as np
 
+from .._configs import (
+    PLACEMENT_CONFIGS,
+    AbstractPlacementConfig,
+    ConfigError,
+    _is_int,
+    _is_number,
+    _shown,
+    from_options,
+)
 from .._constraints.base import AbstractConstraint
-from .._constraints.selection import FeasibleFirst
-from .._correctors.recipes import reference_recipe
-from .._flow.schedules import LastSteps
-from .._flow.selection import ByEnergy, Medoid, NearMean
 from .._placements.base import AbstractPlacement
-from .._placements.best_of_n import BestOfN
-from .._placements.denoised import Denoised
-from .._placements.guided import Guided
-from .._placements.post_hoc import PostHoc
-from .._placements.rtc import RealTimeChunking
-from .._rtc_training import PrefixConditioned
 
 #: The key of an observation dict that carries per-request correction settings.
 OPTIONS_KEY = "flowcorrect"
 
-PLACEMENTS = ("off", "post_hoc", "denoised", "guided", "best_of_n", "rtc", "trt", "feasible")
+#: The placements a client may ask for: the kinds of `flowcorrect.configs`.
+PLACEMENTS = tuple(PLACEMENT_CONFIGS)
 #: Placements that read no energy.
-ENERGY_FREE = ("off", "rtc", "trt")
+ENERGY_FREE = tuple(k for k, c in PLACEMENT_CONFIGS.items()
+                    if not c.reads_energy and not c.reads_constraint)  # fmt: skip
 #: Placements that continue an episode's previous chunk (real-time chunking, by guidance
 #: or by a model trained to take the committed actions).
-CONTINUES = ("rtc", "trt")
+CONTINUES = tuple(k for k, c in PLACEMENT_CONFIGS.items() if c.continues)
 #: Placements that read the server's constraint (guidance by its violation).
-CONSTRAINED = ("feasible",)
-SELECTIONS = ("energy", "medoid", "near_mean")
-RTC_SCHEDULES = ("ones", "zeros", "linear", "exp")
+CONSTRAINED = tuple(k for k, c in PLACEMENT_CONFIGS.items() if c.reads_constraint)
 #: Keys of `obs["flowcorrect"]` that are about the episode, not the placement.
 EPISODE_KEYS = ("episode", "reset", "done", "success")
-
-_OPTIONS = {
-    "off": (),
-    "post_hoc": ("steps", "alpha", "clip_frac", "first_only"),
-    "denoised": ("steps", "alpha", "clip_frac", "first_only", "weight", "last"),
-    "guided": ("weight", "last", "cap"),
-    "best_of_n": ("n", "select", "k", "feasible_first"),
-    "rtc": (
-        "inference_delay",
-        "execution_horizon",
-        "prefix_attention_schedule",
-        "max_guidance_weight",
-        "hard_prefix",
-    ),
-    "trt": ("inference_delay", "execution_horizon"),
-    "feasible": ("weight", "last", "cap"),
-}
 _MAX_EPISODE_ID = 128
 
 
@@ -125,59 +107,30 @@ class Request:
     """A parsed, validated `obs["flowcorrect"]`.
 
     - `placement`: one of `PLACEMENTS`, or `None` for the server's default.
-    - `settings`: the placement's options with defaults filled in, as Python numbers.
+    - `config`: the placement's [`flowcorrect.configs.AbstractPlacementConfig`][],
+        checked against the server's limits and the model's sizes, or `None`.
     - `episode`: the client's episode id (a string), or `None`.
     - `reset`: start the episode afresh (drop its state) before this request.
     - `done`: the episode ended; no model runs. `success` is its outcome (or `None`).
     """
 
     placement: str | None
-    settings: Mapping[str, Any]
+    config: AbstractPlacementConfig | None = None
     episode: str | None = None
     reset: bool = False
     done: bool = False
     success: bool | None = None
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
-        value, bool | np.bool_
-    )
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The placement's settings with defaults filled in, as Python numbers."""
+        return {} if self.config is None else self.config.settings()
 
 
-def _count(options: Mapping, name: str, default: Any, low: int, high: int, why: str) -> int:
-    value = options.get(name, default)
-    if not _is_int(value) or not low <= value <= high:
-        raise RequestError(
-            f"Correction option {name!r} must be an int in [{low}, {high}] ({why}); "
-            f"got {value!r}."
-        )
-    return int(value)
-
-
-def _number(
-    options: Mapping, name: str, default: float, low: float, high: float, *, open_low=False
-) -> float:
-    value = options.get(name, default)
-    ok = _is_number(value) and math.isfinite(float(value))
-    if ok:
-        value = float(value)
-        # Checked as the float32 the placement stores: 1e-99 > 0, but not in float32.
-        stored = float(np.float32(value)) if abs(value) < 1e38 else value
-        ok = (low < stored if open_low else low <= stored) and value <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise RequestError(
-            f"Correction option {name!r} must be a finite number in {bracket}{low}, {high}]; "
-            f"got {value!r}."
-        )
-    # Within float32 rounding of a closed lower bound (-1e-172 is -0.0 in float32, which
-    # [0, ...] admits) the value is that bound, as the placement will store it.
-    return value if open_low else max(value, low)
+def bounds(limits: ServerLimits, horizon: int, num_steps: int) -> dict[str, Any]:
+    """The sizes a request's ranges refer to: the server's limits and the model's
+    action horizon and flow steps (see [`flowcorrect.configs.AbstractPlacementConfig`][])."""
+    return {**limits.as_dict(), "horizon": int(horizon), "num_steps": int(num_steps)}
 
 
 def _flag(options: Mapping, name: str, default: bool | None) -> bool | None:
@@ -187,15 +140,6 @@ def _flag(options: Mapping, name: str, default: bool | None) -> bool | None:
     if not isinstance(value, bool | np.bool_):
         raise RequestError(f"Correction option {name!r} must be true or false; got {value!r}.")
     return bool(value)
-
-
-def _choice(options: Mapping, name: str, default: str, allowed: tuple[str, ...]) -> str:
-    value = options.get(name, default)
-    if not isinstance(value, str) or value not in allowed:
-        raise RequestError(
-            f"Correction option {name!r} must be one of {list(allowed)}; got {value!r}."
-        )
-    return value
 
 
 def check_served_placement(placement: Any, has_energy: bool) -> None:
@@ -248,7 +192,7 @@ def parse_request(
     value seen and the allowed range.
     """
     if options is None:
-        return Request(placement=None, settings={})
+        return Request(placement=None)
     if not isinstance(options, Mapping):
         raise RequestError(
             f"obs[{OPTIONS_KEY!r}] must be a dict such as {{'placement': 'best_of_n', "
@@ -283,7 +227,7 @@ def parse_request(
                 f"A 'done' request reports an episode's end and runs no model; it takes only "
                 f"'episode' and 'success', got also {extra}."
             )
-        return Request(placement=None, settings={}, episode=episode, done=True, success=success)
+        return Request(placement=None, episode=episode, done=True, success=success)
     if success is not None:
         raise RequestError(
             "Correction option 'success' is an episode's outcome: send it with 'done': true "
@@ -296,97 +240,40 @@ def parse_request(
             raise RequestError(
                 f"Correction options {unknown} need 'placement', one of {list(PLACEMENTS)}."
             )
-        return Request(placement=None, settings={}, episode=episode, reset=reset)
+        return Request(placement=None, episode=episode, reset=reset)
     kind = options["placement"]
     if not isinstance(kind, str) or kind not in PLACEMENTS:
         raise RequestError(
             f"Correction option 'placement' must be one of {list(PLACEMENTS)}; got "
             f"{_shown(kind)}."
         )
-    unknown = sorted(set(options) - {"placement", *EPISODE_KEYS, *_OPTIONS[kind]})
-    if unknown:
-        raise RequestError(
-            f"Unknown correction options for placement {kind!r}: {unknown}; it takes "
-            f"{sorted(_OPTIONS[kind]) or 'no other options'}."
-        )
-    settings = _settings(kind, options, limits, horizon, num_steps)
-    if not has_constraint and (kind in CONSTRAINED or settings.get("feasible_first")):
-        what = "Placement 'feasible'" if kind in CONSTRAINED else "'feasible_first'"
+    try:
+        config = from_options(options, bounds(limits, horizon, num_steps), ignore=EPISODE_KEYS)
+    except ConfigError as e:
+        raise RequestError(str(e)) from None
+    check_request_config(config, has_energy=has_energy, has_constraint=has_constraint)
+    return Request(placement=kind, config=config, episode=episode, reset=reset)
+
+
+def check_request_config(
+    config: AbstractPlacementConfig, *, has_energy: bool, has_constraint: bool
+) -> None:
+    """Refuses a config that reads what the server lacks: an energy or verifier, or a
+    constraint (for `"feasible"` and best-of-N's `feasible_first`)."""
+    kind = config.kind
+    feasible_first = getattr(config, "feasible_first", False)
+    if not has_constraint and (config.reads_constraint or feasible_first):
+        what = f"Placement {kind!r}" if config.reads_constraint else "'feasible_first'"
         raise RequestError(
             f"{what} reads the server's constraint, and this server has none; its owner "
             "sets one (CorrectedPolicy(..., constraint=...))."
         )
-    consensus = kind == "best_of_n" and settings["select"] == "medoid"
-    if not has_energy and kind not in (*ENERGY_FREE, *CONSTRAINED) and not consensus:
+    if not has_energy and config.needs_energy:
         raise RequestError(
             f"Placement {kind!r} needs an energy or verifier, and this server has none; it "
             f"serves {list(ENERGY_FREE)} and 'best_of_n' with select='medoid' (consensus)"
             + (" and 'feasible'." if has_constraint else ".")
         )
-    return Request(placement=kind, settings=settings, episode=episode, reset=reset)
-
-
-def _settings(
-    kind: str, options: Mapping, limits: ServerLimits, horizon: int, num_steps: int
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if kind in ("post_hoc", "denoised"):
-        out["steps"] = _count(options, "steps", 3, 0, limits.max_steps, "correction steps K")
-        out["alpha"] = _number(options, "alpha", 0.1, 0.0, limits.max_alpha)
-        out["clip_frac"] = _number(options, "clip_frac", 0.2, 0.0, 1.0, open_low=True)
-        out["first_only"] = _flag(options, "first_only", False)
-    if kind in ("denoised", "guided", "feasible"):
-        out["weight"] = _number(options, "weight", 1.0, 0.0, limits.max_weight)
-        out["last"] = _count(
-            options, "last", num_steps, 1, num_steps, "the final flow steps to correct"
-        )
-    if kind == "guided":
-        out["cap"] = _number(options, "cap", 1.0, 0.0, 1e6, open_low=True)
-    if kind == "feasible":
-        # The violation's gradient is zero inside the feasible set and of order one
-        # outside it: a larger default weight and cap than an energy's.
-        out["weight"] = _number(options, "weight", 10.0, 0.0, limits.max_weight)
-        out["cap"] = _number(options, "cap", 1e3, 0.0, 1e6, open_low=True)
-    if kind == "best_of_n":
-        out["n"] = _count(options, "n", 8, 1, limits.max_candidates, "candidates")
-        out["select"] = _choice(options, "select", "energy", SELECTIONS)
-        if out["select"] == "near_mean":
-            out["k"] = _count(
-                options, "k", min(4, out["n"]), 1, out["n"], "candidates nearest the mean "
-                "kept before ranking by energy"
-            )
-        elif "k" in options:
-            raise RequestError(
-                "Correction option 'k' belongs to select='near_mean'; got select="
-                f"{out['select']!r}."
-            )
-        out["feasible_first"] = _flag(options, "feasible_first", False)
-    if kind in CONTINUES:
-        for name in ("inference_delay", "execution_horizon"):
-            if name not in options:
-                raise RequestError(
-                    f"Placement {kind!r} needs 'inference_delay' and 'execution_horizon' "
-                    f"(control steps); got {sorted(options)}."
-                )
-        s = _count(
-            options, "execution_horizon", None, 1, horizon,
-            "actions executed from each chunk; at most the chunk's horizon",
-        )
-        d = _count(
-            options, "inference_delay", None, 0, horizon - s,
-            f"control steps run from the previous chunk while this one is computed; at "
-            f"most horizon - execution_horizon = {horizon} - {s}",
-        )
-        out["execution_horizon"], out["inference_delay"] = s, d
-    if kind == "rtc":
-        out["prefix_attention_schedule"] = _choice(
-            options, "prefix_attention_schedule", "exp", RTC_SCHEDULES
-        )
-        out["max_guidance_weight"] = _number(
-            options, "max_guidance_weight", 5.0, 0.0, limits.max_weight
-        )
-        out["hard_prefix"] = _flag(options, "hard_prefix", False)
-    return out
 
 
 def placement_from_request(
@@ -415,48 +302,14 @@ def placement_from_request(
     An [`flowcorrect.AbstractPlacement`][], or `None` for `"off"` (and for the server's
     default, which the caller fills in).
     """
-    kind, o = request.placement, request.settings
-    if kind in (None, "off"):
+    if request.config is None:
         return None
-    if kind in CONTINUES:
-        if previous is None:
-            return None
-        previous = np.asarray(previous)
-        s = o["execution_horizon"]
-        leftover = np.zeros_like(previous)
-        leftover[:, : previous.shape[1] - s] = previous[:, s:]
-        if kind == "trt":
-            # Only the first `d <= horizon - s` rows are committed; the zero rows after
-            # them keep every request's shapes the same.
-            return PrefixConditioned(leftover, o["inference_delay"])
-        return RealTimeChunking(
-            leftover,
-            o["inference_delay"],
-            s,
-            prefix_attention_schedule=o["prefix_attention_schedule"],
-            max_guidance_weight=o["max_guidance_weight"],
-            hard_prefix=o["hard_prefix"],
+    try:
+        return request.config.build(
+            action_dims=action_dims, previous=previous, constraint=constraint
         )
-    if kind in ("post_hoc", "denoised"):
-        recipe = reference_recipe(
-            o["steps"],
-            o["alpha"],
-            o["clip_frac"],
-            first_only=o["first_only"],
-            action_dims=action_dims,
-        )
-        if kind == "post_hoc":
-            return PostHoc(recipe)
-        return Denoised(recipe, schedule=LastSteps(o["last"]), weight=o["weight"])
-    if kind in ("guided", "feasible"):
-        return Guided(schedule=LastSteps(o["last"]), weight=o["weight"], cap=o["cap"])
-    select = {"energy": ByEnergy, "medoid": Medoid}.get(o["select"])
-    rule = select() if select else NearMean(o["k"])
-    if o["feasible_first"]:
-        if constraint is None:
-            raise RequestError("'feasible_first' needs the server's constraint; it has none.")
-        rule = FeasibleFirst(constraint, inner=rule)
-    return BestOfN(o["n"], select=rule)
+    except ConfigError as e:
+        raise RequestError(str(e)) from None
 
 
 def placement_from_options(
@@ -473,40 +326,31 @@ def placement_from_options(
 
     **Arguments:**
 
-    - `options`: a dict with `"placement"`, one of `"off"`, `"post_hoc"`,
-        `"denoised"`, `"guided"`, `"best_of_n"`, `"rtc"`, `"trt"`, and that placement's
-        settings:
-        - `post_hoc`: `steps` (K, default 3, at most `limits.max_steps`), `alpha`
-          (0.1), `clip_frac` (0.2, in (0, 1]), `first_only` (False):
-          [`flowcorrect.reference_recipe`][];
-        - `denoised`: the same, plus `weight` (1.0) and `last` (correct the last
-          `last` flow steps, 1 to `num_steps`; default every step);
-        - `guided`: `weight` (1.0), `last` (default every step), `cap` (1.0);
-        - `best_of_n`: `n` (8, at most `limits.max_candidates`) and `select`:
-          `"energy"` (the lowest energy, default), `"medoid"` (consensus, reads no
-          energy) or `"near_mean"` with `k` (the lowest energy among the `k`
-          candidates nearest the candidates' mean); `feasible_first` (False) keeps only
-          candidates feasible for `constraint` before that rule
-          ([`flowcorrect.constraints.FeasibleFirst`][]);
-        - `rtc`: real-time chunking ([`flowcorrect.RealTimeChunking`][], needs no
-          energy): `inference_delay` (`d`, control steps the robot executes from the
-          previous chunk while this one is computed), `execution_horizon` (`s`, actions
-          executed from each chunk before the next request), with
-          `1 <= s <= horizon` and `0 <= d <= horizon - s`, and optionally
-          `prefix_attention_schedule` ("exp"), `max_guidance_weight` (5.0),
-          `hard_prefix` (False). The names are LeRobot's. The previous chunk's
-          leftover is `previous[:, s:]` (zero-padded to the horizon, so the shapes
-          never change), in the model's own action space;
-        - `trt`: training-time real-time chunking ([`flowcorrect.rtc.PrefixConditioned`][]
-          on [`flowcorrect.openpi.Pi0TokenTimePolicy`][], needs no energy): the first
-          `inference_delay` actions of the previous chunk's leftover go in clean and
-          come back exactly; plain Euler steps, no guidance. `inference_delay` and
-          `execution_horizon` as for `rtc`. For a Pi0 fine-tuned with
-          [`flowcorrect.openpi.pi0_prefix_conditioned_loss`][]; Pi0.5 is refused;
-        - `feasible`: guidance by `constraint`'s violation inside the flow steps
-          (needs no energy; pass `fc.constraints.ViolationEnergy(constraint)` as the energy):
-          `weight` (10.0), `last` (default every step), `cap` (1000.0). A server
-          projects every chunk onto its constraint as well, whatever the placement.
+    - `options`: a dict with `"placement"` and that placement's settings, the fields
+        of its config in [`flowcorrect.configs`][], where each is declared with its
+        default and range:
+        - `"off"`: [`flowcorrect.configs.OffConfig`][] (no correction);
+        - `"post_hoc"`: [`flowcorrect.configs.PostHocConfig`][] (`steps`, `alpha`,
+          `clip_frac`, `first_only`: [`flowcorrect.reference_recipe`][]);
+        - `"denoised"`: [`flowcorrect.configs.DenoisedConfig`][] (the same, plus
+          `weight` and `last`);
+        - `"guided"`: [`flowcorrect.configs.GuidedConfig`][] (`weight`, `last`, `cap`);
+        - `"best_of_n"`: [`flowcorrect.configs.BestOfNConfig`][] (`n`, `select` one of
+          `"energy"`, `"medoid"` (consensus, reads no energy), `"near_mean"` with `k`;
+          `feasible_first` keeps only candidates feasible for `constraint`);
+        - `"rtc"`: [`flowcorrect.configs.RTCConfig`][] (real-time chunking by guidance,
+          reads no energy: `inference_delay`, `execution_horizon`, with `1 <= s <=
+          horizon` and `0 <= d <= horizon - s`, `prefix_attention_schedule`,
+          `max_guidance_weight`, `hard_prefix`; LeRobot's names);
+        - `"trt"`: [`flowcorrect.configs.TRTConfig`][] (training-time real-time
+          chunking, [`flowcorrect.rtc.PrefixConditioned`][] on
+          [`flowcorrect.openpi.Pi0TokenTimePolicy`][]: `inference_delay`,
+          `execution_horizon`; for a Pi0 fine-tuned with
+          [`flowcorrect.openpi.pi0_prefix_conditioned_loss`][], Pi0.5 is refused);
+        - `"feasible"`: [`flowcorrect.configs.FeasibleConfig`][] (guidance by
+          `constraint`'s violation, reads no energy; pass
+          `fc.constraints.ViolationEnergy(constraint)` as the energy). A server projects
+          every chunk onto its constraint as well, whatever the placement.
     - `action_dims`: the post-hoc and denoised recipes change only the first
         `action_dims` dims.
     - `previous`: for `rtc` and `trt`, the previous call's chunks `(batch, horizon, action_dim)`
@@ -542,11 +386,6 @@ def placement_from_options(
             f"{sorted(options)}."
         )
     return placement_from_request(request, action_dims, previous, constraint)
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _leaves(tree: Any, path: str = "obs"):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._configs import PLACEMENT_CONFIGS, AbstractPlacementConfig
 from .._constraints.base import AbstractConstraint
 from .._constraints.energy import ViolationEnergy
 from .._constraints.robot import InRobotSpace
@@ -36,6 +37,7 @@ from ._requests import (
     PLACEMENTS,
     RequestError,
     ServerLimits,
+    bounds,
     check_observation,
     check_served_placement,
     parse_request,
@@ -281,9 +283,10 @@ class CorrectedPolicy(_policy.Policy):
         normalised action space, e.g. `fc.load_model(energy_dir)`; `None` serves
         the plain policy (then only `"off"` and `"rtc"` are accepted).
     - `placement`: the server's default placement; `None` is no correction.
-    - `default_options`: instead of `placement`, the server's default as the options a
-        client would send (`{"placement": "best_of_n", "n": 8}`, or
-        `{"placement": "rtc", ...}`, which needs no energy), checked like a request's
+    - `default_options`: instead of `placement`, the server's default as a config
+        (`fc.configs.BestOfNConfig(n=8)`) or as the options a client would send
+        (`{"placement": "best_of_n", "n": 8}`, or `{"placement": "rtc", ...}`, which
+        needs no energy), checked like a request's
         when the policy is built and applied to every request that names no
         placement of its own (a request's `episode` and other keys still apply).
     - `action_dims`: the energy sees, and the recipes change, only the first
@@ -342,7 +345,7 @@ class CorrectedPolicy(_policy.Policy):
         energy: Any = None,
         *,
         placement: AbstractPlacement | None = None,
-        default_options: Mapping[str, Any] | None = None,
+        default_options: Mapping[str, Any] | AbstractPlacementConfig | None = None,
         action_dims: int | None = None,
         num_steps: int = 10,
         limits: ServerLimits | None = None,
@@ -406,6 +409,8 @@ class CorrectedPolicy(_policy.Policy):
             self._check_energy_fits(verifier is not None)
         check_served_placement(placement, self.energy is not None)
         self.default_options = None
+        if isinstance(default_options, AbstractPlacementConfig):
+            default_options = default_options.options()
         if default_options is not None:
             if placement is not None:
                 raise ValueError(
@@ -488,7 +493,7 @@ class CorrectedPolicy(_policy.Policy):
         energy: Any = None,
         *,
         placement: AbstractPlacement | None = None,
-        default_options: Mapping[str, Any] | None = None,
+        default_options: Mapping[str, Any] | AbstractPlacementConfig | None = None,
         action_dims: int | None = None,
         num_steps: int | None = None,
         limits: ServerLimits | None = None,
@@ -785,6 +790,8 @@ class CorrectedPolicy(_policy.Policy):
             "default": self.default_options or _name(self.placement),
             "action_dims": self.action_dims,
             "limits": self.limits.as_dict(),
+            # Each served placement's settings: type, default and range on this server.
+            "options": {},
             "num_steps": self._model.num_steps,
             "action_horizon": self._pi0.action_horizon,
             "verifier": self._verifier_info,
@@ -795,6 +802,11 @@ class CorrectedPolicy(_policy.Policy):
             meta[OPTIONS_KEY]["placements"] = [
                 *meta[OPTIONS_KEY]["placements"], *CONSTRAINED
             ]
+        sizes = bounds(self.limits, self._pi0.action_horizon, self._model.num_steps)
+        meta[OPTIONS_KEY]["options"] = {
+            kind: PLACEMENT_CONFIGS[kind].schema(sizes)
+            for kind in meta[OPTIONS_KEY]["placements"]
+        }
         return meta
 
     def _dropped(self, episode: str, _: Any) -> None:

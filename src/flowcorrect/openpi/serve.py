@@ -1,20 +1,24 @@
 """Serve an openpi policy with correction: openpi's `scripts/serve_policy.py`, plus the
 correction settings, on openpi's own websocket server.
 
-    python -m flowcorrect.openpi.serve policy:checkpoint \\
-        --policy.config pi05_libero --policy.dir checkpoints/pi05_libero/exp/30000 \\
-        --verifier verifier/ --action-dims 7 \\
-        --default-options '{"placement": "best_of_n", "n": 8}'
+    python -m flowcorrect.openpi.serve --verifier verifier/ --action-dims 7 \\
+        policy:checkpoint --policy.config pi05_libero \\
+        --policy.dir checkpoints/pi05_libero/exp/30000 \\
+        default:best-of-n --default.n 8
 
     # record episodes for a verifier (clients name episodes and report outcomes):
-    python -m flowcorrect.openpi.serve policy:checkpoint --policy.config ... \\
-        --policy.dir ... --record-dir recording/ --action-dims 7
+    python -m flowcorrect.openpi.serve --record-dir recording/ --action-dims 7 \\
+        policy:checkpoint --policy.config ... --policy.dir ...
 
     # try it without a checkpoint: openpi's test-size Pi0 with random weights
-    python -m flowcorrect.openpi.serve policy:test-size --port 8000
+    python -m flowcorrect.openpi.serve --port 8000 policy:test-size
 
-The arguments are a tyro dataclass, as openpi's scripts are; `--limits.*` are the
-fields of [`flowcorrect.openpi.ServerLimits`][]. It prints where it listens and what it
+The arguments are a tyro dataclass, as openpi's scripts are: the server's own flags
+first, then the policy (`policy:checkpoint` or `policy:test-size`) and its flags, then
+optionally the default placement (`default:post-hoc`, `default:guided`,
+`default:best-of-n`, `default:rtc`, ...) and its flags, the fields of its config in
+[`flowcorrect.configs`][]. `--limits.*` are the fields of
+[`flowcorrect.openpi.ServerLimits`][]. It prints where it listens and what it
 serves, and stops cleanly on Ctrl-C.
 """
 
@@ -24,11 +28,28 @@ import logging
 import pathlib
 import socket
 import time
+import typing
 from typing import Any
 
+import tyro
+
+from .._configs import PLACEMENT_CONFIGS, ConfigError
 from ._requests import ServerLimits
 
 logger = logging.getLogger("flowcorrect.openpi")
+
+
+# One subcommand per placement, named as a request names it (`default:best-of-n`), with
+# the config's fields as its flags; none chosen is no correction.
+DefaultPlacement = (
+    typing.Union[  # noqa: UP007 (a union built from a list)
+        tuple(
+            typing.Annotated[config, tyro.conf.subcommand(kind.replace("_", "-"))]
+            for kind, config in PLACEMENT_CONFIGS.items()
+        )
+    ]
+    | None
+)
 
 
 @dataclasses.dataclass
@@ -64,9 +85,9 @@ class Args:
     host: str = "0.0.0.0"
     # Used where a request has no "prompt" (openpi's option of the same name).
     default_prompt: str | None = None
-    # The server's default correction, as the options a client would send, in JSON:
-    # '{"placement": "best_of_n", "n": 8}'. Requests may override it per call.
-    default_options: str | None = None
+    # The server's default correction: a placement and its settings, the same configs
+    # (and checks) as a request's options. Requests may override it per call.
+    default: DefaultPlacement = None
     # An energy saved with fc.save_model (over the prefix tokens).
     energy: str | None = None
     # A verifier saved with fc.save_model (over the pooled prefix features).
@@ -94,8 +115,6 @@ def build_policy(args: Args) -> Any:
     """The [`flowcorrect.openpi.CorrectedPolicy`][] that `args` describe."""
     from ._serving import CorrectedPolicy
 
-    default = _json("--default-options", args.default_options,
-                    '{"placement": "best_of_n", "n": 8}')
     constraint = None
     if args.constraint is not None:
         from ._requests import constraint_from_spec
@@ -121,7 +140,7 @@ def build_policy(args: Args) -> Any:
     return CorrectedPolicy.from_policy(
         policy,
         energy,
-        default_options=default,
+        default_options=args.default,
         action_dims=args.action_dims,
         num_steps=args.num_steps,
         limits=args.limits,
@@ -220,7 +239,8 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    import tyro
-
     logging.basicConfig(level=logging.INFO, force=True)
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args, description=__doc__))
+    except ConfigError as e:
+        raise SystemExit(f"flowcorrect: {e}") from None
