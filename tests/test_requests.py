@@ -23,7 +23,6 @@ import flowcorrect as fc
 from flowcorrect.openpi import (
     RequestError,
     ServerLimits,
-    _requests,
     check_observation,
     parse_request,
     placement_from_options,

@@ -13,7 +13,7 @@ chunks, in-batch mismatches and noisy "policy" samples, together with the held-o
 [`flowcorrect.train.evaluate`][] figures.
 """
 
-import argparse
+import dataclasses
 import math
 import time
 
@@ -31,6 +31,20 @@ from .infonce import embed_batch, encode_batch, info_nce
 from .loop import fit
 from .negatives import NoiseNegatives
 from .synthetic import matching_task, noisy_policy
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureConfig:
+    """What to measure (the flags of `python -m flowcorrect._train.measure`)."""
+
+    # Training steps of each of the three models.
+    steps: int = 600
+    # Batch size of training and of the held-out set; with --memory, InfoNCE's batch.
+    batch: int = 64
+    # Seed of the data, the models and their training.
+    seed: int = 0
+    # Only the memory table (compiles, runs nothing).
+    memory: bool = False
 
 
 def slope_threshold(ratio: float) -> float:
@@ -90,28 +104,23 @@ def memory(batch: int = 64, seq: int = 816, horizon: int = 50) -> None:
                   f"{stats.argument_size_in_bytes / 1e9:.2f} GB")  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--memory", action="store_true", help="only the memory table")
-    args = parser.parse_args(argv)
-    if args.memory:
-        memory(batch=args.batch)
+def run(config: MeasureConfig) -> None:
+    """Prints the measurements `config` asks for (see the module docstring)."""
+    if config.memory:
+        memory(batch=config.batch)
         return
 
     print("Slope of the bounded energy, sigmoid'(h/2), relative to its peak at h = 0:")
     for r in (0.1, 0.01, 0.001):
         print(f"  below {r:>6.1%} for |h| > {slope_threshold(r):.2f}")
-    floor = math.log(1 + (args.batch - 1) * math.exp(-(2.1 - 0.1) / 0.5))
-    print(f"InfoNCE floor of a bounded energy (tau 0.5, batch {args.batch}): {floor:.3f}")
+    floor = math.log(1 + (config.batch - 1) * math.exp(-(2.1 - 0.1) / 0.5))
+    print(f"InfoNCE floor of a bounded energy (tau 0.5, batch {config.batch}): {floor:.3f}")
 
-    key = jax.random.key(args.seed)
+    key = jax.random.key(config.seed)
     k_train, k_held, k_pol, k_model, k_fit = jax.random.split(key, 5)
     shapes = dict(seq=8, context_dim=16, horizon=4, action_dim=4)
     train = matching_task(k_train, 4096, **shapes)
-    held = matching_task(k_held, args.batch, **shapes)
+    held = matching_task(k_held, config.batch, **shapes)
     policy = noisy_policy(k_pol, held.actions, 8, scale=0.3)
     runs = {
         "bounded": (dict(energy="bounded"), 0.0),
@@ -119,20 +128,21 @@ def main(argv: list[str] | None = None) -> None:
         "unbounded+gp": (dict(energy="unbounded"), 0.1),
     }
     for name, (options, gp) in runs.items():
-        config = EnergyModelConfig(context_dim=16, action_dim=4, hidden=64, num_heads=4, **options)
-        model = EnergyModel(config, key=k_model)
+        model_config = EnergyModelConfig(context_dim=16, action_dim=4, hidden=64, num_heads=4,
+                                         **options)
+        model = EnergyModel(model_config, key=k_model)
         train_config = TrainConfig(
-            num_steps=args.steps,
+            num_steps=config.steps,
             learning_rate=1e-3,
             warmup_steps=50,
             grad_penalty=gp,
             grad_margin=0.0,
-            log_every=args.steps,
+            log_every=config.steps,
         )
         t0 = time.time()
         result = fit(
             model,
-            ShuffledBatches(train, args.batch, seed=args.seed),
+            ShuffledBatches(train, config.batch, seed=config.seed),
             key=k_fit,
             config=train_config,
             negatives=[NoiseNegatives(4, 0.3)],
@@ -169,6 +179,18 @@ def main(argv: list[str] | None = None) -> None:
             "mean_sample_distance",
         ):
             print(f"  {field:24s} {getattr(rep, field):.4g}")
+
+
+def parse_cli(argv: list[str] | None = None) -> MeasureConfig:
+    """The `MeasureConfig` that the command line `argv` names."""
+    import tyro
+
+    return tyro.cli(MeasureConfig, args=argv, description=__doc__.splitlines()[0],
+                    config=(tyro.conf.FlagCreatePairsOff,))  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_cli(argv))
 
 
 if __name__ == "__main__":

@@ -8,25 +8,70 @@ Everything is seeded: demonstration layouts, evaluation layouts (seeds from
 keys 0, 1, 2). Demos, policies and energies are cached (`--cache`).
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import pathlib
 import re
 import time
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import numpy as np
 
-from . import stats
+from . import _cli, stats
 from .envs import collect_demos, default_cache, expert_success
 from .evaluate import EnvPool, Episodes, rollout
 from .policy import PolicyConfig, load_policy, policy_saved, save_policy, train_policy
 from .settings import Setting, make_act
 
 EVAL_SEED0 = 10_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: a task's demonstrations, its policy and energy, a suite of
+    settings and their paired evaluation (the flags of
+    `python -m flowcorrect.metaworld.experiment`)."""
+
+    # The Meta-World task.
+    task: str = "pick-place-v3"
+    # Scripted demonstrations the policy and the energy are trained on.
+    demos: int = 10
+    # Seed of the demonstrations' layouts.
+    demo_seed: int = 0
+    # The settings: the reference suite, the speed-limit suite or the short demo's.
+    suite: Literal["reference", "constraint", "demo"] = "reference"
+    # Comma-separated setting names to run (plain always runs); empty runs the suite.
+    only: str = ""
+    # Evaluation episodes (layouts, seeds from 10_000_000) per noise key.
+    episodes: int = 100
+    # Noise keys: 3 uses keys 0, 1, 2.
+    keys: int = 3
+    # Chunk length of the policy.
+    horizon: int = 8
+    # Actions executed of each chunk before the next query.
+    execute: int = 4
+    # An episode stops at success or after this many steps.
+    max_steps: int = 300
+    # Training steps of the flow policy.
+    policy_steps: int = 3000
+    # Training steps of the learned energy.
+    energy_steps: int = 2000
+    # Seed of the policy's and the energy's training.
+    train_seed: int = 0
+    # The limit on the speed `||a[:3]||` of the constraint suite.
+    speed_limit: float = 0.8
+    # Where demos, policies and energies are cached (default ~/.cache/flowcorrect/metaworld).
+    cache: str | None = None
+    # Where the table's JSON, the plots and the per-key episodes are written.
+    out: str = "results/metaworld"
+    # No progress bars.
+    quiet: bool = False
+    # No PNG plots.
+    no_plots: bool = False
+    # Run every setting again instead of reusing <out>/episodes/.
+    rerun: bool = False
 
 
 def _fc():
@@ -95,9 +140,11 @@ def _tag(obj: Any) -> str:
 
 
 def get_policy(task, demos, config: PolicyConfig, cache: pathlib.Path, seed: int, progress,
-               via_point: float = 0.0):
+               via_point: float = 0.0, extra: str = ""):
+    """The flow policy trained on `demos`, cached; `extra` names what else sets the
+    demonstrations apart (a limit their actions were projected onto)."""
     tag = _tag([dataclasses.asdict(config), seed, demos.seeds.tolist()]
-               + ([f"via{via_point}"] if via_point else []))
+               + ([f"via{via_point}"] if via_point else []) + ([extra] if extra else []))
     path = cache / f"policy-{task}-{len(demos.seeds)}-{tag}"
     if policy_saved(path):
         return load_policy(path)[0]
@@ -120,47 +167,67 @@ def get_energy(policy, demos, horizon, cache, tag, steps, seed, progress):
     return energy, meta
 
 
-def task_policy(args: argparse.Namespace, cache: pathlib.Path):
-    """The demonstrations and the (cached) flow policy the command-line arguments name
-    (`task`, `demos`, `demo_seed`, `horizon`, `policy_steps`, `train_seed`, `quiet`, and
-    `via_point` where the command has it: multimodal demonstrations)."""
-    progress = not args.quiet
-    via = getattr(args, "via_point", 0.0)
-    demos = collect_demos(args.task, args.demos, seed=args.demo_seed, cache=cache,
-                          progress=progress, via_point=via)  # fmt: skip
-    config = PolicyConfig(horizon=args.horizon, steps=args.policy_steps)
-    return demos, get_policy(args.task, demos, config, cache, args.train_seed, progress, via)
+def task_policy(
+    task: str, num_demos: int, cache: pathlib.Path, *, demo_seed: int = 0, horizon: int = 8,
+    policy_steps: int = 3000, train_seed: int = 0, via_point: float = 0.0,
+    progress: bool = True,
+):
+    """The demonstrations of `task` and the flow policy trained on them, both cached.
+
+    **Arguments:**
+
+    - `task`, `num_demos`, `demo_seed`: the scripted demonstrations (`via_point > 0`:
+        multimodal ones, see [`flowcorrect.metaworld.envs.collect_demos`][]).
+    - `cache`: the cache directory.
+    - `horizon`, `policy_steps`, `train_seed`: the policy's chunk length, training steps
+        and seed.
+    - `progress`: progress bars.
+
+    **Returns:** `(demos, policy)`.
+    """
+    demos = collect_demos(task, num_demos, seed=demo_seed, cache=cache, progress=progress,
+                          via_point=via_point)  # fmt: skip
+    config = PolicyConfig(horizon=horizon, steps=policy_steps)
+    return demos, get_policy(task, demos, config, cache, train_seed, progress, via_point)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    cache = pathlib.Path(args.cache) if args.cache else default_cache()
-    out = pathlib.Path(args.out)
+def run(config: ExperimentConfig) -> dict[str, Any]:
+    """Runs every setting of `config.suite` (paired with plain, on the same layouts and
+    noise keys), prints the table and writes it with the episodes and plots under
+    `config.out`. **Returns:** the report written as `<suite>-<task>-<demos>demos-h<H>.json`
+    (its `"args"` are the config's fields)."""
+    cache = pathlib.Path(config.cache) if config.cache else default_cache()
+    out = pathlib.Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = not args.quiet
+    progress = not config.quiet
     t0 = time.time()
-    demos, policy = task_policy(args, cache)
-    policy_tag = f"{args.task}-{args.demos}-h{args.horizon}-s{args.policy_steps}-{args.train_seed}"
+    demos, policy = task_policy(
+        config.task, config.demos, cache, demo_seed=config.demo_seed, horizon=config.horizon,
+        policy_steps=config.policy_steps, train_seed=config.train_seed, progress=progress,
+    )
+    policy_tag = (f"{config.task}-{config.demos}-h{config.horizon}-s{config.policy_steps}-"
+                  f"{config.train_seed}")
     suite = {
         "reference": reference_suite, "demo": demo_suite,
-        "constraint": lambda: constraint_suite(args.speed_limit),
-    }[args.suite]()
-    if args.only:
-        keep = set(args.only.split(","))
+        "constraint": lambda: constraint_suite(config.speed_limit),
+    }[config.suite]()
+    if config.only:
+        keep = set(config.only.split(","))
         suite = [s for s in suite if s.name == "plain" or s.name in keep]
     energies: dict[str, Any] = {}
     energy_meta: dict[str, Any] = {}
-    energy_tag = f"mlp-{args.energy_steps}"
+    energy_tag = f"mlp-{config.energy_steps}"
     if any(s.energy == "learned" for s in suite):
         energies["learned"], energy_meta = get_energy(
-            policy, demos, args.horizon, cache, policy_tag, args.energy_steps, args.train_seed,
-            progress,
+            policy, demos, config.horizon, cache, policy_tag, config.energy_steps,
+            config.train_seed, progress,
         )
     if any(s.energy == "speed" for s in suite):
         from .energies import SpeedLimit
 
-        energies["speed"] = SpeedLimit(args.speed_limit)
-    seeds = EVAL_SEED0 + np.arange(args.episodes)
-    expert = expert_success(args.task, seeds, max_steps=args.max_steps, cache=cache,
+        energies["speed"] = SpeedLimit(config.speed_limit)
+    seeds = EVAL_SEED0 + np.arange(config.episodes)
+    expert = expert_success(config.task, seeds, max_steps=config.max_steps, cache=cache,
                             progress=progress)
     pool = None
     results: dict[str, Any] = {}
@@ -169,25 +236,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for setting in suite:
         act = None
         per_key = []
-        for k in range(args.keys):
+        for k in range(config.keys):
             # Each (setting, key) is stored as it finishes and reused by later commands
             # with the same policy, energy, seeds and limits (`--rerun` ignores them), so
             # settings can run in separate processes and be tabulated together.
             tag = _tag([policy_tag, energy_tag if setting.energy == "learned" else None,
-                        setting.describe(), args.episodes, args.execute, args.max_steps,
-                        args.speed_limit if args.suite == "constraint" else None, k])
-            path = runs / f"{args.task}-{_slug(setting.name)}-key{k}-{tag}.json"
-            if path.exists() and not args.rerun:
+                        setting.describe(), config.episodes, config.execute, config.max_steps,
+                        config.speed_limit if config.suite == "constraint" else None, k])
+            path = runs / f"{config.task}-{_slug(setting.name)}-key{k}-{tag}.json"
+            if path.exists() and not config.rerun:
                 per_key.append(Episodes.from_json(json.loads(path.read_text())))
                 continue
             if pool is None:
-                pool = EnvPool(args.task, args.episodes)
+                pool = EnvPool(config.task, config.episodes)
             if act is None:
                 act = make_act(policy, setting, energies)
             ep = rollout(
-                pool, seeds, act, jax.random.key(1000 + k), execute=args.execute,
-                max_steps=args.max_steps, progress=progress,
-                speed_limit=args.speed_limit if args.suite == "constraint" else None,
+                pool, seeds, act, jax.random.key(1000 + k), execute=config.execute,
+                max_steps=config.max_steps, progress=progress,
+                speed_limit=config.speed_limit if config.suite == "constraint" else None,
                 desc=f"{setting.name} key {k}",
             )
             path.write_text(json.dumps(ep.to_json()))
@@ -195,10 +262,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results[setting.name] = {"setting": setting.describe(), "keys": per_key}
         # Partial results as each setting finishes, so a long run that is stopped
         # still leaves its table.
-        partial = table_rows(results, args.suite == "constraint")[-1]
+        partial = table_rows(results, config.suite == "constraint")[-1]
         print(f"[{time.time() - t0:.0f}s] {partial}", flush=True)
-        _write(out, args, results, expert, energy_meta, t0, partial=True)
-    report = _write(out, args, results, expert, energy_meta, t0, partial=False)
+        _write(out, config, results, expert, energy_meta, t0, partial=True)
+    report = _write(out, config, results, expert, energy_meta, t0, partial=False)
     print(report["header"])
     print(report["table"])
     return report
@@ -208,33 +275,33 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", name)
 
 
-def _write(out, args, results, expert, energy_meta, t0, *, partial: bool) -> dict[str, Any]:
-    rows = table_rows(results, args.suite == "constraint")
+def _write(out, config, results, expert, energy_meta, t0, *, partial: bool) -> dict[str, Any]:
+    rows = table_rows(results, config.suite == "constraint")
     plain = results["plain"]["keys"]
     null = [int(e.success.sum()) for e in plain]
     text = stats.format_table(
         rows, baseline="plain", null_spread=null, expert=int(expert.sum()),
-        episodes_per_key=args.episodes, num_settings=len(results) - 1,
+        episodes_per_key=config.episodes, num_settings=len(results) - 1,
     )
-    header = (f"task {args.task}, {args.demos} demos, horizon {args.horizon} (execute "
-              f"{args.execute}), {args.episodes} episodes x {args.keys} noise keys, max "
-              f"{args.max_steps} steps" + (" (PARTIAL)" if partial else ""))
+    header = (f"task {config.task}, {config.demos} demos, horizon {config.horizon} (execute "
+              f"{config.execute}), {config.episodes} episodes x {config.keys} noise keys, "
+              f"max {config.max_steps} steps" + (" (PARTIAL)" if partial else ""))
     report = {
-        "args": vars(args), "header": header, "table": text, "rows": rows,
+        "args": dataclasses.asdict(config), "header": header, "table": text, "rows": rows,
         "null_spread": null, "expert_success": int(expert.sum()),
         "energy": {k: v for k, v in energy_meta.items()
                    if k in ("report", "direction", "config", "steps", "num_negatives")},
-        "plots": plot_data(rows, null, args.episodes, int(expert.sum()), energy_meta),
+        "plots": plot_data(rows, null, config.episodes, int(expert.sum()), energy_meta),
         "settings": {name: {"setting": r["setting"],
                             "keys": [e.to_json() for e in r["keys"]]}
                      for name, r in results.items()},
         "seconds": time.time() - t0,
     }
-    stem = f"{args.suite}-{args.task}-{args.demos}demos-h{args.horizon}"
-    if args.only:
-        stem += "-" + _tag(sorted(args.only.split(",")))
+    stem = f"{config.suite}-{config.task}-{config.demos}demos-h{config.horizon}"
+    if config.only:
+        stem += "-" + _tag(sorted(config.only.split(",")))
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
-    if not args.no_plots and not partial:
+    if not config.no_plots and not partial:
         plot(report, out / f"{stem}.png")
     return report
 
@@ -363,34 +430,13 @@ def plot(report: dict[str, Any], path: pathlib.Path) -> None:
         plt.close(fig)
 
 
-def parser(**defaults: Any) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="pick-place-v3")
-    p.add_argument("--demos", type=int, default=10)
-    p.add_argument("--demo-seed", type=int, default=0)
-    p.add_argument("--suite", default="reference", choices=["reference", "constraint", "demo"])
-    p.add_argument("--only", default="", help="comma-separated setting names to run")
-    p.add_argument("--episodes", type=int, default=100)
-    p.add_argument("--keys", type=int, default=3)
-    p.add_argument("--horizon", type=int, default=8)
-    p.add_argument("--execute", type=int, default=4)
-    p.add_argument("--max-steps", type=int, default=300)
-    p.add_argument("--policy-steps", type=int, default=3000)
-    p.add_argument("--energy-steps", type=int, default=2000)
-    p.add_argument("--train-seed", type=int, default=0)
-    p.add_argument("--speed-limit", type=float, default=0.8)
-    p.add_argument("--cache", default=None, help="default ~/.cache/flowcorrect/metaworld")
-    p.add_argument("--out", default="results/metaworld")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--rerun", action="store_true",
-                   help="run every setting again instead of reusing <out>/episodes/")
-    p.set_defaults(**defaults)
-    return p
+def parse_cli(argv: list[str] | None = None) -> ExperimentConfig:
+    """The `ExperimentConfig` that the command line `argv` names."""
+    return _cli.parse(ExperimentConfig, argv, description=__doc__.splitlines()[0])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run(parser().parse_args(argv))
+    return run(parse_cli(argv))
 
 
 if __name__ == "__main__":

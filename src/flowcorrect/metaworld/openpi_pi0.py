@@ -30,18 +30,18 @@ and zero-padded to `action_dim`; the model's first 4 output dims are the actions
 This module needs openpi and metaworld in one environment (docs/openpi.md).
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import pathlib
 import time
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tyro
 
 from .._model.serialise import (
     CONFIG_FILE,
@@ -49,6 +49,7 @@ from .._model.serialise import (
     read_module,
     write_module,
 )
+from . import _cli
 from .envs import ACTION_DIM, OBS_DIM, Demos, collect_demos, default_cache
 
 IMAGE_SIZE = 224
@@ -536,45 +537,71 @@ def _zero_energy(context: Any, actions: Any) -> Any:
 # ------------------------------------------------------------------------------- CLI
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    d = Pi0TaskConfig()
-    p.add_argument("--task", default="pick-place-v3")
-    p.add_argument("--demos", type=int, default=10)
-    p.add_argument("--demo-seed", type=int, default=0)
-    p.add_argument("--episodes", type=int, default=100)
-    p.add_argument("--key", type=int, default=1000, help="the noise key (harness: 1000 + k)")
-    p.add_argument("--execute", type=int, default=4)
-    p.add_argument("--max-steps", type=int, default=300)
-    p.add_argument("--horizon", type=int, default=d.horizon)
-    p.add_argument("--state", default=d.state, choices=sorted(STATE_DIMS))
-    p.add_argument("--steps", type=int, default=d.steps, help="training steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.peak_lr)
-    p.add_argument("--warmup", type=int, default=d.warmup_steps)
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--train-seed", type=int, default=0)
-    p.add_argument("--placement", action="append", default=None,
-                   help="'plain' (default) or 'best_of_n:N'; may be repeated")
-    p.add_argument("--cache", default=None, help="default ~/.cache/flowcorrect/metaworld")
-    p.add_argument("--out", default="results/metaworld-pi0")
-    p.add_argument("--train-only", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    return p
+@dataclasses.dataclass(frozen=True)
+class Pi0RunConfig:
+    """One run: train (or load) the Pi0 of a task and evaluate it in closed loop under
+    each placement (the flags of `python -m flowcorrect.metaworld.openpi_pi0`)."""
+
+    # The Meta-World task.
+    task: str = "pick-place-v3"
+    # Scripted demonstrations Pi0 is trained on.
+    demos: int = 10
+    # Seed of the demonstrations' layouts.
+    demo_seed: int = 0
+    # Evaluation episodes (layouts, seeds from 10_000_000).
+    episodes: int = 100
+    # The noise key (the harness's key k is 1000 + k).
+    key: int = 1000
+    # Actions executed of each chunk before the next query.
+    execute: int = 4
+    # An episode stops at success or after this many steps.
+    max_steps: int = 300
+    # Pi0's action horizon.
+    horizon: int = Pi0TaskConfig.horizon
+    # What the state holds: the informative observation entries, or hand and gripper only.
+    state: Literal["full", "proprio"] = Pi0TaskConfig.state
+    # Training steps.
+    steps: int = Pi0TaskConfig.steps
+    # Training batch size.
+    batch_size: int = Pi0TaskConfig.batch_size
+    # Peak learning rate.
+    lr: float = Pi0TaskConfig.peak_lr
+    # Learning-rate warmup steps.
+    warmup: int = Pi0TaskConfig.warmup_steps
+    # Train without openpi's image augmentation.
+    no_augment: bool = False
+    # Seed of the initialisation, batches, noise and augmentation.
+    train_seed: int = 0
+    # 'plain' (default) or 'best_of_n:N'; may be repeated.
+    placement: tyro.conf.UseAppendAction[tuple[str, ...]] = ()
+    # Where demos and models are cached (default ~/.cache/flowcorrect/metaworld).
+    cache: str | None = None
+    # Where the result JSON is written.
+    out: str = "results/metaworld-pi0"
+    # Train (or load) the model, evaluate nothing.
+    train_only: bool = False
+    # No progress bars.
+    quiet: bool = False
+
+    def task_config(self) -> Pi0TaskConfig:
+        """The model and its training, as [`train_pi0`][] takes them."""
+        return Pi0TaskConfig(horizon=self.horizon, state=self.state, steps=self.steps,
+                             batch_size=self.batch_size, peak_lr=self.lr,
+                             warmup_steps=self.warmup, augment=not self.no_augment)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def run(config: Pi0RunConfig) -> dict[str, Any]:
+    """Trains (or loads from the cache) the Pi0 that `config` names, evaluates it under
+    each of `config.placement` on the same layouts and noise key, and writes
+    `<model>-key<key>.json` under `config.out`. **Returns:** that report."""
     from .evaluate import EnvPool, rollout
 
-    args = parser().parse_args(argv)
-    progress = not args.quiet
-    cache = pathlib.Path(args.cache) if args.cache else default_cache()
-    config = Pi0TaskConfig(horizon=args.horizon, state=args.state, steps=args.steps,
-                           batch_size=args.batch_size, peak_lr=args.lr, warmup_steps=args.warmup,
-                           augment=not args.no_augment)
-    demos = collect_demos(args.task, args.demos, seed=args.demo_seed, cache=cache,
+    progress = not config.quiet
+    cache = pathlib.Path(config.cache) if config.cache else default_cache()
+    task_config = config.task_config()
+    demos = collect_demos(config.task, config.demos, seed=config.demo_seed, cache=cache,
                           progress=progress)
-    trained = train_pi0(args.task, demos, config, seed=args.train_seed, cache=cache,
+    trained = train_pi0(config.task, demos, task_config, seed=config.train_seed, cache=cache,
                         progress=progress)
     meta = read_meta(trained.path, (PI0_FORMAT,), PI0_VERSION, "harness Pi0",
                       _SAVE_HINT)["config"] if trained.path else {}
@@ -583,17 +610,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"model {trained.path}; trained {seconds:.0f} s, "
           f"loss {losses[0]:.4f} -> {losses[-1]:.4f} ({len(losses)} logs)", flush=True)
     report: dict[str, Any] = {
-        "task": args.task, "demos": args.demos, "config": config.to_json(),
+        "task": config.task, "demos": config.demos, "config": task_config.to_json(),
         "model": str(trained.path), "train_seconds": meta.get("train_seconds"),
         "losses": losses, "settings": {},
     }
-    if args.train_only:
+    if config.train_only:
         return report
-    seeds = EVAL_SEED0 + np.arange(args.episodes)
-    pool = EnvPool(args.task, args.episodes)
-    out = pathlib.Path(args.out)
+    seeds = EVAL_SEED0 + np.arange(config.episodes)
+    pool = EnvPool(config.task, config.episodes)
+    out = pathlib.Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    for text in args.placement or ["plain"]:
+    for text in config.placement or ("plain",):
         placement, energy = parse_placement(text)
         inner = make_act(trained, placement=placement, energy=energy)
         timing = {"queries": 0, "seconds": 0.0, "first": None}
@@ -610,8 +637,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return chunks, diag
 
         with jax.numpy_rank_promotion("allow"):
-            ep = rollout(pool, seeds, act, jax.random.key(args.key), execute=args.execute,
-                         max_steps=args.max_steps, progress=progress, desc=text)
+            ep = rollout(pool, seeds, act, jax.random.key(config.key), execute=config.execute,
+                         max_steps=config.max_steps, progress=progress, desc=text)
         per_query = timing["seconds"] / max(timing["queries"], 1)
         print(f"{text}: success {int(ep.success.sum())}/{len(seeds)}; "
               f"{per_query:.2f} s per query of {len(seeds)} observations "
@@ -622,11 +649,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seconds_per_query": per_query, "batch": len(seeds),
             "first_query_seconds": timing["first"], "queries": timing["queries"] + 1,
         }
-    stem = trained.path.name if trained.path else f"pi0-{args.task}-{args.demos}demos"
-    path = out / f"{stem}-key{args.key}.json"
+    stem = trained.path.name if trained.path else f"pi0-{config.task}-{config.demos}demos"
+    path = out / f"{stem}-key{config.key}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
     return report
+
+
+def parse_cli(argv: list[str] | None = None) -> Pi0RunConfig:
+    """The `Pi0RunConfig` that the command line `argv` names."""
+    return _cli.parse(Pi0RunConfig, argv, description=__doc__.splitlines()[0])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run(parse_cli(argv))
 
 
 if __name__ == "__main__":

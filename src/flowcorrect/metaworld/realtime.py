@@ -32,28 +32,90 @@ jump `||a_t - a_{t-1}||` at chunk switches and at ordinary steps, and the mean j
 second difference), all on the clipped executed actions.
 """
 
-import argparse
 import dataclasses
 import json
 import pathlib
 import time
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tyro
 
 from .._executor import ActionQueue
 from .._placements.rtc import RealTimeChunking
 from .._rtc_training import ExponentialDelays, PrefixConditioned, UniformDelays
 from .._sample import sample
-from . import stats
+from . import _cli, stats
 from .envs import default_cache, expert_success, reset_env
 from .evaluate import EnvPool
 from .experiment import EVAL_SEED0, task_policy
 
 KINDS = ("sync", "naive", "rtc", "prefix", "hard", "guided", "trt")
+
+
+@dataclasses.dataclass(frozen=True)
+class RealtimeConfig:
+    """One run of settings on one task, or (`merge`) one table from earlier runs' files
+    (the flags of `python -m flowcorrect.metaworld.realtime`)."""
+
+    # The Meta-World task.
+    task: str = "pick-place-v3"
+    # Scripted demonstrations the policy is trained on.
+    demos: int = 10
+    # Seed of the demonstrations' layouts.
+    demo_seed: int = 0
+    # Multimodal demonstrations: the expert first passes a via-point this far (metres)
+    # left or right of its start, by layout; 0 = off.
+    via_point: float = 0.0
+    # Comma-separated settings kind:delay, kinds sync, naive, rtc, prefix, hard, guided,
+    # trt (kind:d@c: conditioned on delay c, arriving after d).
+    settings: str = "sync,naive:2,naive:4,rtc:2,rtc:4"
+    # Evaluation episodes (layouts) per noise key.
+    episodes: int = 100
+    # Noise keys: 3 uses keys 0, 1, 2.
+    keys: int = 3
+    # Evaluation layouts start at 10_000_000 + this.
+    seed_offset: int = 0
+    # Chunk length of the policy.
+    horizon: int = 8
+    # Actions executed of each chunk: an inference is due every this many actions.
+    execute: int = 4
+    # Flow steps.
+    num_steps: int = 10
+    # RTC's max_guidance_weight.
+    beta: float = 5.0
+    # Fine-tuning steps of the training-time RTC policy (trt:d).
+    trt_steps: int = 1000
+    # Its peak learning rate.
+    trt_lr: float = 3e-4
+    # Its delay distribution over 0 .. max delay.
+    trt_delays: Literal["exp", "uniform"] = "exp"
+    # Decay rate of 'exp'.
+    trt_rate: float = 0.5
+    # The largest training delay; -1 = horizon - execute.
+    trt_max_delay: int = -1
+    # An episode stops at success or after this many steps.
+    max_steps: int = 300
+    # Training steps of the flow policy.
+    policy_steps: int = 3000
+    # Seed of the policy's training.
+    train_seed: int = 0
+    # Where demos and policies are cached (default ~/.cache/flowcorrect/metaworld).
+    cache: str | None = None
+    # Where the result JSON is written.
+    out: str = "results/metaworld-realtime"
+    # Suffix of the JSON file name.
+    tag: str = ""
+    # No progress bars.
+    quiet: bool = False
+    # Print one paired table from these result files (no rollouts); writes it to
+    # --merged-out if given.
+    merge: Annotated[tuple[str, ...] | None, tyro.conf.arg(metavar="JSON [JSON ...]")] = None
+    # Where the merged table's JSON is written.
+    merged_out: str | None = None
 
 
 def parse_setting(text: str) -> tuple[str, int]:
@@ -210,84 +272,93 @@ def table(results: dict[str, list[dict[str, Any]]], episodes: int) -> tuple[str,
     return text, rows
 
 
-def trt_policy(args: argparse.Namespace, cache: pathlib.Path, demos, policy) -> tuple[Any, dict]:
+def trt_policy(config: RealtimeConfig, cache: pathlib.Path, demos, policy) -> tuple[Any, dict]:
     """The plain policy fine-tuned with training-time RTC (cached next to it), and what the
     fine-tuning cost (steps and seconds of the run that trained it)."""
     import hashlib
 
     from .policy import PolicyConfig, load_policy, policy_saved, save_policy, train_policy
 
-    max_delay = args.trt_max_delay if args.trt_max_delay >= 0 else args.horizon - args.execute
-    delays = (ExponentialDelays(max_delay, args.trt_rate) if args.trt_delays == "exp"
+    max_delay = (config.trt_max_delay if config.trt_max_delay >= 0
+                 else config.horizon - config.execute)
+    delays = (ExponentialDelays(max_delay, config.trt_rate) if config.trt_delays == "exp"
               else UniformDelays(max_delay))
-    key = {k: getattr(args, k, None) for k in (
+    key = {k: getattr(config, k) for k in (
         "task", "demos", "demo_seed", "via_point", "horizon", "policy_steps", "train_seed",
         "trt_steps", "trt_lr", "trt_delays", "trt_rate")}
     key["max_delay"] = max_delay
     tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    path = cache / f"trt-policy-{args.task}-{args.demos}-{tag}"
+    path = cache / f"trt-policy-{config.task}-{config.demos}-{tag}"
     meta_path = path.with_name(path.name + "-cost.json")
     if policy_saved(path) and meta_path.exists():
         return load_policy(path)[0], json.loads(meta_path.read_text())
-    obs, chunks = demos.chunks(args.horizon)
-    config = dataclasses.replace(PolicyConfig(horizon=args.horizon), steps=args.trt_steps,
-                                 learning_rate=args.trt_lr)
+    obs, chunks = demos.chunks(config.horizon)
+    policy_config = dataclasses.replace(PolicyConfig(horizon=config.horizon),
+                                        steps=config.trt_steps, learning_rate=config.trt_lr)
     t0 = time.time()
-    tuned, losses = train_policy(obs, chunks, config, seed=args.train_seed + 1,
-                                 progress=not args.quiet, init=policy, rtc=delays)
+    tuned, losses = train_policy(obs, chunks, policy_config, seed=config.train_seed + 1,
+                                 progress=not config.quiet, init=policy, rtc=delays)
     jax.block_until_ready(eqx.filter(tuned, eqx.is_array))
-    meta = {"fine_tune_steps": args.trt_steps, "base_steps": args.policy_steps,
-            "seconds": time.time() - t0, "delays": repr(delays), "learning_rate": args.trt_lr,
-            "batch_size": config.batch_size, "losses": losses, **key}
-    save_policy(path, tuned, config)
+    meta = {"fine_tune_steps": config.trt_steps, "base_steps": config.policy_steps,
+            "seconds": time.time() - t0, "delays": repr(delays), "learning_rate": config.trt_lr,
+            "batch_size": policy_config.batch_size, "losses": losses, **key}
+    save_policy(path, tuned, policy_config)
     meta_path.write_text(json.dumps(meta, indent=1))
     return tuned, meta
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    cache = pathlib.Path(args.cache) if args.cache else default_cache()
-    out = pathlib.Path(args.out)
+def run(config: RealtimeConfig) -> dict[str, Any]:
+    """Runs every setting of `config.settings` on the same layouts and noise, prints the
+    paired table and writes it (updated after each setting) as
+    `realtime-<task>-<demos>demos[-via<v>]-h<H>-e<s>[-<tag>].json` under `config.out`; its
+    `"args"` are the config's fields, which [`merge`][] compares."""
+    cache = pathlib.Path(config.cache) if config.cache else default_cache()
+    out = pathlib.Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = not args.quiet
+    progress = not config.quiet
     t0 = time.time()
-    demos, policy = task_policy(args, cache)
-    seeds = EVAL_SEED0 + args.seed_offset + np.arange(args.episodes)
-    expert = expert_success(args.task, seeds, max_steps=args.max_steps, cache=cache,
-                            progress=progress, via_point=args.via_point)
-    pool = EnvPool(args.task, args.episodes)
-    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    demos, policy = task_policy(
+        config.task, config.demos, cache, demo_seed=config.demo_seed, horizon=config.horizon,
+        policy_steps=config.policy_steps, train_seed=config.train_seed,
+        via_point=config.via_point, progress=progress,
+    )
+    seeds = EVAL_SEED0 + config.seed_offset + np.arange(config.episodes)
+    expert = expert_success(config.task, seeds, max_steps=config.max_steps, cache=cache,
+                            progress=progress, via_point=config.via_point)
+    pool = EnvPool(config.task, config.episodes)
+    settings = [s.strip() for s in config.settings.split(",") if s.strip()]
     for s in settings:
         parse_setting(s)
     results: dict[str, list[dict[str, Any]]] = {}
-    stem = (f"realtime-{args.task}-{args.demos}demos"
-            + (f"-via{args.via_point:g}" if args.via_point else "")
-            + f"-h{args.horizon}-e{args.execute}" + (f"-{args.tag}" if args.tag else ""))
+    stem = (f"realtime-{config.task}-{config.demos}demos"
+            + (f"-via{config.via_point:g}" if config.via_point else "")
+            + f"-h{config.horizon}-e{config.execute}" + (f"-{config.tag}" if config.tag else ""))
     report: dict[str, Any] = {}
     tuned, trt_cost = None, None
     if any(parse_setting(s)[0] == "trt" for s in settings):
-        tuned, trt_cost = trt_policy(args, cache, demos, policy)
+        tuned, trt_cost = trt_policy(config, cache, demos, policy)
     for name in settings:
         kind, delay = parse_setting(name)
-        act = make_act(tuned if kind == "trt" else policy, kind, num_steps=args.num_steps,
-                       beta=args.beta, conditioned=conditioned_delay(name))
+        act = make_act(tuned if kind == "trt" else policy, kind, num_steps=config.num_steps,
+                       beta=config.beta, conditioned=conditioned_delay(name))
         results[name] = [
-            rollout(pool, seeds, act, jax.random.key(1000 + k), execute=args.execute,
-                    delay=delay, max_steps=args.max_steps, progress=progress,
+            rollout(pool, seeds, act, jax.random.key(1000 + k), execute=config.execute,
+                    delay=delay, max_steps=config.max_steps, progress=progress,
                     desc=f"{name} key {k}")
-            for k in range(args.keys)
+            for k in range(config.keys)
         ]
-        text, rows = table(results, args.episodes)
+        text, rows = table(results, config.episodes)
         print(f"[{time.time() - t0:.0f}s] {rows[-1]}", flush=True)
         report = {
-            "args": vars(args), "expert_success": int(expert.sum()), "table": text,
+            "args": dataclasses.asdict(config), "expert_success": int(expert.sum()), "table": text,
             "rows": rows, "settings": results, "seconds": time.time() - t0,
             "trt_training": trt_cost,
             "partial": name != settings[-1],
         }
         (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    print(f"task {args.task}, {args.demos} demos, horizon {args.horizon}, execute "
-          f"{args.execute}, {args.episodes} episodes x {args.keys} keys; expert "
-          f"{int(expert.sum())}/{args.episodes}")
+    print(f"task {config.task}, {config.demos} demos, horizon {config.horizon}, execute "
+          f"{config.execute}, {config.episodes} episodes x {config.keys} keys; expert "
+          f"{int(expert.sum())}/{config.episodes}")
     print(report.get("table", ""))
     return report
 
@@ -323,51 +394,16 @@ def merge(paths: list[str], out: str | None = None) -> dict[str, Any]:
     return merged
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="pick-place-v3")
-    p.add_argument("--demos", type=int, default=10)
-    p.add_argument("--demo-seed", type=int, default=0)
-    p.add_argument("--via-point", type=float, default=0.0,
-                   help="multimodal demonstrations: the expert first passes a via-point this "
-                        "far (metres) left or right of its start, by layout; 0 = off")
-    p.add_argument("--settings", default="sync,naive:2,naive:4,rtc:2,rtc:4",
-                   help="comma-separated kind:delay, kinds " + ", ".join(KINDS))
-    p.add_argument("--episodes", type=int, default=100)
-    p.add_argument("--keys", type=int, default=3)
-    p.add_argument("--seed-offset", type=int, default=0,
-                   help="evaluation layouts start at 10_000_000 + this")
-    p.add_argument("--horizon", type=int, default=8)
-    p.add_argument("--execute", type=int, default=4)
-    p.add_argument("--num-steps", type=int, default=10, help="flow steps")
-    p.add_argument("--beta", type=float, default=5.0, help="RTC max_guidance_weight")
-    p.add_argument("--trt-steps", type=int, default=1000,
-                   help="fine-tuning steps of the training-time RTC policy (trt:d)")
-    p.add_argument("--trt-lr", type=float, default=3e-4, help="its peak learning rate")
-    p.add_argument("--trt-delays", choices=("exp", "uniform"), default="exp",
-                   help="its delay distribution over 0 .. max delay")
-    p.add_argument("--trt-rate", type=float, default=0.5, help="decay rate of 'exp'")
-    p.add_argument("--trt-max-delay", type=int, default=-1,
-                   help="the largest training delay; -1 = horizon - execute")
-    p.add_argument("--max-steps", type=int, default=300)
-    p.add_argument("--policy-steps", type=int, default=3000)
-    p.add_argument("--train-seed", type=int, default=0)
-    p.add_argument("--cache", default=None, help="default ~/.cache/flowcorrect/metaworld")
-    p.add_argument("--out", default="results/metaworld-realtime")
-    p.add_argument("--tag", default="", help="suffix of the JSON file name")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="print one paired table from these result files (no rollouts); "
-                        "writes it to --merged-out if given")
-    p.add_argument("--merged-out", default=None)
-    return p
+def parse_cli(argv: list[str] | None = None) -> RealtimeConfig:
+    """The `RealtimeConfig` that the command line `argv` names."""
+    return _cli.parse(RealtimeConfig, argv, description=__doc__.splitlines()[0])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parser().parse_args(argv)
-    if args.merge:
-        return merge(args.merge, args.merged_out)
-    return run(args)
+    config = parse_cli(argv)
+    if config.merge:
+        return merge(list(config.merge), config.merged_out)
+    return run(config)
 
 
 if __name__ == "__main__":
