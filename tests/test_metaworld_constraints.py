@@ -126,3 +126,36 @@ def test_rollout_counts_executed_violations_only():
     assert ep.violations.tolist() == [6, 3]
     np.testing.assert_allclose(ep.max_violation, [0.6, 0.6], atol=1e-6)
     assert isinstance(c, fc.constraints.HalfSpace)
+
+
+@needs_metaworld
+@pytest.mark.filterwarnings(r"ignore:Constant\(s\) may be too high:UserWarning")
+@pytest.mark.parametrize("name", mc.CONSTRAINTS)
+def test_demonstrations_under_a_limit_respect_it_and_are_cached_apart(name, tmp_path):
+    from flowcorrect.metaworld.envs import collect_demos
+
+    c = mc.make_constraint(name)
+    plain = collect_demos("pick-place-v3", 1, cache=tmp_path, progress=False, max_steps=150)
+    limited = collect_demos("pick-place-v3", 1, cache=tmp_path, progress=False,
+                            max_steps=150, limit=c)
+    assert len(list(tmp_path.glob("demos-*.npz"))) == 2  # one cache entry each
+    violation = jax.vmap(lambda a: c.violation(a[None]))
+    before = np.asarray(violation(jnp.asarray(plain.actions)))
+    after = np.asarray(violation(jnp.asarray(limited.actions)))
+    tol = float(c.tolerance(jnp.ones((1, 4), jnp.float32)))
+    assert (before > 0.05).mean() > 0.1  # the expert saturates: it crosses the limit
+    assert after.max() <= tol  # every demonstrated action respects it
+    # Only the translation is limited: the gripper command is the expert's own.
+    assert set(np.unique(limited.actions[:, 3])) <= set(np.unique(plain.actions[:, 3]))
+    again = collect_demos("pick-place-v3", 1, cache=tmp_path, progress=False,
+                          max_steps=150, limit=c)
+    np.testing.assert_array_equal(again.actions, limited.actions)
+
+
+def test_the_cache_name_of_a_limit_reads_its_values():
+    from flowcorrect.metaworld.envs import limit_tag
+
+    assert limit_tag(mc.make_constraint("speed")) == limit_tag(mc.make_constraint("speed"))
+    assert limit_tag(mc.make_constraint("speed")) != limit_tag(mc.make_constraint("speed", 1.2))
+    assert limit_tag(mc.make_constraint("speed", 0.3)) != limit_tag(
+        mc.make_constraint("descent", 0.3))

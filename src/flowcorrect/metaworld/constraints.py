@@ -26,20 +26,19 @@ projection moved them. Settings (the number compared with plain is in the table)
     candidates by consensus ([`flowcorrect.Medoid`][]), then projected.
 """
 
-import argparse
 import dataclasses
 import json
 import pathlib
 import time
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import stats
-from .envs import collect_demos, default_cache, expert_success
+from . import _cli, stats
+from .envs import collect_demos, default_cache, expert_success, limit_tag
 from .evaluate import EnvPool, Episodes, rollout
 from .experiment import EVAL_SEED0, _slug, _tag, get_policy
 from .policy import PolicyConfig
@@ -133,24 +132,44 @@ def make_act(policy: Any, constraint: Any, setting: ConstraintSetting):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """What one run measures (the command line's arguments)."""
+    """What one run measures (the flags of `python -m flowcorrect.metaworld.constraints`)."""
 
+    # The Meta-World task.
     task: str = "pick-place-v3"
+    # Scripted demonstrations the policy is trained on.
     demos: int = 10
-    constraint: str = "speed"
+    # The constraint on the translation command a[:3].
+    constraint: Literal["speed", "descent"] = "speed"
+    # Its bound (default 0.8 for speed, 0.3 for descent).
     limit: float | None = None
+    # The weight of guidance by the constraint's violation.
     weight: float = 10.0
+    # Evaluation episodes (layouts) per noise key.
     episodes: int = 100
+    # Noise keys: 3 uses keys 0, 1, 2.
     keys: int = 3
+    # Chunk length of the policy.
     horizon: int = 8
+    # Actions executed of each chunk before the next query.
     execute: int = 4
+    # An episode stops at success or after this many steps.
     max_steps: int = 300
+    # Training steps of the flow policy.
     policy_steps: int = 3000
+    # Seed of the demonstrations' layouts.
     demo_seed: int = 0
+    # Seed of the policy's training.
     train_seed: int = 0
+    # Where the table's JSON and the per-key episodes are written.
     out: str = "results/metaworld"
+    # Where demos and policies are cached (default ~/.cache/flowcorrect/metaworld).
     cache: str | None = None
+    # No progress bars.
     quiet: bool = False
+    # Instead of the suite: a policy trained on demonstrations whose every action was
+    # projected onto the limit, run plain, projected and guided then projected, against
+    # the plain policy.
+    train_under_limit: bool = False
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -181,10 +200,20 @@ def run(config: Config) -> dict[str, Any]:
                             progress=progress)
     policy_tag = (f"{config.task}-{config.demos}-h{config.horizon}-s{config.policy_steps}-"
                   f"{config.train_seed}")
+    runs = [(policy, policy_tag, s) for s in suite(constraint, config.weight)]
+    limited_expert = None
+    if config.train_under_limit:
+        limited, limited_expert = under_limit(config, constraint, cache, seeds, progress)
+        tag = f"{policy_tag}-limited-{limit_tag(constraint)}"
+        runs = [(policy, policy_tag, runs[0][2])] + [
+            (limited, tag, dataclasses.replace(s, name=f"{UNDER_LIMIT}{s.name}"))
+            for s in suite(constraint, config.weight)
+            if s.name in ("plain", "project", f"guided w={config.weight:g} + project")
+        ]
     pool = None
     results: dict[str, list[Episodes]] = {}
     seconds: dict[str, float] = {}
-    for setting in suite(constraint, config.weight):
+    for policy, policy_tag, setting in runs:
         keys = []
         act = None
         start = time.time()
@@ -216,19 +245,46 @@ def run(config: Config) -> dict[str, Any]:
               f"({constraint!r}), horizon {config.horizon} (execute {config.execute}), "
               f"{config.episodes} episodes x {config.keys} noise keys, max "
               f"{config.max_steps} steps")
+    if limited_expert is not None:
+        header += (f"; '{UNDER_LIMIT}' rows: a policy trained on {config.demos} "
+                   f"demonstrations projected onto the limit (the expert under it solves "
+                   f"{int(limited_expert.sum())}/{config.episodes} of these layouts)")
     report = {
         "config": dataclasses.asdict(config), "header": header, "table": table,
         "rows": rows, "null_spread": null, "expert_success": int(expert.sum()),
+        "expert_success_under_limit": (None if limited_expert is None
+                                       else int(limited_expert.sum())),
         "tolerance": tol, "seconds": time.time() - t0, "seconds_per_setting": seconds,
         "settings": {name: [e.to_json() for e in eps] for name, eps in results.items()},
     }
     stem = f"constraint-{config.task}-{config.demos}demos-{config.constraint}"
     if config.limit is not None:
         stem += f"-{config.limit:g}"
+    if config.train_under_limit:
+        stem += "-trained-under-limit"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
     print(header)
     print(table)
     return report
+
+
+UNDER_LIMIT = "trained under limit: "
+
+
+def under_limit(config: Config, constraint: Any, cache: pathlib.Path, seeds: np.ndarray,
+                progress: bool) -> tuple[Any, np.ndarray]:
+    """The policy trained on demonstrations of the expert under `constraint` (every
+    action projected onto it, [`flowcorrect.metaworld.envs.LimitedExpert`][]), on the
+    same layouts and with the same training as the plain policy, and that expert's
+    success on the evaluation `seeds`."""
+    demos = collect_demos(config.task, config.demos, seed=config.demo_seed, cache=cache,
+                          progress=progress, limit=constraint)
+    pconf = PolicyConfig(horizon=config.horizon, steps=config.policy_steps)
+    policy = get_policy(config.task, demos, pconf, cache, config.train_seed, progress,
+                        extra=f"limited-{limit_tag(constraint)}")
+    expert = expert_success(config.task, seeds, max_steps=config.max_steps, cache=cache,
+                            progress=progress, limit=constraint)
+    return policy, expert
 
 
 def table_rows(results: dict[str, list[Episodes]]) -> list[dict[str, Any]]:
@@ -256,18 +312,13 @@ def table_rows(results: dict[str, list[Episodes]]) -> list[dict[str, Any]]:
     return rows
 
 
+def parse_cli(argv: list[str] | None = None) -> Config:
+    """The `Config` that the command line `argv` names."""
+    return _cli.parse(Config, argv, description=__doc__.splitlines()[0])
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for field in dataclasses.fields(Config):
-        default = field.default
-        if field.type in (bool, "bool"):
-            p.add_argument(f"--{field.name.replace('_', '-')}", action="store_true")
-        else:
-            kind = field.type if field.type in (int, float) else (
-                float if field.name == "limit" else str)
-            p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=default,
-                           **({"choices": CONSTRAINTS} if field.name == "constraint" else {}))
-    return run(Config(**vars(p.parse_args(argv))))
+    return run(parse_cli(argv))
 
 
 if __name__ == "__main__":

@@ -150,10 +150,54 @@ def via_point_side(seed: Any) -> int:
     return 1 if np.random.default_rng([int(seed), 7]).random() < 0.5 else -1
 
 
-def task_expert(task: str, via_point: float = 0.0) -> Any:
-    """The task's scripted expert, through a via-point of that offset if `via_point > 0`."""
+class LimitedExpert:
+    """A scripted expert whose every action is projected onto a constraint: the
+    demonstrations of a policy meant to run under that limit.
+
+    The action (clipped to the environment's [-1, 1] first) is projected as a chunk of
+    one action by `limit.project`; the expert reacts to the state it then reaches, so a
+    slower hand still closes the gripper where its script says, on the later schedule.
+
+    **Arguments:**
+
+    - `base`: the task's expert (see [`expert`][]), or another expert such as
+        [`ViaPointExpert`][].
+    - `limit`: a [`flowcorrect.constraints.AbstractConstraint`][] on one `(1, 4)` action.
+    """
+
+    def __init__(self, base: Any, limit: Any):
+        import jax
+
+        self.base, self.limit = base, limit
+        self._project = jax.jit(lambda a: limit.project(a[None])[0])
+
+    def reset(self, seed: Any) -> None:
+        if hasattr(self.base, "reset"):
+            self.base.reset(seed)
+
+    def get_action(self, obs: np.ndarray) -> np.ndarray:
+        a = np.clip(np.asarray(self.base.get_action(obs), np.float32), -1, 1)
+        return np.asarray(self._project(a), np.float32)
+
+
+def limit_tag(limit: Any) -> str:
+    """A short, stable name of a constraint's kind and values, for cache keys (an
+    Equinox repr shows arrays' shapes, not their values)."""
+    import jax
+
+    h = hashlib.sha1(type(limit).__name__.encode())
+    for leaf in jax.tree_util.tree_leaves(limit):
+        h.update(np.asarray(leaf).tobytes())
+    h.update(repr(jax.tree_util.tree_structure(limit)).encode())
+    return f"{type(limit).__name__}-{h.hexdigest()[:10]}"
+
+
+def task_expert(task: str, via_point: float = 0.0, limit: Any = None) -> Any:
+    """The task's scripted expert, through a via-point of that offset if `via_point > 0`,
+    and with its actions projected onto `limit` if given ([`LimitedExpert`][])."""
     base = expert(task)
-    return ViaPointExpert(base, via_point) if via_point else base
+    base = ViaPointExpert(base, via_point) if via_point else base
+    return base if limit is None else LimitedExpert(base, limit)
 
 
 def run_expert(
@@ -187,6 +231,7 @@ def collect_demos(
     cache: str | pathlib.Path | None = None,
     progress: bool = True,
     via_point: float = 0.0,
+    limit: Any = None,
 ) -> Demos:
     """Scripted demonstrations of `task` on seeded layouts, cached as npz.
 
@@ -206,6 +251,9 @@ def collect_demos(
     - `progress`: show a progress bar.
     - `via_point`: if `> 0`, multimodal demonstrations: the expert first passes a
         via-point this far left or right of its start ([`ViaPointExpert`][]).
+    - `limit`: a constraint every demonstrated action is projected onto
+        ([`LimitedExpert`][]), for a policy meant to run under it; `None` (the
+        default) demonstrates the expert as it is.
     """
     from tqdm.auto import tqdm
 
@@ -213,13 +261,15 @@ def collect_demos(
     key = dict(task=task, num=num, seed=seed, max_steps=max_steps, ok=successful_only, v=1)
     if via_point:
         key["via_point"] = via_point  # absent otherwise: earlier caches stay valid
+    if limit is not None:
+        key["limit"] = limit_tag(limit)
     tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir / f"demos-{_slug(task)}-{num}-{tag}.npz"
     if path.exists():
         with np.load(path) as f:
             return Demos(**{k: f[k] for k in f.files})
     env = make_env(task)
-    pol = task_expert(task, via_point)
+    pol = task_expert(task, via_point, limit)
     obs, act, ep, seeds, succ, length = [], [], [], [], [], []
     i = 0
     bar = tqdm(total=num, desc=f"demos {task}", disable=not progress)
@@ -256,21 +306,23 @@ def collect_demos(
 
 def expert_success(
     task: str, seeds: np.ndarray, *, max_steps: int = 500, cache: Any = None,
-    progress: bool = True, via_point: float = 0.0,
+    progress: bool = True, via_point: float = 0.0, limit: Any = None,
 ) -> np.ndarray:
     """The scripted expert's success on each evaluation seed (the ceiling), cached;
-    through the via-point of [`collect_demos`][] if `via_point > 0`."""
+    through the via-point of [`collect_demos`][] if `via_point > 0`, and under `limit`
+    if given ([`LimitedExpert`][])."""
     from tqdm.auto import tqdm
 
     cache_dir = default_cache() if cache is None else pathlib.Path(cache)
     seeds = np.asarray(seeds, np.int64)
-    extra = f"via{via_point}" if via_point else ""
+    extra = (f"via{via_point}" if via_point else "") + (
+        f"limit{limit_tag(limit)}" if limit is not None else "")
     tag = hashlib.sha1(seeds.tobytes() + str(max_steps).encode() + extra.encode()).hexdigest()[:10]
     path = cache_dir / f"expert-{_slug(task)}-{tag}.npy"
     if path.exists():
         return np.load(path)
     env = make_env(task)
-    pol = task_expert(task, via_point)
+    pol = task_expert(task, via_point, limit)
     out = np.array(
         [run_expert(env, pol, s, max_steps)[2]
          for s in tqdm(seeds, desc=f"expert {task}", disable=not progress)]
