@@ -9,6 +9,7 @@ checks a config against the bounds of one server and model, and
 """
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -92,15 +93,23 @@ def _resolve(bound: BoundLike | None, sizes: Mapping[str, Any], default: float) 
     return bound
 
 
+def _unwrap_optional(kind: Any) -> tuple[Any, bool]:
+    """`(T, True)` for `T | None`, else `(kind, False)`."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0], True
+    return kind, False
+
+
+# A config class's field types, read once per class (requests check every field).
+_hints = functools.cache(typing.get_type_hints)
+
+
 def _check_field(name: str, kind: Any, value: Any, meta: Bound | None, sizes: Mapping) -> Any:
     """One field's value as a Python number, bool or string, or a ConfigError."""
-    optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and (
-        type(None) in typing.get_args(kind)
-    )
-    if optional:
-        if value is None:
-            return None
-        (kind,) = [a for a in typing.get_args(kind) if a is not type(None)]
+    kind, optional = _unwrap_optional(kind)
+    if optional and value is None:
+        return None
     if typing.get_origin(kind) is Literal:
         allowed = typing.get_args(kind)
         if not isinstance(value, str) or value not in allowed:
@@ -215,14 +224,11 @@ class AbstractPlacementConfig:
         "high": 64}, "select": {"type": "str", "choices": [...], ...}}`. A field with no
         default is `"required"`; a bound that depends on another field is left out."""
         sizes = dict(bounds or {})
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         out: dict[str, dict[str, Any]] = {}
         for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-            kind = hints[field.name]
+            kind, _ = _unwrap_optional(hints[field.name])
             entry: dict[str, Any] = {}
-            args = [a for a in typing.get_args(kind) if a is not type(None)]
-            if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
-                kind = args[0]
             if typing.get_origin(kind) is Literal:
                 entry["type"], entry["choices"] = "str", list(typing.get_args(kind))
             else:
@@ -274,7 +280,7 @@ class AbstractPlacementConfig:
 
 
 def _check_all(cls: type, given: Mapping[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     out = {}
     context = dict(sizes)
     # Fields whose range depends on other fields come last.
@@ -398,6 +404,12 @@ class FeasibleConfig(GuidedConfig):
     cap: float = option(1e3, low=0.0, high=1e6, open_low=True)
 
 
+def _near_mean_k(n: int) -> int:
+    """Best-of-N's default `k` for select="near_mean": the 4 candidates nearest the
+    mean, or all `n` if fewer."""
+    return min(4, n)
+
+
 @dataclasses.dataclass(frozen=True)
 class BestOfNConfig(AbstractPlacementConfig):
     """`n` candidates, one kept ([`flowcorrect.BestOfN`][]) by `select`: `"energy"` (the
@@ -430,12 +442,12 @@ class BestOfNConfig(AbstractPlacementConfig):
 
     def _fill(self, fields, sizes):
         if fields["select"] == "near_mean" and fields["k"] is None:
-            fields = {**fields, "k": min(4, fields["n"])}
+            fields = {**fields, "k": _near_mean_k(fields["n"])}
         return fields
 
     def build(self, *, action_dims=None, previous=None, constraint=None) -> AbstractPlacement:
         if self.select == "near_mean":
-            rule = NearMean(min(4, self.n) if self.k is None else self.k)
+            rule = NearMean(_near_mean_k(self.n) if self.k is None else self.k)
         else:
             rule = ByEnergy() if self.select == "energy" else Medoid()
         if self.feasible_first:

@@ -241,18 +241,12 @@ def parse_request(
                 f"Correction options {unknown} need 'placement', one of {list(PLACEMENTS)}."
             )
         return Request(placement=None, episode=episode, reset=reset)
-    kind = options["placement"]
-    if not isinstance(kind, str) or kind not in PLACEMENTS:
-        raise RequestError(
-            f"Correction option 'placement' must be one of {list(PLACEMENTS)}; got "
-            f"{_shown(kind)}."
-        )
     try:
         config = from_options(options, bounds(limits, horizon, num_steps), ignore=EPISODE_KEYS)
     except ConfigError as e:
         raise RequestError(str(e)) from None
     check_request_config(config, has_energy=has_energy, has_constraint=has_constraint)
-    return Request(placement=kind, config=config, episode=episode, reset=reset)
+    return Request(placement=config.kind, config=config, episode=episode, reset=reset)
 
 
 def check_request_config(
