@@ -49,6 +49,18 @@ def _nonpositive_project(a):
     return a.at[:, 1].set(jnp.minimum(a[:, 1], 0))
 
 
+PAST = jnp.array([[0.1, -0.2, 0.3], [0.2, -0.1, 0.3], [0.3, 0.0, 0.2]])
+
+
+def _continuing(s):
+    """Box and step limits on a chunk whose first 2 rows were executed already."""
+    return fc.constraints.Continuing(_box_step(s), PAST * s, 2)
+
+
+def _continued_inside(s):
+    return jnp.concatenate([PAST[1:], jnp.broadcast_to(PAST[-1], (H - 2, D))]) * s
+
+
 # name -> (constraint at scale s, a point feasible with margin at scale s, convex?)
 CONSTRAINTS = {
     "box-dims": (lambda s: fc.constraints.Box(jnp.array([-0.5, 0.0]) * s, jnp.array([1.0, 0.5]) * s,
@@ -71,6 +83,7 @@ CONSTRAINTS = {
     "fn": (lambda s: fc.constraints.FnConstraint(_nonpositive_violation, _nonpositive_project),
            lambda s: -jnp.ones((H, D)) * s, True),
     "all-of": (_box_step, lambda s: jnp.zeros((H, D)), True),
+    "continuing": (_continuing, _continued_inside, True),
     "robot-box": (lambda s: fc.constraints.InRobotSpace.from_quantiles(
         fc.constraints.Box(jnp.array([0.0, -1.0, 2.0]) * s, jnp.array([1.0, 1.0, 3.0]) * s),
         jnp.array([-1.0, -2.0, 1.0]) * s, jnp.array([2.0, 2.0, 4.0]) * s),
@@ -292,6 +305,54 @@ def test_in_robot_space_maps_both_ways():
     np.testing.assert_allclose(c.violation(a), 0.5 * np.sqrt(H), rtol=1e-5)
 
 
+def test_after_continues_every_limit_that_reads_the_past():
+    fcc = fc.constraints
+    rng = np.random.default_rng(4)
+    scale, offset = jnp.array([[0.5, 2.0, 1.5]]), jnp.array([[0.1, -0.3, 1.0]])
+    # A motion the limits allow (steps of about 0.1), given in the policy's units.
+    robot_past = jnp.asarray(np.cumsum(rng.normal(size=(4, D)) * 0.1, axis=0), jnp.float32)
+    past = (robot_past - offset) / scale
+    chunk = jnp.asarray(rng.normal(size=(H, D)) * 2, jnp.float32)
+    limits = fcc.AllOf(fcc.Box(-3.0, 3.0), fcc.MaxStepChange(0.4), fcc.MaxJerk(0.5, order=2))
+    # The same limits written by hand with the robot's past actions.
+    by_hand = fcc.InRobotSpace(fcc.AllOf(
+        fcc.Box(-3.0, 3.0), fcc.MaxStepChange(0.4, previous=robot_past[-1]),
+        fcc.MaxJerk(0.5, order=2, previous=robot_past[-2:])), scale, offset)
+    continued = fcc.InRobotSpace(limits, scale, offset).after(past)
+    out = continued.project(chunk)
+    np.testing.assert_allclose(out, by_hand.project(chunk), rtol=1e-6, atol=1e-6)
+    # What the robot executes, past then chunk, meets the limits across the join; without
+    # `after` the join is free, and this chunk crosses it.
+    executed = offset + scale * jnp.concatenate([past[-2:], out])
+    assert float(jnp.max(jnp.abs(jnp.diff(executed, axis=0)))) <= 0.4 + 1e-5
+    assert float(jnp.max(jnp.abs(jnp.diff(executed, n=2, axis=0)))) <= 0.5 + 1e-5
+    free = fcc.InRobotSpace(limits, scale, offset).project(chunk)
+    assert float(jnp.max(jnp.abs(scale * (free[:1] - past[-1:])))) > 0.5
+    # Limits of one chunk alone read no past.
+    box = fcc.Box(-1.0, 1.0)
+    assert box.after(past) is box
+
+
+def test_continuing_holds_the_committed_rows_and_the_join():
+    fcc = fc.constraints
+    rng = np.random.default_rng(5)
+    past = jnp.asarray(np.cumsum(rng.normal(size=(6, D)) * 0.1, axis=0), jnp.float32)
+    chunk = jnp.asarray(rng.normal(size=(H, D)), jnp.float32)
+    c = fcc.Continuing(fcc.MaxStepChange(0.1), past, 2)
+    out = c.project(chunk)
+    np.testing.assert_array_equal(out[:2], past[-2:])
+    # From the last executed action on, every step is within the limit.
+    executed = jnp.concatenate([past[-1:], out[2:]])
+    assert float(jnp.max(jnp.abs(jnp.diff(executed, axis=0)))) <= 0.1 + 1e-6
+    assert bool(c.is_feasible(out)) and not bool(c.is_feasible(chunk))
+    # Exact: the committed rows are fixed, the rest is MaxStepChange's own projection.
+    rest = fcc.MaxStepChange(0.1, previous=past[-1]).project(chunk[2:])
+    np.testing.assert_allclose(out[2:], rest, atol=1e-7)
+    np.testing.assert_allclose(c.violation(out.at[0, 1].add(0.5)), 0.5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no rows"):
+        fcc.Continuing(fcc.Box(0, 1), jnp.zeros((H, D)), H).project(chunk)
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -311,6 +372,11 @@ def test_in_robot_space_maps_both_ways():
         (lambda: fc.constraints.AllOf(lambda a: 0.0), "FnConstraint"),
         (lambda: fc.Project(fc.constraints.Box(0, 1), inner=3), "placement"),
         (lambda: fc.constraints.FeasibleFirst(jnp.zeros(3)), "constraint"),
+        (lambda: fc.constraints.MaxStepChange(0.1).after(jnp.zeros(3)), r"a\[None\]"),
+        (lambda: fc.constraints.Continuing(fc.constraints.Box(0, 1), jnp.zeros((2, 3)), 3),
+         "has 2 rows"),
+        (lambda: fc.constraints.Continuing(fc.constraints.Box(0, 1), jnp.zeros((2, 3)), -1),
+         "int >= 0"),
     ],
 )
 def test_bad_arguments_name_the_fix(build, match):

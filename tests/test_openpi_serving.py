@@ -605,6 +605,58 @@ def test_a_servers_constraint_holds_for_every_request(served, use_quantiles):
     assert "feasible" in meta["placements"]
 
 
+def test_a_step_limit_holds_across_an_episodes_chunks(served):
+    import jax.monitoring
+
+    import flowcorrect as fc
+    from flowcorrect.openpi import CorrectedPolicy
+
+    config, model, obs, _ = served
+    policy, _ = _with_unnormalize(served, True)
+    limit = 0.05  # robot units per control step, on the 7 dims the statistics cover
+    step = fc.constraints.MaxStepChange(limit, dims=7)
+    joined = CorrectedPolicy.from_policy(policy, constraint=step)
+    free = CorrectedPolicy.from_policy(policy, constraint=step)  # same seed, same noise
+    # The warm-up compiles the continued limit too, so `executed` compiles nothing.
+    assert joined.warm_up() == ["Project(Plain)", "Project(Plain) (continued)"]
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiles.append(event)
+        if event == "/jax/core/compile/backend_compile_duration" else None
+    )
+
+    def ask(server, **options):
+        out = server.infer({**obs, "flowcorrect": {"episode": "e", **options}})
+        assert out["flowcorrect"]["constraint"]["feasible"]
+        return np.asarray(out["actions"][:, :7], np.float64)
+
+    def steps(a):
+        return np.abs(np.diff(a, axis=0)).max()
+
+    first = ask(joined)
+    np.testing.assert_array_equal(first, ask(free))
+    assert steps(first) <= limit + 1e-5
+    # The robot executed 5 actions of the first chunk: the next starts within the limit
+    # of the fifth. Without `executed` the join is free, and it is far over the limit.
+    k = 5
+    # (`after`'s few array ops run eagerly, compiled once per process and past length.)
+    joined.constraint.after(np.zeros((k, model.action_dim), np.float32))
+    compiles.clear()
+    second = ask(joined, executed=k)
+    assert not compiles
+    unjoined = ask(free)
+    assert np.abs(second[0] - first[k - 1]).max() <= limit + 1e-5
+    assert np.abs(unjoined[0] - first[k - 1]).max() > 3 * limit
+    assert steps(second) <= limit + 1e-5
+    # Real-time chunking: s + d actions of the previous chunk are executed, the robot
+    # switches at row d, whose rows before it are those executed actions.
+    s, d = 5, 2
+    third = ask(joined, placement="rtc", inference_delay=d, execution_horizon=s)
+    np.testing.assert_allclose(third[:d], second[s:s + d], rtol=1e-5, atol=1e-5)
+    assert np.abs(third[d] - second[s + d - 1]).max() <= limit + 1e-5
+    assert steps(third) <= limit + 1e-5
+
+
 def test_a_constraint_that_cannot_apply_is_refused_at_start(served):
     import flowcorrect as fc
     from flowcorrect.openpi import CorrectedPolicy, RequestError

@@ -123,6 +123,17 @@ def parse(options, *, has_energy=True, limits=LIMITS, has_constraint=False):
         ({"episode": "x" * 129, "placement": "off"}, r"at most 128 characters"),
         ({"episode": 1.5, "placement": "off"}, r"'episode' must be"),
         ({"episode": "a", "reset": "yes", "placement": "off"}, r"'reset' must be true or"),
+        ({"executed": 5}, r"'executed' refers to the episode's previous chunk"),
+        ({"episode": "a", "executed": 0}, r"'executed' .* an int from 1 to the horizon 50"),
+        ({"episode": "a", "executed": 51, "placement": "off"}, r"from 1 to the horizon"),
+        ({"episode": "a", "executed": 2.0}, r"'executed' .* got 2.0"),
+        ({"episode": "a", "executed": True}, r"'executed' .* an int"),
+        ({"episode": "a", "done": True, "executed": 3}, r"takes only 'episode' and"),
+        (
+            {"episode": "a", "executed": 5, "placement": "rtc", "inference_delay": 2,
+             "execution_horizon": 5},
+            r"'rtc' reads what was executed from its own settings",
+        ),
         ({1: "x"}, r"keys must be strings"),
         ("post_hoc", r"must be a dict"),
     ],
@@ -153,6 +164,11 @@ def test_defaults_and_numpy_scalars_are_accepted():
     assert near == {"n": 8, "select": "near_mean", "k": 4, "feasible_first": False}
     assert parse(None).placement is None
     assert parse({"episode": 7}).episode == "7"  # an int id is a string id
+    executed = parse({"episode": "a", "executed": np.int64(5)})
+    assert (executed.executed, executed.placement) == (5, None)
+    assert type(executed.executed) is int
+    assert parse({"episode": "a", "executed": 50, "placement": "off"}).executed == 50
+    assert parse({"episode": "a", "placement": "off"}).executed is None
     done = parse({"episode": "a", "done": True, "success": False})
     assert (done.done, done.success, done.episode) == (True, False, "a")
 
@@ -213,7 +229,8 @@ def test_placements_built_from_requests():
 _NAMES = sorted({
     "placement", "steps", "alpha", "clip_frac", "first_only", "weight", "last", "cap", "n",
     "select", "k", "inference_delay", "execution_horizon", "prefix_attention_schedule",
-    "max_guidance_weight", "hard_prefix", "episode", "reset", "done", "success", "junk", "",
+    "max_guidance_weight", "hard_prefix", "episode", "reset", "done", "success", "executed",
+    "junk", "",
 })
 _VALUES = st.one_of(
     st.sampled_from(["off", "post_hoc", "denoised", "guided", "best_of_n", "rtc", "trt", "medoid",
@@ -250,6 +267,7 @@ _PLAUSIBLE = {
     "feasible_first": st.booleans(),
     "episode": st.sampled_from(["a", "ep-2", 7]),
     "reset": st.booleans(),
+    "executed": st.integers(0, 51),
 }
 # Each placement's own options, the fields of its config (a new option without a
 # near-valid strategy above fails here, so the fuzz keeps up).
@@ -258,7 +276,7 @@ _OWN = {kind: tuple(f.name for f in dataclasses.fields(config))
 _NEAR_VALID = st.sampled_from(sorted(_OWN)).flatmap(
     lambda kind: st.fixed_dictionaries(
         {"placement": st.just(kind)},
-        optional={k: _PLAUSIBLE[k] for k in (*_OWN[kind], "episode", "reset")},
+        optional={k: _PLAUSIBLE[k] for k in (*_OWN[kind], "episode", "reset", "executed")},
     )
 )
 _OPTIONS = st.one_of(
@@ -287,6 +305,9 @@ def _within_limits(request):
     if request.placement == "rtc":
         s, d = o["execution_horizon"], o["inference_delay"]
         assert 1 <= s <= HORIZON and 0 <= d <= HORIZON - s
+    if request.executed is not None:
+        assert request.episode is not None and 1 <= request.executed <= HORIZON
+        assert request.placement not in ("rtc", "trt")
 
 
 @REQUEST_FUZZ

@@ -14,6 +14,9 @@ from ._constraints.base import (
 from ._constraints.box import (
     Box as Box,
 )
+from ._constraints.continuing import (
+    Continuing as Continuing,
+)
 from ._constraints.energy import (
     ViolationEnergy as ViolationEnergy,
 )
@@ -43,6 +46,7 @@ __all__ = [
     "Box",
     "FeasibleFirst",
     "FnConstraint",
+    "Continuing",
     "HalfSpace",
     "InRobotSpace",
     "MaxJerk",

@@ -116,6 +116,12 @@ class AllOf(AbstractConstraint):
         converged = done & jnp.all(jnp.isfinite(x))
         return x.astype(chunk.dtype), k, converged
 
+    def after(self, past: RealLike) -> "AllOf":
+        """Every member continued after `past` (see
+        [`flowcorrect.constraints.AbstractConstraint.after`][])."""
+        return eqx.tree_at(lambda c: c.constraints, self,
+                           tuple(c.after(past) for c in self.constraints))  # fmt: skip
+
     def project(self, chunk: Actions) -> Actions:
         return self.solve(chunk)[0]
 

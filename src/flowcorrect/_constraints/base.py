@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from .._custom_types import Actions, Scalar
+from .._custom_types import Actions, RealLike, Scalar
 from .._misc import accumulation_dtype, float_array, is_int, shape_str
 
 
@@ -65,6 +65,21 @@ class AbstractConstraint(eqx.Module):
         """The largest violation that still counts as feasible for a chunk like this
         one: what `project` guarantees, `violation(project(chunk)) <= tolerance(...)`
         of the projected chunk."""
+
+    def after(self, past: RealLike) -> "AbstractConstraint":
+        """The constraint on the chunk that the robot executes right after `past`, the
+        actions it executed before, oldest first, in the same units as the chunk.
+
+        A constraint of one chunk alone (bounds, regions) returns itself, the default.
+        One that joins the chunk to the motion before it returns a copy that bounds
+        that join too: [`flowcorrect.constraints.MaxStepChange`][] from `past[-1]`,
+        [`flowcorrect.constraints.MaxJerk`][] from its last `order` rows. A server
+        calls this per request with the actions an episode executed, so that its
+        limits hold across chunks; override it in a constraint of your own that reads
+        what came before.
+        """
+        del past
+        return self
 
     def is_feasible(self, chunk: Actions) -> Bool[Array, ""]:
         """Whether `violation(chunk) <= tolerance(chunk)` (`False` for a chunk that is
@@ -265,3 +280,20 @@ def relative_tolerance(owner: str, tol: Any, example: str) -> Float[Array, ""]:
 
 
 __all__ = ["AbstractConstraint"]
+
+
+def check_past(owner: str, past: Any) -> Array:
+    """`past` as a float array `(num_past, action_dim)` with at least one row."""
+    past = jnp.asarray(past)
+    if past.ndim != 2 or past.shape[0] < 1 or not jnp.issubdtype(past.dtype, jnp.floating):
+        raise ValueError(
+            f"{owner}.after takes the actions executed before the chunk, oldest first, as "
+            f"a float array (num_past, action_dim) with num_past >= 1; got "
+            f"{shape_str(past)} of dtype {past.dtype}. For one action a pass a[None]."
+        )
+    return past
+
+
+def with_field(module: Any, name: str, value: Any) -> Any:
+    """A copy of `module` with the field `name` (which may be `None`) set to `value`."""
+    return eqx.tree_at(lambda m: getattr(m, name), module, value, is_leaf=lambda x: x is None)

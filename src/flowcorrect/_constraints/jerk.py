@@ -11,12 +11,14 @@ from .base import (
     acc_dtype,
     as_dims,
     check_chunk,
+    check_past,
     num_dims,
     parameter,
     place,
     relative_tolerance,
     rounding_tolerance,
     select,
+    with_field,
 )
 from .difference import (
     check_limit,
@@ -101,6 +103,11 @@ class MaxJerk(AbstractConstraint):
         if self.previous is not None:
             prev = check_previous("MaxJerk", self.previous, chunk, self.dims)
         return select(chunk, self.dims), prev, limit_for("MaxJerk", "max_jerk", self.max_jerk, k)
+
+    def after(self, past: RealLike) -> "MaxJerk":
+        """This limit with `previous` the last `order` rows of `past` (all of them when
+        fewer were executed)."""
+        return with_field(self, "previous", check_past("MaxJerk", past)[-self.order:])
 
     def project(self, chunk: Actions) -> Actions:
         y, prev, limit = self._parts(chunk)

@@ -3,6 +3,7 @@ normalised action space."""
 
 from typing import Any
 
+import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -14,6 +15,7 @@ from .base import (
     check_broadcast,
     check_chunk,
     check_constraint,
+    check_past,
     parameter,
     rounding_tolerance,
 )
@@ -84,6 +86,12 @@ class InRobotSpace(AbstractConstraint):
         scale = jnp.broadcast_to(self.scale, chunk.shape).astype(acc)
         offset = jnp.broadcast_to(self.offset, chunk.shape).astype(acc)
         return offset + scale * chunk.astype(acc), scale, offset
+
+    def after(self, past: RealLike) -> "InRobotSpace":
+        """The robot-units constraint continued after `past`, given in the policy's
+        units like the chunk (it is mapped to robot units here)."""
+        robot = self._map(check_past("InRobotSpace", past))[0]
+        return eqx.tree_at(lambda c: c.constraint, self, self.constraint.after(robot))
 
     def project(self, chunk: Actions) -> Actions:
         robot, scale, offset = self._map(chunk)

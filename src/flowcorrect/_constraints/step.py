@@ -11,12 +11,14 @@ from .base import (
     acc_dtype,
     as_dims,
     check_chunk,
+    check_past,
     num_dims,
     parameter,
     place,
     relative_tolerance,
     rounding_tolerance,
     select,
+    with_field,
 )
 from .difference import (
     check_limit,
@@ -91,6 +93,10 @@ class MaxStepChange(AbstractConstraint):
             prev = check_previous("MaxStepChange", self.previous[None], chunk, self.dims)
         return select(chunk, self.dims), prev, limit_for("MaxStepChange", "max_change",
                                                        self.max_change, k)
+
+    def after(self, past: RealLike) -> "MaxStepChange":
+        """This limit with `previous = past[-1]`, the last action executed."""
+        return with_field(self, "previous", check_past("MaxStepChange", past)[-1])
 
     def project(self, chunk: Actions) -> Actions:
         y, prev, limit = self._parts(chunk)

@@ -40,7 +40,7 @@ CONTINUES = tuple(k for k, c in PLACEMENT_CONFIGS.items() if c.continues)
 #: Placements that read the server's constraint (guidance by its violation).
 CONSTRAINED = tuple(k for k, c in PLACEMENT_CONFIGS.items() if c.reads_constraint)
 #: Keys of `obs["flowcorrect"]` that are about the episode, not the placement.
-EPISODE_KEYS = ("episode", "reset", "done", "success")
+EPISODE_KEYS = ("episode", "reset", "done", "success", "executed")
 _MAX_EPISODE_ID = 128
 
 
@@ -112,6 +112,9 @@ class Request:
     - `episode`: the client's episode id (a string), or `None`.
     - `reset`: start the episode afresh (drop its state) before this request.
     - `done`: the episode ended; no model runs. `success` is its outcome (or `None`).
+    - `executed`: how many actions of the episode's previous chunk the robot executed
+        before this chunk's first action (so that the server's limits hold across the
+        join), or `None` (the chunk's first action is free).
     """
 
     placement: str | None
@@ -120,6 +123,7 @@ class Request:
     reset: bool = False
     done: bool = False
     success: bool | None = None
+    executed: int | None = None
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -233,6 +237,20 @@ def parse_request(
             "Correction option 'success' is an episode's outcome: send it with 'done': true "
             "(and the 'episode' id), in a request of its own."
         )
+    executed = options.get("executed")
+    if executed is not None:
+        if not _is_int(executed) or not 1 <= executed <= horizon:
+            raise RequestError(
+                "Correction option 'executed' counts the actions of the episode's previous "
+                f"chunk the robot executed before this one, an int from 1 to the horizon "
+                f"{horizon}; got {_shown(executed)}."
+            )
+        if episode is None:
+            raise RequestError(
+                "Correction option 'executed' refers to the episode's previous chunk: name "
+                "the 'episode' as well (the same id for every request of one episode)."
+            )
+        executed = int(executed)
 
     if "placement" not in options:
         unknown = sorted(set(options) - set(EPISODE_KEYS))
@@ -240,13 +258,21 @@ def parse_request(
             raise RequestError(
                 f"Correction options {unknown} need 'placement', one of {list(PLACEMENTS)}."
             )
-        return Request(placement=None, episode=episode, reset=reset)
+        return Request(placement=None, episode=episode, reset=reset, executed=executed)
     try:
         config = from_options(options, bounds(limits, horizon, num_steps), ignore=EPISODE_KEYS)
     except ConfigError as e:
         raise RequestError(str(e)) from None
     check_request_config(config, has_energy=has_energy, has_constraint=has_constraint)
-    return Request(placement=config.kind, config=config, episode=episode, reset=reset)
+    if executed is not None and config.continues:
+        raise RequestError(
+            f"Placement {config.kind!r} reads what was executed from its own settings (the "
+            "robot executes 'execution_horizon' + 'inference_delay' actions of the previous "
+            "chunk, then this chunk from row 'inference_delay'); leave out 'executed'."
+        )
+    return Request(
+        placement=config.kind, config=config, episode=episode, reset=reset, executed=executed
+    )
 
 
 def check_request_config(
@@ -321,7 +347,7 @@ def placement_from_options(
     **Arguments:**
 
     - `options`: a dict with `"placement"` and that placement's settings, the fields
-        of its config in [`flowcorrect.configs`][], where each is declared with its
+        of its config in [`flowcorrect.configs`](configs.md), where each is declared with its
         default and range:
         - `"off"`: [`flowcorrect.configs.OffConfig`][] (no correction);
         - `"post_hoc"`: [`flowcorrect.configs.PostHocConfig`][] (`steps`, `alpha`,

@@ -1,6 +1,7 @@
 """Serving: correction inside openpi's own `Policy`, so its websocket server and the
 `openpi-client` package work unchanged, with settings per server or per request."""
 
+import dataclasses
 import hashlib
 import json
 import pathlib
@@ -15,6 +16,7 @@ import numpy as np
 
 from .._configs import PLACEMENT_CONFIGS, AbstractPlacementConfig
 from .._constraints.base import AbstractConstraint
+from .._constraints.continuing import Continuing
 from .._constraints.energy import ViolationEnergy
 from .._constraints.robot import InRobotSpace
 from .._energy import OnActionDims, as_energy
@@ -33,6 +35,7 @@ from ._requests import (
     CONSTRAINED,
     CONTINUES,
     ENERGY_FREE,
+    EPISODE_KEYS,
     OPTIONS_KEY,
     PLACEMENTS,
     RequestError,
@@ -323,7 +326,12 @@ class CorrectedPolicy(_policy.Policy):
         Fixed by the server's owner: every chunk, whatever placement the request asks
         for, is projected onto it
         ([`flowcorrect.Project`][] around the placement), and no request option can
-        loosen or remove it. The reply's `obs["flowcorrect"]["constraint"]` says
+        loosen or remove it. A step or jerk limit holds across an episode's chunks
+        too when the request says how many actions of the previous chunk the robot
+        executed (`"executed": k`; real-time chunking reads it from its own
+        settings): the constraint is continued after them
+        ([`flowcorrect.constraints.AbstractConstraint.after`][]). The reply's
+        `obs["flowcorrect"]["constraint"]` says
         whether and how much the chunk was changed (`changed`, `distance`,
         `violation_before`, `violation_after`, `feasible`). Requests may also ask for
         guidance by its violation (`{"placement": "feasible"}`, so that the projection
@@ -424,7 +432,7 @@ class CorrectedPolicy(_policy.Policy):
                 has_energy=self.energy is not None,
                 has_constraint=self.constraint is not None,
             )
-            extra = sorted(set(default_options) & {"episode", "reset", "done", "success"})
+            extra = sorted(set(default_options) & set(EPISODE_KEYS))
             if request.placement is None or extra:
                 raise ValueError(
                     "`default_options` must name a 'placement' and no episode keys "
@@ -717,18 +725,17 @@ class CorrectedPolicy(_policy.Policy):
     ) -> tuple[AbstractPlacement | None, dict[str, Any]]:
         """The placement a request runs and the keyword arguments of `sample_actions`."""
         _check_token_time(request.placement, self._pi0.pi05)
+        constraint = self._constraint_for(request, previous)
         if request.placement is None:
             placement = self.placement
         else:
-            placement = placement_from_request(
-                request, self.action_dims, previous, self.constraint
-            )
+            placement = placement_from_request(request, self.action_dims, previous, constraint)
         energy = self.energy
         if request.placement in CONSTRAINED:
-            energy = ViolationEnergy(self.constraint)
-        if self.constraint is not None:
+            energy = ViolationEnergy(constraint)
+        if constraint is not None:
             # The server's guarantee, around whatever the request asked for.
-            placement = Project(self.constraint, Plain() if placement is None else placement)
+            placement = Project(constraint, Plain() if placement is None else placement)
         kwargs: dict[str, Any] = (
             {} if placement is None else {"energy": energy, "placement": placement}
         )
@@ -737,6 +744,22 @@ class CorrectedPolicy(_policy.Policy):
         if recording:
             kwargs["record"] = self._record
         return placement, kwargs
+
+    def _constraint_for(self, request: Any, previous: Any) -> AbstractConstraint | None:
+        """The server's constraint on this request's chunk: continued after the actions
+        the episode executed, when the request says how many (`executed`) or its
+        placement continues the previous chunk (after `execution_horizon +
+        inference_delay` of them, from row `inference_delay`)."""
+        constraint = self.constraint
+        if constraint is None or previous is None:
+            return constraint
+        config = request.config
+        if config is not None and config.continues:
+            s, d = config.execution_horizon, config.inference_delay
+            return Continuing(constraint, jnp.asarray(previous[0, : s + d]), d)
+        if request.executed is not None:
+            return constraint.after(jnp.asarray(previous[0, : request.executed]))
+        return constraint
 
     def warm_up(self) -> list[str]:
         """Compiles what the server's default requests run, before the first client
@@ -762,15 +785,20 @@ class CorrectedPolicy(_policy.Policy):
             num_steps=self._model.num_steps, has_energy=self.energy is not None,
             has_constraint=self.constraint is not None,
         )
-        previous = [None]
+        zeros = np.zeros((1, model.action_horizon, model.action_dim), np.float32)
+        variants = [(request, None)]
         if request.placement in CONTINUES:
-            previous.append(np.zeros((1, model.action_horizon, model.action_dim), np.float32))
+            variants.append((request, zeros))
+        elif self.constraint is not None and _reads_past(self.constraint, zeros):
+            # A continuing episode's request (`executed`) joins the limits to its past.
+            variants.append((dataclasses.replace(request, executed=1), zeros))
         compiled = []
-        for prev in previous:
+        for req, prev in variants:
             for recording in {False, self._recorder is not None}:
-                placement, kwargs = self._sample_kwargs_for(request, prev, recording)
+                placement, kwargs = self._sample_kwargs_for(req, prev, recording)
                 self._sample_actions(jax.random.key(0), observation, **kwargs)
-                compiled.append(_name(placement) + (" (recording)" if recording else ""))
+                name = _name(placement) + (" (continued)" if req.executed else "")
+                compiled.append(name + (" (recording)" if recording else ""))
         self._last_actions = self._last_extras = None
         return compiled
 
@@ -993,6 +1021,13 @@ def _describe(tree: Any) -> str:
 
 def _keys(tree: Any) -> Any:
     return sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+
+
+def _reads_past(constraint: AbstractConstraint, zeros: np.ndarray) -> bool:
+    """Whether the constraint continued after an episode's actions is another program
+    (its `after` adds arrays), so a warm-up compiles it too."""
+    after = constraint.after(jnp.asarray(zeros[0, :1]))
+    return jax.tree.structure(after) != jax.tree.structure(constraint)
 
 
 def robot_space(constraint: Any, output_transform: Any, action_dim: int) -> InRobotSpace:
