@@ -27,7 +27,11 @@ Rows:
 - `reference_kK`: the reference's "method B" on the same model: openpi's sampler, then
   a second prefix pass for `prefix_out`, then K clipped steps in a Python loop, each a
   separate compiled call whose energy re-encodes the context;
-- `openpi_sample_actions` (openpi's Pi0 only): openpi's own `Pi0.sample_actions`.
+- `openpi_sample_actions` (openpi's Pi0 only): openpi's own `Pi0.sample_actions`;
+- `openpi_trt` (openpi's Pi0 only): training-time real-time chunking,
+  `fc.rtc.PrefixConditioned` (delay 4) on `flowcorrect.openpi.Pi0TokenTimePolicy` of the
+  same model (a flow time per action token, through openpi's own modules): what the
+  committed prefix costs at inference, against `plain`.
 
 The quick set (the default) has the rows that answer "what does this cost me": batch 1,
 K in {1, 3}, denoised on all steps, guided on the last 3, best-of-8, method B at K = 1
@@ -190,6 +194,29 @@ class RTCRow(fc.AbstractPlacement):
         return rtc.sample(flow, noise, keys)
 
 
+class TRTRow(fc.AbstractPlacement):
+    """Training-time real-time chunking as a benchmark row: the leftover is made from
+    the noise, like [`RTCRow`][]'s, delay 4, execution horizon `H // 2`."""
+
+    needs_energy = False
+
+    def noise_shape(self, chunk_shape):
+        return chunk_shape
+
+    def sample(self, flow, noise, keys):
+        horizon = noise.shape[1]
+        s = max(1, horizon // 2)
+        trt = fc.rtc.PrefixConditioned(0.5 * noise[:, : horizon - s], min(4, horizon - s))
+        return trt.sample(flow, noise, keys)
+
+
+def sample_openpi_trt(policy, obs, key):
+    from flowcorrect.openpi import Pi0TokenTimePolicy
+
+    return fc.sample(Pi0TokenTimePolicy(policy), obs, key, num_steps=NUM_FLOW_STEPS,
+                     placement=TRTRow())[0]  # fmt: skip
+
+
 def placements(args) -> dict[str, tuple[str, Callable[[], Any]]]:
     """name -> (description, placement factory) of every row of ours with an energy."""
     out: dict[str, tuple[str, Callable[[], Any]]] = {}
@@ -258,6 +285,7 @@ def row_names(args) -> list[str]:
         "plain",
         "handwritten",
         "openpi_sample_actions",
+        "openpi_trt",
         *ours,
         *(f"reference_k{k}" for k in k_ref),
     ]
@@ -412,7 +440,12 @@ def openpi_setup(args, key) -> Setup:
             "openpi's own Pi0.sample_actions (a while_loop: FLOPs not counted)",
             functools.partial(openpi_pi0.sample_actions, num_steps=NUM_FLOW_STEPS),
             False,
-        )
+        ),
+        "openpi_trt": (
+            "training-time RTC: PrefixConditioned (delay 4) on Pi0TokenTimePolicy",
+            sample_openpi_trt,
+            True,
+        ),
     }
     return Setup(
         "openpi",

@@ -173,7 +173,8 @@ def test_quick_set_is_the_default():
     args = overhead.parse_args([])
     assert args.preset == "cpu" and args.batch_size == [1] and args.repeats >= 20
     assert args.warmup >= 1 and args.policies == ["shaped", "openpi"]
-    assert args.rows == ["plain", "handwritten", "openpi_sample_actions", "posthoc_k1",
+    assert args.rows == ["plain", "handwritten", "openpi_sample_actions", "openpi_trt",
+                         "posthoc_k1",
                          "posthoc_k3", "guided_last3", "denoised_all", "best_of_8", "rtc",
                          "reference_k1", "reference_k3"]  # fmt: skip
 
@@ -232,7 +233,8 @@ def test_openpi_absent_reason():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # openpi's pinned flax/jax
 def test_openpi_rows(tmp_path):
     assert openpi_pi0.unavailable() is None
-    names = ["plain", "openpi_sample_actions", "posthoc_k1", "best_of_2", "reference_k1"]
+    names = ["plain", "openpi_sample_actions", "openpi_trt", "posthoc_k1", "best_of_2",
+             "reference_k1"]
     result = overhead.main(["--preset", "tiny", "--repeats", "2", "--warmup", "1",
                             "--policies", "openpi", "--steps", "1", "--best-of", "2",
                             "--rows", *names])  # fmt: skip
