@@ -223,6 +223,50 @@ def test_prefix_conditioned_costs_what_plain_sampling_costs_and_refuses_scalar_t
                   placement=fc.rtc.PrefixConditioned(jnp.ones((4, 2)), 1))
 
 
+@pytest.mark.parametrize("conv", CONVENTIONS, ids=["openpi", "reverse"])
+def test_both_together_is_prefix_conditioning_without_guidance(conv):
+    y = jax.random.normal(jax.random.key(0), (H, A))
+    policy = PrefixEcho(y, conv)  # its velocity on the prefix rows is 1e6: never to be used
+    left = jax.random.normal(jax.random.key(1), (6, A))
+    d, s = 3, 2
+    trt, _ = fc.sample(policy, jnp.zeros(1), jax.random.key(2),
+                       placement=fc.rtc.PrefixConditioned(left, d))
+    for beta in (0.0, 5.0):
+        both, info = fc.sample(policy, jnp.zeros(1), jax.random.key(2),
+                               placement=fc.rtc.PrefixConditionedRTC(left, d, s,
+                                                                     max_guidance_weight=beta))
+        assert not bool(info.fell_back.any())
+        np.testing.assert_array_equal(both[:d], left[:d])
+        # This flow's denoised estimate does not depend on the sample, so guidance has
+        # nothing to act through: both are the prefix-conditioned chunk.
+        np.testing.assert_allclose(both, trt, rtol=1e-5, atol=1e-5)
+
+
+def test_both_together_guides_the_rest_of_the_overlap(policies):
+    _, plain, policy = policies
+    d, s = 2, 3
+    obs = jax.random.normal(jax.random.key(3), (16, 5))
+    left = jax.random.normal(jax.random.key(4), (16, H - s, A))
+    key = jax.random.key(5)
+    noise = jax.random.normal(key, (16, H, A))
+    trt, _ = fc.sample(policy, obs, noise=noise, placement=fc.rtc.PrefixConditioned(left, d))
+    both, info = fc.sample(policy, obs, noise=noise, placement=fc.rtc.PrefixConditionedRTC(
+        left, d, s, max_guidance_weight=5.0))
+    assert not bool(info.fell_back.any()) and bool(jnp.all(jnp.isfinite(both)))
+    np.testing.assert_array_equal(both[:, :d], left[:, :d])  # committed, exactly
+    rest = slice(d, H - s)  # the overlap after the committed rows
+
+    def gap(a):
+        return float(jnp.mean(jnp.linalg.norm(a[:, rest] - left[:, rest], axis=-1)))
+
+    assert gap(both) < 0.8 * gap(trt), (gap(both), gap(trt))
+    # Guided on every flow step, none skipped for a non-finite guidance.
+    np.testing.assert_array_equal(info.placement.guidance.num_applied, 10)
+    np.testing.assert_array_equal(info.placement.guidance.num_skipped, 0)
+    with pytest.raises(TypeError, match="accepts_token_time"):
+        fc.sample(plain, obs, noise=noise, placement=fc.rtc.PrefixConditionedRTC(left, d, s))
+
+
 # ---------------------------------------------------------------- the harness policy
 def test_with_token_time_keeps_the_velocity_at_equal_times(tmp_path, policies):
     config, plain, tok = policies

@@ -42,8 +42,9 @@ from ._conventions import AbstractConvention
 from ._custom_types import IntScalar, RealLike
 from ._flow.flow import BatchChunks, Flow, VmappedPolicy
 from ._misc import concrete, count, shape_str
-from ._placements.base import AbstractInterleaved
-from ._policy import AbstractPolicy
+from ._placements.base import AbstractInterleaved, AbstractPlacement
+from ._placements.rtc import RealTimeChunking
+from ._policy import AbstractBatchedPolicy, AbstractPolicy
 from ._rtc import _int_scalar, check_leftover, leftover_target
 
 
@@ -424,11 +425,106 @@ class PrefixConditioned(AbstractInterleaved):
         return None
 
 
+class _CommittedClean(AbstractBatchedPolicy):
+    """A token-time policy whose first `d` rows are the committed actions, given clean.
+
+    Its velocity reads `target` in place of the sample's first `d` rows, at the clean
+    flow time, and the sample's own rows at `t`. On those `d` rows it returns the
+    straight-line velocity to `target` (the one whose denoised estimate is `target`), so
+    they carry no guidance gradient and end on the committed actions.
+    """
+
+    policy: AbstractBatchedPolicy
+    target: BatchChunks
+    inference_delay: Int[Array, ""]
+
+    @property
+    def chunk_shape(self) -> tuple[int, int]:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.policy.chunk_shape
+
+    @property
+    def convention(self) -> AbstractConvention:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.policy.convention
+
+    def condition(self, observations: Any) -> Any:
+        return self.policy.condition(observations)
+
+    def batch_size(self, cond: Any) -> int:
+        return self.policy.batch_size(cond)
+
+    def energy_context(self, cond: Any) -> Any:
+        return self.policy.energy_context(cond)
+
+    def repeat(self, cond: Any, n: int) -> Any:
+        return self.policy.repeat(cond, n)
+
+    def velocity(self, cond: Any, x_t: BatchChunks, t: Any) -> BatchChunks:
+        horizon = x_t.shape[1]
+        mask = (jnp.arange(horizon) < self.inference_delay)[None, :, None]
+        target = self.target.astype(x_t.dtype)
+        convention = self.policy.convention
+        times = token_times(t, self.inference_delay, horizon, convention)
+        v = self.policy.velocity(cond, jnp.where(mask, target, x_t), times)
+        # x_t = interpolate(noise, target, t) solved for the noise; never at the clean
+        # end, where Euler evaluates no velocity.
+        p = convention.progress(t).astype(x_t.dtype)
+        noise = (x_t - p * target) / jnp.where(p < 1, 1 - p, 1)
+        return jnp.where(mask, convention.velocity_target(noise, target).astype(v.dtype), v)
+
+
+class PrefixConditionedRTC(AbstractPlacement):
+    """Training-time and inference-time real-time chunking together: the committed
+    actions go in clean, as for [`flowcorrect.rtc.PrefixConditioned`][], and the rest of
+    the overlap is guided towards the previous chunk's leftover, as by
+    [`flowcorrect.RealTimeChunking`][].
+
+    The first `d` rows are given to the policy clean at the clean flow time (what a
+    policy trained with [`flowcorrect.rtc.PrefixConditioning`][] expects); they follow
+    the straight path to the committed actions and end on them exactly, so they add
+    nothing to the guidance, which then acts through the velocity on the rows from `d`
+    to `horizon - s` with RTC's schedule and weight (one VJP per flow step: the cost of
+    inference-time RTC). With `max_guidance_weight = 0` it is `PrefixConditioned`.
+
+    **Arguments:** as for [`flowcorrect.RealTimeChunking`][] (`hard_prefix` is always on).
+    Needs a policy with `accepts_token_time = True`.
+    """
+
+    rtc: RealTimeChunking
+    needs_energy = False
+
+    def __init__(
+        self,
+        prev_chunk_left_over: RealLike,
+        inference_delay: int | IntScalar,
+        execution_horizon: int | IntScalar,
+        *,
+        prefix_attention_schedule: str = "exp",
+        max_guidance_weight: RealLike = 5.0,
+    ):
+        self.rtc = RealTimeChunking(
+            prev_chunk_left_over, inference_delay, execution_horizon,
+            prefix_attention_schedule=prefix_attention_schedule,
+            max_guidance_weight=max_guidance_weight, hard_prefix=True,
+        )  # fmt: skip
+
+    def noise_shape(self, chunk_shape: tuple[int, int]) -> tuple[int, ...]:
+        return self.rtc.noise_shape(chunk_shape)
+
+    def sample(self, flow: Flow, noise: Array, keys: Any) -> tuple[BatchChunks, Any]:
+        _require_token_time(flow.policy, "PrefixConditionedRTC")
+        rtc = self.rtc
+        target = leftover_target(rtc.prev_chunk_left_over, flow.batch_size, noise.shape[1],
+                                 noise.dtype)  # fmt: skip
+        committed = _CommittedClean(flow.policy, target, rtc.inference_delay)
+        return rtc.sample(eqx.tree_at(lambda f: f.policy, flow, committed), noise, keys)
+
+
 __all__ = [
     "AbstractDelays",
     "ConditionedExample",
     "ExponentialDelays",
     "PrefixConditioned",
+    "PrefixConditionedRTC",
     "PrefixConditioning",
     "UniformDelays",
     "accepts_token_time",
