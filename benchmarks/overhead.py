@@ -177,11 +177,13 @@ class Setup:
     quick_skip: frozenset[str] = frozenset()
 
 
-class RTCRow(fc.AbstractPlacement):
-    """Real-time chunking as a benchmark row: the previous chunk's leftover is made
-    from the noise (any values time the same), delay 4 and execution horizon `H // 2`,
-    so the row needs no per-policy setup."""
+class ChunkingRow(fc.AbstractPlacement):
+    """Real-time chunking as a benchmark row, inference-time (`"rtc"`,
+    `fc.RealTimeChunking`) or training-time (`"trt"`, `fc.rtc.PrefixConditioned`): the
+    previous chunk's leftover is made from the noise (any values time the same), delay
+    4 and execution horizon `H // 2`, so the row needs no per-policy setup."""
 
+    kind: str = eqx.field(static=True)
     needs_energy = False
 
     def noise_shape(self, chunk_shape):
@@ -190,31 +192,19 @@ class RTCRow(fc.AbstractPlacement):
     def sample(self, flow, noise, keys):
         horizon = noise.shape[1]
         s = max(1, horizon // 2)
-        rtc = fc.RealTimeChunking(0.5 * noise[:, : horizon - s], min(4, horizon - s), s)
-        return rtc.sample(flow, noise, keys)
-
-
-class TRTRow(fc.AbstractPlacement):
-    """Training-time real-time chunking as a benchmark row: the leftover is made from
-    the noise, like [`RTCRow`][]'s, delay 4, execution horizon `H // 2`."""
-
-    needs_energy = False
-
-    def noise_shape(self, chunk_shape):
-        return chunk_shape
-
-    def sample(self, flow, noise, keys):
-        horizon = noise.shape[1]
-        s = max(1, horizon // 2)
-        trt = fc.rtc.PrefixConditioned(0.5 * noise[:, : horizon - s], min(4, horizon - s))
-        return trt.sample(flow, noise, keys)
+        left, d = 0.5 * noise[:, : horizon - s], min(4, horizon - s)
+        if self.kind == "rtc":
+            placement = fc.RealTimeChunking(left, d, s)
+        else:
+            placement = fc.rtc.PrefixConditioned(left, d)
+        return placement.sample(flow, noise, keys)
 
 
 def sample_openpi_trt(policy, obs, key):
     from flowcorrect.openpi import Pi0TokenTimePolicy
 
     return fc.sample(Pi0TokenTimePolicy(policy), obs, key, num_steps=NUM_FLOW_STEPS,
-                     placement=TRTRow())[0]  # fmt: skip
+                     placement=ChunkingRow("trt"))[0]  # fmt: skip
 
 
 def placements(args) -> dict[str, tuple[str, Callable[[], Any]]]:
@@ -247,7 +237,7 @@ def placements(args) -> dict[str, tuple[str, Callable[[], Any]]]:
         )
     out["rtc"] = (
         "RealTimeChunking (delay 4, execution horizon H/2): guided every step, one VJP each",
-        RTCRow,
+        lambda: ChunkingRow("rtc"),
     )
     # Hard constraints: the projection after the flow (closed form, iterative, and both
     # by Dykstra's method), and guidance by the violation then projection. A factory may
